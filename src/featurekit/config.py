@@ -1,0 +1,171 @@
+"""Run configuration: plain dataclasses, loadable from YAML/JSON, overridable from the CLI.
+
+The defaults are the main job (`make run`). A run directory keeps the fully resolved config in
+`config.json`; `featurekit run --config runs/NAME/config.json` reproduces the run.
+Overrides use dotted keys: `train.lr=1e-3`, `dictionary.n_latents=8192`, `site=resid_post.8`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import FeaturekitError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  #: embedded name, local directory, .gguf file or Hub id
+    dtype: str = "auto"  #: harvest dtype: auto (bf16 where the CPU/GPU supports it), float32, bfloat16
+    device: str = "cpu"
+
+
+@dataclass
+class DataConfig:
+    source: str = "bbc"  #: embedded corpus name, local .txt/.jsonl/.parquet, or hf:NAME
+    context_len: int = 128  #: tokens per packed context
+    train_tokens: int = 300_000  #: activation tokens harvested for training (after exclusions)
+    exclude_first: bool = True  #: drop position 0 of each context (attention sink, massive norm)
+    exclude_special: bool = True  #: drop BOS/EOS/pad and other special tokens
+    harvest_batch: int = 16  #: contexts per forward pass
+    shard_tokens: int = 65_536  #: tokens per cache shard
+    cache: bool = True  #: write an activation cache (resumable) instead of streaming
+
+
+@dataclass
+class DictionaryConfig:
+    method: str = "topk"  #: topk | relu
+    n_latents: int = 4608
+    k: int = 32  #: TopK only
+    l1_coefficient: float = 5.0  #: ReLU only (training scale: mean input norm √d)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 4096
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  #: linear decay to 0 over the last fraction of steps
+    l1_warmup_fraction: float = 0.05  #: ReLU: λ ramps linearly from 0 over this fraction of steps
+    max_grad_norm: float | None = None
+    auxk_coef: float = 1 / 32
+    k_aux: int | None = None  #: None → d/2
+    dead_tokens: int | None = None  #: dead-latent window; None → min(10M, total tokens / 4)
+    normalize: str = "mean_norm"  #: mean_norm (E‖x‖ = √d, one scalar) | none
+    b_dec_init: str = "geometric_median"  #: geometric_median | mean | zero
+    buffer_tokens: int = 131_072  #: token-level shuffle buffer
+    checkpoint_every: int = 50  #: steps
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None  #: torch threads; None keeps torch's default
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 32_768  #: held-out tokens for FVU/L0/dead (after exclusions)
+    splice_contexts: int = 64  #: held-out contexts for CE / KL with the dictionary spliced in
+    batch_contexts: int = 16
+
+
+@dataclass
+class ReportConfig:
+    n_features: int = 24  #: live features shown with their top examples
+    top_n: int = 8
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    out_dir: str = "runs"
+    site: str = "resid_post.6"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys with the list of valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise FeaturekitError(f"unknown config key(s) {sorted(where + k for k in unknown)}; valid: {sorted(where + n for n in names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise FeaturekitError(f"config key {where + key} must be a mapping, got {value!r}")
+            kwargs[key] = from_dict(hint, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, where + key)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the file (YAML or JSON) if given, then `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FeaturekitError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        if not isinstance(data, dict):
+            raise FeaturekitError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise FeaturekitError(f"override {item!r} must look like key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(RunConfig, data)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert a scalar against its annotation (int, float, str, bool, Optional[...])."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise FeaturekitError(f"config key {key} cannot be null")
+    target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+    elif target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif target is str:
+        return str(value)
+    raise FeaturekitError(f"config key {key} must be {getattr(target, '__name__', target)}, got {value!r}")

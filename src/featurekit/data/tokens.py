@@ -1,0 +1,130 @@
+"""Tokenising and packing documents into fixed-length contexts, and the token mask.
+
+Packing convention (`pack`):
+    stream = doc_0 ⧺ [sep] ⧺ doc_1 ⧺ [sep] ⧺ doc_2 ...      (each doc tokenised without special tokens)
+    sep    = the tokenizer's eos token, else its bos token, else its sep token
+    rows   = consecutive, non-overlapping slices of the stream; the incomplete tail is dropped.
+With `prepend_bos`, each row is [bos] ⧺ (context_len - 1) stream tokens, so every context starts
+the way the model saw its training contexts start. `prepend_bos=None` follows the tokenizer: BOS is
+prepended iff `tokenizer(text)` (with special tokens) puts one in front (Llama/Gemma: yes; GPT-2 and
+the SmolLM2 GGUF tokenizer: no). Documents are tokenised lazily, a few at a time, so a small
+`max_contexts` reads only the first documents.
+
+Mask convention (`token_mask`): True where a token's activation is kept for training/evaluation
+sets. Position 0 is excluded by default (its residual stream is an outlier "attention sink" with a
+huge norm), and so is every special token (bos/eos/pad/... = `tokenizer.all_special_ids`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from featurekit.errors import FeaturekitError
+
+# Documents are tokenised in chunks (batching is faster than one by one) of at most this many
+# documents or characters, so that a small `max_contexts` tokenises little more than it needs.
+_DOCS_PER_CALL = 32
+_CHARS_PER_CALL = 100_000
+
+
+def pack(texts: Iterable[str], tokenizer, context_len: int, max_contexts: int | None = None, *,
+         prepend_bos: bool | None = None) -> torch.Tensor:
+    """Pack `texts` into a LongTensor (N, context_len); see the module docstring for the layout.
+
+    N = number of complete rows the text fills, capped at `max_contexts`. Raises FeaturekitError if
+    the text does not fill a single row.
+    """
+    if context_len < 1 or (max_contexts is not None and max_contexts < 1):
+        raise FeaturekitError(f"context_len ({context_len}) and max_contexts ({max_contexts}) must be >= 1")
+    if prepend_bos is None:
+        prepend_bos = adds_bos(tokenizer)
+    bos = tokenizer.bos_token_id
+    if prepend_bos and bos is None:
+        raise FeaturekitError("prepend_bos=True but the tokenizer has no bos token: pass prepend_bos=False")
+    body = context_len - 1 if prepend_bos else context_len
+    if body < 1:
+        raise FeaturekitError(f"context_len={context_len} leaves no room after the BOS token: use context_len >= 2")
+    sep = separator_id(tokenizer)
+
+    rows: list[list[int]] = []
+    buf: list[int] = []
+    start = 0  # buf[start:] is the part of the stream not yet cut into rows
+    n_docs = 0
+    for ids in _token_stream(texts, tokenizer):
+        if n_docs:
+            buf.append(sep)
+        buf.extend(ids)
+        n_docs += 1
+        while len(buf) - start >= body and (max_contexts is None or len(rows) < max_contexts):
+            row = buf[start:start + body]
+            rows.append([bos, *row] if prepend_bos else row)
+            start += body
+        if max_contexts is not None and len(rows) >= max_contexts:
+            break
+        if start > 1 << 16:  # keep the buffer small on long streams
+            del buf[:start]
+            start = 0
+    if not rows:
+        got = len(buf) if n_docs else 0
+        raise FeaturekitError(
+            f"the text fills no context of {context_len} tokens ({n_docs} documents, {got} tokens): "
+            "give more text (another source or split) or a smaller context_len")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def token_mask(input_ids: torch.Tensor, tokenizer, exclude_first: bool = True,
+               exclude_special: bool = True) -> torch.Tensor:
+    """BoolTensor like `input_ids` (N, T): True where the token is kept (see the module docstring)."""
+    if input_ids.ndim != 2:
+        raise FeaturekitError(f"input_ids must be (N, T), got shape {tuple(input_ids.shape)}: use tokens.pack")
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if exclude_first and input_ids.shape[1] > 0:
+        mask[:, 0] = False
+    if exclude_special:
+        special = sorted({i for i in tokenizer.all_special_ids if i is not None})
+        if special:
+            mask &= ~torch.isin(input_ids, torch.tensor(special, dtype=input_ids.dtype, device=input_ids.device))
+    return mask
+
+
+def adds_bos(tokenizer) -> bool:
+    """True if the tokenizer puts its bos token in front of a text when special tokens are on."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and without[:1] != [bos]
+
+
+def separator_id(tokenizer) -> int:
+    """The token placed between packed documents: eos, else bos, else sep."""
+    for name in ("eos_token_id", "bos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise FeaturekitError("the tokenizer has no eos, bos or sep token to separate documents: "
+                          "set one (tokenizer.eos_token = ...) before packing")
+
+
+def _token_stream(texts: Iterable[str], tokenizer) -> Iterator[list[int]]:
+    """Token ids of each document, without special tokens, tokenised a few documents per call."""
+    if isinstance(texts, str):
+        raise FeaturekitError("pack() takes a list of documents, not one string: wrap it as [text]")
+    chunk: list[str] = []
+    chars = 0
+    for text in texts:
+        chunk.append(text)
+        chars += len(text)
+        if len(chunk) == _DOCS_PER_CALL or chars >= _CHARS_PER_CALL:
+            yield from _encode(chunk, tokenizer)
+            chunk, chars = [], 0
+    if chunk:
+        yield from _encode(chunk, tokenizer)
+
+
+def _encode(chunk: list[str], tokenizer) -> list[list[int]]:
+    # verbose=False: no "sequence longer than model_max_length" warning; we cut rows ourselves.
+    return tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]

@@ -1,0 +1,141 @@
+"""The `Dictionary` interface every method implements.
+
+A dictionary maps an activation x (d values) to codes f (F values, mostly zero) and back:
+
+    encode(x) -> f            decode(f) -> x_hat            forward(x) -> Output
+
+`W_dec` has shape (F, d); its rows are the feature directions. Every dictionary carries an
+`input_scale` c (a buffer): it was trained on c·x. `encode` and `decode` take and return raw
+activations; `fold_input_scale()` rewrites the biases so that c becomes 1 without changing any
+output (Conventions: `research/seed-methods-sae.md` §0.2: b_dec ← b_dec/c, b_enc ← b_enc/c,
+thresholds ← thresholds/c; codes then come out in raw units).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Output:
+    """What `Dictionary.forward` returns. `losses` holds named scalar terms summed into the loss."""
+
+    x_hat: torch.Tensor
+    codes: torch.Tensor
+    pre: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Dictionary(nn.Module):
+    """Base class. Subclasses set `method`, define `W_enc`, `b_enc`, `W_dec`, `b_dec` and `activation`."""
+
+    method: ClassVar[str] = ""
+    #: True when training keeps decoder rows at unit norm (gradient projection + renormalisation).
+    unit_norm_decoder: ClassVar[bool] = True
+    #: reconstruction loss the trainer uses: "fvu" (batch FVU) or "squared_error" (Σ_d, mean over tokens).
+    recon_loss: ClassVar[str] = "fvu"
+    #: whether the trainer adds the aux-k loss for dead latents.
+    uses_auxk: ClassVar[bool] = False
+
+    def __init__(self, d_in: int, n_latents: int):
+        super().__init__()
+        if d_in <= 0 or n_latents <= 0:
+            raise ValueError(f"d_in and n_latents must be positive, got {d_in}, {n_latents}")
+        self.d_in = d_in
+        self.n_latents = n_latents
+        self.W_enc = nn.Parameter(torch.empty(n_latents, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.ones(()))
+
+    # -- the method-specific part ---------------------------------------------------------
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Codes from pre-activations (in the training scale)."""
+        raise NotImplementedError
+
+    def inference_rule(self) -> dict[str, Any]:
+        """What runs at inference, recorded in featurekit.json (activation name and its params)."""
+        raise NotImplementedError
+
+    def hyperparams(self) -> dict[str, Any]:
+        """Constructor arguments beyond d_in and n_latents (recorded so `load` can rebuild)."""
+        return {}
+
+    def extra_losses(self, x: torch.Tensor, out: Output) -> dict[str, torch.Tensor]:
+        """Method-specific loss terms (e.g. the L1 penalty), in the training scale."""
+        return {}
+
+    # -- shared machinery -------------------------------------------------------------------
+    def pre_activation(self, x_scaled: torch.Tensor) -> torch.Tensor:
+        """π = (x·c − b_dec) W_encᵀ + b_enc, on already-scaled input."""
+        return (x_scaled - self.b_dec) @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations (..., d) → codes (..., F) in raw units (divided by c)."""
+        self._check_input(x)
+        return self.activation(self.pre_activation(x * self.input_scale)) / self.input_scale
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes in raw units → reconstruction in raw units: x̂ = f W_dec + b_dec/c."""
+        return codes @ self.W_dec + self.b_dec / self.input_scale
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """Training-scale forward: x is already multiplied by c; returns codes and x̂ in that scale."""
+        self._check_input(x)
+        pre = self.pre_activation(x)
+        codes = self.activation(pre)
+        out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+        out.losses.update(self.extra_losses(x, out))
+        return out
+
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """Pre-activations at columns `idx` (N, k) with gradient, given `pre` from `forward(x)`.
+
+        Used by the aux-k loss. The default gathers from a dense `pre` that carries its graph.
+        """
+        return pre.gather(-1, idx)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw in, raw out: decode(encode(x))."""
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """Make c = 1 without changing encode/decode (biases and thresholds divided by c)."""
+        c = self.input_scale.clone()
+        self.b_dec.div_(c)
+        self.b_enc.div_(c)
+        self._fold_thresholds(c)
+        self.input_scale.fill_(1.0)
+
+    def _fold_thresholds(self, c: torch.Tensor) -> None:
+        """Subclasses with thresholds divide them by c here."""
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale each decoder row to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from each decoder row's gradient its component along the row (unit-norm rows)."""
+        if self.W_dec.grad is not None:
+            rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=1, keepdim=True) * rows
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            from ..errors import FeaturekitError
+
+            raise FeaturekitError(
+                f"activation has {x.shape[-1]} dimensions but this {self.method} dictionary expects "
+                f"{self.d_in}; use a dictionary trained on this site, or harvest the site it was trained on"
+            )
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, n_latents={self.n_latents}, {self.inference_rule()}"

@@ -1,0 +1,1 @@
+"""Evaluation: pure metrics and evaluations that splice a dictionary into a model."""

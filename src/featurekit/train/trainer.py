@@ -1,0 +1,178 @@
+"""The one gradient trainer for every dictionary method.
+
+Per step (research/seed-methods-sae.md §0.9): scale the batch by c, forward, reconstruction loss
+(+ method terms + aux-k for dead latents), backward, project decoder gradients onto the tangent of
+the unit sphere (unit-norm methods), optional clipping, Adam step, renormalise decoder rows, update
+the dead-latent counters. Checkpoints every `checkpoint_every` steps hold everything needed to
+continue exactly: a run killed at any point and resumed with `resume=True` replays the
+deterministic batch stream past the steps already done and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .._io import atomic_write_text
+from ..config import TrainConfig
+from ..dictionaries import Dictionary
+from ..errors import FeaturekitError
+from .checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .dead import DeadLatentTracker
+from .init import geometric_median, mean_norm_scale
+from .losses import auxk_loss, fvu_loss, squared_error_loss
+from .schedule import lr_factor
+
+RECON_LOSSES = {"fvu": fvu_loss, "squared_error": squared_error_loss}
+
+
+class Trainer:
+    def __init__(self, dictionary: Dictionary, cfg: TrainConfig, run_dir: Path, total_steps: int):
+        self.sae, self.cfg, self.run_dir, self.total_steps = dictionary, cfg, Path(run_dir), total_steps
+        self.named = dict(dictionary.named_parameters())
+        self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
+        self.dead = DeadLatentTracker(dictionary.n_latents, cfg.dead_tokens or 10_000_000)
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else dictionary.d_in // 2
+        self.step, self.tokens = 0, 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.ckpt_dir = self.run_dir / "checkpoint"
+
+    # -- initialisation and resume ----------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor) -> None:
+        """Set the input scale c and b_dec from raw activations (fresh runs only)."""
+        sample = sample.float()
+        if not torch.isfinite(sample).all():
+            raise FeaturekitError("the activation sample holds NaN/Inf; harvest in float32 or exclude the bad tokens")
+        c = mean_norm_scale(sample) if self.cfg.normalize == "mean_norm" else 1.0
+        if self.cfg.normalize not in ("mean_norm", "none"):
+            raise FeaturekitError(f"train.normalize must be 'mean_norm' or 'none', got {self.cfg.normalize!r}")
+        self.sae.input_scale.fill_(c)
+        scaled = sample * c
+        rule = self.cfg.b_dec_init
+        if rule == "geometric_median":
+            self.sae.b_dec.copy_(geometric_median(scaled))
+        elif rule == "mean":
+            self.sae.b_dec.copy_(scaled.mean(0))
+        elif rule != "zero":
+            raise FeaturekitError(f"train.b_dec_init must be geometric_median, mean or zero, got {rule!r}")
+        if self.metrics_path.exists():
+            self.metrics_path.unlink()
+
+    def resume(self) -> None:
+        tensors, meta = load_checkpoint(self.ckpt_dir)
+        model_state = {k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")}
+        self.sae.load_state_dict(model_state)
+        restore_optimizer(self.opt, self.named, tensors, meta["optimizer_scalars"])
+        self.dead.tokens_since_fired = tensors["dead.tokens_since_fired"].clone()
+        torch.set_rng_state(tensors["rng"])
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        if meta["total_steps"] != self.total_steps:
+            raise FeaturekitError(
+                f"checkpoint in {self.ckpt_dir} was made for {meta['total_steps']} steps but this run plans "
+                f"{self.total_steps}; resume with the run's own config.json"
+            )
+        self._truncate_metrics()
+
+    def save(self) -> None:
+        opt_tensors, opt_scalars = optimizer_tensors(self.opt, {p: n for n, p in self.named.items()})
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors.update(opt_tensors)
+        tensors["dead.tokens_since_fired"] = self.dead.tokens_since_fired
+        tensors["rng"] = torch.get_rng_state()
+        meta = {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "optimizer_scalars": opt_scalars}
+        save_checkpoint(self.ckpt_dir, tensors, meta)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> dict:
+        """Train for `total_steps` steps over `batches` (the full stream from its start)."""
+        stream = self._skip(iter(batches), self.step)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        start = time.time()
+        recon = RECON_LOSSES[self.sae.recon_loss]
+        self.sae.train()
+        while self.step < self.total_steps:
+            try:
+                batch = next(stream)
+            except StopIteration:
+                raise FeaturekitError(
+                    f"the activation stream ended after {self.step} of {self.total_steps} steps; harvest more tokens or lower train.epochs"
+                ) from None
+            row = self.train_step(batch, recon)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                row["elapsed_s"] = round(time.time() - start, 2)
+                self._log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                self.save()
+            bar.update(1)
+        bar.close()
+        self.sae.eval()
+        return {"steps": self.step, "tokens": self.tokens}
+
+    def train_step(self, batch: torch.Tensor, recon: Callable) -> dict:
+        cfg, sae = self.cfg, self.sae
+        if not torch.isfinite(batch).all():
+            raise FeaturekitError(f"training batch at step {self.step} holds NaN/Inf activations; check the model dtype and the token exclusions")
+        factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * factor
+        if hasattr(sae, "l1_scale"):
+            ramp = max(1, int(cfg.l1_warmup_fraction * self.total_steps))
+            sae.l1_scale = min(1.0, (self.step + 1) / ramp)
+        x = batch.float() * sae.input_scale
+        out = sae(x)
+        losses = {"recon": recon(x, out.x_hat), **out.losses}
+        if sae.uses_auxk and cfg.auxk_coef > 0:
+            dead = self.dead.dead.to(x.device)
+            losses["aux"] = cfg.auxk_coef * auxk_loss(
+                x - out.x_hat, out.pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx: sae.pre_at(x, idx, out.pre)
+            )
+        loss = sum(losses.values())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sae.unit_norm_decoder:
+            sae.project_decoder_grad()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
+        self.opt.step()
+        if sae.unit_norm_decoder:
+            sae.normalize_decoder()
+        self.dead.update(out.codes.detach())
+        self.step += 1
+        self.tokens += batch.shape[0]
+        with torch.no_grad():
+            row = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "loss": loss.item(),
+                "fvu": fvu_loss(x, out.x_hat).item(),
+                "l0": (out.codes != 0).sum(-1).float().mean().item(),
+                "dead_fraction": self.dead.dead_fraction(),
+                "lr": cfg.lr * factor,
+            }
+            row.update({f"{k}_loss": v.item() for k, v in losses.items()})
+        return row
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _skip(stream: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
+        for _ in range(n):
+            next(stream)
+        return stream
+
+    def _log(self, row: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint (they will be written again)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))

@@ -1,0 +1,92 @@
+"""The trainer learns (ground-truth recovery) and resumes exactly after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from featurekit.config import TrainConfig, load_config
+from featurekit.data.cache import write_cache
+from featurekit.dictionaries import ReLUSAE, TopKSAE
+from featurekit.evaluate.metrics import fvu
+from featurekit.train import Trainer
+
+from .synthetic import batches, sample, true_features
+
+
+def endless(features, size):
+    gen = torch.Generator().manual_seed(5)
+    while True:
+        yield sample(features, size, gen)
+
+
+@pytest.mark.parametrize("cls,kw,lr", [(TopKSAE, {"k": 4}, 3e-3), (ReLUSAE, {"l1_coefficient": 0.3}, 3e-3)])
+def test_recovers_ground_truth_features(tmp_path, cls, kw, lr):
+    features = true_features(48, 24)
+    sae = cls(24, 96, seed=0, **kw)
+    cfg = TrainConfig(lr=lr, warmup_steps=10, log_every=25, checkpoint_every=1000, dead_tokens=4096)
+    trainer = Trainer(sae, cfg, tmp_path, total_steps=500)
+    trainer.init_from_data(sample(features, 4096, torch.Generator().manual_seed(9)))
+    trainer.fit(endless(features, 256), progress=False)
+    x = sample(features, 4096, torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert fvu(x, sae.reconstruct(x)) < 0.2
+        cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ features.T
+    assert cos.max(0).values.mean() > 0.9  # mean max cosine similarity over the true features
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 500 and rows[-1]["fvu"] < rows[0]["fvu"]
+
+
+def test_nan_batch_is_refused(tmp_path):
+    trainer = Trainer(TopKSAE(4, 8, k=2), TrainConfig(), tmp_path, total_steps=1)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        trainer.fit(iter([torch.full((8, 4), float("nan"))]), progress=False)
+
+
+def make_run(root, name, features):
+    cfg = load_config(None, [
+        f"out_dir={root}", f"name={name}", "site=resid_post.0", "dictionary.n_latents=1024", "dictionary.k=8",
+        "train.batch_size=256", "train.epochs=3", "train.checkpoint_every=20", "train.log_every=10",
+        "train.buffer_tokens=2048", "train.dead_tokens=2048", "data.train_tokens=25600",
+    ])
+    write_cache(cfg.run_dir / "activations", batches(features, 25, 1024, "resid_post.0"), {"model": "synthetic", "sites": ["resid_post.0"]}, 8192)
+    (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return cfg.run_dir
+
+
+def featurekit(*args):
+    return [sys.executable, "-m", "featurekit.cli", *args, "--quiet"] if args[0] == "train" else None
+
+
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
+    features = true_features(200, 48)
+    ref, killed = make_run(tmp_path, "ref", features), make_run(tmp_path, "killed", features)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(featurekit("train", "--config", str(ref / "config.json")), check=True, env=env, timeout=300)
+
+    proc = subprocess.Popen(featurekit("train", "--config", str(killed / "config.json")), env=env)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 40:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "dictionary").exists(), "the run finished before it could be killed; make it longer"
+    step_at_kill = json.loads(state.read_text())["step"]
+    assert 40 <= step_at_kill < 300
+
+    subprocess.run([sys.executable, "-m", "featurekit.cli", "train", "--resume", str(killed), "--quiet"], check=True, env=env, timeout=300)
+    a, b = load_file(ref / "dictionary" / "model.safetensors"), load_file(killed / "dictionary" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # no duplicated or missing log lines
