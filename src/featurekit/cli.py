@@ -65,6 +65,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .report import write_report
 
     progress = not getattr(args, "quiet", False)
+    if not progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     if args.command == "report":
         print(f"report: {write_report(args.run_dir)}")
         return 0

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -27,7 +28,7 @@ from ._io import atomic_write_json, read_json
 from .config import RunConfig, from_dict
 from .data.cache import ActivationCache, write_cache
 from .data.harvest import choose_dtype, harvest
-from .data.shuffle import batches_per_epoch, iter_epochs
+from .data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
 from .data.sources import load_texts
 from .data.tokens import pack, token_mask
 from .dictionaries import Dictionary, build, load, save
@@ -37,6 +38,7 @@ from .features.examples import FeatureStats, build_examples, choose_latents, wri
 from .models import load_model
 from .models.hooks import capture_activations
 from .models.loading import LoadedModel
+from .models.sites import parse_site, site_dim
 from .report import write_report
 from .train import Trainer
 
@@ -46,6 +48,7 @@ INIT_SAMPLE_TOKENS = 32_768
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill the config's automatic values so the saved config.json states every number."""
     cfg = copy.deepcopy(cfg)
+    parse_site(cfg.site)  # bad syntax fails before anything is written
     total = cfg.train.epochs * cfg.data.train_tokens
     if cfg.train.dead_tokens is None:
         cfg.train.dead_tokens = max(cfg.train.batch_size, min(10_000_000, total // 4))
@@ -64,8 +67,11 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def open_model(cfg: RunConfig) -> LoadedModel:
+    """Load the configured model and check that the configured site exists in it."""
     dtype = choose_dtype(cfg.model.dtype, cfg.model.device)
-    return load_model(cfg.model.name, dtype=dtype, device=cfg.model.device)
+    loaded = load_model(cfg.model.name, dtype=dtype, device=cfg.model.device)
+    site_dim(loaded.model, cfg.site)  # an unknown site fails here, listing the valid ones
+    return loaded
 
 
 def contexts(loaded: LoadedModel, cfg: RunConfig, split: str, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +87,8 @@ def contexts(loaded: LoadedModel, cfg: RunConfig, split: str, n_tokens: int) -> 
 
 
 def token_policy(cfg: RunConfig) -> dict:
-    return {"exclude_first": cfg.data.exclude_first, "exclude_special": cfg.data.exclude_special}
+    return {"exclude_first": cfg.data.exclude_first, "exclude_special": cfg.data.exclude_special,
+            "max_norm_multiple": cfg.data.max_norm_multiple}
 
 
 # -- steps ------------------------------------------------------------------------------------------
@@ -94,22 +101,55 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
         "source": cfg.data.source, "split": "train", "context_len": cfg.data.context_len,
         "token_policy": token_policy(cfg), "tokens": cfg.data.train_tokens,
     }
-    stream = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=progress)
+    stream = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=progress,
+                     max_norm_multiple=cfg.data.max_norm_multiple)
     return write_cache(cfg.run_dir / "activations", stream, meta, cfg.data.shard_tokens)
 
 
-def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Dictionary:
-    """Train the dictionary on the run's activation cache; `resume` continues from the checkpoint."""
-    cache = ActivationCache(cfg.run_dir / "activations")
-    if not cache.complete:
-        raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete; run `featurekit harvest` to finish it")
-    d = cache.d(cfg.site)
-    dc, tc = cfg.dictionary, cfg.train
+def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None) -> Dictionary:
+    """Train the dictionary; `resume` continues from the checkpoint.
+
+    With `data.cache` (the default) batches come from the run's activation cache. Without it they
+    are streamed: every epoch harvests the training contexts again straight into the shuffle buffer
+    (nothing on disk; memory bounded by the buffer). A streamed epoch is cut to
+    ⌊0.99 · kept tokens / batch_size⌋ batches, the slack absorbing tokens dropped as norm outliers.
+    """
+    tc = cfg.train
+    if cfg.data.cache:
+        cache = ActivationCache(cfg.run_dir / "activations")
+        if not cache.complete:
+            raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete; run `featurekit harvest` to finish it")
+        d, per_epoch, harvest_dtype = cache.d(cfg.site), batches_per_epoch(cache.n_tokens, tc.batch_size), cache.meta.get("dtype")
+
+        def stream() -> Iterator[torch.Tensor]:
+            return iter_epochs(cache, cfg.site, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed)
+
+        def sample() -> torch.Tensor:
+            return _first_tokens(cache.iter_shards(sites=[cfg.site]), cfg.site, INIT_SAMPLE_TOKENS)
+    else:
+        loaded = loaded or open_model(cfg)
+        ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
+        d, per_epoch = site_dim(loaded.model, cfg.site), int(0.99 * int(mask.sum())) // tc.batch_size
+        harvest_dtype = str(loaded.model.dtype).removeprefix("torch.")
+
+        def harvested() -> Iterator:
+            return harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask,
+                           progress=False, max_norm_multiple=cfg.data.max_norm_multiple)
+
+        def stream() -> Iterator[torch.Tensor]:
+            for epoch in range(tc.epochs):
+                shuffled = ShuffleBuffer(harvested(), cfg.site, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
+                yield from itertools.islice(shuffled, per_epoch)
+
+        def sample() -> torch.Tensor:
+            return _first_tokens(harvested(), cfg.site, INIT_SAMPLE_TOKENS)
+
+    dc = cfg.dictionary
     params = {"k": dc.k} if dc.method == "topk" else {"l1_coefficient": dc.l1_coefficient} if dc.method == "relu" else {}
     sae = build(dc.method, d, dc.n_latents, seed=tc.seed, **params)
-    total_steps = tc.epochs * batches_per_epoch(cache.n_tokens, tc.batch_size)
+    total_steps = tc.epochs * per_epoch
     if total_steps == 0:
-        raise FeaturekitError(f"the cache holds {cache.n_tokens} tokens, fewer than one batch of {tc.batch_size}; harvest more or lower train.batch_size")
+        raise FeaturekitError(f"fewer training tokens than one batch of {tc.batch_size}; harvest more or lower train.batch_size")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -117,15 +157,14 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Di
     if resume:
         trainer.resume()
     else:
-        trainer.init_from_data(_first_tokens(cache, cfg.site, INIT_SAMPLE_TOKENS))
+        trainer.init_from_data(sample())
     start = time.time()
-    batches = iter_epochs(cache, cfg.site, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed)
-    summary = trainer.fit(batches, progress=progress)
-    save_dictionary(sae, cfg, cache, summary, time.time() - start)
+    summary = trainer.fit(stream(), progress=progress)
+    save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start)
     return sae
 
 
-def save_dictionary(sae: Dictionary, cfg: RunConfig, cache: ActivationCache, summary: dict, seconds: float) -> Path:
+def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, summary: dict, seconds: float) -> Path:
     """Save a folded copy (runs on raw activations) to runs/NAME/dictionary."""
     out = copy.deepcopy(sae)
     training_scale = float(out.input_scale)
@@ -136,7 +175,7 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, cache: ActivationCache, sum
         extra["decoder_norms_folded"] = True
     meta = {
         "normalization": {"training_scale": training_scale, "rule": f"{cfg.train.normalize}: c = sqrt(d) / mean ||x|| on {INIT_SAMPLE_TOKENS} tokens", **extra},
-        "source": {"model": cfg.model.name, "site": cfg.site, "d_model": sae.d_in, "harvest_dtype": cache.meta.get("dtype"),
+        "source": {"model": cfg.model.name, "site": cfg.site, "d_model": sae.d_in, "harvest_dtype": harvest_dtype,
                    "corpus": cfg.data.source, "context_len": cfg.data.context_len},
         "special_tokens": token_policy(cfg),
         "provenance": {"featurekit_version": __version__, "tokens_seen": summary["tokens"], "steps": summary["steps"],
@@ -154,7 +193,8 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     stats = FeatureStats(sae.n_latents, top_n=cfg.report.top_n)
 
     def eval_batches() -> Iterator[torch.Tensor]:
-        for batch in harvest(loaded.model, ids, [cfg.site], batch_size=cfg.eval.batch_contexts, mask=mask, progress=progress):
+        for batch in harvest(loaded.model, ids, [cfg.site], batch_size=cfg.eval.batch_contexts, mask=mask, progress=progress,
+                             max_norm_multiple=cfg.data.max_norm_multiple):
             x = batch.acts[cfg.site].float()
             stats.update(sae.encode(x), batch.context_idx, batch.position)
             yield x
@@ -164,8 +204,10 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     recon = reconstruction_eval(sae, eval_batches())
     recon.pop("density")
     result.update(recon)
+    result["norm_outliers_excluded"] = int(mask.sum()) - recon["n_tokens"]
     n_splice = min(cfg.eval.splice_contexts, len(ids))
-    result.update(splice_eval(loaded.model, sae, cfg.site, ids[:n_splice], mask[:n_splice], cfg.eval.batch_contexts, progress))
+    result.update(splice_eval(loaded.model, sae, cfg.site, ids[:n_splice], mask[:n_splice], cfg.eval.batch_contexts, progress,
+                              max_norm_multiple=cfg.data.max_norm_multiple))
     atomic_write_json(cfg.run_dir / "eval.json", result)
 
     @torch.no_grad()
@@ -185,16 +227,17 @@ def run_all(cfg: RunConfig, progress: bool = True) -> Path:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg)
     loaded = open_model(cfg)
-    run_harvest(cfg, loaded, progress)
+    if cfg.data.cache:
+        run_harvest(cfg, loaded, progress)
     resume = (cfg.run_dir / "checkpoint" / "state.json").is_file() and not (cfg.run_dir / "dictionary").exists()
-    run_train(cfg, resume=resume, progress=progress)
+    run_train(cfg, resume=resume, progress=progress, loaded=loaded)
     run_eval(cfg, loaded, progress)
     return write_report(cfg.run_dir)
 
 
-def _first_tokens(cache: ActivationCache, site: str, n: int) -> torch.Tensor:
+def _first_tokens(batches: Iterable, site: str, n: int) -> torch.Tensor:
     rows, have = [], 0
-    for batch in cache.iter_shards(sites=[site]):
+    for batch in batches:
         rows.append(batch.acts[site].float())
         have += rows[-1].shape[0]
         if have >= n:

@@ -104,3 +104,15 @@ def test_choose_dtype():
     assert choose_dtype("auto", device="cpu") in (torch.float32, torch.bfloat16)
     with pytest.raises(FeaturekitError, match="auto"):
         choose_dtype("int8")
+
+
+def test_norm_outliers_are_dropped_at_every_site():
+    from featurekit.data.harvest import norm_outliers
+
+    acts = torch.ones(2, 5, 3)
+    acts[0, 1] = 1000.0  # an attention-sink-like token
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 0] = False
+    out = norm_outliers(acts, keep, 10.0)
+    assert out.sum() == 1 and out[0, 1]
+    assert not norm_outliers(acts, keep, None).any()

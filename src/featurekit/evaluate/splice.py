@@ -2,9 +2,10 @@
 spliced into the forward pass (clean vs spliced vs zero-ablated CE, KL).
 
 Splicing replaces the site's activation by the dictionary's reconstruction at the positions the
-token mask keeps (by default not position 0 and not special tokens: those are not what the
-dictionary was trained on, and the choice is recorded in eval.json). Zero-ablation sets the same
-positions to zero. CE and KL are scored at the spliced positions t < T−1 (the prediction of token t+1).
+token mask keeps (by default not position 0, not special tokens and not attention-sink tokens whose
+norm exceeds `max_norm_multiple` × the batch median: those are not what the dictionary was trained
+on, and the choice is recorded in eval.json). Zero-ablation sets the same positions to zero. CE and
+KL are scored at the spliced positions t < T−1 (the prediction of token t+1).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dictionaries import Dictionary
-from ..models.hooks import replace
+from ..data.harvest import norm_outliers
+from ..models.hooks import capture, replace
 from . import metrics
 
 
@@ -39,6 +41,7 @@ def splice_eval(
     mask: torch.Tensor,
     batch_contexts: int = 16,
     progress: bool = True,
+    max_norm_multiple: float | None = None,
 ) -> dict:
     """Clean, spliced and zero-ablated CE, loss recovered and KL(clean ‖ spliced) on `input_ids`."""
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablated": 0.0, "kl_clean_spliced": 0.0}
@@ -46,8 +49,10 @@ def splice_eval(
     for start in tqdm(range(0, len(input_ids), batch_contexts), desc="splice eval", disable=not progress):
         ids = input_ids[start:start + batch_contexts]
         keep = mask[start:start + batch_contexts]
+        with capture(model, site) as seen:
+            logits_clean = model(input_ids=ids, use_cache=False).logits
+        keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
         scored = keep[:, :-1]
-        logits_clean = model(input_ids=ids, use_cache=False).logits
         with replace(model, site, lambda act: _reconstruct_at(act, keep, dictionary)):
             logits_spliced = model(input_ids=ids, use_cache=False).logits
         with replace(model, site, lambda act: act.masked_fill(keep[..., None], 0.0)):

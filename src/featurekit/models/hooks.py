@@ -116,6 +116,21 @@ def capture_activations(model: Any, input_ids: Tensor, sites: Sequence[str],
 
 
 @contextmanager
+def capture(model: Any, *sites: str) -> Iterator[dict[str, Tensor]]:
+    """Within the context, every forward pass stores ``{site: (B, T, d) tensor}`` in the yielded dict
+    (the last pass wins). Nothing is changed and nothing stops: use it around a full forward when
+    its output is needed too; `capture_activations` is the early-stopping form for harvesting."""
+    acts: dict[str, Tensor] = {}
+    handles = [_on_read(resolve(model, site), lambda t, name=str(parse_site(site)): acts.__setitem__(name, t.detach()))
+               for site in sites]
+    try:
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def _editing(model: Any, site: str, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
     handle = _on_edit(resolve(model, site), edit)
     try:
