@@ -94,3 +94,32 @@ def test_empty_corpus_is_a_clear_error_and_writes_no_cache(tiny, tmp_path):
     with pytest.raises(FeaturekitError, match="empty|no text|no document"):
         pipeline.run_harvest(cfg, progress=False)
     assert not (cfg.run_dir / "activations").exists()
+
+
+def test_splicing_zeros_equals_zero_ablation_and_touches_only_kept_positions(tiny, tmp_path):
+    from featurekit.evaluate.metrics import token_cross_entropy
+    from featurekit.evaluate.splice import splice_eval
+    from featurekit.models.hooks import replace
+
+    cfg = config(tiny, tmp_path, "name=zero")
+    loaded = pipeline.open_model(cfg)
+    ids, mask = pipeline.contexts(loaded, cfg, "test", 300)
+
+    class Zero(featurekit.Dictionary):
+        method = "zero"
+
+        def reconstruct(self, x):
+            return torch.zeros_like(x)
+
+    result = splice_eval(loaded.model, Zero(32, 8), "resid_post.1", ids, mask, 8, progress=False)
+    assert result["ce_spliced"] == pytest.approx(result["ce_zero_ablated"], abs=1e-6)
+    assert result["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+
+    # keeping one position: predictions before it are untouched (causal model), from it on they change
+    keep = torch.zeros_like(mask[:2])
+    keep[:, 5] = True
+    with torch.no_grad():
+        clean = token_cross_entropy(loaded.model(input_ids=ids[:2]).logits, ids[:2])
+        with replace(loaded.model, "resid_post.1", lambda a: a.masked_fill(keep[..., None], 0.0)):
+            edited = token_cross_entropy(loaded.model(input_ids=ids[:2]).logits, ids[:2])
+    assert torch.equal(clean[:, :5], edited[:, :5]) and not torch.equal(clean[:, 5:], edited[:, 5:])

@@ -77,6 +77,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(_summary(result))
         return 0
     if args.command == "train" and args.resume:
+        if args.config or args.overrides or args.name:
+            raise FeaturekitError("--resume continues a run with its own config.json; drop --config/--set/--name "
+                                  "(to change settings, start a new run)")
         cfg = pipeline.load_run_config(args.resume)
         pipeline.run_train(cfg, resume=True, progress=progress)
         print(f"dictionary: {cfg.run_dir / 'dictionary'}")

@@ -170,3 +170,35 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif target is str:
         return str(value)
     raise FeaturekitError(f"config key {key} must be {getattr(target, '__name__', target)}, got {value!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check ranges and choices before any work starts; each error names the key and the fix."""
+    positive = {
+        "data.context_len": cfg.data.context_len, "data.train_tokens": cfg.data.train_tokens,
+        "data.harvest_batch": cfg.data.harvest_batch, "data.shard_tokens": cfg.data.shard_tokens,
+        "dictionary.n_latents": cfg.dictionary.n_latents, "dictionary.k": cfg.dictionary.k,
+        "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr,
+        "train.checkpoint_every": cfg.train.checkpoint_every, "train.log_every": cfg.train.log_every,
+        "train.buffer_tokens": cfg.train.buffer_tokens, "eval.tokens": cfg.eval.tokens,
+        "eval.splice_contexts": cfg.eval.splice_contexts, "eval.batch_contexts": cfg.eval.batch_contexts,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise FeaturekitError(f"config key {key} must be positive, got {value}")
+    for key, value in {"train.dead_tokens": cfg.train.dead_tokens, "train.k_aux": cfg.train.k_aux,
+                       "train.threads": cfg.train.threads, "data.max_norm_multiple": cfg.data.max_norm_multiple}.items():
+        if value is not None and value <= 0:
+            raise FeaturekitError(f"config key {key} must be positive or null, got {value}")
+    choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
+               "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
+               "dictionary.method": (cfg.dictionary.method, ("topk", "relu"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise FeaturekitError(f"config key {key} must be one of {list(allowed)}, got {value!r}")
+    if cfg.dictionary.method == "topk" and cfg.dictionary.k > cfg.dictionary.n_latents:
+        raise FeaturekitError(f"dictionary.k={cfg.dictionary.k} exceeds dictionary.n_latents={cfg.dictionary.n_latents}")
+    if cfg.train.buffer_tokens < cfg.train.batch_size:
+        raise FeaturekitError(f"train.buffer_tokens ({cfg.train.buffer_tokens}) must be at least train.batch_size ({cfg.train.batch_size})")
+    if not 0 <= cfg.train.decay_fraction <= 1 or not 0 <= cfg.train.l1_warmup_fraction <= 1:
+        raise FeaturekitError("train.decay_fraction and train.l1_warmup_fraction must lie in [0, 1]")

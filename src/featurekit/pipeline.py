@@ -14,24 +14,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
 from . import __version__
 from ._io import atomic_write_json, read_json
-from .config import RunConfig, from_dict
+from .config import RunConfig, from_dict, validate
 from .data.cache import ActivationCache, write_cache
 from .data.harvest import choose_dtype, harvest
 from .data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
 from .data.sources import load_texts
 from .data.tokens import pack, token_mask
-from .dictionaries import Dictionary, build, load, save
+from .dictionaries import Dictionary, build_from_config, load, save
 from .errors import FeaturekitError
 from .evaluate.splice import reconstruction_eval, splice_eval
 from .features.examples import FeatureStats, build_examples, choose_latents, write_features
@@ -48,6 +50,7 @@ INIT_SAMPLE_TOKENS = 32_768
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill the config's automatic values so the saved config.json states every number."""
     cfg = copy.deepcopy(cfg)
+    validate(cfg)
     parse_site(cfg.site)  # bad syntax fails before anything is written
     total = cfg.train.epochs * cfg.data.train_tokens
     if cfg.train.dead_tokens is None:
@@ -86,6 +89,24 @@ def contexts(loaded: LoadedModel, cfg: RunConfig, split: str, n_tokens: int) -> 
     return ids[:used], mask[:used]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def harvest_meta(cfg: RunConfig) -> dict:
+    """What identifies a training activation set (stored in the cache manifest, checked before training)."""
+    return {"model": cfg.model.name, "sites": [cfg.site], "source": cfg.data.source, "split": "train",
+            "context_len": cfg.data.context_len, "token_policy": token_policy(cfg), "tokens": cfg.data.train_tokens,
+            "harvest_batch": cfg.data.harvest_batch}
+
+
+def run_digest(cfg: RunConfig, data_id: object) -> str:
+    """sha256 of everything that determines the training trajectory (checked when resuming)."""
+    blob = json.dumps({"train": dataclasses.asdict(cfg.train), "dictionary": dataclasses.asdict(cfg.dictionary),
+                       "site": cfg.site, "data": data_id}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def token_policy(cfg: RunConfig) -> dict:
     return {"exclude_first": cfg.data.exclude_first, "exclude_special": cfg.data.exclude_special,
             "max_norm_multiple": cfg.data.max_norm_multiple}
@@ -96,11 +117,7 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
     """Harvest the training activations into runs/NAME/activations (resumes an interrupted harvest)."""
     loaded = loaded or open_model(cfg)
     ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
-    meta = {
-        "model": cfg.model.name, "sites": [cfg.site], "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "source": cfg.data.source, "split": "train", "context_len": cfg.data.context_len,
-        "token_policy": token_policy(cfg), "tokens": cfg.data.train_tokens,
-    }
+    meta = {**harvest_meta(cfg), "dtype": dtype_name(loaded.model.dtype)}
     stream = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=progress,
                      max_norm_multiple=cfg.data.max_norm_multiple)
     return write_cache(cfg.run_dir / "activations", stream, meta, cfg.data.shard_tokens)
@@ -109,57 +126,56 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
 def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None) -> Dictionary:
     """Train the dictionary; `resume` continues from the checkpoint.
 
-    With `data.cache` (the default) batches come from the run's activation cache. Without it they
-    are streamed: every epoch harvests the training contexts again straight into the shuffle buffer
-    (nothing on disk; memory bounded by the buffer). A streamed epoch is cut to
-    ⌊0.99 · kept tokens / batch_size⌋ batches, the slack absorbing tokens dropped as norm outliers.
+    With `data.cache` (the default) batches come from the run's activation cache, which must have
+    been harvested with this config. Without it they are streamed: every epoch harvests the training
+    contexts again straight into the shuffle buffer (nothing on disk; memory bounded by the buffer).
+    A streamed epoch is cut to ⌊0.99 · kept tokens / batch_size⌋ batches, the slack absorbing tokens
+    dropped as norm outliers. Resuming skips the batches already trained on (whole epochs unread).
     """
     tc = cfg.train
     if cfg.data.cache:
         cache = ActivationCache(cfg.run_dir / "activations")
         if not cache.complete:
             raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete; run `featurekit harvest` to finish it")
+        expected = harvest_meta(cfg)
+        differs = sorted(k for k in expected if cache.meta.get(k) != expected[k])
+        if differs:
+            raise FeaturekitError(f"the activation cache in {cache.dir} was harvested with other settings ({', '.join(differs)}); "
+                                  f"run `featurekit harvest` with this config into a new run name")
         d, per_epoch, harvest_dtype = cache.d(cfg.site), batches_per_epoch(cache.n_tokens, tc.batch_size), cache.meta.get("dtype")
+        data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
 
-        def stream() -> Iterator[torch.Tensor]:
-            return iter_epochs(cache, cfg.site, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed)
-
-        def sample() -> torch.Tensor:
-            return _first_tokens(cache.iter_shards(sites=[cfg.site]), cfg.site, INIT_SAMPLE_TOKENS)
+        def stream(skip: int) -> Iterator[torch.Tensor]:
+            return iter_epochs(cache, cfg.site, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed, skip_batches=skip)
     else:
         loaded = loaded or open_model(cfg)
         ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
         d, per_epoch = site_dim(loaded.model, cfg.site), int(0.99 * int(mask.sum())) // tc.batch_size
-        harvest_dtype = str(loaded.model.dtype).removeprefix("torch.")
+        harvest_dtype = dtype_name(loaded.model.dtype)
+        data_id = {**harvest_meta(cfg), "dtype": harvest_dtype}
 
-        def harvested() -> Iterator:
-            return harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask,
-                           progress=False, max_norm_multiple=cfg.data.max_norm_multiple)
+        def stream(skip: int) -> Iterator[torch.Tensor]:
+            for epoch in range(skip // max(per_epoch, 1), tc.epochs):
+                batches = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask,
+                                  progress=False, max_norm_multiple=cfg.data.max_norm_multiple)
+                shuffled = ShuffleBuffer(batches, cfg.site, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
+                first = skip % per_epoch if epoch == skip // per_epoch else 0
+                yield from itertools.islice(shuffled, first, per_epoch)
 
-        def stream() -> Iterator[torch.Tensor]:
-            for epoch in range(tc.epochs):
-                shuffled = ShuffleBuffer(harvested(), cfg.site, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
-                yield from itertools.islice(shuffled, per_epoch)
-
-        def sample() -> torch.Tensor:
-            return _first_tokens(harvested(), cfg.site, INIT_SAMPLE_TOKENS)
-
-    dc = cfg.dictionary
-    params = {"k": dc.k} if dc.method == "topk" else {"l1_coefficient": dc.l1_coefficient} if dc.method == "relu" else {}
-    sae = build(dc.method, d, dc.n_latents, seed=tc.seed, **params)
     total_steps = tc.epochs * per_epoch
     if total_steps == 0:
         raise FeaturekitError(f"fewer training tokens than one batch of {tc.batch_size}; harvest more or lower train.batch_size")
+    sae = build_from_config(cfg.dictionary, d, seed=tc.seed)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    trainer = Trainer(sae, tc, cfg.run_dir, total_steps)
+    trainer = Trainer(sae, tc, cfg.run_dir, total_steps, digest=run_digest(cfg, data_id))
     if resume:
         trainer.resume()
-    else:
-        trainer.init_from_data(sample())
+    else:  # c and b_dec from the first shuffled batches: a sample of the whole set, not its first documents
+        trainer.init_from_data(torch.cat(list(itertools.islice(stream(0), -(-INIT_SAMPLE_TOKENS // tc.batch_size))))[:INIT_SAMPLE_TOKENS])
     start = time.time()
-    summary = trainer.fit(stream(), progress=progress)
+    summary = trainer.fit(stream(trainer.step), progress=progress)
     save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start)
     return sae
 
@@ -188,7 +204,12 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
 def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool = True) -> dict:
     """Held-out reconstruction metrics, splice CE/KL and feature examples → eval.json, features/."""
     loaded = loaded or open_model(cfg)
-    sae = load(cfg.run_dir / "dictionary")
+    sae = load(cfg.run_dir / "dictionary", device=next(loaded.model.parameters()).device)
+    source = sae.metadata.get("source", {})
+    if (source.get("site"), source.get("model")) != (cfg.site, cfg.model.name):
+        raise FeaturekitError(f"the dictionary in {cfg.run_dir / 'dictionary'} was trained on {source.get('site')} of "
+                              f"{source.get('model')}, but the config asks for {cfg.site} of {cfg.model.name}; "
+                              f"evaluate it with the config it was trained with")
     ids, mask = contexts(loaded, cfg, "test", cfg.eval.tokens)
     stats = FeatureStats(sae.n_latents, top_n=cfg.report.top_n)
 
@@ -199,7 +220,7 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
             stats.update(sae.encode(x), batch.context_idx, batch.position)
             yield x
 
-    result = {"site": cfg.site, "model": cfg.model.name, "dtype": str(loaded.model.dtype).removeprefix("torch."),
+    result = {"site": cfg.site, "model": cfg.model.name, "dtype": dtype_name(loaded.model.dtype),
               "split": "test", "token_policy": token_policy(cfg)}
     recon = reconstruction_eval(sae, eval_batches())
     recon.pop("density")
@@ -213,7 +234,7 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     @torch.no_grad()
     def activation_fn(context_indices: torch.Tensor) -> torch.Tensor:
         acts = capture_activations(loaded.model, ids[context_indices], [cfg.site])[cfg.site].float()
-        return sae.encode(acts) * mask[context_indices, :, None]
+        return (sae.encode(acts) * mask[context_indices, :, None].to(acts.device)).cpu()
 
     latents = choose_latents(stats, cfg.report.n_features, seed=cfg.train.seed)
     examples = build_examples(stats, latents, ids, lambda t: loaded.tokenizer.decode([t]), activation_fn)
@@ -229,17 +250,7 @@ def run_all(cfg: RunConfig, progress: bool = True) -> Path:
     loaded = open_model(cfg)
     if cfg.data.cache:
         run_harvest(cfg, loaded, progress)
-    resume = (cfg.run_dir / "checkpoint" / "state.json").is_file() and not (cfg.run_dir / "dictionary").exists()
+    resume = (cfg.run_dir / "checkpoint" / "state.json").is_file() and not (cfg.run_dir / "dictionary" / "featurekit.json").is_file()
     run_train(cfg, resume=resume, progress=progress, loaded=loaded)
     run_eval(cfg, loaded, progress)
     return write_report(cfg.run_dir)
-
-
-def _first_tokens(batches: Iterable, site: str, n: int) -> torch.Tensor:
-    rows, have = [], 0
-    for batch in batches:
-        rows.append(batch.acts[site].float())
-        have += rows[-1].shape[0]
-        if have >= n:
-            break
-    return torch.cat(rows)[:n]

@@ -15,6 +15,8 @@ from featurekit.config import TrainConfig, load_config
 from featurekit.data.cache import write_cache
 from featurekit.dictionaries import ReLUSAE, TopKSAE
 from featurekit.evaluate.metrics import fvu
+from featurekit.errors import FeaturekitError
+from featurekit.pipeline import harvest_meta
 from featurekit.train import Trainer
 
 from .synthetic import batches, sample, true_features
@@ -45,7 +47,7 @@ def test_recovers_ground_truth_features(tmp_path, cls, kw, lr):
 
 def test_nan_batch_is_refused(tmp_path):
     trainer = Trainer(TopKSAE(4, 8, k=2), TrainConfig(), tmp_path, total_steps=1)
-    with pytest.raises(ValueError, match="NaN/Inf"):
+    with pytest.raises(FeaturekitError, match="NaN/Inf"):
         trainer.fit(iter([torch.full((8, 4), float("nan"))]), progress=False)
 
 
@@ -55,7 +57,8 @@ def make_run(root, name, features):
         "train.batch_size=256", "train.epochs=3", "train.checkpoint_every=20", "train.log_every=10",
         "train.buffer_tokens=2048", "train.dead_tokens=2048", "data.train_tokens=25600",
     ])
-    write_cache(cfg.run_dir / "activations", batches(features, 25, 1024, "resid_post.0"), {"model": "synthetic", "sites": ["resid_post.0"]}, 8192)
+    meta = {**harvest_meta(cfg), "dtype": "float32"}
+    write_cache(cfg.run_dir / "activations", batches(features, 25, 1024, "resid_post.0"), meta, 8192)
     (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
     return cfg.run_dir
 
@@ -90,3 +93,46 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 300  # no duplicated or missing log lines
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
+    features = true_features(200, 48)
+    run = make_run(tmp_path, "r", features)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "featurekit.cli", "train", "--config", str(run / "config.json"), "--quiet"]
+    subprocess.run(cmd, check=True, env=env, timeout=300)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["lr"] = 0.5
+    (run / "config.json").write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-m", "featurekit.cli", "train", "--resume", str(run), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "belongs to another config" in done.stderr
+    done = subprocess.run([*cmd[:4], "--resume", str(run), "--set", "train.lr=1"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "--resume continues a run with its own config.json" in done.stderr
+
+
+def test_a_torn_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    import featurekit.train.checkpoint as ckpt
+
+    sae = TopKSAE(8, 32, k=2, seed=0)
+    trainer = Trainer(sae, TrainConfig(), tmp_path, total_steps=10, digest="d")
+    trainer.init_from_data(torch.randn(64, 8))
+    trainer.step = 3
+    trainer.save()
+    saved = {k: v.clone() for k, v in sae.state_dict().items()}
+    with torch.no_grad():
+        sae.W_dec.add_(1.0)
+    trainer.step = 6
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing state.json")
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    fresh = Trainer(TopKSAE(8, 32, k=2, seed=1), TrainConfig(), tmp_path, total_steps=10, digest="d")
+    fresh.resume()
+    assert fresh.step == 3
+    for key, value in saved.items():
+        assert torch.equal(fresh.sae.state_dict()[key], value), key

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import FeaturekitError
+
 
 @dataclass
 class Output:
@@ -44,7 +46,7 @@ class Dictionary(nn.Module):
     def __init__(self, d_in: int, n_latents: int):
         super().__init__()
         if d_in <= 0 or n_latents <= 0:
-            raise ValueError(f"d_in and n_latents must be positive, got {d_in}, {n_latents}")
+            raise FeaturekitError(f"d_in and n_latents must be positive, got {d_in}, {n_latents}")
         self.d_in = d_in
         self.n_latents = n_latents
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_in))
@@ -76,8 +78,8 @@ class Dictionary(nn.Module):
         return (x_scaled - self.b_dec) @ self.W_enc.T + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations (..., d) → codes (..., F) in raw units (divided by c)."""
-        self._check_input(x)
+        """Raw activations (..., d) → codes (..., F) in raw units (divided by c), in the dictionary's dtype."""
+        x = self._check_input(x)
         return self.activation(self.pre_activation(x * self.input_scale)) / self.input_scale
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class Dictionary(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         """Training-scale forward: x is already multiplied by c; returns codes and x̂ in that scale."""
-        self._check_input(x)
+        x = self._check_input(x)
         pre = self.pre_activation(x)
         codes = self.activation(pre)
         out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
@@ -128,14 +130,17 @@ class Dictionary(nn.Module):
             rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
             self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=1, keepdim=True) * rows
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the width and device; return x in the dictionary's dtype (bf16 activations are fine)."""
+        if x.device != self.W_enc.device:
+            raise FeaturekitError(f"activations are on {x.device} but the dictionary is on {self.W_enc.device}; "
+                                  f"move one of them (dictionary.to(device))")
         if x.shape[-1] != self.d_in:
-            from ..errors import FeaturekitError
-
             raise FeaturekitError(
                 f"activation has {x.shape[-1]} dimensions but this {self.method} dictionary expects "
                 f"{self.d_in}; use a dictionary trained on this site, or harvest the site it was trained on"
             )
+        return x.to(self.W_enc.dtype)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, n_latents={self.n_latents}, {self.inference_rule()}"

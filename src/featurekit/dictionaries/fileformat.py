@@ -19,7 +19,11 @@ tensors before anything is built.
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,16 @@ def build(method: str, d_in: int, n_latents: int, **hyperparams: Any) -> Diction
     return METHODS[method](d_in, n_latents, **hyperparams)
 
 
+def build_from_config(cfg: Any, d_in: int, seed: int | None = None) -> Dictionary:
+    """Construct from a `DictionaryConfig`: its fields that the method's constructor takes are passed on."""
+    if cfg.method not in METHODS:
+        raise FeaturekitError(f"unknown dictionary method {cfg.method!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[cfg.method]
+    accepted = inspect.signature(cls.__init__).parameters
+    params = {k: v for k, v in vars(cfg).items() if k in accepted and k not in ("d_in", "n_latents")}
+    return cls(d_in, cfg.n_latents, seed=seed, **params)
+
+
 def save(dictionary: Dictionary, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write `path/model.safetensors` and `path/featurekit.json` (each atomically).
 
@@ -72,8 +86,23 @@ def save(dictionary: Dictionary, path: str | Path, metadata: dict[str, Any] | No
         },
         **metadata,
     }
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    atomic_write_json(path / META, meta)
+    # Both files go into a fresh sibling folder that then replaces `path`, so a reader never sees
+    # new weights beside an old featurekit.json (or the reverse).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        atomic_write(staging / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        atomic_write_json(staging / META, meta)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

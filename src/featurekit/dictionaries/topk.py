@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import topk
 from .sparse import densify, gather_linear, sparse_decode
@@ -27,7 +28,7 @@ class TopKSAE(Dictionary):
     def __init__(self, d_in: int, n_latents: int, k: int = 32, seed: int | None = None):
         super().__init__(d_in, n_latents)
         if not 0 < k <= n_latents:
-            raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}")
+            raise FeaturekitError(f"k must be in [1, n_latents={n_latents}], got {k}")
         self.k = k
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
@@ -40,14 +41,16 @@ class TopKSAE(Dictionary):
 
     def forward(self, x: torch.Tensor) -> Output:
         """Training forward with sparse kernels (same values and gradients as the dense formula)."""
-        self._check_input(x)
+        x = self._check_input(x)
         centered = x - self.b_dec
         with torch.no_grad():
             pre = centered @ self.W_enc.T + self.b_enc
             idx = pre.topk(self.k, dim=-1, sorted=False).indices
         values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre).relu()
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-        return Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents), pre=pre)
+        out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents), pre=pre)
+        out.losses.update(self.extra_losses(x, out))
+        return out
 
     def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return gather_linear(x - self.b_dec, self.W_enc, self.b_enc, idx, pre)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FeaturekitError
+
 DENSE_THRESHOLD = 0.1
 
 
@@ -72,8 +74,10 @@ class ReconstructionStats:
 
     def result(self) -> dict:
         if self.n == 0:
-            raise ValueError("no tokens were evaluated")
+            raise FeaturekitError("no tokens were evaluated: the evaluation set is empty after masking; raise eval.tokens")
         total_var = self.sum_sq_x - float(self.sum_x.pow(2).sum()) / self.n
+        if total_var <= 0:
+            raise FeaturekitError(f"the {self.n} evaluation activations are all equal, so FVU is undefined; evaluate on more text")
         density = self.fire_counts.double() / self.n
         value = self.sum_sq_err / total_var
         return {

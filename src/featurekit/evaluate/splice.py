@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dictionaries import Dictionary
+from ..errors import FeaturekitError
 from ..data.harvest import norm_outliers
 from ..models.hooks import capture, replace
 from . import metrics
@@ -44,6 +45,8 @@ def splice_eval(
     max_norm_multiple: float | None = None,
 ) -> dict:
     """Clean, spliced and zero-ablated CE, loss recovered and KL(clean ‖ spliced) on `input_ids`."""
+    device = next(model.parameters()).device
+    input_ids, mask = input_ids.to(device), mask.to(device)
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablated": 0.0, "kl_clean_spliced": 0.0}
     n_scored = 0
     for start in tqdm(range(0, len(input_ids), batch_contexts), desc="splice eval", disable=not progress):
@@ -61,6 +64,9 @@ def splice_eval(
             sums[key] += float(metrics.token_cross_entropy(logits, ids)[scored].double().sum())
         sums["kl_clean_spliced"] += float(metrics.token_kl(logits_clean, logits_spliced)[:, :-1][scored].double().sum())
         n_scored += int(scored.sum())
+    if n_scored == 0:
+        raise FeaturekitError("no position was left to splice and score (every token is masked out); "
+                              "evaluate on more contexts or relax data.exclude_* / data.max_norm_multiple")
     out = {key: value / n_scored for key, value in sums.items()}
     out["loss_recovered"] = metrics.loss_recovered(out["ce_clean"], out["ce_spliced"], out["ce_zero_ablated"])
     out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]

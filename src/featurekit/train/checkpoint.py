@@ -1,43 +1,52 @@
 """Checkpoints: everything needed to continue a run exactly, with no pickle.
 
-A checkpoint is a folder `checkpoint/` holding `state.safetensors` (the dictionary's tensors,
-the optimiser's per-parameter tensors, the dead-latent counters, the torch RNG state) and
-`state.json` (step, tokens, scalar optimiser state, the config digest). Both files are written
-atomically, the JSON last; `state.json` names the tensor file's checksum, so a half-written
-pair is detected.
+A checkpoint folder holds `state-STEP.safetensors` (the dictionary's tensors, the optimiser's
+per-parameter tensors, the dead-latent counters, the torch RNG state) and `state.json` (step,
+tokens, scalar optimiser state, the config digest, and the name and sha256 of its tensor file).
+The tensor file is written first under a new name, then `state.json` is atomically replaced, then
+older tensor files are deleted: a crash at any point leaves the previous or the new checkpoint
+whole, never a mix.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .._io import atomic_write, atomic_write_json, read_json, sha256_file
+from .._io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from ..errors import FeaturekitError
 
-TENSORS = "state.safetensors"
 META = "state.json"
 
 
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(folder / TENSORS, lambda tmp: save_file(flat, tmp))
-    atomic_write_json(folder / META, {**meta, "tensors_sha256": sha256_file(folder / TENSORS)})
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    name = f"state-{meta['step']:09d}.safetensors"
+    atomic_write_bytes(folder / name, data)
+    atomic_write_json(folder / META, {**meta, "tensors": name, "tensors_sha256": hashlib.sha256(data).hexdigest()})
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def read_checkpoint_meta(folder: Path) -> dict[str, Any] | None:
+    path = folder / META
+    return read_json(path) if path.is_file() else None
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    meta_path, tensor_path = folder / META, folder / TENSORS
-    if not meta_path.is_file() or not tensor_path.is_file():
+    meta = read_checkpoint_meta(folder)
+    if meta is None:
         raise FeaturekitError(f"no checkpoint in {folder}; a run can only resume after its first checkpoint")
-    meta = read_json(meta_path)
-    if sha256_file(tensor_path) != meta.get("tensors_sha256"):
+    tensor_path = folder / meta["tensors"]
+    if not tensor_path.is_file() or sha256_file(tensor_path) != meta["tensors_sha256"]:
         raise FeaturekitError(
-            f"{tensor_path} does not match {meta_path} (damaged or from another checkpoint); delete "
-            f"{folder} to restart the run from scratch"
+            f"{tensor_path} is missing or does not match {folder / META} (damaged); delete {folder} to restart the run"
         )
     return load_file(tensor_path), meta
 

@@ -6,12 +6,15 @@ import math
 
 import torch
 
+from ..errors import FeaturekitError
+
 
 def mean_norm_scale(sample: torch.Tensor) -> float:
     """c = √d / E‖x‖₂, so that scaled inputs have mean norm √d (SAELens "expected_average_only_in")."""
     mean_norm = sample.float().norm(dim=-1).mean().item()
     if not math.isfinite(mean_norm) or mean_norm <= 0:
-        raise ValueError(f"cannot normalise: mean activation norm is {mean_norm}")
+        raise FeaturekitError(f"cannot normalise: the mean activation norm is {mean_norm}; check the harvested "
+                              f"activations (all zero or non-finite?) or set train.normalize=none")
     return math.sqrt(sample.shape[-1]) / mean_norm
 
 

@@ -11,9 +11,10 @@ deterministic batch stream past the steps already done and ends with the same we
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +23,7 @@ from .._io import atomic_write_text
 from ..config import TrainConfig
 from ..dictionaries import Dictionary
 from ..errors import FeaturekitError
-from .checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
 from .dead import DeadLatentTracker
 from .init import geometric_median, mean_norm_scale
 from .losses import auxk_loss, fvu_loss, squared_error_loss
@@ -32,11 +33,15 @@ RECON_LOSSES = {"fvu": fvu_loss, "squared_error": squared_error_loss}
 
 
 class Trainer:
-    def __init__(self, dictionary: Dictionary, cfg: TrainConfig, run_dir: Path, total_steps: int):
+    """`digest` identifies what the run trains on and with (config, data); a checkpoint made under
+    another digest is refused on resume, and discarded by a fresh start."""
+
+    def __init__(self, dictionary: Dictionary, cfg: TrainConfig, run_dir: Path, total_steps: int, digest: str = ""):
         self.sae, self.cfg, self.run_dir, self.total_steps = dictionary, cfg, Path(run_dir), total_steps
+        self.digest = digest
         self.named = dict(dictionary.named_parameters())
         self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
-        self.dead = DeadLatentTracker(dictionary.n_latents, cfg.dead_tokens or 10_000_000)
+        self.dead = DeadLatentTracker(dictionary.n_latents, 10_000_000 if cfg.dead_tokens is None else cfg.dead_tokens)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else dictionary.d_in // 2
         self.step, self.tokens = 0, 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -63,8 +68,15 @@ class Trainer:
             raise FeaturekitError(f"train.b_dec_init must be geometric_median, mean or zero, got {rule!r}")
         if self.metrics_path.exists():
             self.metrics_path.unlink()
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # a fresh start never resumes an older run
 
     def resume(self) -> None:
+        meta = read_checkpoint_meta(self.ckpt_dir)
+        if meta is not None and (meta.get("digest") != self.digest or meta["total_steps"] != self.total_steps):
+            raise FeaturekitError(
+                f"the checkpoint in {self.ckpt_dir} belongs to another config or activation set (digest or step count "
+                f"differs); resume with the run's own config.json, or start afresh under a new run name"
+            )
         tensors, meta = load_checkpoint(self.ckpt_dir)
         model_state = {k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")}
         self.sae.load_state_dict(model_state)
@@ -72,11 +84,6 @@ class Trainer:
         self.dead.tokens_since_fired = tensors["dead.tokens_since_fired"].clone()
         torch.set_rng_state(tensors["rng"])
         self.step, self.tokens = meta["step"], meta["tokens"]
-        if meta["total_steps"] != self.total_steps:
-            raise FeaturekitError(
-                f"checkpoint in {self.ckpt_dir} was made for {meta['total_steps']} steps but this run plans "
-                f"{self.total_steps}; resume with the run's own config.json"
-            )
         self._truncate_metrics()
 
     def save(self) -> None:
@@ -85,13 +92,14 @@ class Trainer:
         tensors.update(opt_tensors)
         tensors["dead.tokens_since_fired"] = self.dead.tokens_since_fired
         tensors["rng"] = torch.get_rng_state()
-        meta = {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "optimizer_scalars": opt_scalars}
+        meta = {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "digest": self.digest,
+                "optimizer_scalars": opt_scalars}
         save_checkpoint(self.ckpt_dir, tensors, meta)
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> dict:
-        """Train for `total_steps` steps over `batches` (the full stream from its start)."""
-        stream = self._skip(iter(batches), self.step)
+        """Train until `total_steps`; `batches` starts at batch number `self.step` (the caller skips)."""
+        stream = iter(batches)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
         start = time.time()
         recon = RECON_LOSSES[self.sae.recon_loss]
@@ -160,12 +168,6 @@ class Trainer:
         return row
 
     # -- helpers --------------------------------------------------------------------------------
-    @staticmethod
-    def _skip(stream: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
-        for _ in range(n):
-            next(stream)
-        return stream
-
     def _log(self, row: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -174,5 +176,11 @@ class Trainer:
         """Drop log lines written after the checkpoint (they will be written again)."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by the crash: it will be written again
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
