@@ -47,9 +47,10 @@ def config(tiny, tmp_path, *extra):
     ]))
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_tiny_model_end_to_end(tiny, tmp_path, cache):
-    cfg = config(tiny, tmp_path, f"data.cache={str(cache).lower()}", "name=r")
+@pytest.mark.parametrize("cache,method", [(True, "topk"), (False, "topk"), (True, "relu")])
+def test_tiny_model_end_to_end(tiny, tmp_path, cache, method):
+    cfg = config(tiny, tmp_path, f"data.cache={str(cache).lower()}", "name=r", f"dictionary.method={method}",
+                 "dictionary.l1_coefficient=0.05")
     report = pipeline.run_all(cfg, progress=False)
     run = cfg.run_dir
     assert report == run / "report.html" and report.is_file()
@@ -59,9 +60,11 @@ def test_tiny_model_end_to_end(tiny, tmp_path, cache):
     # model's end-to-end test checks clean < spliced < zero-ablated)
     lr = (result["ce_zero_ablated"] - result["ce_spliced"]) / (result["ce_zero_ablated"] - result["ce_clean"])
     assert result["loss_recovered"] == pytest.approx(lr) and result["kl_clean_spliced"] >= 0
-    assert 0 < result["fvu"] < 1 and 0 < result["l0"] <= 4 and result["n_tokens"] <= 600
+    assert 0 < result["fvu"] < 1 and 0 < result["l0"] and result["n_tokens"] <= 600
+    if method == "topk":
+        assert result["l0"] <= 4
     sae = featurekit.load(run / "dictionary")
-    assert sae.metadata["source"]["site"] == "resid_post.1" and sae.d_in == 32
+    assert sae.metadata["source"]["site"] == "resid_post.1" and sae.d_in == 32 and sae.method == method
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["fvu"] < rows[0]["fvu"]  # it learned
     examples = json.loads((run / "features" / "top_examples.json").read_text())

@@ -102,7 +102,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _summary(result: dict) -> str:
-    keys = ("n_tokens", "fvu", "l0", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated", "loss_recovered", "kl_clean_spliced")
+    keys = ("n_tokens", "fvu", "l0", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated",
+            "loss_recovered", "kl_clean_spliced")
     return "  ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys if k in result)
 
 

@@ -30,7 +30,7 @@ class ModelConfig:
 class DataConfig:
     source: str = "bbc"  #: embedded corpus name, local .txt/.jsonl/.parquet, or hf:NAME
     context_len: int = 128  #: tokens per packed context
-    train_tokens: int = 300_000  #: activation tokens harvested for training (after exclusions)
+    train_tokens: int = 600_000  #: activation tokens harvested for training (after exclusions)
     exclude_first: bool = True  #: drop position 0 of each context (attention sink, massive norm)
     exclude_special: bool = True  #: drop BOS/EOS/pad and other special tokens
     max_norm_multiple: float | None = 10.0  #: drop tokens with norm > this × the batch median (attention sinks); null keeps all
@@ -70,7 +70,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tokens: int = 32_768  #: held-out tokens for FVU/L0/dead (after exclusions)
+    tokens: int = 65_536  #: held-out tokens for FVU/L0/dead (after exclusions)
     splice_contexts: int = 64  #: held-out contexts for CE / KL with the dictionary spliced in
     batch_contexts: int = 16
 
@@ -85,7 +85,7 @@ class ReportConfig:
 class RunConfig:
     name: str = "default"
     out_dir: str = "runs"
-    site: str = "resid_post.6"
+    site: str = "resid_post.6"  #: see the README for why (measured)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)

@@ -19,9 +19,9 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -190,7 +190,8 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
         out.fold_decoder_norms()
         extra["decoder_norms_folded"] = True
     meta = {
-        "normalization": {"training_scale": training_scale, "rule": f"{cfg.train.normalize}: c = sqrt(d) / mean ||x|| on {INIT_SAMPLE_TOKENS} tokens", **extra},
+        "normalization": {"training_scale": training_scale, **extra,
+                          "rule": f"{cfg.train.normalize}: c = sqrt(d) / mean ||x|| on {INIT_SAMPLE_TOKENS} shuffled training tokens"},
         "source": {"model": cfg.model.name, "site": cfg.site, "d_model": sae.d_in, "harvest_dtype": harvest_dtype,
                    "corpus": cfg.data.source, "context_len": cfg.data.context_len},
         "special_tokens": token_policy(cfg),

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from featurekit.errors import FeaturekitError
-from featurekit.models import LoadedModel, load_model
-from featurekit.models import loading
+from featurekit.models import LoadedModel, load_model, loading
 from featurekit.models.hooks import capture_activations
 
 

@@ -3,8 +3,7 @@ import torch
 
 from featurekit.errors import FeaturekitError
 from featurekit.models.hooks import capture_activations
-from featurekit.models.sites import (KINDS, Site, blocks, detect_family, family_of, parse_site, resolve,
-                                     site_dim, valid_sites)
+from featurekit.models.sites import KINDS, Site, blocks, detect_family, family_of, parse_site, resolve, site_dim, valid_sites
 
 N_LAYERS = 3
 

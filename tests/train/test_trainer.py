@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from featurekit.config import TrainConfig, load_config
 from featurekit.data.cache import write_cache
 from featurekit.dictionaries import ReLUSAE, TopKSAE
-from featurekit.evaluate.metrics import fvu
 from featurekit.errors import FeaturekitError
+from featurekit.evaluate.metrics import fvu
 from featurekit.pipeline import harvest_meta
 from featurekit.train import Trainer
 

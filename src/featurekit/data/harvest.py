@@ -11,7 +11,8 @@ or bfloat16, to save memory; consumers cast) and are moved to ``out_device`` (CP
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

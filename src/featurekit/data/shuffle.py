@@ -22,7 +22,7 @@ Non-finite activations raise FeaturekitError: they would poison every dictionary
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 

@@ -34,8 +34,8 @@ import importlib.util
 import json
 import re
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from featurekit.errors import FeaturekitError
 

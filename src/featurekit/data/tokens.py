@@ -17,7 +17,7 @@ huge norm), and so is every special token (bos/eos/pad/... = `tokenizer.all_spec
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 

@@ -10,14 +10,14 @@ KL are scored at the spliced positions t < T−1 (the prediction of token t+1).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..data.harvest import norm_outliers
 from ..dictionaries import Dictionary
 from ..errors import FeaturekitError
-from ..data.harvest import norm_outliers
 from ..models.hooks import capture, replace
 from . import metrics
 
@@ -56,9 +56,9 @@ def splice_eval(
             logits_clean = model(input_ids=ids, use_cache=False).logits
         keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
         scored = keep[:, :-1]
-        with replace(model, site, lambda act: _reconstruct_at(act, keep, dictionary)):
+        with replace(model, site, lambda act, keep=keep: _reconstruct_at(act, keep, dictionary)):
             logits_spliced = model(input_ids=ids, use_cache=False).logits
-        with replace(model, site, lambda act: act.masked_fill(keep[..., None], 0.0)):
+        with replace(model, site, lambda act, keep=keep: act.masked_fill(keep[..., None], 0.0)):
             logits_zero = model(input_ids=ids, use_cache=False).logits
         for key, logits in (("ce_clean", logits_clean), ("ce_spliced", logits_spliced), ("ce_zero_ablated", logits_zero)):
             sums[key] += float(metrics.token_cross_entropy(logits, ids)[scored].double().sum())

@@ -17,8 +17,8 @@ peak and this latent's activation on every shown token, recomputed for the few c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

@@ -7,8 +7,8 @@ use a fixed ``viewBox`` and scale with their container (``width: 100%``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 W, H = 360, 220                     # viewBox size
 LEFT, RIGHT, TOP, BOTTOM = 52, 12, 26, 40  # plot margins

@@ -5,7 +5,7 @@ All are computed in fp32 and in the training scale (inputs multiplied by the inp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -115,7 +115,8 @@ class Trainer:
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 row["elapsed_s"] = round(time.time() - start, 2)
                 self._log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
+                                dead=f"{row['dead_fraction']:.3f}")
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
                 self.save()
             bar.update(1)
@@ -126,7 +127,8 @@ class Trainer:
     def train_step(self, batch: torch.Tensor, recon: Callable) -> dict:
         cfg, sae = self.cfg, self.sae
         if not torch.isfinite(batch).all():
-            raise FeaturekitError(f"training batch at step {self.step} holds NaN/Inf activations; check the model dtype and the token exclusions")
+            raise FeaturekitError(f"training batch at step {self.step} holds NaN/Inf activations; "
+                                  "check the model dtype and the token exclusions")
         factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * factor
