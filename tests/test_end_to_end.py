@@ -43,7 +43,7 @@ def test_run_writes_everything_and_its_config_reproduces_it(tmp_path):
     assert result["ce_clean"] < result["ce_spliced"] < result["ce_zero_ablated"]
     assert 0.0 < result["loss_recovered"] <= 1.0 and result["kl_clean_spliced"] > 0
     assert 0.0 < result["fvu"] < 1.0 and 0 < result["l0"] <= 16
-    assert result["token_policy"] == {"exclude_first": True, "exclude_special": True, "max_norm_multiple": 10.0}
+    assert result["token_policy"] == {"exclude_first": True, "exclude_special": True, "max_norm_multiple": 50.0}
 
     sae = featurekit.load(run / "dictionary")
     assert sae.d_in == 576 and sae.n_latents == 256 and sae.metadata["source"]["site"] == "resid_post.3"

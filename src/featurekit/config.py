@@ -33,7 +33,7 @@ class DataConfig:
     train_tokens: int = 600_000  #: activation tokens harvested for training (after exclusions)
     exclude_first: bool = True  #: drop position 0 of each context (attention sink, massive norm)
     exclude_special: bool = True  #: drop BOS/EOS/pad and other special tokens
-    max_norm_multiple: float | None = 10.0  #: drop tokens with norm > this × the batch median (attention sinks); null keeps all
+    max_norm_multiple: float | None = 50.0  #: drop tokens with norm > this × the batch median (attention sinks); null keeps all
     harvest_batch: int = 16  #: contexts per forward pass
     shard_tokens: int = 65_536  #: tokens per cache shard
     cache: bool = True  #: write an activation cache (resumable); false streams harvest → trainer, re-harvesting each epoch
