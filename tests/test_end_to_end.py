@@ -51,7 +51,7 @@ def test_run_writes_everything_and_its_config_reproduces_it(tmp_path):
     assert 6000 < cached <= 6144  # the budget, less the few attention-sink tokens dropped as norm outliers
     assert sae.metadata["provenance"]["tokens_seen"] == 2 * (cached // 512) * 512
     html = (run / "report.html").read_text()
-    assert "<svg" in html and "loss_recovered" in html
+    assert "<svg" in html and "loss recovered" in html and "resid_post.3" in html
 
     again = featurekit_cli("run", "--config", str(run / "config.json"), "--name", "b", "--quiet")
     assert again.returncode == 0, again.stderr
