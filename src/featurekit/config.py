@@ -41,9 +41,10 @@ class DataConfig:
 
 @dataclass
 class DictionaryConfig:
-    method: str = "topk"  #: topk | relu
+    method: str = "topk"  #: topk | batchtopk | relu
     n_latents: int = 4608
-    k: int = 32  #: TopK only
+    k: int = 32  #: TopK / BatchTopK (BatchTopK: mean latents per token over a batch)
+    threshold_decay: float = 0.99  #: BatchTopK: EMA factor of the inference threshold
     l1_coefficient: float = 5.0  #: ReLU only (training scale: mean input norm √d)
 
 
@@ -192,12 +193,14 @@ def validate(cfg: RunConfig) -> None:
             raise FeaturekitError(f"config key {key} must be positive or null, got {value}")
     choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
                "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
-               "dictionary.method": (cfg.dictionary.method, ("topk", "relu"))}
+               "dictionary.method": (cfg.dictionary.method, ("topk", "batchtopk", "relu"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise FeaturekitError(f"config key {key} must be one of {list(allowed)}, got {value!r}")
-    if cfg.dictionary.method == "topk" and cfg.dictionary.k > cfg.dictionary.n_latents:
+    if cfg.dictionary.method in ("topk", "batchtopk") and cfg.dictionary.k > cfg.dictionary.n_latents:
         raise FeaturekitError(f"dictionary.k={cfg.dictionary.k} exceeds dictionary.n_latents={cfg.dictionary.n_latents}")
+    if not 0 <= cfg.dictionary.threshold_decay < 1:
+        raise FeaturekitError(f"dictionary.threshold_decay must lie in [0, 1), got {cfg.dictionary.threshold_decay}")
     if cfg.train.buffer_tokens < cfg.train.batch_size:
         raise FeaturekitError(f"train.buffer_tokens ({cfg.train.buffer_tokens}) must be at least train.batch_size ({cfg.train.batch_size})")
     if not 0 <= cfg.train.decay_fraction <= 1 or not 0 <= cfg.train.l1_warmup_fraction <= 1:

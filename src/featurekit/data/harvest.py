@@ -57,7 +57,8 @@ def norm_outliers(acts: torch.Tensor, keep: torch.Tensor, multiple: float | None
     """Positions of `keep` (bool, shaped like acts[..., 0]) whose activation norm exceeds `multiple`
     times the median norm over the kept positions: attention-sink tokens with massive activations
     (SmolLM2: ≈ 23,000 against a median ≈ 140 at layer 12, found at position 1 when position 0 is
-    a newline or a digit; ordinary tokens stay below ≈ 10× the median, so 50× is the default cut). Returns a bool mask of the outliers (all False when multiple is None)."""
+    a newline or a digit; ordinary tokens stay below ≈ 10× the median, so 50× is the default cut).
+    Returns a bool mask of the outliers (all False when multiple is None)."""
     if multiple is None or not keep.any():
         return torch.zeros_like(keep)
     norms = acts.float().norm(dim=-1)

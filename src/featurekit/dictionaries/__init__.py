@@ -1,8 +1,12 @@
 """Sparse dictionaries: one `Dictionary` interface, one small file per method."""
 
 from .base import Dictionary, Output
+from .batchtopk import BatchTopKSAE
 from .fileformat import METHODS, build, build_from_config, load, read_meta, save
 from .relu import ReLUSAE
 from .topk import TopKSAE
 
-__all__ = ["Dictionary", "Output", "METHODS", "build", "build_from_config", "load", "read_meta", "save", "ReLUSAE", "TopKSAE"]
+__all__ = [
+    "BatchTopKSAE", "Dictionary", "Output", "METHODS", "build", "build_from_config", "load", "read_meta", "save",
+    "ReLUSAE", "TopKSAE",
+]

@@ -68,6 +68,9 @@ class Dictionary(nn.Module):
         """Constructor arguments beyond d_in and n_latents (recorded so `load` can rebuild)."""
         return {}
 
+    def after_step(self, out: Output) -> None:
+        """Called by the trainer after each optimiser step (e.g. to track an inference threshold)."""
+
     def extra_losses(self, x: torch.Tensor, out: Output) -> dict[str, torch.Tensor]:
         """Method-specific loss terms (e.g. the L1 penalty), in the training scale."""
         return {}

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .._io import atomic_write, atomic_write_json, read_json
 from ..errors import FeaturekitError
 from .base import Dictionary
+from .batchtopk import BatchTopKSAE
 from .relu import ReLUSAE
 from .topk import TopKSAE
 
@@ -41,7 +42,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "featurekit.json"
 
-METHODS: dict[str, type[Dictionary]] = {cls.method: cls for cls in (TopKSAE, ReLUSAE)}
+METHODS: dict[str, type[Dictionary]] = {cls.method: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE)}
 
 
 def build(method: str, d_in: int, n_latents: int, **hyperparams: Any) -> Dictionary:

@@ -33,3 +33,27 @@ def topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 def relu(pre: torch.Tensor) -> torch.Tensor:
     """f = max(pre, 0)."""
     return pre.relu()
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """BatchTopK (Bussmann, Leask & Nanda 2024, §2.1): ReLU, then keep the B·k largest entries of
+    the whole (B, F) batch and zero the rest. Rows get different numbers of latents; the batch mean
+    is exactly k when at least B·k entries are positive (fewer otherwise: zeros are never kept).
+    Ties at the cut are broken by `torch.topk`. Batch-coupled: use `threshold` at inference.
+    """
+    if pre.ndim != 2:
+        raise ValueError(f"batch_topk needs a (B, F) batch, got shape {tuple(pre.shape)}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    acts = pre.relu()
+    flat = acts.flatten()
+    n = min(k * pre.shape[0], flat.numel())
+    values, indices = flat.topk(n, sorted=False)
+    return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+
+
+def threshold(pre: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
+    """Per-token JumpReLU-style rule: f = ReLU(pre) · 1[pre > θ] (θ a scalar or per-latent vector).
+
+    The inference form of batch-coupled rules (research/seed-methods-sae.md §0.7)."""
+    return pre.relu() * (pre > theta)

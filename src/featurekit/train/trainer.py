@@ -153,6 +153,7 @@ class Trainer:
         self.opt.step()
         if sae.unit_norm_decoder:
             sae.normalize_decoder()
+        sae.after_step(out)
         self.dead.update(out.codes.detach())
         self.step += 1
         self.tokens += batch.shape[0]

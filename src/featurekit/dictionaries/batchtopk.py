@@ -1,0 +1,71 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, arXiv 2412.06410; reference code bartbussmann/BatchTopK,
+and the inference threshold of dictionary_learning `trainers/batch_top_k.py`).
+
+Training:   A = ReLU((x − b_dec) W_encᵀ + b_enc),  keep the B·k largest entries of the batch A,
+            x̂ = f W_dec + b_dec           (b_enc kept, as in dictionary_learning and SAELens)
+Inference:  f = ReLU(π) · 1[π > θ], one global threshold θ, so a token's code does not depend on
+            its batch. θ tracks the smallest activation BatchTopK keeps: after every step,
+            θ ← m on the first step, then θ ← β θ + (1 − β) m, with m the batch's minimum kept
+            positive activation (dictionary_learning: β = 0.999 from step 1,000; our runs are
+            hundreds of steps long, so β = 0.99 from the first step by default, recorded in the file).
+Initialisation, unit-norm decoder and aux-k as for TopK.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Output
+from .operators import batch_topk, threshold
+from .topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    method = "batchtopk"
+
+    def __init__(self, d_in: int, n_latents: int, k: int = 32, threshold_decay: float = 0.99, seed: int | None = None):
+        super().__init__(d_in, n_latents, k=k, seed=seed)
+        self.threshold_decay = float(threshold_decay)
+        self.register_buffer("theta", torch.zeros(()))
+        self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long))
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """The per-token inference rule (used by `encode`)."""
+        return threshold(pre, self.theta)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """Training forward: batch selection (dense; exact)."""
+        x = self._check_input(x)
+        pre = self.pre_activation(x)
+        codes = batch_topk(pre, self.k)
+        out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+        out.losses.update(self.extra_losses(x, out))
+        return out
+
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        return pre.gather(-1, idx)
+
+    @torch.no_grad()
+    def after_step(self, out: Output) -> None:
+        """Update θ from the batch's smallest kept activation."""
+        kept = out.codes[out.codes > 0]
+        if kept.numel() == 0:
+            return
+        m = kept.min()
+        if int(self.theta_updates) == 0:
+            self.theta.copy_(m)
+        else:
+            self.theta.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * m)
+        self.theta_updates += 1
+
+    def _fold_thresholds(self, c: torch.Tensor) -> None:
+        self.theta.div_(c)
+
+    def inference_rule(self) -> dict[str, Any]:
+        return {"activation": "threshold", "threshold": float(self.theta), "scope": "global",
+                "training_rule": {"activation": "batch_topk", "k": self.k}}
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"k": self.k, "threshold_decay": self.threshold_decay}

@@ -1,0 +1,83 @@
+"""BatchTopK: the batch operator, its per-token threshold form, training and the file."""
+
+import json
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import featurekit
+from featurekit.config import TrainConfig
+from featurekit.dictionaries import BatchTopKSAE, save
+from featurekit.dictionaries.operators import batch_topk, threshold
+from featurekit.evaluate.metrics import fvu, l0
+from featurekit.train import Trainer
+
+from ..train.synthetic import sample, true_features
+
+
+@st.composite
+def batch_and_k(draw):
+    rows, width = draw(st.integers(1, 12)), draw(st.integers(1, 30))
+    seed = draw(st.integers(0, 2**31 - 1))
+    pre = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)) * draw(st.floats(0.1, 50))
+    return pre, draw(st.integers(1, width + 2))
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch_and_k())
+def test_batch_topk_keeps_the_largest_b_times_k_positive_entries(case):
+    pre, k = case
+    codes = batch_topk(pre, k)
+    positives = int((pre > 0).sum())
+    assert int((codes != 0).sum()) == min(k * pre.shape[0], positives)
+    kept = codes != 0
+    assert torch.equal(codes[kept], pre[kept]) and (codes >= 0).all()
+    dropped = (~kept) & (pre > 0)
+    if kept.any() and dropped.any():
+        assert codes[kept].min() >= pre[dropped].max()
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch_and_k())
+def test_threshold_just_below_the_smallest_kept_value_reproduces_the_batch_rule(case):
+    pre, k = case
+    codes = batch_topk(pre, k)
+    if not (codes > 0).any():
+        return
+    smallest = codes[codes > 0].min()
+    theta = torch.nextafter(smallest, torch.tensor(float("-inf")))
+    assert torch.equal(threshold(pre, theta), codes)
+
+
+def test_trains_recovers_features_and_thresholded_l0_is_near_k(tmp_path):
+    features = true_features(48, 24)
+    sae = BatchTopKSAE(24, 96, k=4, seed=0)
+    trainer = Trainer(sae, TrainConfig(lr=3e-3, warmup_steps=10, log_every=50, checkpoint_every=1000, dead_tokens=4096), tmp_path, 500)
+    trainer.init_from_data(sample(features, 4096, torch.Generator().manual_seed(9)))
+    gen = torch.Generator().manual_seed(5)
+    trainer.fit((sample(features, 256, gen) for _ in range(500)), progress=False)
+    x = sample(features, 4096, torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        codes = sae.encode(x)  # the per-token threshold rule
+        assert fvu(x, sae.decode(codes)) < 0.2
+        assert 3.0 <= l0(codes) <= 5.5
+        cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ features.T
+    assert cos.max(0).values.mean() > 0.9
+    assert float(sae.theta) > 0 and int(sae.theta_updates) == 500
+
+
+def test_file_records_the_inference_threshold_and_folds_it(tmp_path):
+    sae = BatchTopKSAE(8, 32, k=3, seed=0)
+    with torch.no_grad():
+        sae.theta.fill_(0.8)
+        sae.input_scale.fill_(0.25)
+        sae.b_dec.normal_()
+    x = torch.randn(64, 8) * 4
+    expected = sae.encode(x)
+    sae.fold_input_scale()
+    torch.testing.assert_close(sae.encode(x), expected)
+    save(sae, tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "featurekit.json").read_text())
+    assert meta["inference_rule"]["activation"] == "threshold" and abs(meta["inference_rule"]["threshold"] - 3.2) < 1e-6
+    torch.testing.assert_close(featurekit.load(tmp_path / "d").encode(x), expected)
