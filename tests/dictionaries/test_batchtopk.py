@@ -81,3 +81,40 @@ def test_file_records_the_inference_threshold_and_folds_it(tmp_path):
     meta = json.loads((tmp_path / "d" / "featurekit.json").read_text())
     assert meta["inference_rule"]["activation"] == "threshold" and abs(meta["inference_rule"]["threshold"] - 3.2) < 1e-6
     torch.testing.assert_close(featurekit.load(tmp_path / "d").encode(x), expected)
+
+
+def plain_batch_topk(pre, k):
+    flat = pre.relu().flatten()
+    values, indices = flat.topk(min(k * pre.shape[0], flat.numel()))
+    return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch_and_k(), st.booleans())
+def test_candidate_selection_equals_the_plain_full_topk(case, skewed):
+    pre, k = case
+    if skewed:  # one row far above the rest: it owns more than 4k of the batch's top entries (fallback path)
+        pre = pre.clone()
+        pre[0] = pre[0].abs() + 100
+    assert torch.equal(batch_topk(pre, k), plain_batch_topk(pre, k))
+
+
+def test_sparse_training_path_matches_dense_values_and_gradients():
+    from featurekit.train.losses import auxk_loss, fvu_loss
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(300, 16), dim=1) * 3  # rows of equal norm: no row dominates
+    fast, plain = BatchTopKSAE(16, 256, k=5, seed=1), BatchTopKSAE(16, 256, k=5, seed=1)
+    dead = torch.rand(256, generator=torch.Generator().manual_seed(2)) < 0.5
+    out = fast(x)
+    assert not out.pre.requires_grad  # the sparse path ran
+    aux = auxk_loss(x - out.x_hat, out.pre, fast.W_dec, dead, 4, pre_at=lambda i: fast.pre_at(x, i, out.pre))
+    (fvu_loss(x, out.x_hat) + aux).backward()
+    pre = (x - plain.b_dec) @ plain.W_enc.T + plain.b_enc
+    codes = plain_batch_topk(pre, 5)
+    x_hat = codes @ plain.W_dec + plain.b_dec
+    (fvu_loss(x, x_hat) + auxk_loss(x - x_hat, pre, plain.W_dec, dead, 4)).backward()
+    torch.testing.assert_close(out.codes, codes)
+    torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-5, atol=1e-5)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(fast, name).grad, getattr(plain, name).grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from .base import Output
-from .operators import batch_topk, threshold
+from .operators import batch_topk, batch_topk_sparse, threshold
+from .sparse import densify, gather_linear, sparse_decode
 from .topk import TopKSAE
 
 
@@ -36,16 +37,30 @@ class BatchTopKSAE(TopKSAE):
         return threshold(pre, self.theta)
 
     def forward(self, x: torch.Tensor) -> Output:
-        """Training forward: batch selection (dense; exact)."""
+        """Training forward: batch selection. Through the sparse kernels over each row's 4k candidates
+        (non-kept ones weigh 0) when the candidate selection is exact, else densely; same values and
+        gradients either way (tests/dictionaries/test_batchtopk.py)."""
         x = self._check_input(x)
-        pre = self.pre_activation(x)
-        codes = batch_topk(pre, self.k)
-        out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+        centered = x - self.b_dec
+        with torch.no_grad():
+            pre = centered @ self.W_enc.T + self.b_enc
+            sparse = batch_topk_sparse(pre, self.k)
+        if sparse is None:
+            pre = centered @ self.W_enc.T + self.b_enc  # with its graph
+            codes = batch_topk(pre, self.k)
+            out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+        else:
+            idx, keep = sparse
+            values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre) * keep
+            x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
+            out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents), pre=pre)
         out.losses.update(self.extra_losses(x, out))
         return out
 
     def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        return pre.gather(-1, idx)
+        if pre.requires_grad:  # the dense fallback kept the graph
+            return pre.gather(-1, idx)
+        return super().pre_at(x, idx, pre)
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:

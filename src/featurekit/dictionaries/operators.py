@@ -35,20 +35,43 @@ def relu(pre: torch.Tensor) -> torch.Tensor:
     return pre.relu()
 
 
+def batch_topk_sparse(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """BatchTopK in sparse form without a top-k over all B·F entries, or None when it can't be sure.
+
+    Each row's 4k largest ReLU'd entries are the candidates and the B·k largest candidates are kept.
+    That is exact unless some row had all its candidates kept (it might own more): then None.
+    Returns (idx, keep): candidate columns (B, 4k) and a bool mask of the kept ones.
+    """
+    acts = pre.relu()
+    rows, width = acts.shape
+    per_row = min(4 * k, width)
+    if per_row == width:
+        return None
+    cand_values, cand_idx = acts.topk(per_row, dim=-1, sorted=False)
+    flat_pos = cand_values.flatten().topk(min(k * rows, cand_values.numel()), sorted=False).indices
+    if bool((torch.bincount(flat_pos // per_row, minlength=rows) == per_row).any()):
+        return None
+    keep = torch.zeros(cand_values.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, flat_pos, True)
+    return cand_idx, keep.view_as(cand_values) & (cand_values > 0)
+
+
 def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     """BatchTopK (Bussmann, Leask & Nanda 2024, §2.1): ReLU, then keep the B·k largest entries of
     the whole (B, F) batch and zero the rest. Rows get different numbers of latents; the batch mean
-    is exactly k when at least B·k entries are positive (fewer otherwise: zeros are never kept).
-    Ties at the cut are broken by `torch.topk`. Batch-coupled: use `threshold` at inference.
+    is exactly k when at least B·k entries are positive (zeros are never kept). Batch-coupled: use
+    `threshold` at inference. Uses `batch_topk_sparse` when it is exact, else the full top-k; both
+    select the same set (tested against the plain flatten-and-top-k; ties at the cut aside).
     """
     if pre.ndim != 2:
         raise ValueError(f"batch_topk needs a (B, F) batch, got shape {tuple(pre.shape)}")
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
-    acts = pre.relu()
-    flat = acts.flatten()
-    n = min(k * pre.shape[0], flat.numel())
-    values, indices = flat.topk(n, sorted=False)
+    sparse = batch_topk_sparse(pre, k)
+    if sparse is not None:
+        idx, keep = sparse
+        return torch.zeros_like(pre).scatter_(-1, idx, pre.gather(-1, idx) * keep)
+    flat = pre.relu().flatten()
+    values, indices = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
     return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
 
 
