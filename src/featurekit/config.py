@@ -41,11 +41,14 @@ class DataConfig:
 
 @dataclass
 class DictionaryConfig:
-    method: str = "topk"  #: topk | batchtopk | relu
+    method: str = "topk"  #: topk | batchtopk | jumprelu | relu
     n_latents: int = 4608
     k: int = 32  #: TopK / BatchTopK (BatchTopK: mean latents per token over a batch)
     threshold_decay: float = 0.99  #: BatchTopK: EMA factor of the inference threshold
     l1_coefficient: float = 5.0  #: ReLU only (training scale: mean input norm √d)
+    l0_coefficient: float = 1.0  #: JumpReLU: λ of the L0 penalty (sweep it for a target L0)
+    bandwidth: float = 0.025  #: JumpReLU: ε of the straight-through estimator (training scale)
+    threshold_init: float = 0.025  #: JumpReLU: initial θ (training scale)
 
 
 @dataclass
@@ -55,7 +58,7 @@ class TrainConfig:
     lr: float = 2e-3
     warmup_steps: int = 20
     decay_fraction: float = 0.2  #: linear decay to 0 over the last fraction of steps
-    l1_warmup_fraction: float = 0.05  #: ReLU: λ ramps linearly from 0 over this fraction of steps
+    sparsity_warmup_fraction: float = 0.05  #: ReLU, JumpReLU: λ ramps linearly from 0 over this fraction of steps
     max_grad_norm: float | None = None
     auxk_coef: float = 1 / 32
     k_aux: int | None = None  #: None → d/2
@@ -193,7 +196,7 @@ def validate(cfg: RunConfig) -> None:
             raise FeaturekitError(f"config key {key} must be positive or null, got {value}")
     choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
                "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
-               "dictionary.method": (cfg.dictionary.method, ("topk", "batchtopk", "relu"))}
+               "dictionary.method": (cfg.dictionary.method, ("topk", "batchtopk", "jumprelu", "relu"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise FeaturekitError(f"config key {key} must be one of {list(allowed)}, got {value!r}")
@@ -203,5 +206,5 @@ def validate(cfg: RunConfig) -> None:
         raise FeaturekitError(f"dictionary.threshold_decay must lie in [0, 1), got {cfg.dictionary.threshold_decay}")
     if cfg.train.buffer_tokens < cfg.train.batch_size:
         raise FeaturekitError(f"train.buffer_tokens ({cfg.train.buffer_tokens}) must be at least train.batch_size ({cfg.train.batch_size})")
-    if not 0 <= cfg.train.decay_fraction <= 1 or not 0 <= cfg.train.l1_warmup_fraction <= 1:
-        raise FeaturekitError("train.decay_fraction and train.l1_warmup_fraction must lie in [0, 1]")
+    if not 0 <= cfg.train.decay_fraction <= 1 or not 0 <= cfg.train.sparsity_warmup_fraction <= 1:
+        raise FeaturekitError("train.decay_fraction and train.sparsity_warmup_fraction must lie in [0, 1]")

@@ -3,10 +3,11 @@
 from .base import Dictionary, Output
 from .batchtopk import BatchTopKSAE
 from .fileformat import METHODS, build, build_from_config, load, read_meta, save
+from .jumprelu import JumpReLUSAE
 from .relu import ReLUSAE
 from .topk import TopKSAE
 
 __all__ = [
     "BatchTopKSAE", "Dictionary", "Output", "METHODS", "build", "build_from_config", "load", "read_meta", "save",
-    "ReLUSAE", "TopKSAE",
+    "JumpReLUSAE", "ReLUSAE", "TopKSAE",
 ]

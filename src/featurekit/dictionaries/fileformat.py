@@ -34,6 +34,7 @@ from .._io import atomic_write, atomic_write_json, read_json
 from ..errors import FeaturekitError
 from .base import Dictionary
 from .batchtopk import BatchTopKSAE
+from .jumprelu import JumpReLUSAE
 from .relu import ReLUSAE
 from .topk import TopKSAE
 
@@ -42,7 +43,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "featurekit.json"
 
-METHODS: dict[str, type[Dictionary]] = {cls.method: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE)}
+METHODS: dict[str, type[Dictionary]] = {cls.method: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE)}
 
 
 def build(method: str, d_in: int, n_latents: int, **hyperparams: Any) -> Dictionary:

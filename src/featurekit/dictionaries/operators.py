@@ -80,3 +80,9 @@ def threshold(pre: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
 
     The inference form of batch-coupled rules (research/seed-methods-sae.md §0.7)."""
     return pre.relu() * (pre > theta)
+
+
+def jumprelu(pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """JumpReLU_θ(π) = π · H(π − θ), θ per latent (Rajamanoharan et al. 2024). Inference form: no
+    straight-through estimator (that lives in `dictionaries/jumprelu.py`)."""
+    return pre * (pre > theta)

@@ -7,7 +7,8 @@ Note: no b_dec subtraction before encoding in this recipe; the decoder norms are
 constraint) and enter the penalty, so the penalty cannot be gamed by growing decoder rows.
 `fold_decoder_norms()` rescales to unit-norm rows (f_j ← f_j‖d_j‖) without changing x̂, which
 `save` applies so features are comparable. Initialisation: W = randn(d, F) with columns of norm
-0.1, W_dec = Wᵀ, W_enc = Wᵀ, biases 0. λ is ramped up linearly by the trainer (`l1_warmup`).
+0.1, W_dec = Wᵀ, W_enc = Wᵀ, biases 0. λ is ramped up linearly by the trainer
+(`train.sparsity_warmup_fraction`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ReLUSAE(Dictionary):
         super().__init__(d_in, n_latents)
         self.l1_coefficient = float(l1_coefficient)
         #: multiplies λ; the trainer ramps it from 0 to 1 (not saved: a training-time schedule).
-        self.l1_scale = 1.0
+        self.sparsity_scale = 1.0
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             w = torch.randn(n_latents, d_in, generator=gen)
@@ -46,7 +47,7 @@ class ReLUSAE(Dictionary):
     def extra_losses(self, x: torch.Tensor, out: Output) -> dict[str, torch.Tensor]:
         """λ · mean over tokens of Σ_j f_j ‖d_j‖."""
         penalty = (out.codes * self.W_dec.norm(dim=1)).sum(-1).mean()
-        return {"l1": self.l1_coefficient * self.l1_scale * penalty}
+        return {"l1": self.l1_coefficient * self.sparsity_scale * penalty}
 
     @torch.no_grad()
     def fold_decoder_norms(self) -> None:

@@ -21,13 +21,13 @@ DENSE_THRESHOLD = 0.1
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Fraction of variance unexplained of a whole set x (n, d)."""
-    x, x_hat = x.double(), x_hat.double()
+    x, x_hat = x.detach().double(), x_hat.detach().double()
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
 def l0(codes: torch.Tensor) -> float:
     """Mean number of non-zero codes per token."""
-    return float((codes != 0).sum(-1).double().mean())
+    return float((codes.detach() != 0).sum(-1).double().mean())
 
 
 def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
@@ -62,7 +62,7 @@ class ReconstructionStats:
         self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        x, x_hat = x.double(), x_hat.double()
+        x, x_hat, codes = x.detach().double(), x_hat.detach().double(), codes.detach()
         self.n += x.shape[0]
         self.sum_sq_err += float((x - x_hat).pow(2).sum())
         s = x.sum(0)

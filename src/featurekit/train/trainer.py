@@ -39,6 +39,7 @@ class Trainer:
     def __init__(self, dictionary: Dictionary, cfg: TrainConfig, run_dir: Path, total_steps: int, digest: str = ""):
         self.sae, self.cfg, self.run_dir, self.total_steps = dictionary, cfg, Path(run_dir), total_steps
         self.digest = digest
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.named = dict(dictionary.named_parameters())
         self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
         self.dead = DeadLatentTracker(dictionary.n_latents, 10_000_000 if cfg.dead_tokens is None else cfg.dead_tokens)
@@ -132,9 +133,9 @@ class Trainer:
         factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * factor
-        if hasattr(sae, "l1_scale"):
-            ramp = max(1, int(cfg.l1_warmup_fraction * self.total_steps))
-            sae.l1_scale = min(1.0, (self.step + 1) / ramp)
+        if hasattr(sae, "sparsity_scale"):  # penalty methods: λ ramps linearly from 0
+            ramp = max(1, int(cfg.sparsity_warmup_fraction * self.total_steps))
+            sae.sparsity_scale = min(1.0, (self.step + 1) / ramp)
         x = batch.float() * sae.input_scale
         out = sae(x)
         losses = {"recon": recon(x, out.x_hat), **out.losses}
