@@ -48,7 +48,8 @@ def train(l0_coefficient, tmp_path):
 def test_recovers_features_and_lambda_sets_the_sparsity(tmp_path):
     sae, error, sparse_l0, mmcs = train(0.05, tmp_path / "a")
     assert error < 0.25 and mmcs > 0.9 and 2.0 < sparse_l0 < 8.0
-    assert (sae.theta > 0).all() and float(sae.theta.mean()) > 0.025  # thresholds were learned upward
+    theta = sae.theta.detach()
+    assert (theta > 0).all() and float(theta.mean()) > 0.025  # thresholds were learned upward
     _, _, sparser_l0, _ = train(1.0, tmp_path / "b")
     assert sparser_l0 < 0.6 * sparse_l0
 
