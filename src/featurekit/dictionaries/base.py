@@ -122,6 +122,14 @@ class Dictionary(nn.Module):
         """Subclasses with thresholds divide them by c here."""
 
     @torch.no_grad()
+    def init_tied(self, seed: int | None, row_norm: float = 1.0) -> None:
+        """W_dec = random directions with rows of norm `row_norm`, W_enc = W_dec (encoder matrix = decoderᵀ)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w = torch.randn(self.n_latents, self.d_in, generator=gen)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) * row_norm)
+        self.W_enc.copy_(self.W_dec)
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Scale each decoder row to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

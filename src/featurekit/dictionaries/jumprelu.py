@@ -69,11 +69,7 @@ class JumpReLUSAE(Dictionary):
         #: multiplies λ; the trainer ramps it from 0 to 1 (a training-time schedule, not saved).
         self.sparsity_scale = 1.0
         self.theta = torch.nn.Parameter(torch.full((n_latents,), self.threshold_init))
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            self.W_dec.copy_(torch.randn(n_latents, d_in, generator=gen))
-            self.normalize_decoder()
-            self.W_enc.copy_(self.W_dec)
+        self.init_tied(seed)
 
     def pre_activation(self, x_scaled: torch.Tensor) -> torch.Tensor:
         return x_scaled @ self.W_enc.T + self.b_enc

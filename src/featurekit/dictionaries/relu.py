@@ -31,12 +31,7 @@ class ReLUSAE(Dictionary):
         self.l1_coefficient = float(l1_coefficient)
         #: multiplies λ; the trainer ramps it from 0 to 1 (not saved: a training-time schedule).
         self.sparsity_scale = 1.0
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            w = torch.randn(n_latents, d_in, generator=gen)
-            w *= 0.1 / w.norm(dim=1, keepdim=True)
-            self.W_dec.copy_(w)
-            self.W_enc.copy_(w)
+        self.init_tied(seed, row_norm=0.1)
 
     def pre_activation(self, x_scaled: torch.Tensor) -> torch.Tensor:
         return x_scaled @ self.W_enc.T + self.b_enc

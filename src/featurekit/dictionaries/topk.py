@@ -30,11 +30,7 @@ class TopKSAE(Dictionary):
         if not 0 < k <= n_latents:
             raise FeaturekitError(f"k must be in [1, n_latents={n_latents}], got {k}")
         self.k = k
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            self.W_dec.copy_(torch.randn(n_latents, d_in, generator=gen))
-            self.normalize_decoder()
-            self.W_enc.copy_(self.W_dec)
+        self.init_tied(seed)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk(pre, self.k)
