@@ -47,7 +47,8 @@ def config(tiny, tmp_path, *extra):
     ]))
 
 
-@pytest.mark.parametrize("cache,method", [(True, "topk"), (False, "topk"), (True, "relu"), (True, "batchtopk"), (True, "jumprelu")])
+@pytest.mark.parametrize("cache,method", [(True, "topk"), (False, "topk"), (True, "relu"), (True, "batchtopk"), (True, "jumprelu"),
+                                          (True, "abstopk")])
 def test_tiny_model_end_to_end(tiny, tmp_path, cache, method):
     cfg = config(tiny, tmp_path, f"data.cache={str(cache).lower()}", "name=r", f"dictionary.method={method}",
                  "dictionary.l1_coefficient=0.05")

@@ -41,9 +41,9 @@ class DataConfig:
 
 @dataclass
 class DictionaryConfig:
-    method: str = "topk"  #: topk | batchtopk | jumprelu | relu
+    method: str = "topk"  #: topk | batchtopk | abstopk | batchabstopk | jumprelu | relu
     n_latents: int = 4608
-    k: int = 32  #: TopK / BatchTopK (BatchTopK: mean latents per token over a batch)
+    k: int = 32  #: TopK family (batch forms: mean latents per token over a batch)
     threshold_decay: float = 0.99  #: BatchTopK: EMA factor of the inference threshold
     l1_coefficient: float = 5.0  #: ReLU only (training scale: mean input norm √d)
     l0_coefficient: float = 1.0  #: JumpReLU: λ of the L0 penalty (sweep it for a target L0)
@@ -196,11 +196,11 @@ def validate(cfg: RunConfig) -> None:
             raise FeaturekitError(f"config key {key} must be positive or null, got {value}")
     choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
                "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
-               "dictionary.method": (cfg.dictionary.method, ("topk", "batchtopk", "jumprelu", "relu"))}
+               "dictionary.method": (cfg.dictionary.method, ("topk", "batchtopk", "abstopk", "batchabstopk", "jumprelu", "relu"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise FeaturekitError(f"config key {key} must be one of {list(allowed)}, got {value!r}")
-    if cfg.dictionary.method in ("topk", "batchtopk") and cfg.dictionary.k > cfg.dictionary.n_latents:
+    if cfg.dictionary.method in ("topk", "batchtopk", "abstopk", "batchabstopk") and cfg.dictionary.k > cfg.dictionary.n_latents:
         raise FeaturekitError(f"dictionary.k={cfg.dictionary.k} exceeds dictionary.n_latents={cfg.dictionary.n_latents}")
     if not 0 <= cfg.dictionary.threshold_decay < 1:
         raise FeaturekitError(f"dictionary.threshold_decay must lie in [0, 1), got {cfg.dictionary.threshold_decay}")

@@ -21,3 +21,12 @@ def batches(features: torch.Tensor, n_batches: int, size: int, site: str, seed: 
         x = sample(features, size, gen)
         ar = torch.arange(size)
         yield ActivationBatch(acts={site: x}, token_ids=ar % 7, context_idx=b * size + ar // 16, position=ar % 16)
+
+
+def signed_sample(features: torch.Tensor, n: int, gen: torch.Generator, p: float = 0.06) -> torch.Tensor:
+    """Bidirectional features: each active feature is used with a random sign, magnitude in [1, 4)."""
+    shape = (n, features.shape[0])
+    on = torch.rand(shape, generator=gen) < p
+    magnitude = torch.rand(shape, generator=gen) * 3 + 1
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    return (on * magnitude * sign) @ features

@@ -42,6 +42,8 @@ class Dictionary(nn.Module):
     recon_loss: ClassVar[str] = "fvu"
     #: whether the trainer adds the aux-k loss for dead latents.
     uses_auxk: ClassVar[bool] = False
+    #: codes keep their sign (AbsTopK): selection by |π|, "fired" means ≠ 0.
+    signed: ClassVar[bool] = False
 
     def __init__(self, d_in: int, n_latents: int):
         super().__init__()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import Output
-from .operators import batch_topk, batch_topk_sparse, threshold
+from .operators import abs_threshold, batch_abs_topk, batch_topk, batch_topk_sparse, threshold
 from .sparse import densify, gather_linear, sparse_decode
 from .topk import TopKSAE
 
@@ -34,7 +34,7 @@ class BatchTopKSAE(TopKSAE):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """The per-token inference rule (used by `encode`)."""
-        return threshold(pre, self.theta)
+        return abs_threshold(pre, self.theta) if self.signed else threshold(pre, self.theta)
 
     def forward(self, x: torch.Tensor) -> Output:
         """Training forward: batch selection. Through the sparse kernels over each row's 4k candidates
@@ -44,10 +44,10 @@ class BatchTopKSAE(TopKSAE):
         centered = x - self.b_dec
         with torch.no_grad():
             pre = centered @ self.W_enc.T + self.b_enc
-            sparse = batch_topk_sparse(pre, self.k)
+            sparse = batch_topk_sparse(pre.abs() if self.signed else pre.relu(), self.k)
         if sparse is None:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph
-            codes = batch_topk(pre, self.k)
+            codes = batch_abs_topk(pre, self.k) if self.signed else batch_topk(pre, self.k)
             out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
         else:
             idx, keep = sparse
@@ -65,7 +65,7 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
         """Update θ from the batch's smallest kept activation."""
-        kept = out.codes[out.codes > 0]
+        kept = out.codes[out.codes != 0].abs()
         if kept.numel() == 0:
             return
         m = kept.min()
@@ -79,8 +79,19 @@ class BatchTopKSAE(TopKSAE):
         self.theta.div_(c)
 
     def inference_rule(self) -> dict[str, Any]:
+        if self.signed:
+            return {"activation": "abs_threshold", "threshold": float(self.theta), "scope": "global", "signed": True,
+                    "training_rule": {"activation": "batch_abs_topk", "k": self.k}}
         return {"activation": "threshold", "threshold": float(self.theta), "scope": "global",
                 "training_rule": {"activation": "batch_topk", "k": self.k}}
 
     def hyperparams(self) -> dict[str, Any]:
         return {"k": self.k, "threshold_decay": self.threshold_decay}
+
+
+class BatchAbsTopKSAE(BatchTopKSAE):
+    """Batch AbsTopK ("BatchAbsoluteK" of the AbsTopK authors' code): the B·k largest |π| of the
+    batch keep their sign; at inference f = π · 1[|π| > θ] with θ tracked as for BatchTopK."""
+
+    method = "batchabstopk"
+    signed = True

@@ -33,17 +33,19 @@ from safetensors.torch import load_file, save_file
 from .._io import atomic_write, atomic_write_json, read_json
 from ..errors import FeaturekitError
 from .base import Dictionary
-from .batchtopk import BatchTopKSAE
+from .batchtopk import BatchAbsTopKSAE, BatchTopKSAE
 from .jumprelu import JumpReLUSAE
 from .relu import ReLUSAE
-from .topk import TopKSAE
+from .topk import AbsTopKSAE, TopKSAE
 
 FORMAT = "featurekit.dictionary"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "featurekit.json"
 
-METHODS: dict[str, type[Dictionary]] = {cls.method: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE)}
+METHODS: dict[str, type[Dictionary]] = {
+    cls.method: cls for cls in (TopKSAE, BatchTopKSAE, AbsTopKSAE, BatchAbsTopKSAE, JumpReLUSAE, ReLUSAE)
+}
 
 
 def build(method: str, d_in: int, n_latents: int, **hyperparams: Any) -> Dictionary:

@@ -35,24 +35,40 @@ def relu(pre: torch.Tensor) -> torch.Tensor:
     return pre.relu()
 
 
-def batch_topk_sparse(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """BatchTopK in sparse form without a top-k over all B·F entries, or None when it can't be sure.
+def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The B·k largest entries of non-negative `scores` (B, F), in sparse form, without a top-k over
+    all B·F entries — or None when it can't be sure.
 
-    Each row's 4k largest ReLU'd entries are the candidates and the B·k largest candidates are kept.
-    That is exact unless some row had all its candidates kept (it might own more): then None.
-    Returns (idx, keep): candidate columns (B, 4k) and a bool mask of the kept ones.
+    Each row's 4k largest scores are the candidates and the B·k largest candidates are kept. That
+    is exact unless some row had all its candidates kept (it might own more): then None.
+    Returns (idx, keep): candidate columns (B, 4k) and a bool mask of the kept ones (score > 0).
     """
-    acts = pre.relu()
-    rows, width = acts.shape
+    rows, width = scores.shape
     per_row = min(4 * k, width)
     if per_row == width:
         return None
-    cand_values, cand_idx = acts.topk(per_row, dim=-1, sorted=False)
-    flat_pos = cand_values.flatten().topk(min(k * rows, cand_values.numel()), sorted=False).indices
+    cand_scores, cand_idx = scores.topk(per_row, dim=-1, sorted=False)
+    flat_pos = cand_scores.flatten().topk(min(k * rows, cand_scores.numel()), sorted=False).indices
     if bool((torch.bincount(flat_pos // per_row, minlength=rows) == per_row).any()):
         return None
-    keep = torch.zeros(cand_values.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, flat_pos, True)
-    return cand_idx, keep.view_as(cand_values) & (cand_values > 0)
+    keep = torch.zeros(cand_scores.numel(), dtype=torch.bool, device=scores.device).index_fill_(0, flat_pos, True)
+    return cand_idx, keep.view_as(cand_scores) & (cand_scores > 0)
+
+
+def _batch_select(pre: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep `pre` where `scores` is among the batch's B·k largest (and positive); zero elsewhere."""
+    if pre.ndim != 2:
+        raise ValueError(f"batch selection needs a (B, F) batch, got shape {tuple(pre.shape)}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    sparse = batch_topk_sparse(scores, k)
+    if sparse is not None:
+        idx, keep = sparse
+        return torch.zeros_like(pre).scatter_(-1, idx, pre.gather(-1, idx) * keep)
+    flat = scores.flatten()
+    top = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+    kept = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True) & (flat > 0)
+    return pre * kept.view_as(pre)
 
 
 def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,17 +78,21 @@ def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     `threshold` at inference. Uses `batch_topk_sparse` when it is exact, else the full top-k; both
     select the same set (tested against the plain flatten-and-top-k; ties at the cut aside).
     """
-    if pre.ndim != 2:
-        raise ValueError(f"batch_topk needs a (B, F) batch, got shape {tuple(pre.shape)}")
+    return _batch_select(pre.relu(), pre.relu(), k)
+
+
+def abs_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """AbsTopK (Zhu, Khalili & Zhu 2025, arXiv 2510.00404, §8.2 of the spec): keep each row's k
+    largest-magnitude entries WITH their sign (the hard-thresholding operator H_k), zero the rest."""
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
-    sparse = batch_topk_sparse(pre, k)
-    if sparse is not None:
-        idx, keep = sparse
-        return torch.zeros_like(pre).scatter_(-1, idx, pre.gather(-1, idx) * keep)
-    flat = pre.relu().flatten()
-    values, indices = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
-    return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+    idx = pre.abs().topk(min(k, pre.shape[-1]), dim=-1, sorted=False).indices
+    return torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
+
+
+def batch_abs_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Batch AbsTopK (the official code's "BatchAbsoluteK"): keep the B·k largest |π| of the batch, signed."""
+    return _batch_select(pre, pre.abs(), k)
 
 
 def threshold(pre: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
@@ -80,6 +100,11 @@ def threshold(pre: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
 
     The inference form of batch-coupled rules (research/seed-methods-sae.md §0.7)."""
     return pre.relu() * (pre > theta)
+
+
+def abs_threshold(pre: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
+    """Signed per-token rule: f = π · 1[|π| > θ] (the inference form of batch AbsTopK)."""
+    return pre * (pre.abs() > theta)
 
 
 def jumprelu(pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
-from .operators import topk
+from .operators import abs_topk, topk
 from .sparse import densify, gather_linear, sparse_decode
 
 
@@ -41,8 +41,9 @@ class TopKSAE(Dictionary):
         centered = x - self.b_dec
         with torch.no_grad():
             pre = centered @ self.W_enc.T + self.b_enc
-            idx = pre.topk(self.k, dim=-1, sorted=False).indices
-        values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre).relu()
+            idx = (pre.abs() if self.signed else pre).topk(self.k, dim=-1, sorted=False).indices
+        values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre)
+        values = values if self.signed else values.relu()
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
         out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents), pre=pre)
         out.losses.update(self.extra_losses(x, out))
@@ -56,3 +57,20 @@ class TopKSAE(Dictionary):
 
     def hyperparams(self) -> dict[str, Any]:
         return {"k": self.k}
+
+
+class AbsTopKSAE(TopKSAE):
+    """AbsTopK (Zhu, Khalili & Zhu 2025, "Rethinking Sparse Autoencoders for Bidirectional Features",
+    arXiv 2510.00404): the k largest-magnitude pre-activations keep their sign, so one latent can
+    represent a feature used in both directions. Otherwise as TopK (init, unit-norm decoder, sparse
+    kernels); aux-k ranks dead latents by |π| and keeps signs (our choice; the paper has no aux loss).
+    Sign gauge: (f_j, d_j) and (−f_j, −d_j) are equivalent — compare features up to sign."""
+
+    method = "abstopk"
+    signed = True
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return abs_topk(pre, self.k)
+
+    def inference_rule(self) -> dict[str, Any]:
+        return {"activation": "abs_topk", "k": self.k, "signed": True}

@@ -33,6 +33,7 @@ def auxk_loss(
     dead: torch.Tensor,
     k_aux: int,
     pre_at: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    signed: bool = False,
 ) -> torch.Tensor:
     """Aux-k loss of Gao et al. (2024, §A.2; OpenAI `train.py`), in its normalised form.
 
@@ -44,18 +45,19 @@ def auxk_loss(
 
     Returns 0 when no latent is dead. The trainer multiplies by auxk_coef (default 1/32).
     `pre_at(idx)` gives the pre-activations at idx with their gradient (default: gather from `pre`).
+    `signed` (AbsTopK): dead latents are ranked by |π| and keep their sign (no ReLU).
     """
     n_dead = int(dead.sum())
     if n_dead == 0 or k_aux <= 0:
         return pre.new_zeros(())
     k = min(k_aux, n_dead)
-    masked = pre.masked_fill(~dead, float("-inf"))
+    masked = (pre.abs() if signed else pre).masked_fill(~dead, float("-inf"))
     with torch.no_grad():
         indices = masked.topk(k, dim=-1, sorted=False).indices
     values = pre_at(indices) if pre_at is not None else pre.gather(-1, indices)
     # embedding_bag sums the chosen decoder rows weighted by their codes without materialising
     # an (n, k_aux, d) tensor.
-    e_hat = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values.relu(), mode="sum")
+    e_hat = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values if signed else values.relu(), mode="sum")
     e = residual.detach().float()
     denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
     return torch.nan_to_num((e - e_hat.float()).pow(2).sum() / denom, nan=0.0)

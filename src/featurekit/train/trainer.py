@@ -142,7 +142,8 @@ class Trainer:
         if sae.uses_auxk and cfg.auxk_coef > 0:
             dead = self.dead.dead.to(x.device)
             losses["aux"] = cfg.auxk_coef * auxk_loss(
-                x - out.x_hat, out.pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx: sae.pre_at(x, idx, out.pre)
+                x - out.x_hat, out.pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx: sae.pre_at(x, idx, out.pre),
+                signed=sae.signed,
             )
         loss = sum(losses.values())
         self.opt.zero_grad(set_to_none=True)
