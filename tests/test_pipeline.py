@@ -73,21 +73,27 @@ def test_tiny_model_end_to_end(tiny, tmp_path, cache, method):
     assert all(tok.strip() in WORDS + ["", "<eos>"] for ex in examples for e in ex["examples"] for tok in e["tokens"])
 
 
+def fixed_reconstruction(fn):
+    """A 32-wide dictionary whose reconstruction is `fn(x)` (exact, zero, ...), for splice tests."""
+
+    class Fixed(featurekit.Dictionary):
+        method = "fixed"
+
+        def reconstruct(self, x):
+            return fn(x)
+
+    return Fixed(32, 8)
+
+
 def test_splicing_an_exact_reconstruction_recovers_all_loss(tiny, tmp_path):
     """With a dictionary that reconstructs exactly, spliced CE = clean CE and KL = 0."""
     cfg = config(tiny, tmp_path, "name=exact")
     loaded = pipeline.open_model(cfg)
     ids, mask = pipeline.contexts(loaded, cfg, "test", 300)
 
-    class Identity(featurekit.Dictionary):
-        method = "identity"
-
-        def reconstruct(self, x):
-            return x
-
     from featurekit.evaluate.splice import splice_eval
 
-    result = splice_eval(loaded.model, Identity(32, 8), "resid_post.1", ids, mask, 8, progress=False)
+    result = splice_eval(loaded.model, fixed_reconstruction(lambda x: x), "resid_post.1", ids, mask, 8, progress=False)
     assert result["ce_spliced"] == pytest.approx(result["ce_clean"], abs=1e-6)
     assert result["kl_clean_spliced"] == pytest.approx(0.0, abs=1e-6) and result["loss_recovered"] == pytest.approx(1.0)
 
@@ -109,13 +115,7 @@ def test_splicing_zeros_equals_zero_ablation_and_touches_only_kept_positions(tin
     loaded = pipeline.open_model(cfg)
     ids, mask = pipeline.contexts(loaded, cfg, "test", 300)
 
-    class Zero(featurekit.Dictionary):
-        method = "zero"
-
-        def reconstruct(self, x):
-            return torch.zeros_like(x)
-
-    result = splice_eval(loaded.model, Zero(32, 8), "resid_post.1", ids, mask, 8, progress=False)
+    result = splice_eval(loaded.model, fixed_reconstruction(torch.zeros_like), "resid_post.1", ids, mask, 8, progress=False)
     assert result["ce_spliced"] == pytest.approx(result["ce_zero_ablated"], abs=1e-6)
     assert result["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
 

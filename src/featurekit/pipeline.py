@@ -213,17 +213,20 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
                               f"evaluate it with the config it was trained with")
     ids, mask = contexts(loaded, cfg, "test", cfg.eval.tokens)
     stats = FeatureStats(sae.n_latents, top_n=cfg.report.top_n)
+    current = []  # the batch whose codes `reconstruction_eval` hands to the feature statistics next
 
     def eval_batches() -> Iterator[torch.Tensor]:
         for batch in harvest(loaded.model, ids, [cfg.site], batch_size=cfg.eval.batch_contexts, mask=mask, progress=progress,
                              max_norm_multiple=cfg.data.max_norm_multiple):
-            x = batch.acts[cfg.site].float()
-            stats.update(sae.encode(x), batch.context_idx, batch.position)
-            yield x
+            current[:] = [batch]
+            yield batch.acts[cfg.site]
+
+    def feature_stats(codes: torch.Tensor) -> None:
+        stats.update(codes, current[0].context_idx, current[0].position)
 
     result = {"site": cfg.site, "model": cfg.model.name, "dtype": dtype_name(loaded.model.dtype),
               "split": "test", "token_policy": token_policy(cfg)}
-    recon = reconstruction_eval(sae, eval_batches())
+    recon = reconstruction_eval(sae, eval_batches(), on_codes=feature_stats)
     recon.pop("density")
     result.update(recon)
     result["norm_outliers_excluded"] = int(mask.sum()) - recon["n_tokens"]

@@ -10,7 +10,7 @@ KL are scored at the spliced positions t < T−1 (the prediction of token t+1).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -23,13 +23,22 @@ from . import metrics
 
 
 @torch.no_grad()
-def reconstruction_eval(dictionary: Dictionary, batches: Iterable[torch.Tensor]) -> dict:
-    """FVU, L0, dead/dense fractions and per-latent density over raw activation batches (n, d)."""
+def reconstruction_eval(
+    dictionary: Dictionary,
+    batches: Iterable[torch.Tensor],
+    on_codes: Callable[[torch.Tensor], None] | None = None,
+) -> dict:
+    """FVU, L0, dead/dense fractions and per-latent density over raw activation batches (n, d).
+
+    `on_codes(codes)` (optional) sees each batch's codes right after they are computed, so a caller
+    can gather more statistics without encoding the set a second time."""
     stats = metrics.ReconstructionStats(dictionary.n_latents)
     for x in batches:
         x = x.float()
         codes = dictionary.encode(x)
         stats.update(x, dictionary.decode(codes), codes)
+        if on_codes is not None:
+            on_codes(codes)
     return stats.result()
 
 
