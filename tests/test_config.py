@@ -29,3 +29,21 @@ def test_bad_keys_and_types_are_named():
         load_config(None, ["train.epochs=abc"])
     with pytest.raises(FeaturekitError, match="key=value"):
         load_config(None, ["train.lr"])
+
+
+def test_list_values_and_unknown_method_are_checked():
+    from dataclasses import dataclass
+
+    from featurekit.config import validate
+
+    @dataclass
+    class Holder:
+        sizes: list[int] | None = None
+
+    assert from_dict(Holder, {"sizes": [1, 2.0]}).sizes == [1, 2]
+    with pytest.raises(FeaturekitError, match=r"sizes\[1\] must be int"):
+        from_dict(Holder, {"sizes": [1, "x"]})
+    with pytest.raises(FeaturekitError, match="must be a list"):
+        from_dict(Holder, {"sizes": 3})
+    with pytest.raises(FeaturekitError, match="dictionary.method must be one of .*topk"):
+        validate(load_config(None, ["dictionary.method=nope"]))

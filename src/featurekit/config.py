@@ -41,7 +41,7 @@ class DataConfig:
 
 @dataclass
 class DictionaryConfig:
-    method: str = "topk"  #: topk | batchtopk | abstopk | batchabstopk | jumprelu | relu
+    method: str = "topk"  #: a key of featurekit.dictionaries.METHODS (topk, batchtopk, jumprelu, ...)
     n_latents: int = 4608
     k: int = 32  #: TopK family (batch forms: mean latents per token over a batch)
     threshold_decay: float = 0.99  #: BatchTopK: EMA factor of the inference threshold
@@ -155,6 +155,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         raise FeaturekitError(f"config key {key} cannot be null")
     target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(target) is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(target)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        raise FeaturekitError(f"config key {key} must be a list, e.g. {key}=[1,2], got {value!r}")
     if target is bool:
         if isinstance(value, bool):
             return value
@@ -194,13 +199,15 @@ def validate(cfg: RunConfig) -> None:
                        "train.threads": cfg.train.threads, "data.max_norm_multiple": cfg.data.max_norm_multiple}.items():
         if value is not None and value <= 0:
             raise FeaturekitError(f"config key {key} must be positive or null, got {value}")
+    from .dictionaries import METHODS  # the registry is the one list of methods
+
     choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
                "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
-               "dictionary.method": (cfg.dictionary.method, ("topk", "batchtopk", "abstopk", "batchabstopk", "jumprelu", "relu"))}
+               "dictionary.method": (cfg.dictionary.method, tuple(sorted(METHODS)))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise FeaturekitError(f"config key {key} must be one of {list(allowed)}, got {value!r}")
-    if cfg.dictionary.method in ("topk", "batchtopk", "abstopk", "batchabstopk") and cfg.dictionary.k > cfg.dictionary.n_latents:
+    if cfg.dictionary.k > cfg.dictionary.n_latents:
         raise FeaturekitError(f"dictionary.k={cfg.dictionary.k} exceeds dictionary.n_latents={cfg.dictionary.n_latents}")
     if not 0 <= cfg.dictionary.threshold_decay < 1:
         raise FeaturekitError(f"dictionary.threshold_decay must lie in [0, 1), got {cfg.dictionary.threshold_decay}")
