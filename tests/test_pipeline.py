@@ -48,10 +48,10 @@ def config(tiny, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("cache,method", [(True, "topk"), (False, "topk"), (True, "relu"), (True, "batchtopk"), (True, "jumprelu"),
-                                          (True, "abstopk")])
+                                          (True, "abstopk"), (True, "gsae"), (False, "gsae")])
 def test_tiny_model_end_to_end(tiny, tmp_path, cache, method):
     cfg = config(tiny, tmp_path, f"data.cache={str(cache).lower()}", "name=r", f"dictionary.method={method}",
-                 "dictionary.l1_coefficient=0.05")
+                 "dictionary.l1_coefficient=0.05", f"data.gradients={str(method == 'gsae').lower()}")
     report = pipeline.run_all(cfg, progress=False)
     run = cfg.run_dir
     assert report == run / "report.html" and report.is_file()

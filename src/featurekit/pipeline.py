@@ -33,12 +33,12 @@ from .data.harvest import choose_dtype, harvest
 from .data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
 from .data.sources import load_texts
 from .data.tokens import pack, token_mask
-from .dictionaries import Dictionary, build_from_config, load, save
+from .dictionaries import METHODS, Dictionary, build_from_config, load, save
 from .errors import FeaturekitError
 from .evaluate.splice import reconstruction_eval, splice_eval
 from .features.examples import FeatureStats, build_examples, choose_latents, write_features
 from .models import load_model
-from .models.hooks import capture_activations
+from .models.hooks import capture_activations, gradient_key
 from .models.loading import LoadedModel
 from .models.sites import parse_site, site_dim
 from .report import write_report
@@ -97,7 +97,7 @@ def harvest_meta(cfg: RunConfig) -> dict:
     """What identifies a training activation set (stored in the cache manifest, checked before training)."""
     return {"model": cfg.model.name, "sites": [cfg.site], "source": cfg.data.source, "split": "train",
             "context_len": cfg.data.context_len, "token_policy": token_policy(cfg), "tokens": cfg.data.train_tokens,
-            "harvest_batch": cfg.data.harvest_batch}
+            "harvest_batch": cfg.data.harvest_batch, **({"gradients": True} if cfg.data.gradients else {})}
 
 
 def run_digest(cfg: RunConfig, data_id: object) -> str:
@@ -119,7 +119,7 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
     ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
     meta = {**harvest_meta(cfg), "dtype": dtype_name(loaded.model.dtype)}
     stream = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=progress,
-                     max_norm_multiple=cfg.data.max_norm_multiple)
+                     max_norm_multiple=cfg.data.max_norm_multiple, gradients=cfg.data.gradients)
     return write_cache(cfg.run_dir / "activations", stream, meta, cfg.data.shard_tokens)
 
 
@@ -133,6 +133,8 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     dropped as norm outliers. Resuming skips the batches already trained on (whole epochs unread).
     """
     tc = cfg.train
+    with_grad = METHODS[cfg.dictionary.method].needs_gradient  # rows are then [activation | gradient]
+    sites = [cfg.site, gradient_key(cfg.site)] if with_grad else cfg.site
     if cfg.data.cache:
         cache = ActivationCache(cfg.run_dir / "activations")
         if not cache.complete:
@@ -146,7 +148,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
 
         def stream(skip: int) -> Iterator[torch.Tensor]:
-            return iter_epochs(cache, cfg.site, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed, skip_batches=skip)
+            return iter_epochs(cache, sites, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed, skip_batches=skip)
     else:
         loaded = loaded or open_model(cfg)
         ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
@@ -157,8 +159,8 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         def stream(skip: int) -> Iterator[torch.Tensor]:
             for epoch in range(skip // max(per_epoch, 1), tc.epochs):
                 batches = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask,
-                                  progress=False, max_norm_multiple=cfg.data.max_norm_multiple)
-                shuffled = ShuffleBuffer(batches, cfg.site, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
+                                  progress=False, max_norm_multiple=cfg.data.max_norm_multiple, gradients=with_grad)
+                shuffled = ShuffleBuffer(batches, sites, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
                 first = skip % per_epoch if epoch == skip // per_epoch else 0
                 yield from itertools.islice(shuffled, first, per_epoch)
 
@@ -173,9 +175,13 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     if resume:
         trainer.resume()
     else:  # c and b_dec from the first shuffled batches: a sample of the whole set, not its first documents
-        trainer.init_from_data(torch.cat(list(itertools.islice(stream(0), -(-INIT_SAMPLE_TOKENS // tc.batch_size))))[:INIT_SAMPLE_TOKENS])
+        sample = torch.cat(list(itertools.islice(stream(0), -(-INIT_SAMPLE_TOKENS // tc.batch_size))))[:INIT_SAMPLE_TOKENS]
+        trainer.init_from_data(sample[:, :d])
+    batches = stream(trainer.step)
+    if with_grad:
+        batches = (tuple(b.split([d, d], dim=1)) for b in batches)
     start = time.time()
-    summary = trainer.fit(stream(trainer.step), progress=progress)
+    summary = trainer.fit(batches, progress=progress)
     save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start)
     return sae
 

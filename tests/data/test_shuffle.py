@@ -121,3 +121,21 @@ def test_iter_epochs_resume_by_skipping(cache, skip):
     resumed = list(iter_epochs(cache, SITE, skip_batches=skip, **kwargs))
     assert len(resumed) == max(0, len(full) - skip)
     assert all(torch.equal(a, b) for a, b in zip(full[skip:], resumed))
+
+
+def test_several_sites_are_shuffled_as_one_row(tmp_path):
+    """A site and its gradient (or any two sites) stay paired: row i is [a_i | -a_i] after shuffling,
+    from memory and from a cache read by iter_epochs."""
+    stream = make_stream([7, 13, 5])
+    for b in stream:
+        b.acts["resid_post.0@grad"] = -b.acts[SITE][:, :2]
+        b.context_idx, b.position = b.context_idx.clone(), b.position.clone()
+    out = list(ShuffleBuffer(stream, [SITE, "resid_post.0@grad"], 8, 4, seed=3, drop_last=False))
+    rows = torch.cat(out)
+    assert rows.shape == (25, 5) and torch.equal(rows[:, 3:], -rows[:, :2])
+    assert sorted(ids(out)) == list(range(25)) and ids(out) != list(range(25))
+    cache = write_cache(tmp_path / "c", stream, {"m": 1}, shard_tokens=6)
+    epochs = torch.cat(list(iter_epochs(cache, [SITE, "resid_post.0@grad"], 2, 8, 4, seed=0)))
+    assert epochs.shape == (48, 5) and torch.equal(epochs[:, 3:], -epochs[:, :2])
+    with pytest.raises(FeaturekitError, match="not in the cache"):
+        list(iter_epochs(cache, [SITE, "resid_post.9@grad"], 1, 8, 4, seed=0))

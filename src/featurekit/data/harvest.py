@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from featurekit.data.batch import ActivationBatch
 from featurekit.errors import FeaturekitError
-from featurekit.models.hooks import capture_activations
+from featurekit.models.hooks import capture_activations, capture_gradients, gradient_key
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -67,14 +67,17 @@ def norm_outliers(acts: torch.Tensor, keep: torch.Tensor, multiple: float | None
 
 def harvest(model: Any, input_ids: torch.Tensor, sites: Sequence[str], *, batch_size: int,
             mask: torch.Tensor | None = None, progress: bool = True,
-            out_device: str | torch.device = "cpu", max_norm_multiple: float | None = None) -> Iterator[ActivationBatch]:
+            out_device: str | torch.device = "cpu", max_norm_multiple: float | None = None,
+            gradients: bool = False) -> Iterator[ActivationBatch]:
     """Yield one ActivationBatch per ``batch_size`` contexts of ``input_ids`` (N, T), masked-in tokens only.
 
     ``model`` is a LoadedModel or an HF model; ``mask`` (N, T) bool (None keeps every token).
     Batches whose mask is all False are skipped without running the model. With ``progress`` a
     tqdm bar counts the tokens run through the model (tokens/s). With ``max_norm_multiple`` a token is
     also dropped when, at any site, its norm exceeds that multiple of the batch's median norm
-    (`norm_outliers`), so that all sites keep the same tokens.
+    (`norm_outliers`), so that all sites keep the same tokens. With ``gradients`` each batch also
+    carries, under `gradient_key(site)`, the gradient of the model's next-token loss with respect to
+    the activation (`models.hooks.capture_gradients`: a full forward and a backward per batch).
     """
     if input_ids.ndim != 2:
         raise FeaturekitError(f"harvest needs input_ids of shape (N, T), got {tuple(input_ids.shape)}: "
@@ -94,20 +97,24 @@ def harvest(model: Any, input_ids: torch.Tensor, sites: Sequence[str], *, batch_
             ids = input_ids[start:start + batch_size]
             keep = mask[start:start + batch_size]
             if keep.any():
-                yield _harvest_batch(model, ids, keep, sites, start, out_device, max_norm_multiple)
+                yield _harvest_batch(model, ids, keep, sites, start, out_device, max_norm_multiple, gradients)
             bar.update(ids.numel())
     finally:
         bar.close()
 
 
 def _harvest_batch(model: Any, ids: torch.Tensor, keep: torch.Tensor, sites: list[str], offset: int,
-                   out_device: str | torch.device, max_norm_multiple: float | None) -> ActivationBatch:
-    """Capture every site for one batch of contexts and select the kept tokens."""
-    acts = capture_activations(model, ids, sites)  # runs under inference_mode
+                   out_device: str | torch.device, max_norm_multiple: float | None, gradients: bool) -> ActivationBatch:
+    """Capture every site (and its gradient) for one batch of contexts and select the kept tokens."""
+    if gradients:
+        acts, grads = capture_gradients(model, ids, sites)
+    else:
+        acts, grads = capture_activations(model, ids, sites), {}  # runs under inference_mode
     for act in acts.values():
         keep = keep & ~norm_outliers(act, keep.to(act.device), max_norm_multiple).to(keep.device)
     # Selecting outside inference mode yields normal tensors, which consumers may modify in place.
-    selected = {site: act[keep.to(act.device)].to(out_device) for site, act in acts.items()}
+    tensors = {**acts, **{gradient_key(site): g for site, g in grads.items()}}
+    selected = {name: t[keep.to(t.device)].to(out_device) for name, t in tensors.items()}
     rows, cols = keep.nonzero(as_tuple=True)
     return ActivationBatch(acts=selected, token_ids=ids[rows, cols].long(),
                            context_idx=(rows + offset).long(), position=cols.long())

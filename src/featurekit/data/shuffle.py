@@ -22,7 +22,7 @@ Non-finite activations raise FeaturekitError: they would poison every dictionary
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -31,14 +31,19 @@ from featurekit.errors import FeaturekitError
 
 
 class ShuffleBuffer:
-    """Iterable of (batch_size, d) float32 tensors: the rows of `batches[*].acts[site]`, shuffled."""
+    """Iterable of (batch_size, d) float32 tensors: the rows of `batches[*].acts[site]`, shuffled.
 
-    def __init__(self, batches: Iterable[ActivationBatch], site: str, buffer_tokens: int, batch_size: int,
+    `site` may be a list of names (e.g. a site and its gradient, `models.hooks.gradient_key`): each
+    row is then the concatenation of those tensors for one token, (batch_size, Σ d), shuffled as a unit.
+    """
+
+    def __init__(self, batches: Iterable[ActivationBatch], site: str | Sequence[str], buffer_tokens: int, batch_size: int,
                  seed: int, drop_last: bool = True):
         if batch_size < 1 or buffer_tokens < batch_size:
             raise FeaturekitError(f"need 1 <= batch_size <= buffer_tokens (got batch_size={batch_size}, "
                                   f"buffer_tokens={buffer_tokens}): raise buffer_tokens or lower batch_size")
-        self.batches, self.site = batches, site
+        self.sites = [site] if isinstance(site, str) else list(site)
+        self.batches, self.site = batches, "+".join(self.sites)
         self.buffer_tokens, self.batch_size = int(buffer_tokens), int(batch_size)
         self.seed, self.drop_last = int(seed), drop_last
         self.k = max(batch_size, buffer_tokens // 2 // batch_size * batch_size)
@@ -76,13 +81,14 @@ class ShuffleBuffer:
 
     def _rows(self) -> Iterator[torch.Tensor]:
         for batch in self.batches:
-            if self.site not in batch.acts:
-                raise FeaturekitError(f"site {self.site!r} is not in the activation batches (they have "
-                                      f"{sorted(batch.acts)}): pick one of those sites")
-            x = batch.acts[self.site]
-            if x.ndim != 2:
-                raise FeaturekitError(f"site {self.site!r}: activations must be (n, d), got {tuple(x.shape)}")
-            x = x.to(torch.float32)
+            for site in self.sites:
+                if site not in batch.acts:
+                    raise FeaturekitError(f"site {site!r} is not in the activation batches (they have "
+                                          f"{sorted(batch.acts)}): pick one of those sites")
+                if batch.acts[site].ndim != 2:
+                    raise FeaturekitError(f"site {site!r}: activations must be (n, d), got {tuple(batch.acts[site].shape)}")
+            parts = [batch.acts[site].to(torch.float32) for site in self.sites]
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             # One sum is cheaper than an elementwise check; NaN/Inf anywhere makes the sum non-finite.
             bad = 0 if torch.isfinite(x.sum()) else int((~torch.isfinite(x)).any(dim=1).sum())
             if bad:
@@ -105,7 +111,7 @@ def batches_per_epoch(n_tokens: int, batch_size: int, drop_last: bool = True) ->
     return n_tokens // batch_size if drop_last else -(-n_tokens // batch_size)
 
 
-def iter_epochs(cache, site: str, epochs: int, buffer_tokens: int, batch_size: int, seed: int, *,
+def iter_epochs(cache, site: str | Sequence[str], epochs: int, buffer_tokens: int, batch_size: int, seed: int, *,
                 drop_last: bool = True, skip_batches: int = 0, verify: bool = True) -> Iterator[torch.Tensor]:
     """Shuffled (batch_size, d) float32 batches of `site` over `epochs` passes through `cache`.
 
@@ -119,7 +125,7 @@ def iter_epochs(cache, site: str, epochs: int, buffer_tokens: int, batch_size: i
     for epoch in range(first_epoch, epochs):
         gen = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(cache.n_shards, generator=gen).tolist()
-        shards = cache.iter_shards(order=order, verify=verify, sites=[site])
+        shards = cache.iter_shards(order=order, verify=verify, sites=[site] if isinstance(site, str) else list(site))
         stream = iter(ShuffleBuffer(shards, site, buffer_tokens, batch_size, seed + epoch, drop_last))
         yield from itertools.islice(stream, skip, None)
         skip = 0

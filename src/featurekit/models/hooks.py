@@ -9,8 +9,8 @@ its hooks on exit, also when the body raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -116,6 +116,52 @@ def capture_activations(model: Any, input_ids: Tensor, sites: Sequence[str],
     return {name: acts[name] for name in names}
 
 
+def gradient_key(site: str) -> str:
+    """The name under which the LM-loss gradient at `site` travels beside its activation (cache, batches)."""
+    return f"{parse_site(site)}@grad"
+
+
+def capture_gradients(model: Any, input_ids: Tensor, sites: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Activations at `sites` and the gradient of the model's next-token loss with respect to them.
+
+    One full forward (to the logits) and one backward. A zero tensor δ that requires grad is added at
+    each site (a + δ), and the gradient is taken with respect to the δs only (no parameter gradient is
+    kept; the path through a later site stays connected, so upstream sites get their full gradient). The loss is the SUM over
+    positions t < T−1 of CE(logits_t, input_ids_{t+1}) — one context's total loss — so the gradient
+    at token t holds its effect on every later prediction, not divided by the context length.
+    Returns ({site: (B, T, d) activation}, {site: (B, T, d) gradient}), in the model's dtype.
+    """
+    points = {str(parse_site(site)): resolve(model, site) for site in sites}
+    if not points:
+        raise FeaturekitError("capture_gradients needs at least one site, e.g. sites=['resid_post.0'].")
+    acts: dict[str, Tensor] = {}
+    leaves: dict[str, Tensor] = {}
+
+    def make_leaf(name: str, act: Tensor) -> Tensor:
+        acts[name] = act.detach()
+        leaves[name] = torch.zeros_like(act, requires_grad=True)
+        return act + leaves[name]
+
+    handles = [_on_edit(point, lambda t, name=name: make_leaf(name, t)) for name, point in points.items()]
+    device = next(unwrap(model).parameters()).device
+    ids = input_ids.to(device)
+    try:
+        with torch.enable_grad():
+            logits = unwrap(model)(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+            names = list(leaves)
+            missing = [name for name in points if name not in leaves]
+            if missing:
+                raise FeaturekitError(f"sites {missing} were not reached in the forward pass; this model's blocks "
+                                      "do not call the hooked modules as featurekit expects.")
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)]
+    return {n: acts[n] for n in points}, {n: g.detach() for n, g in zip(names, grads)}
+
+
 @contextmanager
 def capture(model: Any, *sites: str) -> Iterator[dict[str, Tensor]]:
     """Within the context, every forward pass stores ``{site: (B, T, d) tensor}`` in the yielded dict
@@ -155,6 +201,17 @@ def replace(model: Any, site: str, fn: Callable[[Tensor], Tensor]) -> Iterator[N
         return new.to(device=act.device, dtype=act.dtype)
 
     with _editing(model, site, edit):
+        yield
+
+
+@contextmanager
+def transform(model: Any, fns: Mapping[str, Callable[[Tensor], Tensor]]) -> Iterator[None]:
+    """`replace` at several sites at once: within the context, the activation ``a`` at each ``site``
+    of ``fns`` becomes ``fns[site](a)`` (same shape, cast back to ``a``'s dtype), e.g. a top-k of
+    the MLP neurons at every layer. Every hook is removed on exit, also when a site fails to resolve."""
+    with ExitStack() as stack:
+        for site, fn in fns.items():
+            stack.enter_context(replace(model, site, fn))
         yield
 
 

@@ -26,7 +26,7 @@ from ..errors import FeaturekitError
 from .checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
 from .dead import DeadLatentTracker
 from .init import geometric_median, mean_norm_scale
-from .losses import auxk_loss, fvu_loss, squared_error_loss
+from .losses import aux_zipf_loss, auxk_loss, fvu_loss, squared_error_loss
 from .schedule import lr_factor
 
 RECON_LOSSES = {"fvu": fvu_loss, "squared_error": squared_error_loss}
@@ -83,6 +83,8 @@ class Trainer:
         self.sae.load_state_dict(model_state)
         restore_optimizer(self.opt, self.named, tensors, meta["optimizer_scalars"])
         self.dead.tokens_since_fired = tensors["dead.tokens_since_fired"].clone()
+        if "dead.density" in tensors:
+            self.dead.density = tensors["dead.density"].clone()
         torch.set_rng_state(tensors["rng"])
         self.step, self.tokens = meta["step"], meta["tokens"]
         self._truncate_metrics()
@@ -92,6 +94,7 @@ class Trainer:
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors.update(opt_tensors)
         tensors["dead.tokens_since_fired"] = self.dead.tokens_since_fired
+        tensors["dead.density"] = self.dead.density
         tensors["rng"] = torch.get_rng_state()
         meta = {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "digest": self.digest,
                 "optimizer_scalars": opt_scalars}
@@ -99,7 +102,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, batches: Iterable[torch.Tensor], progress: bool = True) -> dict:
-        """Train until `total_steps`; `batches` starts at batch number `self.step` (the caller skips)."""
+        """Train until `total_steps`; `batches` starts at batch number `self.step` (the caller skips).
+        Each batch is a (B, d) tensor of raw activations or a tuple (activations, *extra inputs)."""
         stream = iter(batches)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
         start = time.time()
@@ -125,8 +129,11 @@ class Trainer:
         self.sae.eval()
         return {"steps": self.step, "tokens": self.tokens}
 
-    def train_step(self, batch: torch.Tensor, recon: Callable) -> dict:
+    def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, ...], recon: Callable) -> dict:
+        """One step on a (B, d) batch of raw activations, or a tuple (activations, *per-token inputs)
+        for dictionaries that take more than x (g-SAE: the LM-loss gradient), passed on to forward."""
         cfg, sae = self.cfg, self.sae
+        batch, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
         if not torch.isfinite(batch).all():
             raise FeaturekitError(f"training batch at step {self.step} holds NaN/Inf activations; "
                                   "check the model dtype and the token exclusions")
@@ -137,13 +144,18 @@ class Trainer:
             ramp = max(1, int(cfg.sparsity_warmup_fraction * self.total_steps))
             sae.sparsity_scale = min(1.0, (self.step + 1) / ramp)
         x = batch.float() * sae.input_scale
-        out = sae(x)
+        out = sae(x, *extra)
         losses = {"recon": recon(x, out.x_hat), **out.losses}
         if sae.uses_auxk and cfg.auxk_coef > 0:
             dead = self.dead.dead.to(x.device)
             losses["aux"] = cfg.auxk_coef * auxk_loss(
                 x - out.x_hat, out.pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx: sae.pre_at(x, idx, out.pre),
                 signed=sae.signed,
+            )
+        if cfg.aux_zipf_coef > 0 and out.pre is not None and not torch.isnan(self.dead.density).any():
+            losses["aux_zipf"] = cfg.aux_zipf_coef * aux_zipf_loss(
+                x - out.x_hat, out.pre, sae.W_dec, self.dead.density, self.k_aux, tau=cfg.aux_zipf_tau,
+                pre_at=lambda idx: sae.pre_at(x, idx, out.pre), signed=sae.signed,
             )
         loss = sum(losses.values())
         self.opt.zero_grad(set_to_none=True)
