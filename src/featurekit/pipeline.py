@@ -123,8 +123,12 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
     return write_cache(cfg.run_dir / "activations", stream, meta, cfg.data.shard_tokens)
 
 
-def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None) -> Dictionary:
+def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
+              cache_dir: Path | None = None) -> Dictionary:
     """Train the dictionary; `resume` continues from the checkpoint.
+
+    `cache_dir` reads another run's activation cache (harvested with the same data settings; several
+    dictionaries trained on one harvest, as `bench frontier` does) instead of runs/NAME/activations.
 
     With `data.cache` (the default) batches come from the run's activation cache, which must have
     been harvested with this config. Without it they are streamed: every epoch harvests the training
@@ -136,7 +140,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     with_grad = METHODS[cfg.dictionary.method].needs_gradient  # rows are then [activation | gradient]
     sites = [cfg.site, gradient_key(cfg.site)] if with_grad else cfg.site
     if cfg.data.cache:
-        cache = ActivationCache(cfg.run_dir / "activations")
+        cache = ActivationCache(cache_dir or cfg.run_dir / "activations")
         if not cache.complete:
             raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete; run `featurekit harvest` to finish it")
         expected = harvest_meta(cfg)
