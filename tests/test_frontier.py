@@ -4,10 +4,8 @@ import json
 
 from featurekit.bench.frontier import FrontierConfig, run_frontier
 
-from .test_pipeline import tiny  # noqa: F401  (the module-scoped tiny model and text fixture)
 
-
-def test_frontier_rows_files_and_resume(tiny, tmp_path):  # noqa: F811
+def test_frontier_rows_files_and_resume(tiny, tmp_path):
     fc = FrontierConfig(model=str(tiny / "model"), site="resid_post.1", source=str(tiny / "text.txt"), train_tokens=3000,
                         epochs=2, latents=64, batch_size=256, ks=[2, 6], methods=["topk", "relu", "gsae"], eval_tokens=600,
                         splice_contexts=8)

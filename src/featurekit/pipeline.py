@@ -37,10 +37,11 @@ from .dictionaries import METHODS, Dictionary, build_from_config, load, save
 from .errors import FeaturekitError
 from .evaluate.splice import reconstruction_eval, splice_eval
 from .features.examples import FeatureStats, build_examples, choose_latents, write_features
+from .features.heads import head_summary
 from .models import load_model
 from .models.hooks import capture_activations, gradient_key
 from .models.loading import LoadedModel
-from .models.sites import parse_site, site_dim
+from .models.sites import n_heads, parse_site, site_dim
 from .report import write_report
 from .train import Trainer
 
@@ -51,7 +52,14 @@ def resolve(cfg: RunConfig) -> RunConfig:
     """Fill the config's automatic values so the saved config.json states every number."""
     cfg = copy.deepcopy(cfg)
     validate(cfg)
-    parse_site(cfg.site)  # bad syntax fails before anything is written
+    site = parse_site(cfg.site)  # bad syntax fails before anything is written
+    if METHODS[cfg.dictionary.method].transcodes and cfg.output_site is None:
+        if site.kind != "mlp_in":
+            raise FeaturekitError(f"dictionary.method={cfg.dictionary.method} predicts one site from another: with site={cfg.site} "
+                                  f"set output_site too (e.g. site=mlp_in.{site.layer} output_site=mlp_out.{site.layer})")
+        cfg.output_site = f"mlp_out.{site.layer}"  # a transcoder replaces the MLP of its layer
+    if cfg.output_site is not None:
+        parse_site(cfg.output_site)
     total = cfg.train.epochs * cfg.data.train_tokens
     if cfg.train.dead_tokens is None:
         cfg.train.dead_tokens = max(cfg.train.batch_size, min(10_000_000, total // 4))
@@ -73,8 +81,14 @@ def open_model(cfg: RunConfig) -> LoadedModel:
     """Load the configured model and check that the configured site exists in it."""
     dtype = choose_dtype(cfg.model.dtype, cfg.model.device)
     loaded = load_model(cfg.model.name, dtype=dtype, device=cfg.model.device)
-    site_dim(loaded.model, cfg.site)  # an unknown site fails here, listing the valid ones
+    for site in harvest_sites(cfg):
+        site_dim(loaded.model, site)  # an unknown site fails here, listing the valid ones
     return loaded
+
+
+def harvest_sites(cfg: RunConfig) -> list[str]:
+    """The sites one forward pass captures: `site`, and a transcoder's `output_site` beside it."""
+    return [cfg.site] + ([cfg.output_site] if cfg.output_site else [])
 
 
 def contexts(loaded: LoadedModel, cfg: RunConfig, split: str, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +109,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def harvest_meta(cfg: RunConfig) -> dict:
     """What identifies a training activation set (stored in the cache manifest, checked before training)."""
-    return {"model": cfg.model.name, "sites": [cfg.site], "source": cfg.data.source, "split": "train",
+    return {"model": cfg.model.name, "sites": harvest_sites(cfg), "source": cfg.data.source, "split": "train",
             "context_len": cfg.data.context_len, "token_policy": token_policy(cfg), "tokens": cfg.data.train_tokens,
             "harvest_batch": cfg.data.harvest_batch, **({"gradients": True} if cfg.data.gradients else {})}
 
@@ -103,7 +117,8 @@ def harvest_meta(cfg: RunConfig) -> dict:
 def run_digest(cfg: RunConfig, data_id: object) -> str:
     """sha256 of everything that determines the training trajectory (checked when resuming)."""
     blob = json.dumps({"train": dataclasses.asdict(cfg.train), "dictionary": dataclasses.asdict(cfg.dictionary),
-                       "site": cfg.site, "data": data_id}, sort_keys=True, default=str)
+                       "site": cfg.site, "data": data_id, **({"output_site": cfg.output_site} if cfg.output_site else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -118,7 +133,7 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
     loaded = loaded or open_model(cfg)
     ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
     meta = {**harvest_meta(cfg), "dtype": dtype_name(loaded.model.dtype)}
-    stream = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=progress,
+    stream = harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.data.harvest_batch, mask=mask, progress=progress,
                      max_norm_multiple=cfg.data.max_norm_multiple, gradients=cfg.data.gradients)
     return write_cache(cfg.run_dir / "activations", stream, meta, cfg.data.shard_tokens)
 
@@ -253,6 +268,8 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     latents = choose_latents(stats, cfg.report.n_features, seed=cfg.train.seed)
     examples = build_examples(stats, latents, ids, lambda t: loaded.tokenizer.decode([t]), activation_fn)
     write_features(cfg.run_dir / "features", stats, examples)
+    if parse_site(cfg.site).kind == "attn_z":  # attention-output dictionary: attribute features to heads
+        atomic_write_json(cfg.run_dir / "features" / "heads.json", head_summary(sae.W_dec, n_heads(loaded.model), stats.density()))
     return result
 
 

@@ -6,6 +6,7 @@
 - ``metrics.jsonl``             training curves (loss, FVU, L0, dead fraction, ... against tokens);
 - ``features/density.json``     histogram of log10 firing rate, dead latents counted apart;
 - ``features/top_examples.json`` feature cards: top examples, tokens shaded by activation;
+- ``features/heads.json``       attention-output dictionaries only: each head's top features by decoder-norm share;
 - ``config.json``               the resolved config, pretty-printed.
 
 Every file is optional; a missing or unreadable one becomes a short note. The page has inline CSS
@@ -85,6 +86,8 @@ def write_report(run_dir: str | Path) -> Path:
         ("features", "Features", _features_section(run_dir / "features" / "top_examples.json")),
         ("config", "Config", _config_section(config, config_note)),
     ]
+    if (run_dir / "features" / "heads.json").exists():
+        sections.insert(4, ("heads", "Attention heads", _heads_section(run_dir / "features" / "heads.json")))
     nav = "".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
     body = "".join(f'<section id="{key}"><h2>{title}</h2>{html}</section>' for key, title, html in sections)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -246,6 +249,24 @@ def _features_section(path: Path) -> str:
     intro = _note("Top-activating examples; shading is proportional to act / max act, the peak token is outlined. "
                   "Hover a token for its activation.")
     return f'{intro}<div class="cards">{"".join(cards)}</div>{more}' if cards else _note("No features listed.")
+
+
+def _heads_section(path: Path, shown: int = 5) -> str:
+    data, note = _read_json(path)
+    if note or not isinstance(data, dict) or not isinstance(data.get("heads"), list):
+        return _note(note or f"{path.name} has no per-head list.")
+    rows = []
+    for head in data["heads"]:
+        if not isinstance(head, dict):
+            continue
+        tops = ", ".join(f'{_e(t.get("feature"))} ({_e(fmt(_num(t.get("share"))))})'
+                         for t in (head.get("top_features") or [])[:shown] if isinstance(t, dict))
+        rows.append(f'<tr><td>{_e(head.get("head"))}</td><td>{_e(head.get("features_mostly_here"))}</td><td>{tops}</td></tr>')
+    intro = _note(f"Share of each feature's decoder norm per head (n_heads = {data.get('n_heads')}, head_dim = {data.get('head_dim')}); "
+                  f"{fmt(100 * _num(data.get('single_head_fraction')))}% of the {data.get('n_live')} live features put ≥ 50% "
+                  f"of their norm on one head.")
+    return (f'{intro}<table><tr><th>head</th><th>features mostly here</th><th>top features (share)</th></tr>'
+            f'{"".join(rows)}</table>')
 
 
 def _config_section(config: Any, note: str | None) -> str:
