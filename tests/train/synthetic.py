@@ -6,7 +6,10 @@ from featurekit.data.batch import ActivationBatch
 
 
 def true_features(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+    """n random unit vectors in d dimensions. The generator is offset from `seed` so the true features
+    never coincide with a dictionary's random initialisation (`Dictionary.init_tied(seed)` draws the
+    same randn for the same seed): recovery must be learned, not inherited."""
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(10_007 + seed)), dim=1)
 
 
 def sample(features: torch.Tensor, n: int, gen: torch.Generator, p: float = 0.05) -> torch.Tensor:

@@ -40,7 +40,8 @@ def test_recovers_ground_truth_features(tmp_path, cls, kw, lr):
     with torch.no_grad():
         assert fvu(x, sae.reconstruct(x)) < 0.2
         cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ features.T
-    assert cos.max(0).values.mean() > 0.9  # mean max cosine similarity over the true features
+    # mean max cosine similarity over the true features; measured 0.99 (TopK), 0.91 (ReLU)
+    assert cos.max(0).values.mean() > (0.95 if cls is TopKSAE else 0.86)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 500 and rows[-1]["fvu"] < rows[0]["fvu"]
 
