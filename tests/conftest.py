@@ -1,10 +1,14 @@
-"""Test-wide setup: never reach the Hugging Face Hub."""
+"""Test-wide setup: never reach the Hugging Face Hub; one torch thread (the 2-vCPU CI machine behaves
+like one core, and a second thread makes small ops slower and timings erratic under load)."""
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ Overrides use dotted keys: `train.lr=1e-3`, `dictionary.n_latents=8192`, `site=r
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class DataConfig:
     max_norm_multiple: float | None = 50.0  #: drop tokens with norm > this × the batch median (attention sinks); null keeps all
     harvest_batch: int = 16  #: contexts per forward pass
     shard_tokens: int = 65_536  #: tokens per cache shard
+    gradients: bool = False  #: also harvest the LM-loss gradient at the site (g-SAE); a backward per batch
     cache: bool = True  #: write an activation cache (resumable); false streams harvest → trainer, re-harvesting each epoch
 
 
@@ -44,11 +46,35 @@ class DictionaryConfig:
     method: str = "topk"  #: a key of featurekit.dictionaries.METHODS (topk, batchtopk, jumprelu, ...)
     n_latents: int = 4608
     k: int = 32  #: TopK family (batch forms: mean latents per token over a batch)
-    threshold_decay: float = 0.99  #: BatchTopK: EMA factor of the inference threshold
+    selection: str = "exact"  #: topk/abstopk per-token rule: exact | statistical (Spark mean + c·std, c calibrated) | statistical_gaussian
+    threshold_decay: float = 0.99  #: BatchTopK: EMA factor of the inference threshold (statistical selection: of c)
+    prefixes: list[int] | None = None  #: Matryoshka: nested widths m_1 < … < F (F appended if missing); null → F/16, F/8, F/4, F/2, F
     l1_coefficient: float = 5.0  #: ReLU only (training scale: mean input norm √d)
     l0_coefficient: float = 1.0  #: JumpReLU: λ of the L0 penalty (sweep it for a target L0)
-    bandwidth: float = 0.025  #: JumpReLU: ε of the straight-through estimator (training scale)
-    threshold_init: float = 0.025  #: JumpReLU: initial θ (training scale)
+    bandwidth: float = 0.1  #: JumpReLU: ε of the straight-through estimator (training scale E‖x‖ = √d; paper 0.001 at E‖x‖² = 1)
+    threshold_init: float = 0.1  #: JumpReLU: initial θ (training scale)
+    init_firing_rate: float | None = 0.1  #: JumpReLU: b_enc init so each latent fires on this share of the init sample; null → b_enc = 0
+    beta: float = 1.0  #: g-SAE: weight of the gradient term in the selection score (0 = TopK); needs data.gradients=true
+    afa_coefficient: float = 1 / 64  #: top-AFA: λ_AFA of the norm-matching loss (‖f‖ ≈ ‖x − b_dec‖); the code sweeps 1/128…1/16
+    kl_coefficient: float = 0.01  #: vSAE: β of the KL term to N(0, I) (training scale, ramped; ≥ 0.1 collapsed on synthetic data)
+    learned_variance: bool = True  #: vSAE: encoder learns log σ² (false: σ = 1)
+    residual_threshold: float | None = None  #: MP-SAE (k = pursuit steps): stop a token once ‖r‖ ≤ this × ‖x − b_dec‖; null runs all k
+    revive_coef: float = 0.01  #: MP-SAE: λ of the revive term pulling atoms unused in the batch towards the residual; 0 = off
+    itda_threshold: float = 4e-4  #: ITDA (k = MP steps, n_latents = size cap): add a token when ‖x/‖x‖ − x̂/‖x̂‖‖²/d > this; needs < 1/d
+    snmf_sparsity: float = 0.01  #: SNMF (n_latents = rank; chunks = train.batch_size): share of neurons kept per feature, ⌈s·d⌉; 1 = dense
+    snmf_nnls_iters: int = 30  #: SNMF: FISTA iterations of the nonnegative least-squares codes, in the fit and at inference
+    snmf_decay: float = 0.8  #: SNMF: β, per-chunk discount of the fit's statistics (memory ≈ 1/(1−β) chunks)
+    snmf_passes: int = 3  #: SNMF: passes over the training tokens (read in order)
+    gba_groups: int = 10  #: GBA: neuron groups, each with its own target activation frequency (1 = plain bias adaptation)
+    gba_freq_high: float = 0.1  #: GBA: target frequency of the first group (the only one when gba_groups = 1)
+    gba_freq_low: float = 0.001  #: GBA: target frequency of the last group (geometric in between)
+    gba_rate_down: float = 0.05  #: GBA: γ₋, bias step down (× the window's peak pre-activation) above target (paper 0.01, long runs)
+    gba_rate_up: float = 0.05  #: GBA: γ₊, bias step up (× the group's mean peak) for neurons firing below gba_eps (paper 0.01)
+    gba_every: int = 5  #: GBA: training steps per frequency window, one bias update each (paper: 50 steps of 512 tokens)
+    gba_eps: float = 1e-6  #: GBA: a neuron firing on less than this share of the window counts as dead and is raised
+    gba_bias_min: float | None = None  #: GBA: lower clamp of the biases (training scale); null = none
+    gba_activation: str = "jumprelu"  #: GBA: jumprelu (the bias only gates, as in the paper's LLM runs) | relu (the theory)
+    gba_two_sided: bool = False  #: GBA: also raise neurons firing below their target (ours), so frequencies track the targets
 
 
 @dataclass
@@ -62,6 +88,8 @@ class TrainConfig:
     max_grad_norm: float | None = None
     auxk_coef: float = 1 / 32
     k_aux: int | None = None  #: None → d/2
+    aux_zipf_coef: float = 0.0  #: aux_zipf_loss (aux-k over latents firing below τ × their Zipf-fit density); any method, 0 = off
+    aux_zipf_tau: float = 0.1  #: aux_zipf_loss: a latent is underutilised below τ × its Zipf-expected density
     dead_tokens: int | None = None  #: dead-latent window; None → min(10M, total tokens / 4)
     normalize: str = "mean_norm"  #: mean_norm (E‖x‖ = √d, one scalar) | none
     b_dec_init: str = "geometric_median"  #: geometric_median | mean | zero
@@ -90,6 +118,7 @@ class RunConfig:
     name: str = "default"
     out_dir: str = "runs"
     site: str = "resid_post.6"  #: see the README for why (measured)
+    output_site: str | None = None  #: transcoders: the site they predict from `site`; null with site=mlp_in.L → mlp_out.L
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
@@ -207,11 +236,27 @@ def validate(cfg: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise FeaturekitError(f"config key {key} must be one of {list(allowed)}, got {value!r}")
+    if cfg.output_site is not None and not METHODS[cfg.dictionary.method].transcodes:
+        raise FeaturekitError(f"output_site={cfg.output_site} is for methods that predict another site (transcoder, skiptranscoder); "
+                              f"dictionary.method={cfg.dictionary.method} reconstructs `site` itself: drop output_site")
+    if METHODS[cfg.dictionary.method].needs_gradient and not cfg.data.gradients:
+        raise FeaturekitError(f"dictionary.method={cfg.dictionary.method} trains on LM-loss gradients; set data.gradients=true "
+                              f"(the harvest then runs a backward pass per batch)")
     if cfg.dictionary.k > cfg.dictionary.n_latents:
         raise FeaturekitError(f"dictionary.k={cfg.dictionary.k} exceeds dictionary.n_latents={cfg.dictionary.n_latents}")
+    from .dictionaries.topk import SELECTIONS
+
+    if cfg.dictionary.selection not in SELECTIONS:
+        raise FeaturekitError(f"config key dictionary.selection must be one of {list(SELECTIONS)}, got {cfg.dictionary.selection!r}")
+    if cfg.dictionary.selection != "exact" and "selection" not in inspect.signature(METHODS[cfg.dictionary.method]).parameters:
+        raise FeaturekitError(f"dictionary.selection={cfg.dictionary.selection} applies to per-token TopK methods (topk, abstopk), "
+                              f"not to {cfg.dictionary.method}; drop it or change dictionary.method")
     if not 0 <= cfg.dictionary.threshold_decay < 1:
         raise FeaturekitError(f"dictionary.threshold_decay must lie in [0, 1), got {cfg.dictionary.threshold_decay}")
     if cfg.train.buffer_tokens < cfg.train.batch_size:
         raise FeaturekitError(f"train.buffer_tokens ({cfg.train.buffer_tokens}) must be at least train.batch_size ({cfg.train.batch_size})")
     if not 0 <= cfg.train.decay_fraction <= 1 or not 0 <= cfg.train.sparsity_warmup_fraction <= 1:
         raise FeaturekitError("train.decay_fraction and train.sparsity_warmup_fraction must lie in [0, 1]")
+    if cfg.train.aux_zipf_coef < 0 or cfg.train.aux_zipf_tau <= 0:
+        raise FeaturekitError(f"train.aux_zipf_coef must be ≥ 0 and train.aux_zipf_tau > 0, got {cfg.train.aux_zipf_coef}, "
+                              f"{cfg.train.aux_zipf_tau}")

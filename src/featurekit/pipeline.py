@@ -36,6 +36,7 @@ from .data.tokens import pack, token_mask
 from .dictionaries import METHODS, Dictionary, build_from_config, load, save
 from .errors import FeaturekitError
 from .evaluate.splice import reconstruction_eval, splice_eval
+from .evaluate.transcoders import transcoder_splice_eval
 from .features.examples import FeatureStats, build_examples, choose_latents, write_features
 from .features.heads import head_summary
 from .models import load_model
@@ -44,8 +45,11 @@ from .models.loading import LoadedModel
 from .models.sites import n_heads, parse_site, site_dim
 from .report import write_report
 from .train import Trainer
+from .train.fit import fit_stream
 
 INIT_SAMPLE_TOKENS = 32_768
+TRANSCODER_SCALE_RULE = ("; target y (output_site): c_out = sqrt(d_out) / mean ||y|| on the same tokens (1 with normalize=none); "
+                         "folded: b_enc/c, W_dec*c/c_out, W_skip*c/c_out, b_dec/c_out, so the weights map raw x to raw y")
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -138,6 +142,44 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
     return write_cache(cfg.run_dir / "activations", stream, meta, cfg.data.shard_tokens)
 
 
+def run_fit(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
+            cache_dir: Path | None = None) -> Dictionary:
+    """Fit a method with a `Dictionary.fitter` (ITDA, SNMF): `fitter.passes` (default 1) passes over the training
+    activations in stream order (the cache's shards in order, or a fresh harvest without `data.cache`), no shuffle
+    and no input scaling; steps, metrics.jsonl, checkpoints and `resume` as in `train.fit.fit_stream`."""
+    tc = cfg.train
+    if cfg.data.cache:
+        cache = ActivationCache(cache_dir or cfg.run_dir / "activations")
+        expected = harvest_meta(cfg)
+        differs = sorted(k for k in expected if cache.meta.get(k) != expected[k])
+        if not cache.complete or differs:
+            raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete or was harvested with other settings "
+                                  f"({', '.join(differs)}); run `featurekit harvest` with this config")
+        d, harvest_dtype = cache.d(cfg.site), cache.meta.get("dtype")
+        data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
+
+        def read() -> Iterator:
+            return cache.iter_shards(sites=[cfg.site])
+    else:
+        loaded = loaded or open_model(cfg)
+        ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
+        d, harvest_dtype = site_dim(loaded.model, cfg.site), dtype_name(loaded.model.dtype)
+        data_id = {**harvest_meta(cfg), "dtype": harvest_dtype}
+
+        def read() -> Iterator:
+            return harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=False,
+                           max_norm_multiple=cfg.data.max_norm_multiple)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    fitter = METHODS[cfg.dictionary.method].fitter.from_config(cfg.dictionary, d, seed=tc.seed, batch_size=tc.batch_size)
+    batches = itertools.chain.from_iterable(read() for _ in range(getattr(fitter, "passes", 1)))  # each pass read lazily
+    start = time.time()
+    summary = fit_stream(fitter, batches, cfg.site, cfg.run_dir, tc, digest=run_digest(cfg, data_id), resume=resume, progress=progress)
+    sae = fitter.finish()
+    save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start)
+    return sae
+
+
 def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
               cache_dir: Path | None = None) -> Dictionary:
     """Train the dictionary; `resume` continues from the checkpoint.
@@ -150,10 +192,14 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     contexts again straight into the shuffle buffer (nothing on disk; memory bounded by the buffer).
     A streamed epoch is cut to ⌊0.99 · kept tokens / batch_size⌋ batches, the slack absorbing tokens
     dropped as norm outliers. Resuming skips the batches already trained on (whole epochs unread).
+    Methods with a `Dictionary.fitter` (ITDA, SNMF) are fitted by `run_fit` instead.
     """
+    if METHODS[cfg.dictionary.method].fitter is not None:
+        return run_fit(cfg, resume=resume, progress=progress, loaded=loaded, cache_dir=cache_dir)
     tc = cfg.train
     with_grad = METHODS[cfg.dictionary.method].needs_gradient  # rows are then [activation | gradient]
-    sites = [cfg.site, gradient_key(cfg.site)] if with_grad else cfg.site
+    # one shuffled row per token: [activation | gradient] (g-SAE) or [input | target] (transcoders)
+    sites = [cfg.site] + ([gradient_key(cfg.site)] if with_grad else []) + ([cfg.output_site] if cfg.output_site else [])
     if cfg.data.cache:
         cache = ActivationCache(cache_dir or cfg.run_dir / "activations")
         if not cache.complete:
@@ -164,6 +210,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
             raise FeaturekitError(f"the activation cache in {cache.dir} was harvested with other settings ({', '.join(differs)}); "
                                   f"run `featurekit harvest` with this config into a new run name")
         d, per_epoch, harvest_dtype = cache.d(cfg.site), batches_per_epoch(cache.n_tokens, tc.batch_size), cache.meta.get("dtype")
+        d_out = cache.d(cfg.output_site) if cfg.output_site else None
         data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
 
         def stream(skip: int) -> Iterator[torch.Tensor]:
@@ -172,12 +219,13 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         loaded = loaded or open_model(cfg)
         ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
         d, per_epoch = site_dim(loaded.model, cfg.site), int(0.99 * int(mask.sum())) // tc.batch_size
+        d_out = site_dim(loaded.model, cfg.output_site) if cfg.output_site else None
         harvest_dtype = dtype_name(loaded.model.dtype)
         data_id = {**harvest_meta(cfg), "dtype": harvest_dtype}
 
         def stream(skip: int) -> Iterator[torch.Tensor]:
             for epoch in range(skip // max(per_epoch, 1), tc.epochs):
-                batches = harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask,
+                batches = harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.data.harvest_batch, mask=mask,
                                   progress=False, max_norm_multiple=cfg.data.max_norm_multiple, gradients=with_grad)
                 shuffled = ShuffleBuffer(batches, sites, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
                 first = skip % per_epoch if epoch == skip // per_epoch else 0
@@ -186,7 +234,8 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     total_steps = tc.epochs * per_epoch
     if total_steps == 0:
         raise FeaturekitError(f"fewer training tokens than one batch of {tc.batch_size}; harvest more or lower train.batch_size")
-    sae = build_from_config(cfg.dictionary, d, seed=tc.seed)
+    sae = build_from_config(cfg.dictionary, d, seed=tc.seed, d_out=d_out)
+    widths = [d] + ([d] if with_grad else []) + ([d_out] if d_out else [])
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -195,10 +244,10 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         trainer.resume()
     else:  # c and b_dec from the first shuffled batches: a sample of the whole set, not its first documents
         sample = torch.cat(list(itertools.islice(stream(0), -(-INIT_SAMPLE_TOKENS // tc.batch_size))))[:INIT_SAMPLE_TOKENS]
-        trainer.init_from_data(sample[:, :d])
+        trainer.init_from_data(*sample.split(widths, dim=1))
     batches = stream(trainer.step)
-    if with_grad:
-        batches = (tuple(b.split([d, d], dim=1)) for b in batches)
+    if len(widths) > 1:
+        batches = (tuple(b.split(widths, dim=1)) for b in batches)
     start = time.time()
     summary = trainer.fit(batches, progress=progress)
     save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start)
@@ -209,16 +258,18 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
     """Save a folded copy (runs on raw activations) to runs/NAME/dictionary."""
     out = copy.deepcopy(sae)
     training_scale = float(out.input_scale)
+    extra = {"training_output_scale": float(out.output_scale)} if out.transcodes else {}
     out.fold_input_scale()
-    extra = {}
     if hasattr(out, "fold_decoder_norms"):
         out.fold_decoder_norms()
         extra["decoder_norms_folded"] = True
     meta = {
         "normalization": {"training_scale": training_scale, **extra,
-                          "rule": f"{cfg.train.normalize}: c = sqrt(d) / mean ||x|| on {INIT_SAMPLE_TOKENS} shuffled training tokens"},
+                          "rule": f"{cfg.train.normalize}: c = sqrt(d) / mean ||x|| on {INIT_SAMPLE_TOKENS} shuffled training tokens"
+                                  + (TRANSCODER_SCALE_RULE if out.transcodes else "")},
         "source": {"model": cfg.model.name, "site": cfg.site, "d_model": sae.d_in, "harvest_dtype": harvest_dtype,
-                   "corpus": cfg.data.source, "context_len": cfg.data.context_len},
+                   "corpus": cfg.data.source, "context_len": cfg.data.context_len,
+                   **({"output_site": cfg.output_site} if cfg.output_site else {})},
         "special_tokens": token_policy(cfg),
         "provenance": {"featurekit_version": __version__, "tokens_seen": summary["tokens"], "steps": summary["steps"],
                        "train_seconds": round(seconds, 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -232,32 +283,36 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     loaded = loaded or open_model(cfg)
     sae = load(cfg.run_dir / "dictionary", device=next(loaded.model.parameters()).device)
     source = sae.metadata.get("source", {})
-    if (source.get("site"), source.get("model")) != (cfg.site, cfg.model.name):
-        raise FeaturekitError(f"the dictionary in {cfg.run_dir / 'dictionary'} was trained on {source.get('site')} of "
-                              f"{source.get('model')}, but the config asks for {cfg.site} of {cfg.model.name}; "
-                              f"evaluate it with the config it was trained with")
+    if (source.get("site"), source.get("output_site"), source.get("model")) != (cfg.site, cfg.output_site, cfg.model.name):
+        raise FeaturekitError(f"the dictionary in {cfg.run_dir / 'dictionary'} was trained on {source.get('site')} "
+                              f"(output {source.get('output_site')}) of {source.get('model')}, but the config asks for {cfg.site} "
+                              f"(output {cfg.output_site}) of {cfg.model.name}; evaluate it with the config it was trained with")
     ids, mask = contexts(loaded, cfg, "test", cfg.eval.tokens)
     stats = FeatureStats(sae.n_latents, top_n=cfg.report.top_n)
     current = []  # the batch whose codes `reconstruction_eval` hands to the feature statistics next
 
-    def eval_batches() -> Iterator[torch.Tensor]:
-        for batch in harvest(loaded.model, ids, [cfg.site], batch_size=cfg.eval.batch_contexts, mask=mask, progress=progress,
-                             max_norm_multiple=cfg.data.max_norm_multiple):
-            current[:] = [batch]
-            yield batch.acts[cfg.site]
+    def eval_batches() -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        for batch in harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.eval.batch_contexts, mask=mask,
+                             progress=progress, max_norm_multiple=cfg.data.max_norm_multiple):
+            current[:] = [batch]  # a transcoder reads site and is scored against output_site
+            yield (batch.acts[cfg.site], batch.acts[cfg.output_site]) if cfg.output_site else batch.acts[cfg.site]
 
     def feature_stats(codes: torch.Tensor) -> None:
         stats.update(codes, current[0].context_idx, current[0].position)
 
-    result = {"site": cfg.site, "model": cfg.model.name, "dtype": dtype_name(loaded.model.dtype),
-              "split": "test", "token_policy": token_policy(cfg)}
+    result = {"site": cfg.site, **({"output_site": cfg.output_site} if cfg.output_site else {}), "model": cfg.model.name,
+              "dtype": dtype_name(loaded.model.dtype), "split": "test", "token_policy": token_policy(cfg)}
     recon = reconstruction_eval(sae, eval_batches(), on_codes=feature_stats)
     recon.pop("density")
     result.update(recon)
     result["norm_outliers_excluded"] = int(mask.sum()) - recon["n_tokens"]
     n_splice = min(cfg.eval.splice_contexts, len(ids))
-    result.update(splice_eval(loaded.model, sae, cfg.site, ids[:n_splice], mask[:n_splice], cfg.eval.batch_contexts, progress,
-                              max_norm_multiple=cfg.data.max_norm_multiple))
+    if cfg.output_site:  # the output site replaced by the prediction from the input site of the same forward pass
+        result.update(transcoder_splice_eval(loaded.model, [(cfg.site, cfg.output_site, sae)], ids[:n_splice], mask[:n_splice],
+                                             cfg.eval.batch_contexts, progress, max_norm_multiple=cfg.data.max_norm_multiple))
+    else:
+        result.update(splice_eval(loaded.model, sae, cfg.site, ids[:n_splice], mask[:n_splice], cfg.eval.batch_contexts, progress,
+                                  max_norm_multiple=cfg.data.max_norm_multiple))
     atomic_write_json(cfg.run_dir / "eval.json", result)
 
     @torch.no_grad()

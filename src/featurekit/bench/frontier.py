@@ -33,9 +33,14 @@ from ..errors import FeaturekitError
 from ..evaluate.splice import reconstruction_eval, splice_eval
 
 #: the knob that sets each method's sparsity, and its values; methods not listed sweep `k` over `ks`.
+#: MP-SAE runs k full pursuit steps per token (k encoder-sized matmuls), so its k stops at 32 on CPU;
+#: top-AFA chooses k per token (one point, at the paper's coefficient).
 PENALTY_SWEEPS: dict[str, tuple[str, list[float]]] = {
     "relu": ("l1_coefficient", [2.0, 5.0, 12.0]),
-    "jumprelu": ("l0_coefficient", [0.5, 2.0, 8.0]),
+    "jumprelu": ("l0_coefficient", [1.0, 3.0, 10.0]),
+    "gba": ("gba_freq_high", [0.025, 0.05, 0.1]),
+    "mpsae": ("k", [8, 16, 32]),
+    "topafa": ("afa_coefficient", [1 / 64]),
 }
 
 
@@ -44,13 +49,13 @@ class FrontierConfig:
     model: str = "smollm2-135m"
     site: str = "resid_post.6"
     source: str = "bbc"
-    train_tokens: int = 200_000  #: harvested training tokens (each method sees epochs × this)
+    train_tokens: int = 150_000  #: harvested training tokens (each method sees epochs × this)
     epochs: int = 2
-    latents: int = 4608
-    batch_size: int = 4096
+    latents: int = 2304
+    batch_size: int = 2048
     lr: float = 2e-3
     ks: list[int] = field(default_factory=lambda: [16, 32, 64])
-    methods: list[str] | None = None  #: None: every registered method
+    methods: list[str] | None = None  #: None: every registered method that reconstructs its site (not transcoders)
     eval_tokens: int = 32_768
     splice_contexts: int = 32
     seed: int = 0
@@ -58,6 +63,11 @@ class FrontierConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_methods() -> list[str]:
+    """Every registered method that reconstructs the frontier's site (transcoders predict another site)."""
+    return sorted(m for m, cls in METHODS.items() if not cls.transcodes)
 
 
 def sweep(method: str, ks: list[int]) -> tuple[str, list[Any]]:
@@ -69,7 +79,7 @@ def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, An
     """The RunConfig of one frontier point (the shared harvest when `overrides` is None)."""
     cfg = RunConfig(name=name, out_dir=str(out), site=fc.site)
     cfg.model.name, cfg.data.source, cfg.data.train_tokens = fc.model, fc.source, fc.train_tokens
-    methods = fc.methods or sorted(METHODS)
+    methods = fc.methods or default_methods()
     cfg.data.gradients = any(METHODS[m].needs_gradient for m in methods if m in METHODS)
     cfg.dictionary.n_latents = fc.latents
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = fc.epochs, fc.batch_size, fc.lr
@@ -83,7 +93,7 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
                  log: Callable[[str], None] | None = None) -> dict:
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out)
-    methods = list(fc.methods or sorted(METHODS))
+    methods = list(fc.methods or default_methods())
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise FeaturekitError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")

@@ -44,6 +44,18 @@ class Dictionary(nn.Module):
     uses_auxk: ClassVar[bool] = False
     #: codes keep their sign (AbsTopK): selection by |π|, "fired" means ≠ 0.
     signed: ClassVar[bool] = False
+    #: training needs the LM-loss gradient at the site beside x (g-SAE): forward(x, grad).
+    needs_gradient: ClassVar[bool] = False
+    #: None: trained by the gradient trainer. Otherwise the class of a closed-form / greedy fitter (ITDA, SNMF) that
+    #: `pipeline.run_fit` feeds the training activations in stream order (no shuffle; `f.passes` passes, default 1):
+    #: `F.from_config(dictionary_cfg, d_in, seed=, batch_size=)`; `f.update(x, context_idx, position, token_ids)`
+    #: → dict of metrics for metrics.jsonl; `f.done` (stop reading); `f.state()` / `f.load_state(tensors)`
+    #: (checkpoints; resume skips `tokens_seen`); `f.finish()` → the fitted Dictionary.
+    fitter: ClassVar[type | None] = None
+    #: trained to predict another tensor y (the first extra input: forward(x, y)) than the one it reads
+    #: (transcoders: MLP output from MLP input); b_dec is then the output bias and an `output_scale`
+    #: buffer c_out scales y as input_scale scales x.
+    transcodes: ClassVar[bool] = False
 
     def __init__(self, d_in: int, n_latents: int):
         super().__init__()
@@ -70,12 +82,27 @@ class Dictionary(nn.Module):
         """Constructor arguments beyond d_in and n_latents (recorded so `load` can rebuild)."""
         return {}
 
+    def file_metadata(self) -> dict[str, Any]:
+        """Extra top-level entries for featurekit.json (e.g. where ITDA's atom provenance is stored)."""
+        return {}
+
     def after_step(self, out: Output) -> None:
         """Called by the trainer after each optimiser step (e.g. to track an inference threshold)."""
 
     def extra_losses(self, x: torch.Tensor, out: Output) -> dict[str, torch.Tensor]:
         """Method-specific loss terms (e.g. the L1 penalty), in the training scale."""
         return {}
+
+    def target(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """What `forward(x, *extra).x_hat` is trained to match, in the training scale: x (autoencoders)."""
+        return x
+
+    def init_from_sample(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Data-dependent initialisation beyond c and b_dec (training-scale samples; called once by the trainer)."""
+
+    def scales(self) -> dict[str, float]:
+        """The normalisation scales the weights were trained under (recorded in featurekit.json)."""
+        return {"input_scale": float(self.input_scale)}
 
     # -- shared machinery -------------------------------------------------------------------
     def pre_activation(self, x_scaled: torch.Tensor) -> torch.Tensor:
@@ -108,8 +135,12 @@ class Dictionary(nn.Module):
         return pre.gather(-1, idx)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw in, raw out: decode(encode(x))."""
-        return self.decode(self.encode(x))
+        """Raw in, raw out: decode(encode(x)) (transcoders: the prediction of y, skip path included)."""
+        return self.reconstruct_from(x, self.encode(x))
+
+    def reconstruct_from(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The reconstruction given the raw input and its codes: decode(codes); a skip transcoder adds W_skip x."""
+        return self.decode(codes)
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:

@@ -4,12 +4,14 @@
 
     format, format_version   "featurekit.dictionary", an integer (newer than ours → clear error)
     method                   registry key ("topk", "relu", ...)
-    d_in, n_latents, dtype   shapes and storage dtype
+    d_in, n_latents, dtype   shapes and storage dtype (transcoders also d_out, the width of W_dec's rows)
     hyperparams              constructor arguments (e.g. k, l1_coefficient)
     inference_rule           what runs at inference (activation and its parameters)
     normalization            {"input_scale": c used in training, "folded": bool, "rule": str}
-                             folded=true: weights run on raw activations (input_scale buffer is 1)
+                             folded=true: weights run on raw activations (input_scale buffer is 1);
+                             transcoders also record "output_scale" (c_out of the target y)
     source                   {"model", "site", "d_model", ...} where the activations came from
+                             (transcoders: "output_site", the site whose activation they predict)
     special_tokens           the token policy used to build the training set
     provenance               featurekit version, tokens seen, steps, date, config digest
 
@@ -34,9 +36,19 @@ from .._io import atomic_write, atomic_write_json, read_json
 from ..errors import FeaturekitError
 from .base import Dictionary
 from .batchtopk import BatchAbsTopKSAE, BatchTopKSAE
+from .choice import FeatureChoiceSAE, MutualChoiceSAE
+from .gba import GBASAE
+from .gsae import GradientSAE
+from .itda import ITDADictionary
 from .jumprelu import JumpReLUSAE
+from .matryoshka import MatryoshkaSAE
+from .mpsae import MPSAE
 from .relu import ReLUSAE
+from .snmf import SNMFDictionary
+from .topafa import TopAFASAE
 from .topk import AbsTopKSAE, TopKSAE
+from .transcoder import SkipTranscoder, Transcoder
+from .vsae import VariationalSAE
 
 FORMAT = "featurekit.dictionary"
 FORMAT_VERSION = 1
@@ -44,7 +56,10 @@ WEIGHTS = "model.safetensors"
 META = "featurekit.json"
 
 METHODS: dict[str, type[Dictionary]] = {
-    cls.method: cls for cls in (TopKSAE, BatchTopKSAE, AbsTopKSAE, BatchAbsTopKSAE, JumpReLUSAE, ReLUSAE)
+    cls.method: cls for cls in (TopKSAE, BatchTopKSAE, AbsTopKSAE, BatchAbsTopKSAE, JumpReLUSAE, ReLUSAE, GradientSAE,
+                            MatryoshkaSAE, FeatureChoiceSAE, MutualChoiceSAE,
+                            TopAFASAE, VariationalSAE, MPSAE, GBASAE,
+                            Transcoder, SkipTranscoder, ITDADictionary, SNMFDictionary)
 }
 
 
@@ -55,13 +70,18 @@ def build(method: str, d_in: int, n_latents: int, **hyperparams: Any) -> Diction
     return METHODS[method](d_in, n_latents, **hyperparams)
 
 
-def build_from_config(cfg: Any, d_in: int, seed: int | None = None) -> Dictionary:
-    """Construct from a `DictionaryConfig`: its fields that the method's constructor takes are passed on."""
+def build_from_config(cfg: Any, d_in: int, seed: int | None = None, d_out: int | None = None) -> Dictionary:
+    """Construct from a `DictionaryConfig`: its fields that the method's constructor takes are passed on
+    (and `d_out`, the output width, to methods that predict another site: transcoders)."""
     if cfg.method not in METHODS:
         raise FeaturekitError(f"unknown dictionary method {cfg.method!r}; choose one of {sorted(METHODS)}")
     cls = METHODS[cfg.method]
     accepted = inspect.signature(cls.__init__).parameters
     params = {k: v for k, v in vars(cfg).items() if k in accepted and k not in ("d_in", "n_latents")}
+    if d_out is not None:
+        if "d_out" not in accepted:
+            raise FeaturekitError(f"method {cfg.method!r} reconstructs its input; it takes no output width d_out")
+        params["d_out"] = d_out
     return cls(d_in, cfg.n_latents, seed=seed, **params)
 
 
@@ -74,20 +94,23 @@ def save(dictionary: Dictionary, path: str | Path, metadata: dict[str, Any] | No
     metadata = dict(metadata or {})
     tensors = {k: v.detach().contiguous().cpu() for k, v in dictionary.state_dict().items()}
     dtype = str(dictionary.W_dec.dtype).removeprefix("torch.")
+    scales = dictionary.scales()
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": dictionary.method,
         "d_in": dictionary.d_in,
         "n_latents": dictionary.n_latents,
+        **({"d_out": int(dictionary.W_dec.shape[1])} if dictionary.transcodes else {}),
         "dtype": dtype,
         "hyperparams": dictionary.hyperparams(),
         "inference_rule": dictionary.inference_rule(),
         "normalization": {
-            "input_scale": float(dictionary.input_scale),
-            "folded": bool(float(dictionary.input_scale) == 1.0),
+            **scales,
+            "folded": all(v == 1.0 for v in scales.values()),
             **metadata.pop("normalization", {}),
         },
+        **dictionary.file_metadata(),
         **metadata,
     }
     # Both files go into a fresh sibling folder that then replaces `path`, so a reader never sees
@@ -145,12 +168,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
         tensors = load_file(weights, device=str(device))
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise FeaturekitError(f"{weights} cannot be read ({err}); the file is damaged, re-save the dictionary") from err
-    expected = (meta["n_latents"], meta["d_in"])
+    expected = {"W_enc": (meta["n_latents"], meta["d_in"]), "W_dec": (meta["n_latents"], meta.get("d_out", meta["d_in"]))}
     for name in ("W_enc", "W_dec"):
-        if name not in tensors or tuple(tensors[name].shape) != expected:
+        if name not in tensors or tuple(tensors[name].shape) != expected[name]:
             got = tuple(tensors[name].shape) if name in tensors else "missing"
             raise FeaturekitError(
-                f"{weights}: {name} has shape {got} but {META} says {expected}; the two files do not "
+                f"{weights}: {name} has shape {got} but {META} says {expected[name]}; the two files do not "
                 f"belong together, re-save the dictionary"
             )
     dictionary = build(meta["method"], meta["d_in"], meta["n_latents"], **meta.get("hyperparams", {}))

@@ -58,3 +58,18 @@ def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) 
 def densify(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
     """Dense (N, F) codes from the sparse form (no grad)."""
     return torch.zeros(idx.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter_(-1, idx, values.detach())
+
+
+def mask_to_sparse(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (N, F) bool mask with a varying count per row → (idx, keep), each (N, m), m = the largest
+    count (at least 1): row n's kept columns in order, then padding (column 0, keep False) that
+    must be weighted by `keep`. Linear in N·F (no sort): for per-token threshold selections."""
+    counts = mask.sum(-1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major order
+    slot = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
+    idx = torch.zeros(mask.shape[0], width, dtype=torch.long, device=mask.device)
+    keep = torch.zeros(mask.shape[0], width, dtype=torch.bool, device=mask.device)
+    idx[rows, slot] = cols
+    keep[rows, slot] = True
+    return idx, keep

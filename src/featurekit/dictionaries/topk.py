@@ -7,6 +7,19 @@ Decoder rows are kept at unit norm during training. Initialisation: W_dec rows u
 W_enc = W_dec (i.e. the encoder matrix is the decoder transposed), b_enc = 0, b_dec from the data
 (geometric median, set by the trainer). Dead latents are revived by the aux-k loss
 (`featurekit.train.losses.auxk_loss`), which the trainer adds for methods that ask for it.
+
+`selection` swaps the per-token TopK_k for another per-token rule, same sparse kernels:
+
+* "exact" (default): TopK_k as above.
+* "statistical_gaussian": Spark's statistical top-k (You et al. 2025, `operators.statistical_topk`):
+  f = ReLU(π)·1[π > mean(π) + c·std(π)], c = Φ⁻¹(1 − k/F) fixed — no sort; ≈ k latents only if
+  the F pre-activations of a token look Gaussian.
+* "statistical" (ours): the same rule with c calibrated for heavy tails: after every step c tracks
+  (EMA, factor `threshold_decay`, first step copied) the batch's `calibrated_multiplier` — the c
+  that keeps exactly k per token on average over the batch. The file records c.
+
+The lazy-neuron Top-k (Li et al. 2023, TopK after the ReLU) selects what "exact" selects
+(`operators.lazy_topk`, property-tested), so it needs no selection of its own.
 """
 
 from __future__ import annotations
@@ -17,22 +30,32 @@ import torch
 
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
-from .operators import abs_topk, topk
-from .sparse import densify, gather_linear, sparse_decode
+from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
+from .sparse import densify, gather_linear, mask_to_sparse, sparse_decode
+
+SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
 
 class TopKSAE(Dictionary):
     method = "topk"
     uses_auxk = True
 
-    def __init__(self, d_in: int, n_latents: int, k: int = 32, seed: int | None = None):
+    def __init__(self, d_in: int, n_latents: int, k: int = 32, selection: str = "exact", threshold_decay: float = 0.99,
+                 seed: int | None = None):
         super().__init__(d_in, n_latents)
         if not 0 < k <= n_latents:
             raise FeaturekitError(f"k must be in [1, n_latents={n_latents}], got {k}")
-        self.k = k
+        if selection not in SELECTIONS:
+            raise FeaturekitError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")
+        self.k, self.selection, self.threshold_decay = k, selection, float(threshold_decay)
+        if selection != "exact":  # c of the statistical rule (a buffer: saved, restored, folded as is — it has no units)
+            self.register_buffer("multiplier", torch.tensor(gaussian_multiplier(k, n_latents)))
+            self.register_buffer("multiplier_updates", torch.zeros((), dtype=torch.long))
         self.init_tied(seed)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.selection != "exact":
+            return statistical_topk(pre, self.k, self.multiplier, signed=self.signed)
         return topk(pre, self.k)
 
     def forward(self, x: torch.Tensor) -> Output:
@@ -41,21 +64,44 @@ class TopKSAE(Dictionary):
         centered = x - self.b_dec
         with torch.no_grad():
             pre = centered @ self.W_enc.T + self.b_enc
-            idx = (pre.abs() if self.signed else pre).topk(self.k, dim=-1, sorted=False).indices
+            if self.selection == "exact":
+                idx, keep, codes = (pre.abs() if self.signed else pre).topk(self.k, dim=-1, sorted=False).indices, None, None
+            else:  # a varying count per token: kept columns padded to the batch's largest count
+                codes = self.activation(pre)
+                idx, keep = mask_to_sparse(codes != 0)
         values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre)
         values = values if self.signed else values.relu()
+        values = values if keep is None else values * keep
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-        out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents), pre=pre)
+        out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents) if codes is None else codes, pre=pre)
         out.losses.update(self.extra_losses(x, out))
         return out
+
+    @torch.no_grad()
+    def after_step(self, out: Output) -> None:
+        """Statistical selection with calibration: c ← EMA of the batch's calibrated multiplier."""
+        if self.selection != "statistical" or out.pre is None:
+            return
+        batch_c = calibrated_multiplier(out.pre.abs() if self.signed else out.pre, self.k)
+        if int(self.multiplier_updates) == 0:
+            self.multiplier.fill_(batch_c)
+        else:
+            self.multiplier.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * batch_c)
+        self.multiplier_updates += 1
 
     def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return gather_linear(x - self.b_dec, self.W_enc, self.b_enc, idx, pre)
 
     def inference_rule(self) -> dict[str, Any]:
+        if self.selection != "exact":
+            return {"activation": "statistical_topk", "k": self.k, "multiplier": float(self.multiplier), "signed": self.signed,
+                    "rule": ("keep pre where |pre| > mean + multiplier*std of the token's |pre|" if self.signed else
+                             "codes = relu(pre) where pre > mean + multiplier*std of the token's F pre-activations (population std)")}
         return {"activation": "topk", "k": self.k}
 
     def hyperparams(self) -> dict[str, Any]:
+        if self.selection != "exact":
+            return {"k": self.k, "selection": self.selection, "threshold_decay": self.threshold_decay}
         return {"k": self.k}
 
 
@@ -70,7 +116,7 @@ class AbsTopKSAE(TopKSAE):
     signed = True
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return abs_topk(pre, self.k)
+        return abs_topk(pre, self.k) if self.selection == "exact" else super().activation(pre)
 
     def inference_rule(self) -> dict[str, Any]:
-        return {"activation": "abs_topk", "k": self.k, "signed": True}
+        return {"activation": "abs_topk", "k": self.k, "signed": True} if self.selection == "exact" else super().inference_rule()

@@ -25,18 +25,20 @@ from . import metrics
 @torch.no_grad()
 def reconstruction_eval(
     dictionary: Dictionary,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     on_codes: Callable[[torch.Tensor], None] | None = None,
 ) -> dict:
     """FVU, L0, dead/dense fractions and per-latent density over raw activation batches (n, d).
 
+    A batch may be a pair (x, y): the dictionary reads x and its reconstruction is scored against y
+    (transcoders: x the MLP input, y the MLP output; FVU is then the FVU of y).
     `on_codes(codes)` (optional) sees each batch's codes right after they are computed, so a caller
     can gather more statistics without encoding the set a second time."""
     stats = metrics.ReconstructionStats(dictionary.n_latents)
-    for x in batches:
-        x = x.float()
+    for batch in batches:
+        x, *target = (t.float() for t in (batch if isinstance(batch, (tuple, list)) else (batch,)))
         codes = dictionary.encode(x)
-        stats.update(x, dictionary.decode(codes), codes)
+        stats.update(target[0] if target else x, dictionary.reconstruct_from(x, codes), codes)
         if on_codes is not None:
             on_codes(codes)
     return stats.result()

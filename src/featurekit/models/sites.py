@@ -207,6 +207,15 @@ def _in_features(module: nn.Module) -> int:
     raise FeaturekitError(f"cannot tell the input width of {type(module).__name__}; capture the site to see it.")
 
 
+def n_heads(model: Any) -> int:
+    """Number of query heads (the blocks of an ``attn_z`` site: heads × head_dim)."""
+    config = unwrap(model).config.get_text_config()
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not heads:
+        raise FeaturekitError(f"{type(config).__name__} does not say how many attention heads the model has")
+    return int(heads)
+
+
 def site_dim(model: Any, site: str | Site) -> int:
     """Width d of the (B, T, d) activation at ``site``."""
     point = resolve(model, site)

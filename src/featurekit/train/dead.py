@@ -11,14 +11,24 @@ class DeadLatentTracker:
     "Fired" means a non-zero code, so signed codes count too (never `codes.sum(0) > 0`).
     """
 
-    def __init__(self, n_latents: int, window: int):
+    def __init__(self, n_latents: int, window: int, density_decay: float = 0.99):
         self.window = int(window)
         self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long)
+        #: per-latent firing density (fraction of tokens with a non-zero code): an EMA over batches
+        #: with factor `density_decay`, started at the first batch's value (used by aux_zipf_loss).
+        self.density = torch.full((n_latents,), float("nan"))
+        self.density_decay = float(density_decay)
 
     def update(self, codes: torch.Tensor) -> None:
-        fired = (codes != 0).any(dim=0).cpu()
+        nonzero = codes != 0
+        fired = nonzero.any(dim=0).cpu()
         self.tokens_since_fired += codes.shape[0]
         self.tokens_since_fired[fired] = 0
+        rate = nonzero.float().mean(0).cpu()
+        if torch.isnan(self.density).any():
+            self.density = rate
+        else:
+            self.density.mul_(self.density_decay).add_((1 - self.density_decay) * rate)
 
     @property
     def dead(self) -> torch.Tensor:

@@ -5,6 +5,7 @@ All are computed in fp32 and in the training scale (inputs multiplied by the inp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -61,3 +62,57 @@ def auxk_loss(
     e = residual.detach().float()
     denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
     return torch.nan_to_num((e - e_hat.float()).pow(2).sum() / denom, nan=0.0)
+
+
+def zipf_expected_density(density: torch.Tensor, head: float = 0.5) -> torch.Tensor:
+    """The firing density each latent would have if the densities followed Zipf's law.
+
+    Rank the latents by density (r = 1 the most frequent), fit log ρ = log C − s·log r by least
+    squares on the head of the curve (the ⌈head·F⌉ top ranks with ρ > 0, where Ayonrinde 2024 finds
+    the fit good) and return C·r_j^(−s) for every latent j. +inf everywhere when fewer than two
+    latents fire (nothing to fit): then only dead latents count as underutilised.
+    """
+    density = density.float()
+    order = density.argsort(descending=True)
+    rank = torch.empty_like(density).scatter_(0, order, torch.arange(1, density.numel() + 1, dtype=density.dtype,
+                                                                     device=density.device))
+    head_n = max(2, math.ceil(head * density.numel()))
+    fit = density[order[:head_n]]
+    fit = fit[fit > 0]
+    if fit.numel() < 2:
+        return torch.full_like(density, float("inf"))
+    lx = torch.arange(1, fit.numel() + 1, dtype=density.dtype, device=density.device).log()
+    ly = fit.log()
+    slope = ((lx - lx.mean()) * (ly - ly.mean())).sum() / (lx - lx.mean()).pow(2).sum()
+    log_c = ly.mean() - slope * lx.mean()
+    return (log_c + slope * rank.log()).exp()
+
+
+def aux_zipf_loss(
+    residual: torch.Tensor,
+    pre: torch.Tensor,
+    W_dec: torch.Tensor,
+    density: torch.Tensor,
+    k_aux: int,
+    tau: float = 0.1,
+    pre_at: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    signed: bool = False,
+) -> torch.Tensor:
+    """aux_zipf_loss: the aux-k loss extended from dead latents to underutilised ones.
+
+    Source: Ayonrinde 2024 ("Adaptive Sparse Allocation with Mutual Choice & Feature Choice Sparse
+    Autoencoders", arXiv 2411.02124) names the loss — it "generalises aux_k_loss to mitigate dead
+    and underutilised features", with a Zipf fit of the feature densities as the expected usage —
+    but its formula could not be checked against the paper text (no code was released). This is
+    our reconstruction (research/seed-methods-sae.md §6.2):
+
+        ρ_j   = firing density of latent j (an EMA over training batches)
+        ρ̂_j   = Zipf fit of ρ at latent j's rank (`zipf_expected_density`)
+        U     = {j : ρ_j < τ·ρ̂_j}        (underutilised; every dead latent is in U)
+        L     = auxk_loss(residual, π, W_dec, mask=U, k_aux)
+
+    i.e. the top-k_aux underutilised latents of each token reconstruct the stop-gradient residual
+    (normalised MSE, §0.6). τ = 0.1 by default (ours). Returns 0 when U is empty.
+    """
+    underused = density.to(pre.device).float() < tau * zipf_expected_density(density).to(pre.device)
+    return auxk_loss(residual, pre, W_dec, underused, k_aux, pre_at=pre_at, signed=signed)

@@ -43,30 +43,39 @@ class Trainer:
         self.named = dict(dictionary.named_parameters())
         self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
         self.dead = DeadLatentTracker(dictionary.n_latents, 10_000_000 if cfg.dead_tokens is None else cfg.dead_tokens)
-        self.k_aux = cfg.k_aux if cfg.k_aux is not None else dictionary.d_in // 2
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else dictionary.W_dec.shape[1] // 2  # half the output width
         self.step, self.tokens = 0, 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.ckpt_dir = self.run_dir / "checkpoint"
 
     # -- initialisation and resume ----------------------------------------------------------
     @torch.no_grad()
-    def init_from_data(self, sample: torch.Tensor) -> None:
-        """Set the input scale c and b_dec from raw activations (fresh runs only)."""
-        sample = sample.float()
-        if not torch.isfinite(sample).all():
+    def init_from_data(self, sample: torch.Tensor, *extra: torch.Tensor) -> None:
+        """Set the input scale c and b_dec from raw activations (fresh runs only).
+
+        `extra` are the per-token inputs that travel beside the sample (as in `fit`'s tuples). A
+        transcoder's first one is its target y: c_out is set from y by the same rule as c from x,
+        and b_dec (then the output bias) from y·c_out — in general b_dec comes from `target`."""
+        sample, *extra = [t.float() for t in (sample, *extra)]
+        if not all(torch.isfinite(t).all() for t in (sample, *extra)):
             raise FeaturekitError("the activation sample holds NaN/Inf; harvest in float32 or exclude the bad tokens")
-        c = mean_norm_scale(sample) if self.cfg.normalize == "mean_norm" else 1.0
         if self.cfg.normalize not in ("mean_norm", "none"):
             raise FeaturekitError(f"train.normalize must be 'mean_norm' or 'none', got {self.cfg.normalize!r}")
+        scale = mean_norm_scale if self.cfg.normalize == "mean_norm" else (lambda t: 1.0)
+        c = scale(sample)
         self.sae.input_scale.fill_(c)
         scaled = sample * c
+        if self.sae.transcodes:  # without a target it autoencodes: y = x, c_out = c
+            self.sae.output_scale.fill_(scale(extra[0]) if extra else c)
+        target = self.sae.target(scaled, *extra)
         rule = self.cfg.b_dec_init
         if rule == "geometric_median":
-            self.sae.b_dec.copy_(geometric_median(scaled))
+            self.sae.b_dec.copy_(geometric_median(target))
         elif rule == "mean":
-            self.sae.b_dec.copy_(scaled.mean(0))
+            self.sae.b_dec.copy_(target.mean(0))
         elif rule != "zero":
             raise FeaturekitError(f"train.b_dec_init must be geometric_median, mean or zero, got {rule!r}")
+        self.sae.init_from_sample(scaled, target)
         if self.metrics_path.exists():
             self.metrics_path.unlink()
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # a fresh start never resumes an older run
@@ -86,6 +95,8 @@ class Trainer:
         if "dead.density" in tensors:
             self.dead.density = tensors["dead.density"].clone()
         torch.set_rng_state(tensors["rng"])
+        if "cuda_rng" in tensors and self.sae.W_dec.is_cuda:
+            torch.cuda.set_rng_state(tensors["cuda_rng"], self.sae.W_dec.device)
         self.step, self.tokens = meta["step"], meta["tokens"]
         self._truncate_metrics()
 
@@ -96,6 +107,8 @@ class Trainer:
         tensors["dead.tokens_since_fired"] = self.dead.tokens_since_fired
         tensors["dead.density"] = self.dead.density
         tensors["rng"] = torch.get_rng_state()
+        if self.sae.W_dec.is_cuda:  # stochastic methods (vSAE) draw from the device's generator
+            tensors["cuda_rng"] = torch.cuda.get_rng_state(self.sae.W_dec.device)
         meta = {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "digest": self.digest,
                 "optimizer_scalars": opt_scalars}
         save_checkpoint(self.ckpt_dir, tensors, meta)
@@ -145,16 +158,17 @@ class Trainer:
             sae.sparsity_scale = min(1.0, (self.step + 1) / ramp)
         x = batch.float() * sae.input_scale
         out = sae(x, *extra)
-        losses = {"recon": recon(x, out.x_hat), **out.losses}
+        target = sae.target(x, *extra)  # x, or a transcoder's y·c_out
+        losses = {"recon": recon(target, out.x_hat), **out.losses}
         if sae.uses_auxk and cfg.auxk_coef > 0:
             dead = self.dead.dead.to(x.device)
             losses["aux"] = cfg.auxk_coef * auxk_loss(
-                x - out.x_hat, out.pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx: sae.pre_at(x, idx, out.pre),
+                target - out.x_hat, out.pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx: sae.pre_at(x, idx, out.pre),
                 signed=sae.signed,
             )
         if cfg.aux_zipf_coef > 0 and out.pre is not None and not torch.isnan(self.dead.density).any():
             losses["aux_zipf"] = cfg.aux_zipf_coef * aux_zipf_loss(
-                x - out.x_hat, out.pre, sae.W_dec, self.dead.density, self.k_aux, tau=cfg.aux_zipf_tau,
+                target - out.x_hat, out.pre, sae.W_dec, self.dead.density, self.k_aux, tau=cfg.aux_zipf_tau,
                 pre_at=lambda idx: sae.pre_at(x, idx, out.pre), signed=sae.signed,
             )
         loss = sum(losses.values())
@@ -176,7 +190,7 @@ class Trainer:
                 "step": self.step,
                 "tokens": self.tokens,
                 "loss": loss.item(),
-                "fvu": fvu_loss(x, out.x_hat).item(),
+                "fvu": fvu_loss(target, out.x_hat).item(),
                 "l0": (out.codes != 0).sum(-1).float().mean().item(),
                 "dead_fraction": self.dead.dead_fraction(),
                 "lr": cfg.lr * factor,

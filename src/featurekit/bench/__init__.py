@@ -1,0 +1,1 @@
+"""Benchmarks that train and score many methods on the same inputs (`featurekit bench ...`)."""

@@ -1,0 +1,126 @@
+"""Matryoshka SAE over BatchTopK (Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning Multi-Level
+Features with Matryoshka Sparse Autoencoders", ICML 2025, arXiv 2503.17547; the official code the
+paper names is dictionary_learning `trainers/matryoshka_batch_top_k.py`).
+
+The latents are ordered and split into nested prefixes of widths m_1 < m_2 < … < m_n = F (the
+paper's set of nested dictionary sizes). Selection is BatchTopK over the whole dictionary (§2 of
+research/seed-methods-sae.md, `batchtopk.py`), Z = the codes; every prefix must reconstruct x alone:
+
+    x̂_i = Z[:, :m_i] W_dec[:m_i] + b_dec,         L = Σ_i recon(x, x̂_i)  + α·aux-k
+
+recon is the trainer's reconstruction loss (batch FVU); the trainer adds the full level x̂_n
+itself, the inner levels come back in `Output.losses` as `recon_prefix{m_i}` (logged per level).
+No gradient is stopped between levels (as the official code). Aux-k uses the residual of the full
+reconstruction (official code). x̂_i are computed incrementally: one sparse decode of the kept
+latents into per-(token, group) partial sums, then a cumulative sum over groups (`grouped_decode`).
+
+Choices of ours, recorded in the file's hyperparams/inference_rule:
+* Level weights: we SUM the levels (every level weight 1, as SAELens's Matryoshka; the paper's
+  formula is a sum over the nested sizes [memory]). The official dictionary_learning trainer
+  averages them (w_i = 1/n). Under Adam the two differ only in the weight of aux-k relative to
+  reconstruction (n times smaller here).
+* Default prefixes: F/16, F/8, F/4, F/2, F — the geometric grouping of the Matryoshka authors'
+  repository (bartbussmann/matryoshka_sae `main.py`: group sizes F/16, F/16, F/8, F/4, F/2).
+  `prefixes` are cumulative widths (the paper's m_i), not group sizes; F is appended if missing.
+* Inference: the BatchTopK global threshold θ (`batchtopk.py`); since that rule is per latent, the
+  codes of prefix m are the first m codes and `reconstruct_prefix` runs any level as its own SAE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FeaturekitError
+from ..train.losses import fvu_loss, squared_error_loss
+from .base import Output
+from .batchtopk import BatchTopKSAE
+from .operators import batch_topk, batch_topk_sparse
+from .sparse import densify, gather_linear
+
+
+def default_prefixes(n_latents: int) -> list[int]:
+    """F/16, F/8, F/4, F/2, F (widths below 1 and repeats dropped)."""
+    return sorted({max(1, n_latents // 2**i) for i in range(4, -1, -1)})
+
+
+def resolve_prefixes(prefixes: list[int] | None, n_latents: int) -> list[int]:
+    """Check nested prefix widths (strictly increasing, in [1, F]) and end them at F."""
+    if prefixes is None:
+        return default_prefixes(n_latents)
+    widths = [int(m) for m in prefixes]
+    if not widths or any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] < 1 or widths[-1] > n_latents:
+        raise FeaturekitError(f"dictionary.prefixes must be strictly increasing widths in [1, n_latents={n_latents}], "
+                              f"e.g. [{n_latents // 8}, {n_latents // 2}, {n_latents}]; got {prefixes}")
+    return widths if widths[-1] == n_latents else [*widths, n_latents]
+
+
+def grouped_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, prefixes: list[int],
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Partial decodes per group: out[b, g] = Σ_{j : idx[b,j] in group g} values[b,j]·W_dec[idx[b,j]].
+
+    Groups are [0, m_1), [m_1, m_2), …; `keep` (bool, like idx) drops entries known to be zero.
+    One `embedding_bag` over the kept entries, one bag per (token, group): work ∝ kept entries · d.
+    Returns (B, n_groups, d); its cumulative sum over groups gives the prefix reconstructions.
+    """
+    rows, n = idx.shape[0], len(prefixes)
+    bounds = torch.tensor(prefixes, device=idx.device)
+    bag = torch.bucketize(idx, bounds, right=True) + n * torch.arange(rows, device=idx.device)[:, None]
+    if keep is None:
+        keep = torch.ones_like(idx, dtype=torch.bool)
+    bag, latents, weights = bag[keep], idx[keep], values[keep]
+    if bag.numel() == 0:
+        return values.new_zeros(rows, n, W_dec.shape[1])
+    order = bag.argsort(stable=True)
+    counts = torch.bincount(bag, minlength=rows * n)
+    offsets = counts.cumsum(0) - counts
+    out = F.embedding_bag(latents[order], W_dec, offsets, mode="sum", per_sample_weights=weights[order])
+    return out.view(rows, n, -1)
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    method = "matryoshka"
+
+    def __init__(self, d_in: int, n_latents: int, k: int = 32, prefixes: list[int] | None = None,
+                 threshold_decay: float = 0.99, seed: int | None = None):
+        super().__init__(d_in, n_latents, k=k, threshold_decay=threshold_decay, seed=seed)
+        self.prefixes = resolve_prefixes(prefixes, n_latents)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """BatchTopK selection (sparse kernels when exact, else dense) and every prefix's reconstruction."""
+        x = self._check_input(x)
+        centered = x - self.b_dec
+        with torch.no_grad():
+            pre = centered @ self.W_enc.T + self.b_enc
+            sparse = batch_topk_sparse(pre.relu(), self.k)
+        if sparse is None:
+            pre = centered @ self.W_enc.T + self.b_enc  # with its graph
+            codes = batch_topk(pre, self.k)
+            bounds = [0, *self.prefixes]
+            partial = torch.stack([codes[:, a:b] @ self.W_dec[a:b] for a, b in zip(bounds, bounds[1:])], dim=1)
+        else:
+            idx, keep = sparse
+            values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre) * keep
+            partial = grouped_decode(idx, values, self.W_dec, self.prefixes, keep)
+            codes = densify(idx, values, self.n_latents)
+        levels = partial.cumsum(dim=1) + self.b_dec  # (B, n, d): x̂ of every prefix
+        out = Output(x_hat=levels[:, -1], codes=codes, pre=pre)
+        recon = fvu_loss if self.recon_loss == "fvu" else squared_error_loss
+        for i, width in enumerate(self.prefixes[:-1]):
+            out.losses[f"recon_prefix{width}"] = recon(x, levels[:, i])
+        out.losses.update(self.extra_losses(x, out))
+        return out
+
+    def reconstruct_prefix(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """Raw in, raw out, with only the first `width` latents (the inference rule; any width works,
+        the trained levels are `prefixes`)."""
+        codes = self.encode(x)[..., :width]
+        return codes @ self.W_dec[:width] + self.b_dec / self.input_scale
+
+    def inference_rule(self) -> dict[str, Any]:
+        return {**super().inference_rule(), "prefixes": list(self.prefixes)}
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {**super().hyperparams(), "prefixes": list(self.prefixes)}

@@ -1,0 +1,448 @@
+"""SNMF: semi-nonnegative matrix factorisation of MLP activations.
+
+Shafran, Geiger & Geva, "Decomposing MLP Activations into Interpretable Features via Semi-Nonnegative
+Matrix Factorization" (arXiv 2506.10920, 2025). Official code: github.com/ordavid-s/snmf-mlp-decomposition,
+`factorization/seminmf.py` (class `NMFSemiNMF`, `wta_features`, `fix_hoyer_scale`); read for the update
+rules below. The paper factorises the MLP hidden activations (the input of the down projection, site
+`mlp_hidden.L`).
+
+Orientation. The paper writes A (d × n, one column per token) ≈ Z Y with Z (d × k) signed and sparse and
+Y (k × n) ≥ 0; the code writes A ≈ F Gᵀ with F = Z, G = Yᵀ. featurekit keeps tokens as rows, so here
+
+    X (n × d) ≈ G W_dec      W_dec = Fᵀ (k × d): row i is feature i, a signed combination of ⌈s·d⌉ neurons
+                             G = Yᵀ (n × k) ≥ 0: the codes (encode(x) is one row of G)
+
+No bias: the paper factorises the raw activations (b_dec = b_enc = 0, and the fitters use no input scale).
+
+The paper's iteration (code `NMFSemiNMF.fit`), in this orientation, ρ = 1e-6:
+  1. F-step   W ← (GᵀG + ρI)⁻¹ GᵀX                       (closed-form ridge least squares)
+  2. WTA      keep the m = ⌈s·d⌉ entries of largest |value| in each row of W (`wta_features`, s = 0.01)
+  3. scale    G_j ← G_j / ‖G_j‖,  W_j ← W_j · ‖G_j‖         (`fix_hoyer_scale`: unit-norm columns of G)
+  4. G-step   P = X Wᵀ, Q = W Wᵀ,  G ← G ⊙ sqrt((P⁺ + G Q⁻) / (P⁻ + G Q⁺ + 1e-6))
+              (the semi-NMF rule of Ding, Li & Jordan 2010, with X⁺ = (|X|+X)/2, X⁻ = (|X|−X)/2)
+  5. loss ‖X − G W‖²_F; keep the best pair; stop after `patience` iterations without an improvement
+     larger than `tol`; restore the best pair.
+`fit_snmf_dense` runs exactly this on an in-memory X (init "random": G ~ U(0,1) ≥ 1e-6, as the code's
+default; "svd" as the code's `init_svd`). Step 4 never increases the loss for fixed W (Ding et al.; tested);
+step 1 is the exact minimiser over W; the hard WTA of step 2 can increase it, which is why the code keeps
+the best pair. With s = 1 (no WTA) every iteration is non-increasing (tested).
+
+Inference rule (ours: the paper only factorises a fixed token set). A new token's coefficients are the
+nonnegative least-squares solution with the features fixed,
+
+    g(x) = argmin_{g ≥ 0} ‖x − b_dec − g W_dec‖²,
+
+the subproblem the G-step iterates on (its fixed points satisfy this problem's KKT conditions). It is
+solved by projected gradient with Nesterov momentum and per-token adaptive restart (FISTA: Beck &
+Teboulle 2009; restart: O'Donoghue & Candès 2015) from the clamped ridge least-squares point, step
+1/λ_max(Q), `snmf_nnls_iters` iterations. Tokens do not interact (no batch coupling); codes have exact
+zeros, so L0 counts the features in use. On SmolLM2-135M mlp_hidden.6 (k = 256) 20 iterations get
+within 1e-4 FVU of the converged solution; the default is 30.
+
+Streaming fit (`SNMFFitter`, ours; the paper's fit keeps the n × k matrix G and all of A in memory). An
+online alternating least squares in the style of online dictionary learning (Mairal et al. 2010): for
+each chunk X_c of `train.batch_size` tokens, at step t,
+
+    G_c = g(X_c)                                               G-step: the inference rule above
+    β = min(snmf_decay, t/(t+1)),  C ← βC + (1−β) G_cᵀG_c,  B ← βB + (1−β) G_cᵀX_c
+    W ← WTA((C + ρ·mean(diag C)·I)⁻¹ B)                        F-step (step 1) on the discounted
+                                                               statistics of all chunks seen, then step 2
+    W_j ← W_j/‖W_j‖, C ← DCD, B ← DB with D = diag(‖W_j‖)       step 3 moved to W (G is not kept); C, B
+                                                               rescaled so they describe the same fit
+Memory is W, B (k × d) and C (k × k), whatever the number of tokens; the ordered stream is read
+`snmf_passes` times. Differences from the paper, by design: the G-step solves each chunk's NNLS to
+convergence from scratch instead of one warm-started multiplicative step; the F-step uses discounted
+statistics instead of all tokens at the current G; no best-pair tracking or early stopping (a fixed
+number of passes). With snmf_decay = 0 and a single chunk holding every token, each step is one exact
+alternating minimisation step (the full-batch reference of the tests). Measured on SmolLM2-135M
+mlp_hidden.6 (30k tokens, k = 256, one thread, wall clock on a loaded 2-core machine): the paper's
+algorithm, 100 iterations in 780 s, reaches FVU 0.745 with its own G (0.674 on held-out tokens with the
+NNLS codes); this fit, 3 passes of 2048-token chunks in 30–40 s, reaches held-out FVU 0.628 (β = 0.5),
+0.638 (0.8), 0.657 (0.9), 0.674 (0.95): a short memory wins while the features still move; the
+default is 0.8. The codes are not sparse: NNLS uses many small coefficients (L0 ≈ 320 of k = 512 at
+mlp_hidden.6; half of a token's code energy sits in ≈ 12 features). The ridge is relative (ρ times the
+mean of diag C): with the paper's unit-norm G columns diag(GᵀG) = 1, so this is the paper's ρ.
+Choices of ours: features start as the WTA of random tokens of the first chunk (the code's k-means init
+also starts from data; per research/seed-methods-other.md the authors' notebook finds the inits alike, not
+re-checked here); a feature with no statistics
+keeps its row (one that stops firing keeps its direction: its rows of C and B decay together); a
+feature that has not fired on `dead_tokens` (default `DEAD_TOKENS`) consecutive tokens is re-seeded with
+the WTA of the residual of one of the chunk's worst-reconstructed tokens, and its statistics are reset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..errors import FeaturekitError
+from .base import Dictionary
+
+#: ρ of the F-step (relative to the mean of diag GᵀG, which the paper's scale fix makes 1).
+RIDGE = 1e-6
+#: ε of the multiplicative G-step's denominator (code).
+MU_EPS = 1e-6
+#: The streaming fit re-seeds a feature that has not fired on this many consecutive tokens.
+DEAD_TOKENS = 65_536
+
+
+# -- pure pieces ----------------------------------------------------------------------------------
+def winner_take_all(w: torch.Tensor, m: int) -> torch.Tensor:
+    """Keep the m entries of largest |value| in each row of w (k, d); zero the rest (a new tensor)."""
+    if m >= w.shape[-1]:
+        return w.clone()
+    idx = w.abs().topk(m, dim=-1).indices
+    return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx))
+
+
+def active_neurons(sparsity: float, d: int) -> int:
+    """m = ⌈s·d⌉ (at least 1): neurons kept per feature."""
+    return max(1, math.ceil(sparsity * d - 1e-9))
+
+
+def multiplicative_g_step(g: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """One semi-NMF G-step (Ding et al. 2010): G ⊙ sqrt((P⁺ + G Q⁻) / (P⁻ + G Q⁺ + ε)), P = X Wᵀ, Q = W Wᵀ."""
+    num = p.clamp_min(0) + g @ (-q).clamp_min(0)
+    den = (-p).clamp_min(0) + g @ q.clamp_min(0) + MU_EPS
+    return g * torch.sqrt(num / den)
+
+
+def lipschitz(q: torch.Tensor) -> torch.Tensor:
+    """λ_max(Q): the gradient's Lipschitz constant of ½ g Q gᵀ − g·p."""
+    return torch.linalg.eigvalsh(q.double())[-1].clamp_min(1e-30).to(q.dtype)
+
+
+def least_squares_init(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """max(0, P (Q + ρ·mean(diag Q)·I)⁻¹): the clamped ridge least-squares codes."""
+    k = q.shape[0]
+    ridge = RIDGE * float(q.diagonal().mean().clamp_min(1e-30))
+    chol, info = torch.linalg.cholesky_ex(q.double() + ridge * torch.eye(k, dtype=torch.float64, device=q.device))
+    if int(info) != 0:  # Q is PSD, so only a non-finite Q gets here
+        raise FeaturekitError("the SNMF feature Gram matrix is not finite; the dictionary weights hold NaN/Inf")
+    return torch.cholesky_solve(p.double().T, chol).T.clamp_min(0).to(p.dtype)
+
+
+def nnls(p: torch.Tensor, q: torch.Tensor, iters: int, lip: torch.Tensor | None = None,
+         init: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows g = argmin_{g ≥ 0} ½ g Q gᵀ − g·p (= ½‖x − g W‖² + const with p = x Wᵀ, Q = W Wᵀ).
+
+    FISTA with per-row adaptive restart (module docstring), `iters` iterations from `init` (default: the
+    clamped ridge least-squares point). Rows are independent: a row's result does not depend on the others.
+    """
+    lip = lipschitz(q) if lip is None else lip
+    g = least_squares_init(p, q) if init is None else init.clamp_min(0)
+    y, t = g, torch.ones(g.shape[0], 1, dtype=g.dtype, device=g.device)
+    step = 1.0 / lip
+    for _ in range(iters):
+        g_new = (y - (y @ q - p) * step).clamp_min(0)
+        t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+        restart = ((y - g_new) * (g_new - g)).sum(-1, keepdim=True) > 0  # momentum points uphill: drop it
+        y = torch.where(restart, g_new, g_new + (t - 1) / t_new * (g_new - g))
+        t = torch.where(restart, torch.ones_like(t_new), t_new)
+        g = g_new
+    return g
+
+
+def objective(x: torch.Tensor, codes: torch.Tensor, w: torch.Tensor) -> float:
+    """‖X − G W‖²_F."""
+    return float((x - codes @ w).detach().pow(2).sum())
+
+
+# -- the paper's full-batch algorithm ---------------------------------------------------------------
+@dataclass
+class DenseFit:
+    """`fit_snmf_dense`'s result: the dictionary (unit-norm rows), the matching codes G (n, k) and the loss per iteration."""
+
+    dictionary: SNMFDictionary
+    codes: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+    best_iter: int = -1
+
+
+@torch.no_grad()
+def fit_snmf_dense(x: torch.Tensor, n_latents: int, *, sparsity: float = 0.01, max_iter: int = 2000, patience: int = 1500,
+                   tol: float = 1e-4, seed: int = 42, init: str = "random", nnls_iters: int = 30) -> DenseFit:
+    """The paper's algorithm (module docstring, steps 1–5) on an in-memory (n, d) matrix of activations."""
+    x = x.float()
+    n, d = x.shape
+    k = n_latents
+    _check(d, k, sparsity, nnls_iters)
+    m = active_neurons(sparsity, d)
+    gen = torch.Generator().manual_seed(seed)
+    if init == "random":
+        g = torch.rand(n, k, generator=gen).clamp_min(1e-6)
+    elif init == "svd":  # the code's init_svd, transposed: G = U_k √Σ_k ≥ 1e-6 (W = √Σ_k V_kᵀ is replaced by step 1)
+        if k > min(n, d):
+            raise FeaturekitError(f"init='svd' needs n_latents ≤ min(n, d) = {min(n, d)}, got {k}")
+        u, s, _ = torch.linalg.svd(x, full_matrices=False)
+        g = (u[:, :k] * s[:k].sqrt()).clamp_min(1e-6)
+    else:
+        raise FeaturekitError(f"unknown SNMF init {init!r}; use 'random' or 'svd'")
+    eye = torch.eye(k)
+    best, best_w, best_g, best_iter, since = math.inf, None, None, -1, 0
+    losses = []
+    for it in range(max_iter):
+        w = torch.linalg.solve(g.T @ g + RIDGE * eye, g.T @ x)     # 1. F-step
+        w = winner_take_all(w, m)                                  # 2. WTA
+        norms = g.norm(dim=0).clamp_min(1e-8)                      # 3. scale fix
+        g, w = g / norms, w * norms[:, None]
+        g = multiplicative_g_step(g, x @ w.T, w @ w.T)             # 4. G-step
+        loss = objective(x, g, w)                                  # 5. best pair, patience
+        losses.append(loss)
+        if loss < best - tol:
+            best, best_w, best_g, best_iter, since = loss, w.clone(), g.clone(), it, 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    if best_w is None:
+        raise FeaturekitError("the SNMF fit produced no finite loss; check the activations for NaN/Inf")
+    dictionary = SNMFDictionary(d, k, snmf_sparsity=sparsity, snmf_nnls_iters=nnls_iters)
+    norms = best_w.norm(dim=1)
+    dictionary.set_features(best_w)
+    return DenseFit(dictionary, best_g * norms, losses, best_iter)
+
+
+# -- the streaming fitter -----------------------------------------------------------------------------
+class SNMFFitter:
+    """Online SNMF over a token stream (module docstring); the `Dictionary.fitter` protocol of `train.fit.fit_stream`.
+
+    `update(x, ...)` runs the G-step on the chunk x (n, d), updates the statistics and the features and
+    returns metrics (fvu of the chunk under the features it was encoded with, l0, dead fraction,
+    re-seeded features); `state()` / `load_state()` hold everything needed to continue exactly;
+    `finish()` builds the `SNMFDictionary`. `passes` tells the driver how often to read the stream.
+    """
+
+    done = False  # reads every pass of the stream
+
+    def __init__(self, d_in: int, n_latents: int, sparsity: float = 0.01, nnls_iters: int = 30, decay: float = 0.8,
+                 passes: int = 3, seed: int = 0, dead_tokens: int = DEAD_TOKENS):
+        _check(d_in, n_latents, sparsity, nnls_iters)
+        if not 0 <= decay < 1 or passes < 1:
+            raise FeaturekitError(f"SNMF needs 0 <= snmf_decay < 1 and snmf_passes >= 1, got {decay} and {passes}")
+        self.d_in, self.n_latents, self.sparsity, self.nnls_iters = d_in, n_latents, sparsity, nnls_iters
+        self.decay, self.passes, self.seed, self.dead_tokens = decay, passes, seed, dead_tokens
+        self.m = active_neurons(sparsity, d_in)
+        self.w: torch.Tensor | None = None
+        self.c = torch.zeros(n_latents, n_latents, dtype=torch.float64)
+        self.b = torch.zeros(n_latents, d_in, dtype=torch.float64)
+        self.since_fired = torch.zeros(n_latents, dtype=torch.long)  # tokens
+        self.step = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, d_in: int, *, seed: int | None = None, batch_size: int = 4096) -> SNMFFitter:
+        """From a `DictionaryConfig` (n_latents, snmf_*); chunks are the driver's steps of batch_size tokens."""
+        return cls(d_in, cfg.n_latents, cfg.snmf_sparsity, cfg.snmf_nnls_iters, cfg.snmf_decay, cfg.snmf_passes, seed or 0)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.w is None:
+            raise FeaturekitError("the SNMF fit has not seen any tokens yet")
+        return {"w": self.w.clone(), "c": self.c.clone(), "b": self.b.clone(), "since_fired": self.since_fired.clone(),
+                "step": torch.tensor(self.step)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if tuple(state["w"].shape) != (self.n_latents, self.d_in):
+            raise FeaturekitError(f"the SNMF checkpoint holds {tuple(state['w'].shape)} features, the config asks for "
+                                  f"{(self.n_latents, self.d_in)}; resume with the run's own config")
+        self.w, self.c, self.b = state["w"].float().clone(), state["c"].double().clone(), state["b"].double().clone()
+        self.since_fired, self.step = state["since_fired"].long().clone(), int(state["step"])
+
+    def _init_features(self, x: torch.Tensor) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        rows = x[torch.randperm(x.shape[0], generator=gen)[:self.n_latents]]
+        if rows.shape[0] < self.n_latents:  # a first chunk smaller than k: the rest start as Gaussian rows
+            rows = torch.cat([rows, torch.randn(self.n_latents - rows.shape[0], self.d_in, generator=gen)])
+        self.w = _unit_rows(winner_take_all(rows, self.m))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, *unused: Any) -> dict[str, float]:
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise FeaturekitError(f"SNMF chunk at step {self.step} holds NaN/Inf activations; check the harvest dtype")
+        if self.w is None:
+            self._init_features(x)
+        w = self.w
+        q = w @ w.T
+        codes = nnls(x @ w.T, q, self.nnls_iters, lipschitz(q))
+        residual = x - codes @ w
+        sst = float((x - x.mean(0)).pow(2).sum())
+        fired = (codes > 0).any(0)
+        beta = min(self.decay, self.step / (self.step + 1))
+        cd = codes.double()
+        self.c.mul_(beta).add_(cd.T @ cd, alpha=1 - beta)
+        self.b.mul_(beta).add_(cd.T @ x.double(), alpha=1 - beta)
+        self.since_fired += x.shape[0]
+        self.since_fired[fired] = 0
+        self.step += 1
+        self._f_step()
+        reseeded = self._reseed(residual)
+        return {"fvu": float(residual.pow(2).sum()) / sst if sst > 0 else None,
+                "l0": float((codes > 0).sum(-1).float().mean()),
+                "dead_fraction": float((self.since_fired >= self.dead_tokens).float().mean()), "reseeded": reseeded}
+
+    def _f_step(self) -> None:
+        """W ← WTA((C + ρ mean(diag C) I)⁻¹ B); rows with no statistics keep their value; unit rows, C and B rescaled."""
+        k = self.n_latents
+        diag = self.c.diagonal()
+        ridge = RIDGE * float(diag.mean().clamp_min(1e-30))
+        w = torch.linalg.solve(self.c + ridge * torch.eye(k, dtype=torch.float64), self.b)
+        w = winner_take_all(w, self.m).float()
+        norms = w.norm(dim=1)
+        keep = (diag <= 0) | (norms <= 0)
+        w[keep] = self.w[keep]
+        scale = torch.where(keep, torch.ones_like(norms), norms).double()
+        self.w = _unit_rows(w)
+        self.c.mul_(scale[:, None] * scale[None, :])
+        self.b.mul_(scale[:, None])
+
+    def _reseed(self, residual: torch.Tensor) -> int:
+        """Dead features take the WTA'd residuals of the worst-reconstructed tokens (nonzero ones); returns how many."""
+        dead = (self.since_fired >= self.dead_tokens).nonzero().flatten()
+        err = residual.pow(2).sum(-1)
+        n = min(dead.numel(), int((err > 0).sum()))
+        if n == 0:
+            return 0
+        dead = dead[:n]
+        self.w[dead] = _unit_rows(winner_take_all(residual[err.topk(n).indices], self.m))
+        self.c[dead, :] = 0
+        self.c[:, dead] = 0
+        self.b[dead] = 0
+        self.since_fired[dead] = 0
+        return n
+
+    def finish(self) -> SNMFDictionary:
+        if self.w is None:
+            raise FeaturekitError("the SNMF fit saw no tokens: the activation stream was empty")
+        dictionary = SNMFDictionary(self.d_in, self.n_latents, snmf_sparsity=self.sparsity, snmf_nnls_iters=self.nnls_iters)
+        dictionary.set_features(self.w)
+        return dictionary
+
+
+def fit_snmf(data: torch.Tensor | Iterable[torch.Tensor] | Callable[[], Iterable[Any]], n_latents: int, *,
+             sparsity: float = 0.01, nnls_iters: int = 30, decay: float = 0.8, passes: int = 3, chunk_tokens: int = 4096,
+             seed: int = 0, dead_tokens: int = DEAD_TOKENS, run_dir: str | Path | None = None, resume: bool = False,
+             progress: bool = False, checkpoint_every: int = 50, log_every: int = 10) -> SNMFDictionary:
+    """Fit SNMF by the streaming fitter (module docstring) and return the dictionary.
+
+    `data`: an (n, d) tensor, a list of (n_i, d) tensors, or a callable returning a fresh iterable of
+    tensors or `ActivationBatch`es (read once per pass; e.g. `lambda: cache.iter_shards(sites=[site])`
+    for an `ActivationCache`: the batch's only site is used). With `run_dir` the fit keeps
+    `run_dir/checkpoint` and `run_dir/metrics.jsonl` (`train.fit.fit_stream`), and `resume=True` continues
+    a killed fit from its last checkpoint to the same result.
+    """
+    from ..train.fit import fit_stream  # train imports dictionaries: import it when called
+
+    if callable(data):
+        read = data
+    elif torch.is_tensor(data) or isinstance(data, (list, tuple)):
+        read = (lambda: [data]) if torch.is_tensor(data) else (lambda: data)
+    else:
+        raise FeaturekitError("fit_snmf reads the data once per pass: pass a tensor, a list of tensors or a callable "
+                              "returning a fresh iterable (e.g. lambda: cache.iter_shards(sites=[site])), not an iterator")
+    stream = (_as_batch(b) for _ in range(passes) for b in read())
+    first = next(stream, None)
+    if first is None:
+        raise FeaturekitError("fit_snmf got no activations")
+    stream = itertools.chain([first], stream)
+    fitter = SNMFFitter(first.acts["x"].shape[-1], n_latents, sparsity, nnls_iters, decay, passes, seed, dead_tokens)
+    if run_dir is None:
+        for batch in stream:  # chunked within each batch, as fit_stream does
+            for chunk in _chunks(batch.acts["x"], chunk_tokens):
+                fitter.update(chunk)
+    else:
+        tc = SimpleNamespace(batch_size=chunk_tokens, log_every=log_every, checkpoint_every=checkpoint_every)
+        fit_stream(fitter, stream, "x", Path(run_dir), tc, resume=resume, progress=progress,
+                   digest=f"snmf:{fitter.d_in}:{n_latents}:{sparsity}:{nnls_iters}:{decay}:{passes}:{chunk_tokens}:{seed}:{dead_tokens}")
+    return fitter.finish()
+
+
+# -- the dictionary -------------------------------------------------------------------------------------
+class SNMFDictionary(Dictionary):
+    """Features W_dec (k, d): signed, ⌈s·d⌉ neurons each, unit-norm rows; codes = nonnegative least squares.
+
+    W_enc mirrors W_dec (the inference rule reads W_dec only: pre = (x − b_dec) W_decᵀ are the correlations
+    P that the NNLS solver starts from). Fitted by `SNMFFitter` (pipeline) or `fit_snmf_dense`, not by gradient.
+    """
+
+    method = "snmf"
+    fitter = SNMFFitter
+
+    def __init__(self, d_in: int, n_latents: int, snmf_sparsity: float = 0.01, snmf_nnls_iters: int = 30, seed: int | None = None):
+        super().__init__(d_in, n_latents)
+        _check(d_in, n_latents, snmf_sparsity, snmf_nnls_iters)
+        self.sparsity, self.nnls_iters = float(snmf_sparsity), int(snmf_nnls_iters)
+        self._gram_cache: tuple | None = None
+        with torch.no_grad():  # random features of ⌈s·d⌉ neurons (the fitters replace them)
+            self.init_tied(seed)
+            self.set_features(winner_take_all(self.W_dec, active_neurons(self.sparsity, d_in)))
+
+    @torch.no_grad()
+    def set_features(self, w: torch.Tensor) -> None:
+        """Install features (k, d): rows scaled to unit norm (a zero row stays zero); W_enc = W_dec."""
+        self.W_dec.copy_(_unit_rows(w.float()))
+        self.W_enc.copy_(self.W_dec)
+
+    def _gram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q = W_dec W_decᵀ (fp32) and λ_max(Q), cached until W_dec changes."""
+        key = (self.W_dec._version, self.W_dec.data_ptr(), self.W_dec.device)
+        if self._gram_cache is None or self._gram_cache[0] != key:
+            with torch.no_grad():
+                w = self.W_dec.detach().float()
+                q = w @ w.T
+                self._gram_cache = (key, q, lipschitz(q))
+        return self._gram_cache[1], self._gram_cache[2]
+
+    def pre_activation(self, x_scaled: torch.Tensor) -> torch.Tensor:
+        """P = (x − b_dec) W_decᵀ: each feature's correlation with the token."""
+        return (x_scaled - self.b_dec) @ self.W_dec.T
+
+    @torch.no_grad()
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        q, lip = self._gram()
+        shape = pre.shape
+        codes = nnls(pre.detach().float().reshape(-1, shape[-1]), q, self.nnls_iters, lip)
+        return codes.reshape(shape).to(self.W_dec.dtype)
+
+    def inference_rule(self) -> dict[str, Any]:
+        return {"activation": "nnls", "problem": "argmin_{g >= 0} ||x - b_dec - g W_dec||^2", "solver": "fista_adaptive_restart",
+                "iters": self.nnls_iters, "init": "clamped ridge least squares", "ridge": RIDGE}
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"snmf_sparsity": self.sparsity, "snmf_nnls_iters": self.nnls_iters}
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _check(d_in: int, n_latents: int, sparsity: float, nnls_iters: int) -> None:
+    if not 0 < sparsity <= 1:
+        raise FeaturekitError(f"snmf_sparsity is the fraction of neurons kept per feature and must lie in (0, 1], got {sparsity}")
+    if nnls_iters < 1 or n_latents < 1 or d_in < 1:
+        raise FeaturekitError(f"SNMF needs snmf_nnls_iters, n_latents and d_in >= 1, got {nnls_iters}, {n_latents}, {d_in}")
+
+
+def _as_batch(item: Any) -> Any:
+    """A tensor, or an ActivationBatch with one site, as an object with acts["x"] and index tensors."""
+    if torch.is_tensor(item):
+        x = item
+    else:
+        if len(item.acts) != 1:
+            raise FeaturekitError(f"fit_snmf needs batches with one site, got {sorted(item.acts)}; "
+                                  f"pass lambda: cache.iter_shards(sites=[site])")
+        (x,) = item.acts.values()
+    zeros = torch.zeros(x.shape[0], dtype=torch.long)
+    return SimpleNamespace(acts={"x": x}, context_idx=zeros, position=zeros, token_ids=zeros)
+
+
+def _chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, x.shape[0], size):
+        yield x[i:i + size]
