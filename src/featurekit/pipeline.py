@@ -142,6 +142,19 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
     return write_cache(cfg.run_dir / "activations", stream, meta, cfg.data.shard_tokens)
 
 
+def training_cache(cfg: RunConfig, cache_dir: Path | None = None) -> ActivationCache:
+    """The run's activation cache (or `cache_dir`), checked complete and harvested with this config's data settings."""
+    cache = ActivationCache(cache_dir or cfg.run_dir / "activations")
+    if not cache.complete:
+        raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete; run `featurekit harvest` to finish it")
+    expected = harvest_meta(cfg)
+    differs = sorted(k for k in expected if cache.meta.get(k) != expected[k])
+    if differs:
+        raise FeaturekitError(f"the activation cache in {cache.dir} was harvested with other settings ({', '.join(differs)}); "
+                              f"run `featurekit harvest` with this config into a new run name")
+    return cache
+
+
 def run_fit(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
             cache_dir: Path | None = None) -> Dictionary:
     """Fit a method with a `Dictionary.fitter` (ITDA, SNMF): `fitter.passes` (default 1) passes over the training
@@ -149,12 +162,7 @@ def run_fit(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded:
     and no input scaling; steps, metrics.jsonl, checkpoints and `resume` as in `train.fit.fit_stream`."""
     tc = cfg.train
     if cfg.data.cache:
-        cache = ActivationCache(cache_dir or cfg.run_dir / "activations")
-        expected = harvest_meta(cfg)
-        differs = sorted(k for k in expected if cache.meta.get(k) != expected[k])
-        if not cache.complete or differs:
-            raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete or was harvested with other settings "
-                                  f"({', '.join(differs)}); run `featurekit harvest` with this config")
+        cache = training_cache(cfg, cache_dir)
         d, harvest_dtype = cache.d(cfg.site), cache.meta.get("dtype")
         data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
 
@@ -201,14 +209,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     # one shuffled row per token: [activation | gradient] (g-SAE) or [input | target] (transcoders)
     sites = [cfg.site] + ([gradient_key(cfg.site)] if with_grad else []) + ([cfg.output_site] if cfg.output_site else [])
     if cfg.data.cache:
-        cache = ActivationCache(cache_dir or cfg.run_dir / "activations")
-        if not cache.complete:
-            raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete; run `featurekit harvest` to finish it")
-        expected = harvest_meta(cfg)
-        differs = sorted(k for k in expected if cache.meta.get(k) != expected[k])
-        if differs:
-            raise FeaturekitError(f"the activation cache in {cache.dir} was harvested with other settings ({', '.join(differs)}); "
-                                  f"run `featurekit harvest` with this config into a new run name")
+        cache = training_cache(cfg, cache_dir)
         d, per_epoch, harvest_dtype = cache.d(cfg.site), batches_per_epoch(cache.n_tokens, tc.batch_size), cache.meta.get("dtype")
         d_out = cache.d(cfg.output_site) if cfg.output_site else None
         data_id = [shard["sha256"] for shard in cache.manifest["shards"]]

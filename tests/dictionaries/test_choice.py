@@ -21,15 +21,6 @@ from featurekit.train.losses import aux_zipf_loss, auxk_loss, fvu_loss, zipf_exp
 from ..train.synthetic import sample, true_features
 
 
-@pytest.fixture
-def one_thread():
-    """Training tests on the shared 2-core machine: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @st.composite
 def batch_and_m(draw, positive=False):
     rows, width = draw(st.integers(1, 12)), draw(st.integers(1, 30))
@@ -170,7 +161,7 @@ def train(cls, features, run_dir, steps=400, seed=1, **cfg):
         return {"mmcs": float(best.mean()), "fvu": fvu(x, sae.decode(codes)), "l0": l0(codes), "dead": dead}, trainer
 
 
-def test_feature_choice_recovers_features_with_no_dead_latents_where_topk_has_some(tmp_path, one_thread):
+def test_feature_choice_recovers_features_with_no_dead_latents_where_topk_has_some(tmp_path):
     # Measured (seed 1, 400 steps of 256 tokens, 48 true features in d=24, F=96, k=4): FC MMCS 0.927,
     # FVU 0.142, inference L0 3.15, dead 0 %; TopK MMCS 0.973, FVU 0.097, L0 3.89, dead 11.5 %.
     features = true_features(48, 24)
@@ -181,7 +172,7 @@ def test_feature_choice_recovers_features_with_no_dead_latents_where_topk_has_so
     assert fc["dead"] < topk["dead"]
 
 
-def test_mutual_choice_recovers_features(tmp_path, one_thread):
+def test_mutual_choice_recovers_features(tmp_path):
     # Measured (seeds 1-3): MMCS 0.834-0.847, FVU 0.128-0.131, inference L0 3.60-3.67; random init MMCS 0.46-0.49.
     mc, trainer = train(MutualChoiceSAE, true_features(48, 24), tmp_path)
     assert mc["mmcs"] > 0.78 and mc["fvu"] < 0.2 and 3.0 <= mc["l0"] <= 4.5
@@ -212,7 +203,7 @@ def test_aux_zipf_is_aux_k_over_latents_far_below_their_zipf_density():
     assert aux_zipf_loss(residual, pre, W, zipf_densities(40), 3) == 0  # all on the curve: nothing to revive
 
 
-def test_aux_zipf_is_wired_into_the_trainer_for_any_method(tmp_path, one_thread):
+def test_aux_zipf_is_wired_into_the_trainer_for_any_method(tmp_path):
     features = true_features(48, 24)
     sae = MutualChoiceSAE(24, 96, k=4, seed=1)
     cfg = TrainConfig(lr=3e-3, warmup_steps=5, log_every=1, checkpoint_every=10_000, aux_zipf_coef=1 / 32, aux_zipf_tau=0.5)

@@ -19,15 +19,6 @@ from featurekit.train.losses import auxk_loss, fvu_loss
 from ..train.synthetic import true_features
 
 
-@pytest.fixture
-def one_thread():
-    """Training tests on the shared 2-core machine: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_prefixes_default_to_the_geometric_grouping_and_end_at_f():
     assert default_prefixes(96) == [6, 12, 24, 48, 96]
     assert default_prefixes(8) == [1, 2, 4, 8]
@@ -104,7 +95,7 @@ def train(cls, features, run_dir, steps=400, **kw):
     return sae
 
 
-def test_first_prefix_alone_captures_the_frequent_features(tmp_path, one_thread):
+def test_first_prefix_alone_captures_the_frequent_features(tmp_path):
     # Measured (seeds 1-3, 400 steps of 256 tokens, d=24, F=96, k=4, prefixes [8, 24, 96]): the first 8
     # latents match the 8 frequent features with mean max-cos 0.79-0.85 and reconstruct alone with
     # FVU 0.45-0.47 (prefix 24: 0.20-0.22); MMCS over all 48 features 0.77-0.79, full FVU 0.14-0.16,

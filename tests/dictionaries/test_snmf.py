@@ -14,26 +14,17 @@ from featurekit.dictionaries.snmf import (
     SNMFDictionary,
     SNMFFitter,
     fit_snmf,
-    fit_snmf_dense,
     least_squares_init,
     multiplicative_g_step,
     nnls,
     objective,
     winner_take_all,
 )
+from featurekit.dictionaries.snmf_paper import fit_snmf_dense
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate.steering import feature_logit_effect, steer
 
 from ..test_pipeline import config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fits are many small matrix products: one thread is faster on a shared machine, and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def planted(n: int, d: int = 32, k: int = 16, m: int = 3, p: float = 0.1, seed: int = 0, draw: int | None = None):

@@ -11,7 +11,8 @@ from .jumprelu import JumpReLUSAE
 from .matryoshka import MatryoshkaSAE
 from .mpsae import MPSAE
 from .relu import ReLUSAE
-from .snmf import SNMFDictionary, SNMFFitter, fit_snmf, fit_snmf_dense
+from .snmf import SNMFDictionary, SNMFFitter, fit_snmf
+from .snmf_paper import fit_snmf_dense
 from .topafa import TopAFASAE
 from .topk import AbsTopKSAE, TopKSAE
 from .transcoder import SkipTranscoder, Transcoder

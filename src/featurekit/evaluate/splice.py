@@ -11,6 +11,7 @@ KL are scored at the spliced positions t < T−1 (the prediction of token t+1).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 
 import torch
 from tqdm.auto import tqdm
@@ -56,20 +57,45 @@ def splice_eval(
     max_norm_multiple: float | None = None,
 ) -> dict:
     """Clean, spliced and zero-ablated CE, loss recovered and KL(clean ‖ spliced) on `input_ids`."""
+    return score_splice(
+        model, input_ids, mask, [site],
+        spliced=lambda keep: replace(model, site, lambda act: _reconstruct_at(act, keep, dictionary)),
+        ablated=lambda keep: replace(model, site, lambda act: act.masked_fill(keep[..., None], 0.0)),
+        batch_contexts=batch_contexts, progress=progress, max_norm_multiple=max_norm_multiple, desc="splice eval")
+
+
+@torch.no_grad()
+def score_splice(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    read_sites: list[str],
+    spliced: Callable[[torch.Tensor], AbstractContextManager],
+    ablated: Callable[[torch.Tensor], AbstractContextManager],
+    batch_contexts: int = 16,
+    progress: bool = True,
+    max_norm_multiple: float | None = None,
+    desc: str = "splice eval",
+) -> dict:
+    """The scoring loop every splice evaluation shares. Per batch of contexts: a clean forward reads
+    `read_sites` (a token that is a norm outlier at any of them is left alone), then `spliced(keep)`
+    and `ablated(keep)` (context managers given the kept positions) each wrap one more forward.
+    CE and KL(clean ‖ spliced) are summed at the kept positions t < T−1 and averaged at the end."""
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablated": 0.0, "kl_clean_spliced": 0.0}
     n_scored = 0
-    for start in tqdm(range(0, len(input_ids), batch_contexts), desc="splice eval", disable=not progress):
+    for start in tqdm(range(0, len(input_ids), batch_contexts), desc=desc, disable=not progress):
         ids = input_ids[start:start + batch_contexts]
         keep = mask[start:start + batch_contexts]
-        with capture(model, site) as seen:
+        with capture(model, *read_sites) as seen:
             logits_clean = model(input_ids=ids, use_cache=False).logits
-        keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
+        for site in read_sites:
+            keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
         scored = keep[:, :-1]
-        with replace(model, site, lambda act, keep=keep: _reconstruct_at(act, keep, dictionary)):
+        with spliced(keep):
             logits_spliced = model(input_ids=ids, use_cache=False).logits
-        with replace(model, site, lambda act, keep=keep: act.masked_fill(keep[..., None], 0.0)):
+        with ablated(keep):
             logits_zero = model(input_ids=ids, use_cache=False).logits
         for key, logits in (("ce_clean", logits_clean), ("ce_spliced", logits_spliced), ("ce_zero_ablated", logits_zero)):
             sums[key] += float(metrics.token_cross_entropy(logits, ids)[scored].double().sum())

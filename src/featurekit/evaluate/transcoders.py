@@ -25,14 +25,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
-from tqdm.auto import tqdm
 
-from ..data.harvest import norm_outliers
 from ..dictionaries import Dictionary
 from ..errors import FeaturekitError
 from ..models.hooks import capture, replace, transform
 from ..models.sites import parse_site
-from . import metrics
+from .splice import score_splice
 
 Transcoders = Mapping[int, Dictionary] | Sequence[tuple[str, str, Dictionary]]
 
@@ -110,33 +108,12 @@ def transcoder_splice_eval(
     tokens whose norm at an input or output site exceeds `max_norm_multiple` × the batch median)."""
     triples = transcoder_splices(transcoders)
     read = sorted({site for site, _, _ in triples} | {out for _, out, _ in triples})
-    device = next(model.parameters()).device
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablated": 0.0, "kl_clean_spliced": 0.0}
-    n_scored = 0
-    for start in tqdm(range(0, len(input_ids), batch_contexts), desc="transcoder splice eval", disable=not progress):
-        ids = input_ids[start:start + batch_contexts]
-        keep = mask[start:start + batch_contexts]
-        with capture(model, *read) as seen:
-            logits_clean = model(input_ids=ids, use_cache=False).logits
-        for site in read:  # as the harvest: a token that is an outlier at any site is left alone
-            keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
-        scored = keep[:, :-1]
-        with splice_transcoders(model, triples, keep):
-            logits_spliced = model(input_ids=ids, use_cache=False).logits
-        zero = {out: (lambda act, keep=keep: act.masked_fill(keep[..., None], 0.0)) for _, out, _ in triples}
-        with transform(model, zero):
-            logits_zero = model(input_ids=ids, use_cache=False).logits
-        for key, logits in (("ce_clean", logits_clean), ("ce_spliced", logits_spliced), ("ce_zero_ablated", logits_zero)):
-            sums[key] += float(metrics.token_cross_entropy(logits, ids)[scored].double().sum())
-        sums["kl_clean_spliced"] += float(metrics.token_kl(logits_clean, logits_spliced)[:, :-1][scored].double().sum())
-        n_scored += int(scored.sum())
-    if n_scored == 0:
-        raise FeaturekitError("no position was left to splice and score (every token is masked out); "
-                              "evaluate on more contexts or relax data.exclude_* / data.max_norm_multiple")
-    out = {key: value / n_scored for key, value in sums.items()}
-    out["loss_recovered"] = metrics.loss_recovered(out["ce_clean"], out["ce_spliced"], out["ce_zero_ablated"])
-    out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
-    out["splice_tokens"] = n_scored
+
+    def zero(keep: torch.Tensor):
+        return transform(model, {out: (lambda act: act.masked_fill(keep[..., None], 0.0)) for _, out, _ in triples})
+
+    out = score_splice(model, input_ids, mask, read, spliced=lambda keep: splice_transcoders(model, triples, keep), ablated=zero,
+                       batch_contexts=batch_contexts, progress=progress, max_norm_multiple=max_norm_multiple,
+                       desc="transcoder splice eval")
     out["spliced_sites"] = [f"{site} -> {out_site}" for site, out_site, _ in triples]
     return out
