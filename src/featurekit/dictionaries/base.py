@@ -13,7 +13,6 @@ thresholds ← thresholds/c; codes then come out in raw units).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -22,14 +21,49 @@ from torch import nn
 from ..errors import FeaturekitError
 
 
-@dataclass
 class Output:
-    """What `Dictionary.forward` returns. `losses` holds named scalar terms summed into the loss."""
+    """What `Dictionary.forward` returns. `losses` holds named scalar terms summed into the loss.
 
-    x_hat: torch.Tensor
-    codes: torch.Tensor
-    pre: torch.Tensor | None = None
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    Codes come either dense (`codes`, (N, F)) or sparse: `idx` (N, m) latent indices and `values`
+    (N, m), zero where a slot is padding. The dense matrix of a sparse output is built only if
+    `codes` is read; the trainer's statistics (`fire_counts`, `l0`) use the sparse form, so a
+    training step of a sparse method never writes an (N, F) code matrix."""
+
+    def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | None = None, pre: torch.Tensor | None = None,
+                 losses: dict[str, torch.Tensor] | None = None, idx: torch.Tensor | None = None,
+                 values: torch.Tensor | None = None, n_latents: int | None = None):
+        if codes is None and (idx is None or values is None or n_latents is None):
+            raise ValueError("Output needs dense codes or idx, values and n_latents")
+        self.x_hat, self.pre, self.idx, self.values, self.n_latents = x_hat, pre, idx, values, n_latents
+        self._codes = codes
+        self.losses: dict[str, torch.Tensor] = {} if losses is None else losses
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self._codes is None:
+            self._codes = torch.zeros(self.idx.shape[0], self.n_latents, dtype=self.values.dtype,
+                                      device=self.values.device).scatter_add_(-1, self.idx, self.values.detach())
+        return self._codes
+
+    @torch.no_grad()
+    def fire_counts(self) -> torch.Tensor:
+        """(F,) number of tokens of the batch on which each latent is non-zero."""
+        if self._codes is None:
+            fired = self.values.detach() != 0
+            return torch.bincount(self.idx[fired], minlength=self.n_latents)
+        return (self._codes != 0).sum(0)
+
+    @torch.no_grad()
+    def l0(self) -> float:
+        """Mean number of non-zero codes per token."""
+        nonzero = (self.values.detach() != 0) if self._codes is None else (self._codes != 0)
+        return nonzero.sum().item() / max(nonzero.shape[0], 1)
+
+    @torch.no_grad()
+    def nonzero_values(self) -> torch.Tensor:
+        """The non-zero codes of the batch, flattened."""
+        v = self.values.detach() if self._codes is None else self._codes
+        return v[v != 0]
 
 
 class Dictionary(nn.Module):

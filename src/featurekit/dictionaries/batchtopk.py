@@ -19,7 +19,7 @@ import torch
 
 from .base import Output
 from .operators import abs_threshold, batch_abs_topk, batch_topk, batch_topk_sparse, threshold
-from .sparse import densify, gather_linear, sparse_decode
+from .sparse import encoder_preact, gather_linear, sparse_decode
 from .topk import TopKSAE
 
 
@@ -43,7 +43,7 @@ class BatchTopKSAE(TopKSAE):
         x = self._check_input(x)
         centered = x - self.b_dec
         with torch.no_grad():
-            pre = centered @ self.W_enc.T + self.b_enc
+            pre = encoder_preact(centered, self.W_enc, self.b_enc)
             sparse = batch_topk_sparse(pre.abs() if self.signed else pre.relu(), self.k)
         if sparse is None:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph
@@ -53,7 +53,7 @@ class BatchTopKSAE(TopKSAE):
             idx, keep = sparse
             values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre) * keep
             x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-            out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents), pre=pre)
+            out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
         out.losses.update(self.extra_losses(x, out))
         return out
 
@@ -65,7 +65,7 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
         """Update θ from the batch's smallest kept activation."""
-        kept = out.codes[out.codes != 0].abs()
+        kept = out.nonzero_values().abs()
         if kept.numel() == 0:
             return
         m = kept.min()

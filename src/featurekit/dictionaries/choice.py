@@ -35,7 +35,7 @@ import torch
 from .base import Output
 from .batchtopk import BatchTopKSAE
 from .operators import feature_choice_mask, threshold
-from .sparse import densify, gather_linear, sparse_decode
+from .sparse import encoder_preact, gather_linear, sparse_decode
 from .topk import TopKSAE
 
 
@@ -64,14 +64,14 @@ class FeatureChoiceSAE(TopKSAE):
         x = self._check_input(x)
         centered = x - self.b_dec
         with torch.no_grad():
-            pre = centered @ self.W_enc.T + self.b_enc
+            pre = encoder_preact(centered, self.W_enc, self.b_enc)
             mask = feature_choice_mask(pre.relu(), self.capacity(x.shape[0]))
             width = int(mask.sum(-1).max()) if mask.numel() else 0
         if 0 < width <= min(8 * self.k, self.n_latents // 2):
             idx = mask.to(pre.dtype).topk(width, dim=-1, sorted=False).indices  # every kept latent of the row, then padding
             values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre) * mask.gather(-1, idx)
             out = Output(x_hat=sparse_decode(idx, values, self.W_dec) + self.b_dec,
-                         codes=densify(idx, values, self.n_latents), pre=pre)
+                         idx=idx, values=values, n_latents=self.n_latents, pre=pre)
         else:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph
             codes = pre * mask

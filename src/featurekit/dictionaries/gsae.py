@@ -28,7 +28,7 @@ import torch
 
 from ..errors import FeaturekitError
 from .base import Output
-from .sparse import densify, gather_linear, sparse_decode
+from .sparse import encoder_preact, gather_linear, sparse_decode
 from .topk import TopKSAE
 
 
@@ -58,12 +58,12 @@ class GradientSAE(TopKSAE):
                                   "harvest with data.gradients=true so each token carries its own gradient")
         centered = x - self.b_dec
         with torch.no_grad():
-            pre = centered @ self.W_enc.T + self.b_enc
+            pre = encoder_preact(centered, self.W_enc, self.b_enc)
             score = pre.relu() * (1 + self.beta * self.gradient_scores(grad))
             idx = score.topk(self.k, dim=-1, sorted=False).indices
         values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre).relu()
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-        out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents), pre=pre)
+        out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
         out.losses.update(self.extra_losses(x, out))
         return out
 

@@ -61,6 +61,7 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import jumprelu
+from .sparse import encoder_preact, gather_linear, mask_to_sparse, plain_active, sparse_decode
 
 #: latents per chunk in the data-dependent b_enc init (bounds the sample × chunk pre-activation block)
 _INIT_CHUNK = 1024
@@ -68,6 +69,11 @@ _INIT_CHUNK = 1024
 
 def _kernel(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return (((pre - theta) / eps).abs() < 0.5).to(pre.dtype)
+
+
+def _reduce_to(grad: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """θ's gradient: summed over tokens for a per-latent θ (F,), elementwise for a gathered θ (N, m)."""
+    return grad.sum(0) if theta.dim() < grad.dim() else grad
 
 
 class _JumpReLUFn(torch.autograd.Function):
@@ -80,8 +86,8 @@ class _JumpReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
-        grad_theta = (-(theta / ctx.eps) * _kernel(pre, theta, ctx.eps) * grad).sum(0)
-        return grad * (pre > theta), grad_theta, None
+        grad_theta = -(theta / ctx.eps) * _kernel(pre, theta, ctx.eps) * grad
+        return grad * (pre > theta), _reduce_to(grad_theta, theta), None
 
 
 class _StepFn(torch.autograd.Function):
@@ -94,7 +100,7 @@ class _StepFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
-        return torch.zeros_like(pre), (-(1.0 / ctx.eps) * _kernel(pre, theta, ctx.eps) * grad).sum(0), None
+        return torch.zeros_like(pre), _reduce_to(-(1.0 / ctx.eps) * _kernel(pre, theta, ctx.eps) * grad, theta), None
 
 
 class JumpReLUSAE(Dictionary):
@@ -133,8 +139,28 @@ class JumpReLUSAE(Dictionary):
             self.b_enc[idx] = self.theta[idx] - top.mean(0)  # the cut halfway between them: rounding cannot move a token across
 
     def forward(self, x: torch.Tensor) -> Output:
-        """Training forward with the straight-through estimators."""
+        """Training forward with the straight-through estimators. Sparse: only the (token, latent)
+        pairs that fire or lie in the kernel window |π − θ| < ε/2 carry a value or a gradient, so
+        they are gathered (`mask_to_sparse`) and run through the sparse kernels with θ gathered per
+        pair — the same values and gradients as the dense formulas (tests/dictionaries/test_jumprelu.py).
+        Dense when more than half of the latents would be live in some token."""
         x = self._check_input(x)
+        centered = x - self.b_dec
+        if not plain_active():
+            with torch.no_grad():
+                pre = encoder_preact(centered, self.W_enc, self.b_enc)
+                theta = self.theta.detach()
+                live = (pre > theta) | (((pre - theta) / self.bandwidth).abs() < 0.5)
+                sparse = int(live.sum(-1).max()) <= self.n_latents // 2
+            if sparse:
+                idx, keep = mask_to_sparse(live)
+                pre_at, theta_at = gather_linear(centered, self.W_enc, self.b_enc, idx, pre), self.theta[idx]
+                values = _JumpReLUFn.apply(pre_at, theta_at, self.bandwidth) * keep
+                out = Output(x_hat=sparse_decode(idx, values, self.W_dec) + self.b_dec, idx=idx, values=values,
+                             n_latents=self.n_latents, pre=pre)
+                l0 = (_StepFn.apply(pre_at, theta_at, self.bandwidth) * keep).sum(-1).mean()
+                out.losses["l0"] = self.l0_coefficient * self.sparsity_scale * l0
+                return out
         pre = self.pre_activation(x)
         codes = _JumpReLUFn.apply(pre, self.theta, self.bandwidth)
         out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)

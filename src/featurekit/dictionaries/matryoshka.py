@@ -38,7 +38,7 @@ from ..train.losses import fvu_loss, squared_error_loss
 from .base import Output
 from .batchtopk import BatchTopKSAE
 from .operators import batch_topk, batch_topk_sparse
-from .sparse import densify, gather_linear
+from .sparse import densify, encoder_preact, gather_linear
 
 
 def default_prefixes(n_latents: int) -> list[int]:
@@ -93,7 +93,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         x = self._check_input(x)
         centered = x - self.b_dec
         with torch.no_grad():
-            pre = centered @ self.W_enc.T + self.b_enc
+            pre = encoder_preact(centered, self.W_enc, self.b_enc)
             sparse = batch_topk_sparse(pre.relu(), self.k)
         if sparse is None:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph

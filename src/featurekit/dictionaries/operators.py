@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .sparse import mask_to_sparse
+
 
 def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest entries of each row, zero the rest, then ReLU.
@@ -36,23 +38,29 @@ def relu(pre: torch.Tensor) -> torch.Tensor:
 
 
 def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The B·k largest entries of non-negative `scores` (B, F), in sparse form, without a top-k over
-    all B·F entries — or None when it can't be sure.
+    """The B·k largest entries of non-negative `scores` (B, F), in sparse form, exactly, without a
+    top-k over all B·F entries — or None when the sparse form would be wider than F/2 per row.
 
-    Each row's 4k largest scores are the candidates and the B·k largest candidates are kept. That
-    is exact unless some row had all its candidates kept (it might own more): then None.
-    Returns (idx, keep): candidate columns (B, 4k) and a bool mask of the kept ones (score > 0).
+    Each row's 4k largest scores are candidates; the B·k-th largest candidate t is at most the true
+    B·k-th largest score (the candidates are a subset), so `scores ≥ t` is a superset of the answer,
+    found in one elementwise pass. It is the answer unless a row owns more than 4k picks (or ties):
+    then a top-k over the superset only. Returns (idx, keep): columns (B, m), m = the largest number
+    kept in a row, and a bool mask of the kept slots (score > 0; the rest is padding).
     """
     rows, width = scores.shape
-    per_row = min(4 * k, width)
-    if per_row == width:
+    total = min(k * rows, scores.numel())
+    cand = scores.topk(min(4 * k, width), dim=-1, sorted=False).values
+    t = cand.flatten().topk(total, sorted=False).values.min()
+    mask = scores >= t
+    if int(mask.sum()) > total:
+        r, c = mask.nonzero(as_tuple=True)
+        top = scores[r, c].topk(total, sorted=False).indices
+        mask = torch.zeros_like(mask)
+        mask[r[top], c[top]] = True
+    mask &= scores > 0
+    if int(mask.sum(-1).max()) > width // 2:
         return None
-    cand_scores, cand_idx = scores.topk(per_row, dim=-1, sorted=False)
-    flat_pos = cand_scores.flatten().topk(min(k * rows, cand_scores.numel()), sorted=False).indices
-    if bool((torch.bincount(flat_pos // per_row, minlength=rows) == per_row).any()):
-        return None
-    keep = torch.zeros(cand_scores.numel(), dtype=torch.bool, device=scores.device).index_fill_(0, flat_pos, True)
-    return cand_idx, keep.view_as(cand_scores) & (cand_scores > 0)
+    return mask_to_sparse(mask)
 
 
 def _batch_select(pre: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,7 +72,7 @@ def _batch_select(pre: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tens
     sparse = batch_topk_sparse(scores, k)
     if sparse is not None:
         idx, keep = sparse
-        return torch.zeros_like(pre).scatter_(-1, idx, pre.gather(-1, idx) * keep)
+        return torch.zeros_like(pre).scatter_add_(-1, idx, pre.gather(-1, idx) * keep)
     flat = scores.flatten()
     top = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
     kept = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True) & (flat > 0)

@@ -9,23 +9,108 @@ non-zeros per row, all four only need N × k × d work:
   ∂b[idx[n,j]] += g[n,j], ∂x[n] = Σ_j g[n,j]·W[idx[n,j]].
 * `sparse_decode(idx, values, W_dec)` = Σ_j values[n,j]·W_dec[idx[n,j]] through `embedding_bag`.
 
-Both give the same results and gradients as the dense formulas up to fp32 summation order
-(tests/dictionaries/test_sparse.py checks this against the plain implementation).
+* `encoder_preact(x, W, b)` = x Wᵀ + b without grad, the one (N × F × d) product a step cannot
+  avoid: through oneDNN on CPU (≈ 2× MKL's fp32 sgemm on AVX-512 machines, measured in
+  BENCHMARKS.md), in bf16 under a bf16 autocast (selection in bf16; `gather_linear` then recomputes
+  the selected values exactly in fp32, so only ties near the k-th value can differ).
+
+The encoder's weight gradient is one CSR (F × N) @ x (N × d) product over the N·k selected pairs.
+All of it gives the same results and gradients as the dense formulas up to fp32 summation order
+(tests/dictionaries/test_sparse.py); `plain_kernels()` switches every kernel to the straightforward
+dense autograd formulas, which the tests train against.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
-#: rows per chunk in the weight-gradient accumulation (bounds the (rows, k, d) temporary)
+#: rows per chunk when selected values are recomputed in fp32 (bounds the (rows, k, d) temporary)
 CHUNK = 256
+_state = {"plain": False, "onednn": None}
+
+
+@contextmanager
+def plain_kernels() -> Iterator[None]:
+    """Inside, the kernels run the straightforward dense autograd formulas (the reference the fast
+    paths are tested against): MKL/addmm encoder, dense gather backward."""
+    before = _state["plain"]
+    _state["plain"] = True
+    try:
+        yield
+    finally:
+        _state["plain"] = before
+
+
+def plain_active() -> bool:
+    """True inside `plain_kernels()`."""
+    return _state["plain"]
+
+
+def _onednn_available() -> bool:
+    if _state["onednn"] is None:
+        try:
+            x, w = torch.randn(4, 8), torch.randn(3, 8)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            _state["onednn"] = bool(torch.backends.mkldnn.is_available()) and torch.allclose(out, x @ w.T, atol=1e-5)
+        except (RuntimeError, AttributeError):
+            _state["onednn"] = False
+    return _state["onednn"]
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+@torch.no_grad()
+def encoder_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ + b (N, F), no grad; oneDNN on CPU, bf16 under a bf16 autocast (then the result is bf16)."""
+    low = _autocast_dtype(x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        if low is not None and not _state["plain"]:
+            x, W, b = x.to(low), W.to(low), b.to(low)
+        if x.device.type == "cpu" and x.dim() == 2 and not _state["plain"] and _onednn_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(W, x.shape[0])
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
+        return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
+
+
+def _rows_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(x Wᵀ + b) at idx (N, k), computed exactly in x's dtype, chunked over rows."""
+    out = torch.empty(idx.shape, dtype=x.dtype, device=x.device)
+    rows = max(1, CHUNK * 32 // max(idx.shape[1], 1))  # a (rows, m, d) temporary of ≈ CHUNK·32·d values
+    for s in range(0, x.shape[0], rows):
+        i = idx[s:s + rows]
+        out[s:s + rows] = torch.bmm(W[i], x[s:s + rows, :, None]).squeeze(-1) + b[i]
+    return out
+
+
+def _weight_grad(grad: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Σ_n,j grad[n,j] · x[n] into row idx[n,j]: one CSR (n_rows × N) @ x (N × d) product."""
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
+    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    cols = torch.div(order, idx.shape[1], rounding_mode="floor")  # the token of each sorted pair
+    with warnings.catch_warnings():  # "CSR support is in beta": used as documented, as a read-only operand
+        warnings.simplefilter("ignore")
+        S = torch.sparse_csr_tensor(crow, cols, grad.reshape(-1)[order], (n_rows, x.shape[0]), check_invariants=False)
+    return S @ x
 
 
 class _GatherLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, idx, pre):
         ctx.save_for_backward(x, W, idx)
+        if pre.dtype != x.dtype:  # a low-precision selection: the selected values exactly
+            return _rows_at(x, W, b, idx)
         return pre.gather(-1, idx)
 
     @staticmethod
@@ -34,10 +119,7 @@ class _GatherLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_W = grad_b = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_W = torch.zeros_like(W)
-            for s in range(0, x.shape[0], CHUNK):
-                g, i, xs = grad[s:s + CHUNK], idx[s:s + CHUNK], x[s:s + CHUNK]
-                grad_W.index_add_(0, i.reshape(-1), (g[:, :, None] * xs[:, None, :]).reshape(-1, x.shape[1]))
+            grad_W = _weight_grad(grad.to(x.dtype), idx, x, W.shape[0])
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, idx.reshape(-1), grad.reshape(-1))
         if ctx.needs_input_grad[0]:
@@ -47,17 +129,26 @@ class _GatherLinear(torch.autograd.Function):
 
 def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """(x Wᵀ + b) at columns idx (N, k), with a sparse backward; `pre` = x Wᵀ + b computed without grad."""
+    if _state["plain"]:
+        return (x @ W.T + b).gather(-1, idx)
     return _GatherLinear.apply(x, W, b, idx, pre.detach())
 
 
 def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """Σ_j values[n, j] · W_dec[idx[n, j]] → (N, d)."""
+    if _state["plain"]:
+        return densify_with_grad(idx, values, W_dec.shape[0]) @ W_dec
     return F.embedding_bag(idx, W_dec, per_sample_weights=values, mode="sum")
+
+
+def densify_with_grad(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Dense (N, F) codes from the sparse form, differentiable in `values` (the plain path)."""
+    return torch.zeros(idx.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter_add(-1, idx, values)
 
 
 def densify(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
     """Dense (N, F) codes from the sparse form (no grad)."""
-    return torch.zeros(idx.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter_(-1, idx, values.detach())
+    return torch.zeros(idx.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter_add_(-1, idx, values.detach())
 
 
 def mask_to_sparse(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

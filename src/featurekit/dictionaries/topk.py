@@ -31,7 +31,7 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
-from .sparse import densify, gather_linear, mask_to_sparse, sparse_decode
+from .sparse import encoder_preact, gather_linear, mask_to_sparse, sparse_decode
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
@@ -63,7 +63,7 @@ class TopKSAE(Dictionary):
         x = self._check_input(x)
         centered = x - self.b_dec
         with torch.no_grad():
-            pre = centered @ self.W_enc.T + self.b_enc
+            pre = encoder_preact(centered, self.W_enc, self.b_enc)
             if self.selection == "exact":
                 idx, keep, codes = (pre.abs() if self.signed else pre).topk(self.k, dim=-1, sorted=False).indices, None, None
             else:  # a varying count per token: kept columns padded to the batch's largest count
@@ -73,7 +73,7 @@ class TopKSAE(Dictionary):
         values = values if self.signed else values.relu()
         values = values if keep is None else values * keep
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-        out = Output(x_hat=x_hat, codes=densify(idx, values, self.n_latents) if codes is None else codes, pre=pre)
+        out = Output(x_hat=x_hat, codes=codes, pre=pre, idx=idx, values=values, n_latents=self.n_latents)
         out.losses.update(self.extra_losses(x, out))
         return out
 

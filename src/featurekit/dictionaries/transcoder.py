@@ -53,7 +53,7 @@ from torch import nn
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import topk
-from .sparse import densify, gather_linear, sparse_decode
+from .sparse import gather_linear, sparse_decode
 
 
 class Transcoder(Dictionary):
@@ -102,7 +102,7 @@ class Transcoder(Dictionary):
             idx = pre.topk(self.k, dim=-1, sorted=False).indices
         values = gather_linear(x, self.W_enc, self.b_enc, idx, pre).relu()
         y_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec + self.skip(x)
-        out = Output(x_hat=y_hat, codes=densify(idx, values, self.n_latents), pre=pre)
+        out = Output(x_hat=y_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
         out.losses.update(self.extra_losses(x, out))
         return out
 

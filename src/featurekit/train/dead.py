@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import batch_sum, global_rows
+
 
 class DeadLatentTracker:
     """A latent is dead when it has not fired in the last `window` tokens.
@@ -20,11 +22,15 @@ class DeadLatentTracker:
         self.density_decay = float(density_decay)
 
     def update(self, codes: torch.Tensor) -> None:
-        nonzero = codes != 0
-        fired = nonzero.any(dim=0).cpu()
-        self.tokens_since_fired += codes.shape[0]
-        self.tokens_since_fired[fired] = 0
-        rate = nonzero.float().mean(0).cpu()
+        self.update_counts((codes != 0).sum(0), codes.shape[0])
+
+    def update_counts(self, counts: torch.Tensor, n_tokens: int) -> None:
+        """`counts` (F,): tokens of a batch of `n_tokens` on which each latent fired."""
+        # data parallel: the global batch's counts and size (train/distributed.py)
+        counts, n_tokens = batch_sum(counts).cpu(), global_rows(n_tokens)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[counts > 0] = 0
+        rate = counts.float() / max(n_tokens, 1)
         if torch.isnan(self.density).any():
             self.density = rate
         else:

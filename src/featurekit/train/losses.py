@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from .distributed import centered_sum_sq
+
 
 def fvu_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Batch fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean_batch(x)‖².
@@ -18,7 +20,7 @@ def fvu_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     The evaluation FVU uses the whole evaluation set's mean (`evaluate.metrics.fvu`).
     """
     x, x_hat = x.float(), x_hat.float()
-    total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    total = centered_sum_sq(x).clamp_min(1e-12)  # data parallel: the global batch's (train/distributed.py)
     return (x - x_hat).pow(2).sum() / total
 
 
@@ -60,7 +62,7 @@ def auxk_loss(
     # an (n, k_aux, d) tensor.
     e_hat = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values if signed else values.relu(), mode="sum")
     e = residual.detach().float()
-    denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+    denom = centered_sum_sq(e).clamp_min(1e-12)
     return torch.nan_to_num((e - e_hat.float()).pow(2).sum() / denom, nan=0.0)
 
 

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from .._io import atomic_write_text
 from ..config import TrainConfig
 from ..dictionaries import Dictionary
+from ..dictionaries.sparse import plain_active
 from ..errors import FeaturekitError
+from . import distributed
 from .checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
 from .dead import DeadLatentTracker
 from .init import geometric_median, mean_norm_scale
@@ -30,6 +32,11 @@ from .losses import aux_zipf_loss, auxk_loss, fvu_loss, squared_error_loss
 from .schedule import lr_factor
 
 RECON_LOSSES = {"fvu": fvu_loss, "squared_error": squared_error_loss}
+PRECISIONS = ("fp32", "bf16")
+
+
+def _fusable(params) -> bool:
+    return all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
 
 
 class Trainer:
@@ -41,7 +48,10 @@ class Trainer:
         self.digest = digest
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.named = dict(dictionary.named_parameters())
-        self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
+        # fused Adam (one kernel for all parameters) unless the plain reference path is asked for
+        self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr, fused=not plain_active() and _fusable(self.named.values()))
+        if cfg.precision not in PRECISIONS:
+            raise FeaturekitError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
         self.dead = DeadLatentTracker(dictionary.n_latents, 10_000_000 if cfg.dead_tokens is None else cfg.dead_tokens)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else dictionary.W_dec.shape[1] // 2  # half the output width
         self.step, self.tokens = 0, 0
@@ -101,6 +111,8 @@ class Trainer:
         self._truncate_metrics()
 
     def save(self) -> None:
+        if not distributed.writes():  # data parallel: rank 0 writes
+            return
         opt_tensors, opt_scalars = optimizer_tensors(self.opt, {p: n for n, p in self.named.items()})
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors.update(opt_tensors)
@@ -131,6 +143,7 @@ class Trainer:
                 ) from None
             row = self.train_step(batch, recon)
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                row = distributed.reduce_metrics(row)  # data parallel: the global batch's values (one process: as is)
                 row["elapsed_s"] = round(time.time() - start, 2)
                 self._log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
@@ -157,7 +170,8 @@ class Trainer:
             ramp = max(1, int(cfg.sparsity_warmup_fraction * self.total_steps))
             sae.sparsity_scale = min(1.0, (self.step + 1) / ramp)
         x = batch.float() * sae.input_scale
-        out = sae(x, *extra)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = sae(x, *extra)
         target = sae.target(x, *extra)  # x, or a transcoder's y·c_out
         losses = {"recon": recon(target, out.x_hat), **out.losses}
         if sae.uses_auxk and cfg.auxk_coef > 0:
@@ -182,16 +196,16 @@ class Trainer:
         if sae.unit_norm_decoder:
             sae.normalize_decoder()
         sae.after_step(out)
-        self.dead.update(out.codes.detach())
+        self.dead.update_counts(out.fire_counts(), batch.shape[0])
         self.step += 1
-        self.tokens += batch.shape[0]
+        self.tokens += distributed.global_rows(batch.shape[0])
         with torch.no_grad():
             row = {
                 "step": self.step,
                 "tokens": self.tokens,
                 "loss": loss.item(),
                 "fvu": fvu_loss(target, out.x_hat).item(),
-                "l0": (out.codes != 0).sum(-1).float().mean().item(),
+                "l0": out.l0(),
                 "dead_fraction": self.dead.dead_fraction(),
                 "lr": cfg.lr * factor,
             }
@@ -200,12 +214,14 @@ class Trainer:
 
     # -- helpers --------------------------------------------------------------------------------
     def _log(self, row: dict) -> None:
+        if not distributed.writes():
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint (they will be written again)."""
-        if not self.metrics_path.exists():
+        if not self.metrics_path.exists() or not distributed.writes():
             return
         kept = []
         for line in self.metrics_path.read_text().splitlines():
