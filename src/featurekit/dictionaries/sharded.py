@@ -38,15 +38,7 @@ from .topk import TopKSAE
 
 
 class _ShardOutput(Output):
-    """Local sparse codes (padding slots point at local latent 0 with value 0, so they are summed, not
-    written over a real code), and the L0 of the whole dictionary."""
-
-    @property
-    def codes(self) -> torch.Tensor:
-        if self._codes is None:
-            self._codes = torch.zeros(self.idx.shape[0], self.n_latents, dtype=self.values.dtype,
-                                      device=self.values.device).scatter_add_(-1, self.idx, self.values.detach())
-        return self._codes
+    """Local sparse codes (as `Output`), and the L0 of the whole dictionary."""
 
     @torch.no_grad()
     def l0(self) -> float:
