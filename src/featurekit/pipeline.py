@@ -230,7 +230,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         # a producer thread harvests and shuffles the next batches while the trainer steps (data.prefetch module); its
         # queue holds one shuffle-buffer burst + 1 batches, so emitting a burst never stalls the next harvest
         producer_threads, consumer_threads = split_threads(tc.threads or torch.get_num_threads())
-        depth = max(tc.batch_size, tc.buffer_tokens // 2 // tc.batch_size * tc.batch_size) // tc.batch_size + 1
+        depth = max(1, tc.buffer_tokens // 2 // tc.batch_size) + 1
 
         def stream(skip: int) -> Iterator[torch.Tensor]:
             return Prefetcher(harvested(skip), depth=depth, threads=producer_threads)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import FeaturekitError
+from .sparse import densify
 
 
 class Output:
@@ -41,8 +42,7 @@ class Output:
     @property
     def codes(self) -> torch.Tensor:
         if self._codes is None:
-            self._codes = torch.zeros(self.idx.shape[0], self.n_latents, dtype=self.values.dtype,
-                                      device=self.values.device).scatter_add_(-1, self.idx, self.values.detach())
+            self._codes = densify(self.idx, self.values, self.n_latents)
         return self._codes
 
     @torch.no_grad()

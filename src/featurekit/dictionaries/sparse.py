@@ -142,13 +142,14 @@ def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) 
 
 
 def densify_with_grad(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
-    """Dense (N, F) codes from the sparse form, differentiable in `values` (the plain path)."""
+    """Dense (N, F) codes from the sparse form, differentiable in `values` (the plain path). Summed, so
+    padding slots (value 0, possibly repeating a real column) never overwrite a code."""
     return torch.zeros(idx.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter_add(-1, idx, values)
 
 
 def densify(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
     """Dense (N, F) codes from the sparse form (no grad)."""
-    return torch.zeros(idx.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter_add_(-1, idx, values.detach())
+    return densify_with_grad(idx, values.detach(), n_latents)
 
 
 def mask_to_sparse(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
