@@ -199,14 +199,16 @@ class Dictionary(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Scale each decoder row to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        w = self.W_dec
+        w.mul_(torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_())
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove from each decoder row's gradient its component along the row (unit-norm rows)."""
-        if self.W_dec.grad is not None:
-            rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=1, keepdim=True) * rows
+        w, g = self.W_dec, self.W_dec.grad
+        if g is not None:  # g -= (g·w / w·w) w, in three passes over the matrix
+            coef = torch.linalg.vecdot(g, w).div_(torch.linalg.vector_norm(w, dim=1).square_().clamp_min_(1e-24)).neg_()
+            g.addcmul_(w, coef.unsqueeze(1))
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         """Check the width and device; return x in the dictionary's dtype (bf16 activations are fine)."""

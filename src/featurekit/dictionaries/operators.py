@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse import mask_to_sparse
+from .sparse import mask_to_sparse, row_topk
 
 
 def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     """
     rows, width = scores.shape
     total = min(k * rows, scores.numel())
-    cand = scores.topk(min(4 * k, width), dim=-1, sorted=False).values
+    cand = row_topk(scores, min(4 * k, width))[0]
     t = cand.flatten().topk(total, sorted=False).values.min()
     mask = scores >= t
     if int(mask.sum()) > total:

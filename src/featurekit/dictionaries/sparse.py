@@ -10,9 +10,10 @@ non-zeros per row, all four only need N × k × d work:
 * `sparse_decode(idx, values, W_dec)` = Σ_j values[n,j]·W_dec[idx[n,j]] through `embedding_bag`.
 
 * `encoder_preact(x, W, b)` = x Wᵀ + b without grad, the one (N × F × d) product a step cannot
-  avoid: through oneDNN on CPU (≈ 2× MKL's fp32 sgemm on AVX-512 machines, measured in
-  BENCHMARKS.md), in bf16 under a bf16 autocast (selection in bf16; `gather_linear` then recomputes
-  the selected values exactly in fp32, so only ties near the k-th value can differ).
+  avoid: on CPU through MKL or oneDNN, whichever a one-time probe finds faster for the shape (the
+  winner depends on the CPU: BENCHMARKS.md), in bf16 under a bf16 autocast (selection in bf16;
+  `gather_linear` then recomputes the selected values exactly in fp32 with one sampled dense-dense
+  product over the N·k pairs, so only ties near the k-th value can differ).
 
 The encoder's weight gradient is one CSR (F × N) @ x (N × d) product over the N·k selected pairs.
 All of it gives the same results and gradients as the dense formulas up to fp32 summation order
@@ -22,6 +23,8 @@ dense autograd formulas, which the tests train against.
 
 from __future__ import annotations
 
+import math
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,9 +32,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-#: rows per chunk when selected values are recomputed in fp32 (bounds the (rows, k, d) temporary)
-CHUNK = 256
-_state = {"plain": False, "onednn": None}
+_state = {"plain": False, "onednn": None, "gemm": {}}
 
 
 @contextmanager
@@ -69,27 +70,86 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _onednn_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    packed = torch.ops.mkldnn._reorder_linear_weight(W, x.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+def _addmm(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(b, x, W.T)
+
+
+def _timed(fn, *args) -> float:
+    fn(*args)  # warm-up (first-call packing, allocation)
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def _cpu_gemm(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor):
+    """The faster of MKL (addmm) and oneDNN for this dtype, shape and thread count, chosen once by
+    timing both on the first call: which one wins depends on the CPU (oneDNN ≈ 2× MKL in fp32 on AVX-512
+    AMD Zen 5; MKL ahead by ≈ 10% in fp32 and ≈ 20% in bf16 on an AMX Xeon; measured in BENCHMARKS.md)."""
+    if not _onednn_available():
+        return _addmm
+    key = (x.dtype, tuple(W.shape), torch.get_num_threads())
+    choice = _state["gemm"].get(key)
+    if choice is None:
+        probe = x[:1024]
+        choice = min((_addmm, _onednn_linear), key=lambda fn: _timed(fn, probe, W, b))
+        _state["gemm"][key] = choice
+    return choice
+
+
 @torch.no_grad()
 def encoder_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ + b (N, F), no grad; oneDNN on CPU, bf16 under a bf16 autocast (then the result is bf16)."""
+    """x Wᵀ + b (N, F), no grad; on CPU through the faster of MKL and oneDNN (`_cpu_gemm`), bf16 under a
+    bf16 autocast (then the result is bf16)."""
     low = _autocast_dtype(x.device)
     with torch.autocast(x.device.type, enabled=False):
-        if low is not None and not _state["plain"]:
+        if _state["plain"]:
+            return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
+        if low is not None:
             x, W, b = x.to(low), W.to(low), b.to(low)
-        if x.device.type == "cpu" and x.dim() == 2 and not _state["plain"] and _onednn_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(W, x.shape[0])
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
-        return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
+        if x.dim() != 2:
+            return x @ W.T + b
+        x = x.contiguous()
+        return _cpu_gemm(x, W, b)(x, W, b) if x.device.type == "cpu" else torch.addmm(b, x, W.T)
+
+
+def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries of each row of `scores` (N, F), unsorted: the same
+    values as `torch.topk` (ties at the k-th value may pick other columns of equal value).
+
+    Exact two-stage selection: split each row's columns into F/b groups of b (columns j, j + F/b, …,
+    so the group maxima are one vectorised pass) and keep the k groups with the largest maxima. Their
+    k maxima are k entries ≥ t, the smallest of them, so every entry of the row's top k is ≥ t and
+    lies in one of those groups; a top-k over their k·b entries is the answer. With b ≈ √(F/k) both
+    top-ks are ≈ √(F·k) wide instead of F (≈ 1.3–1.6× faster than one `torch.topk` at F = 8,192,
+    k = 32–128 on CPU). Falls back to `torch.topk` where no power-of-two b divides F usefully, and
+    inside `plain_kernels()`."""
+    n, width = scores.shape[0], scores.shape[-1]
+    b = 1 << max(0, round(0.5 * math.log2(max(width / max(k, 1), 1))))
+    if _state["plain"] or scores.dim() != 2 or b < 4 or width % b or width // b < 2 * k:
+        return scores.topk(min(k, width), dim=-1, sorted=False)
+    groups = width // b
+    best = scores.view(n, b, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (N, k) group ids
+    cols = (best.unsqueeze(-1) + torch.arange(0, width, groups, device=scores.device)).view(n, k * b)
+    values, pick = scores.gather(1, cols).topk(k, dim=-1, sorted=False)
+    return values, cols.gather(1, pick)
 
 
 def _rows_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(x Wᵀ + b) at idx (N, k), computed exactly in x's dtype, chunked over rows."""
-    out = torch.empty(idx.shape, dtype=x.dtype, device=x.device)
-    rows = max(1, CHUNK * 32 // max(idx.shape[1], 1))  # a (rows, m, d) temporary of ≈ CHUNK·32·d values
-    for s in range(0, x.shape[0], rows):
-        i = idx[s:s + rows]
-        out[s:s + rows] = torch.bmm(W[i], x[s:s + rows, :, None]).squeeze(-1) + b[i]
-    return out
+    """(x Wᵀ + b) at idx (N, k), computed exactly in x's dtype: one sampled dense-dense product (SDDMM)
+    over the N·k pairs (no (N, k, d) gather of decoder rows)."""
+    n, k = idx.shape
+    crow = torch.arange(0, n * k + 1, k, device=x.device)
+    with warnings.catch_warnings():  # "CSR support is in beta"
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n * k, dtype=x.dtype, device=x.device),
+                                          (n, W.shape[0]), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, x, W.T, beta=0.0).values()
+    return dots.view(n, k) + b[idx]
 
 
 def _weight_grad(grad: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:

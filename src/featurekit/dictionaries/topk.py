@@ -31,7 +31,7 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
-from .sparse import encoder_preact, gather_linear, mask_to_sparse, sparse_decode
+from .sparse import encoder_preact, gather_linear, mask_to_sparse, row_topk, sparse_decode
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
@@ -65,7 +65,7 @@ class TopKSAE(Dictionary):
         with torch.no_grad():
             pre = encoder_preact(centered, self.W_enc, self.b_enc)
             if self.selection == "exact":
-                idx, keep, codes = (pre.abs() if self.signed else pre).topk(self.k, dim=-1, sorted=False).indices, None, None
+                idx, keep, codes = row_topk(pre.abs() if self.signed else pre, self.k)[1], None, None
             else:  # a varying count per token: kept columns padded to the batch's largest count
                 codes = self.activation(pre)
                 idx, keep = mask_to_sparse(codes != 0)

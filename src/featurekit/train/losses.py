@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..dictionaries.sparse import row_topk
 from .distributed import centered_sum_sq
 
 
@@ -56,7 +57,7 @@ def auxk_loss(
     k = min(k_aux, n_dead)
     masked = (pre.abs() if signed else pre).masked_fill(~dead, float("-inf"))
     with torch.no_grad():
-        indices = masked.topk(k, dim=-1, sorted=False).indices
+        indices = row_topk(masked, k)[1]
     values = pre_at(indices) if pre_at is not None else pre.gather(-1, indices)
     # embedding_bag sums the chosen decoder rows weighted by their codes without materialising
     # an (n, k_aux, d) tensor.
