@@ -1,4 +1,4 @@
-"""The fast training path (oneDNN encoder GEMM, CSR encoder backward, sparse decoder, sparse JumpReLU,
+"""The fast training path (probed MKL/oneDNN encoder GEMM, two-stage row top-k, SDDMM recompute, CSR encoder backward, sparse decoder, sparse JumpReLU,
 no dense code matrix, fused Adam) trains the same model as the plain dense path (`plain_kernels()`:
 addmm, dense autograd gathers and decoder, unfused Adam), within fp32 tolerance; bf16 within a
 documented tolerance."""
@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
 from featurekit.dictionaries import METHODS
-from featurekit.dictionaries.sparse import _weight_grad, encoder_preact, gather_linear, plain_kernels
+from featurekit.dictionaries.sparse import (
+    _addmm,
+    _onednn_available,
+    _onednn_linear,
+    _rows_at,
+    _weight_grad,
+    encoder_preact,
+    gather_linear,
+    plain_kernels,
+    row_topk,
+)
 from featurekit.errors import FeaturekitError
 from featurekit.train import Trainer
 from featurekit.train.trainer import RECON_LOSSES
@@ -90,3 +100,40 @@ def test_encoder_preact_equals_addmm(n, f, d, seed):
     gen = torch.Generator().manual_seed(seed)
     x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
     torch.testing.assert_close(encoder_preact(x, W, b), torch.addmm(b, x, W.T), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _onednn_available(), reason="this torch build has no oneDNN linear")
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 50), f=st.integers(1, 70), d=st.integers(1, 20), seed=st.integers(0, 999))
+def test_both_cpu_gemm_backends_agree(n, f, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
+    torch.testing.assert_close(_onednn_linear(x, W, b), _addmm(x, W, b), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), width=st.sampled_from([7, 64, 96, 256, 1024, 4096]), k=st.integers(1, 40),
+       levels=st.sampled_from([0, 3, 50]), masked=st.booleans(), seed=st.integers(0, 999))
+def test_row_topk_selects_the_top_k_values(n, width, k, levels, masked, seed):
+    """Same values as torch.topk (as multisets, ties included), at the columns it names, distinct columns."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, width)
+    scores = torch.randn(n, width, generator=gen)
+    if levels:  # heavy ties: a few distinct values only
+        scores = torch.randint(0, levels, (n, width), generator=gen).float()
+    if masked:  # as aux-k masks live latents
+        scores = scores.masked_fill(torch.rand(n, width, generator=gen) < 0.7, float("-inf"))
+    values, idx = row_topk(scores, k)
+    assert values.shape == idx.shape == (n, k)
+    torch.testing.assert_close(values.sort(-1).values, scores.topk(k, dim=-1).values.sort(-1).values)
+    torch.testing.assert_close(scores.gather(1, idx), values)
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 40), f=st.integers(1, 50), k=st.integers(1, 8), d=st.integers(1, 12), seed=st.integers(0, 999))
+def test_sddmm_recompute_equals_the_gathered_product(n, f, k, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
+    idx = torch.randint(0, f, (n, k), generator=gen)  # duplicates allowed (padding slots repeat a column)
+    torch.testing.assert_close(_rows_at(x, W, b, idx), (x @ W.T + b).gather(-1, idx), rtol=1e-5, atol=1e-5)
