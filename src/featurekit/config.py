@@ -102,6 +102,9 @@ class TrainConfig:
     #: selection in bf16, the selected values, decoder, loss and optimizer in fp32; see BENCHMARKS.md)
     precision: str = "fp32"
     shard_latents: bool = False  #: under torchrun: split the latents across the processes (TopK), not the batch
+    #: glibc: serve large blocks from the heap and keep freed memory for the next step (no per-step page faults;
+    #: featurekit/train/memory.py); process-wide, resident memory stays at its peak
+    keep_freed_memory: bool = True
 
 
 @dataclass

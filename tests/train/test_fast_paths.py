@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from featurekit.config import TrainConfig
 from featurekit.dictionaries import METHODS
 from featurekit.dictionaries.sparse import (
-    _addmm,
+    _mm_bias,
     _onednn_available,
     _onednn_linear,
     _rows_at,
@@ -108,7 +108,7 @@ def test_encoder_preact_equals_addmm(n, f, d, seed):
 def test_both_cpu_gemm_backends_agree(n, f, d, seed):
     gen = torch.Generator().manual_seed(seed)
     x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
-    torch.testing.assert_close(_onednn_linear(x, W, b), _addmm(x, W, b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_onednn_linear(x, W, b, torch.float32), _mm_bias(x, W, b, torch.float32), rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=60, deadline=None)

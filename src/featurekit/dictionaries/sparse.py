@@ -70,13 +70,23 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _onednn_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    packed = torch.ops.mkldnn._reorder_linear_weight(W, x.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+def _onednn_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """oneDNN's linear with the bias fused, in `dtype`."""
+    x, W, b = x.to(dtype).contiguous(), W.to(dtype), b.to(dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(W, x.shape[0]), b, "none", [], "")
 
 
-def _addmm(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(b, x, W.T)
+def _mm_bias(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[x, 1] [W, b]ᵀ in `dtype`: the bias rides in the product (addmm would first copy b into every
+    row of the (N, F) output, a whole extra pass); the casts happen in the copies into the augmented operands."""
+    n, d = x.shape
+    xa = torch.empty(n, d + 1, dtype=dtype, device=x.device)
+    xa[:, :d] = x
+    xa[:, d] = 1
+    Wa = torch.empty(W.shape[0], d + 1, dtype=dtype, device=W.device)
+    Wa[:, :d] = W
+    Wa[:, d] = b
+    return torch.mm(xa, Wa.T)
 
 
 def _timed(fn, *args) -> float:
@@ -86,17 +96,17 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def _cpu_gemm(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor):
-    """The faster of MKL (addmm) and oneDNN for this dtype, shape and thread count, chosen once by
-    timing both on the first call: which one wins depends on the CPU (oneDNN ≈ 2× MKL in fp32 on AVX-512
-    AMD Zen 5; MKL ahead by ≈ 10% in fp32 and ≈ 20% in bf16 on an AMX Xeon; measured in BENCHMARKS.md)."""
+def _cpu_gemm(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    """The faster of the augmented MKL product (`_mm_bias`) and oneDNN's linear for this dtype, shape
+    and thread count, chosen once by timing both on the first call: which one wins depends on the CPU
+    (oneDNN ≈ 2× MKL in fp32 on an AVX-512 AMD Zen 5; MKL ahead on an AMX Xeon; BENCHMARKS.md)."""
     if not _onednn_available():
-        return _addmm
-    key = (x.dtype, tuple(W.shape), torch.get_num_threads())
+        return _mm_bias
+    key = (dtype, tuple(W.shape), torch.get_num_threads())
     choice = _state["gemm"].get(key)
     if choice is None:
         probe = x[:1024]
-        choice = min((_addmm, _onednn_linear), key=lambda fn: _timed(fn, probe, W, b))
+        choice = min((_mm_bias, _onednn_linear), key=lambda fn: _timed(fn, probe, W, b, dtype))
         _state["gemm"][key] = choice
     return choice
 
@@ -109,12 +119,11 @@ def encoder_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.T
     with torch.autocast(x.device.type, enabled=False):
         if _state["plain"]:
             return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
-        if low is not None:
-            x, W, b = x.to(low), W.to(low), b.to(low)
-        if x.dim() != 2:
-            return x @ W.T + b
-        x = x.contiguous()
-        return _cpu_gemm(x, W, b)(x, W, b) if x.device.type == "cpu" else torch.addmm(b, x, W.T)
+        dtype = low or x.dtype
+        if x.dim() == 2 and x.device.type == "cpu":
+            return _cpu_gemm(x, W, b, dtype)(x, W, b, dtype)
+        x, W, b = x.to(dtype), W.to(dtype), b.to(dtype)
+        return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
 
 
 def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +152,8 @@ def _rows_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tenso
     """(x Wᵀ + b) at idx (N, k), computed exactly in x's dtype: one sampled dense-dense product (SDDMM)
     over the N·k pairs (no (N, k, d) gather of decoder rows)."""
     n, k = idx.shape
+    if k > W.shape[0]:  # more slots than columns (repeats): torch's CPU SDDMM refuses nnz > N·F
+        return (x @ W.T + b).gather(-1, idx)
     crow = torch.arange(0, n * k + 1, k, device=x.device)
     with warnings.catch_warnings():  # "CSR support is in beta"
         warnings.simplefilter("ignore")

@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta
 from .dead import DeadLatentTracker
 from .init import geometric_median, mean_norm_scale
 from .losses import aux_zipf_loss, auxk_loss, fvu_loss, squared_error_loss
+from .memory import keep_freed_memory
 from .schedule import lr_factor
 
 RECON_LOSSES = {"fvu": fvu_loss, "squared_error": squared_error_loss}
@@ -46,6 +47,8 @@ class Trainer:
     def __init__(self, dictionary: Dictionary, cfg: TrainConfig, run_dir: Path, total_steps: int, digest: str = ""):
         self.sae, self.cfg, self.run_dir, self.total_steps = dictionary, cfg, Path(run_dir), total_steps
         self.digest = digest
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.named = dict(dictionary.named_parameters())
         # fused Adam (one kernel for all parameters) unless the plain reference path is asked for
