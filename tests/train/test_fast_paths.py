@@ -1,9 +1,11 @@
-"""The fast training path (probed MKL/oneDNN encoder GEMM, two-stage row top-k, SDDMM recompute, CSR encoder backward, sparse decoder, sparse JumpReLU,
-no dense code matrix, fused Adam) trains the same model as the plain dense path (`plain_kernels()`:
-addmm, dense autograd gathers and decoder, unfused Adam), within fp32 tolerance; bf16 within a
-documented tolerance."""
+"""The fast training path (probed MKL/oneDNN encoder GEMM, two-stage row top-k, SDDMM recompute, CSR
+encoder backward, sparse decoder, sparse JumpReLU, no dense code matrix, fused Adam) trains the same model
+as the plain dense path (`plain_kernels()`: addmm, torch.topk, dense autograd gathers and decoder, unfused
+Adam), within fp32 tolerance; bf16 within a documented tolerance."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
-from featurekit.dictionaries import METHODS
+from featurekit.dictionaries import METHODS, sparse
 from featurekit.dictionaries.sparse import (
     _mm_bias,
     _onednn_available,
@@ -137,3 +139,22 @@ def test_sddmm_recompute_equals_the_gathered_product(n, f, k, d, seed):
     x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
     idx = torch.randint(0, f, (n, k), generator=gen)  # duplicates allowed (padding slots repeat a column)
     torch.testing.assert_close(_rows_at(x, W, b, idx), (x @ W.T + b).gather(-1, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_gemm_choice_is_probed_once_and_kept_in_the_cache(tmp_path, monkeypatch):
+    """A repeated run takes the kernel of the first (bit-for-bit reproducible weights on one machine)."""
+    monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sparse._state, "gemm", {})
+    x, W, b = torch.randn(64, 576), torch.randn(2048, 576), torch.randn(2048)
+    first = sparse._cpu_gemm(x, W, b, torch.float32)
+    if not _onednn_available():
+        assert first is _mm_bias and not (tmp_path / "gemm_choice.json").exists()
+        return
+    known = json.loads((tmp_path / "gemm_choice.json").read_text())
+    (key, name), = known.items()
+    assert sparse.GEMM_CHOICES[name] is first and "2048x576" in key
+    other = next(n for n in sparse.GEMM_CHOICES if n != name)
+    (tmp_path / "gemm_choice.json").write_text(json.dumps({key: other}))
+    monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
+    assert sparse._cpu_gemm(x, W, b, torch.float32) is sparse.GEMM_CHOICES[other]
+    assert sparse._cpu_gemm(x, W[:8], b[:8], torch.float32) is _mm_bias  # small: no probe

@@ -23,7 +23,9 @@ dense autograd formulas, which the tests train against.
 
 from __future__ import annotations
 
+import json
 import math
+import platform
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,6 +33,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from .._io import atomic_write_json, cache_dir
 
 _state = {"plain": False, "onednn": None, "gemm": {}}
 
@@ -96,19 +100,43 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+GEMM_CHOICES = {"mm_bias": _mm_bias, "onednn": _onednn_linear}
+#: smaller encoders take `_mm_bias` without a probe (a step is then too short for the kernel to matter)
+PROBE_MIN_WEIGHTS = 1 << 20
+
+
 def _cpu_gemm(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
-    """The faster of the augmented MKL product (`_mm_bias`) and oneDNN's linear for this dtype, shape
-    and thread count, chosen once by timing both on the first call: which one wins depends on the CPU
-    (oneDNN ≈ 2× MKL in fp32 on an AVX-512 AMD Zen 5; MKL ahead on an AMX Xeon; BENCHMARKS.md)."""
-    if not _onednn_available():
+    """The faster of the augmented MKL product (`_mm_bias`) and oneDNN's linear for this CPU, torch,
+    dtype, shape and thread count: which one wins depends on the CPU (oneDNN ≈ 2× MKL in fp32 on an
+    AVX-512 AMD Zen 5; MKL ahead on an AMX Xeon; BENCHMARKS.md). Chosen once by timing both, and the
+    choice is kept in the cache folder (`gemm_choice.json`) so that later runs on the machine take the
+    same kernel, and a run repeated from its config reproduces its weights bit for bit."""
+    if W.numel() < PROBE_MIN_WEIGHTS or not _onednn_available():
         return _mm_bias
-    key = (dtype, tuple(W.shape), torch.get_num_threads())
-    choice = _state["gemm"].get(key)
-    if choice is None:
-        probe = x[:1024]
-        choice = min((_mm_bias, _onednn_linear), key=lambda fn: _timed(fn, probe, W, b, dtype))
-        _state["gemm"][key] = choice
-    return choice
+    key = f"{_cpu_name()} | torch {torch.__version__} | {dtype} | {W.shape[0]}x{W.shape[1]} | threads {torch.get_num_threads()}"
+    if key not in _state["gemm"]:
+        path = cache_dir() / "gemm_choice.json"
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if known.get(key) not in GEMM_CHOICES:
+            probe = x[:1024]
+            known[key] = min(GEMM_CHOICES, key=lambda name: _timed(GEMM_CHOICES[name], probe, W, b, dtype))
+            try:
+                atomic_write_json(path, known)
+            except OSError:  # a read-only cache: probe again next time
+                pass
+        _state["gemm"][key] = GEMM_CHOICES[known[key]]
+    return _state["gemm"][key]
 
 
 @torch.no_grad()

@@ -163,7 +163,8 @@ class Trainer:
         for dictionaries that take more than x (g-SAE: the LM-loss gradient), passed on to forward."""
         cfg, sae = self.cfg, self.sae
         batch, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
-        if not torch.isfinite(batch).all():
+        # a finite sum proves every entry finite (one reduction); only a non-finite sum needs the full check
+        if not torch.isfinite(batch.sum()) and not torch.isfinite(batch).all():
             raise FeaturekitError(f"training batch at step {self.step} holds NaN/Inf activations; "
                                   "check the model dtype and the token exclusions")
         factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
@@ -207,7 +208,7 @@ class Trainer:
                 "step": self.step,
                 "tokens": self.tokens,
                 "loss": loss.item(),
-                "fvu": fvu_loss(target, out.x_hat).item(),
+                "fvu": (losses["recon"] if recon is fvu_loss else fvu_loss(target, out.x_hat)).item(),
                 "l0": out.l0(),
                 "dead_fraction": self.dead.dead_fraction(),
                 "lr": cfg.lr * factor,
