@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
-from featurekit.dictionaries import METHODS, sparse
+from featurekit.dictionaries import METHODS, jumprelu, sparse
 from featurekit.dictionaries.sparse import (
     _mm_bias,
     _onednn_available,
@@ -32,22 +32,32 @@ from featurekit.train.trainer import RECON_LOSSES
 from .synthetic import sample, true_features
 
 D, F, K, B, STEPS = 32, 256, 8, 512, 15
-ARGS = {"topk": {"k": K}, "batchtopk": {"k": K}, "abstopk": {"k": K}, "jumprelu": {"l0_coefficient": 0.5}}
+ARGS = {"topk": {"k": K}, "batchtopk": {"k": K}, "abstopk": {"k": K}, "jumprelu": {"l0_coefficient": 0.5},
+        "jumprelu-dense": {"l0_coefficient": 0.5}}
 
 
 def _train(method: str, tmp_path, precision: str = "fp32") -> tuple[list[float], dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(3)
     feats = true_features(64, D, seed=5)
     data = [sample(feats, B, gen) for _ in range(STEPS)]
-    sae = METHODS[method](D, F, seed=0, **ARGS[method])
+    sae = METHODS[method.removesuffix("-dense")](D, F, seed=0, **ARGS[method])
     cfg = TrainConfig(batch_size=B, lr=3e-3, warmup_steps=2, precision="fp32" if precision == "plain" else precision)
     trainer = Trainer(sae, cfg, tmp_path / method, STEPS)
     trainer.init_from_data(torch.cat(data[:2]))
     recon = RECON_LOSSES[sae.recon_loss]
     losses = [trainer.train_step(x, recon)["loss"] for x in data]
     if precision != "plain" and method != "batchtopk":  # BatchTopK falls back to dense when a row holds > 4k picks
-        assert sae(data[0] * sae.input_scale).idx is not None  # the sparse path ran (no dense code matrix)
+        dense = method.endswith("-dense")  # JumpReLU's fused dense path (`_DenseJumpReLU`), taken past 4 % live pairs
+        assert (sae(data[0] * sae.input_scale).idx is None) == dense  # which fast path ran
     return losses, {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def _jumprelu_path(request, monkeypatch):
+    """"jumprelu" runs the sparse kernels at every step, "jumprelu-dense" the fused dense path."""
+    method = request.node.callspec.params.get("method", "") if hasattr(request.node, "callspec") else ""
+    if method.startswith("jumprelu"):
+        monkeypatch.setattr(jumprelu, "SPARSE_MAX_DENSITY", 0.0 if method.endswith("-dense") else 1.0)
 
 
 @pytest.mark.parametrize("method", sorted(ARGS))
@@ -61,7 +71,7 @@ def test_fast_path_trains_like_the_plain_dense_path(method, tmp_path):
         torch.testing.assert_close(fast_state[name], value, rtol=1e-3, atol=1e-4, msg=f"{method}.{name}")
 
 
-@pytest.mark.parametrize("method", ["topk", "jumprelu"])
+@pytest.mark.parametrize("method", ["topk", "jumprelu", "jumprelu-dense"])
 def test_bf16_selection_stays_within_its_documented_tolerance(method, tmp_path):
     fp32, _ = _train(method, tmp_path / "fp32")
     bf16, _ = _train(method, tmp_path / "bf16", precision="bf16")

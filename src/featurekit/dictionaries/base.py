@@ -32,11 +32,11 @@ class Output:
 
     def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | None = None, pre: torch.Tensor | None = None,
                  losses: dict[str, torch.Tensor] | None = None, idx: torch.Tensor | None = None,
-                 values: torch.Tensor | None = None, n_latents: int | None = None):
+                 values: torch.Tensor | None = None, n_latents: int | None = None, fire_counts: torch.Tensor | None = None):
         if codes is None and (idx is None or values is None or n_latents is None):
             raise ValueError("Output needs dense codes or idx, values and n_latents")
         self.x_hat, self.pre, self.idx, self.values, self.n_latents = x_hat, pre, idx, values, n_latents
-        self._codes = codes
+        self._codes, self._fire_counts = codes, fire_counts
         self.losses: dict[str, torch.Tensor] = {} if losses is None else losses
 
     @property
@@ -47,17 +47,20 @@ class Output:
 
     @torch.no_grad()
     def fire_counts(self) -> torch.Tensor:
-        """(F,) number of tokens of the batch on which each latent is non-zero."""
-        if self._codes is None:
-            fired = self.values.detach() != 0
-            return torch.bincount(self.idx[fired], minlength=self.n_latents)
-        return (self._codes != 0).sum(0)
+        """(F,) number of tokens of the batch on which each latent is non-zero (computed once)."""
+        if self._fire_counts is None:
+            if self._codes is None:
+                fired = self.values.detach() != 0
+                self._fire_counts = torch.bincount(self.idx[fired], minlength=self.n_latents)
+            else:
+                self._fire_counts = (self._codes != 0).sum(0, dtype=torch.int32).long()
+        return self._fire_counts
 
     @torch.no_grad()
     def l0(self) -> float:
         """Mean number of non-zero codes per token."""
-        nonzero = (self.values.detach() != 0) if self._codes is None else (self._codes != 0)
-        return nonzero.sum().item() / max(nonzero.shape[0], 1)
+        tokens = (self.values if self._codes is None else self._codes).shape[0]
+        return self.fire_counts().sum().item() / max(tokens, 1)
 
     @torch.no_grad()
     def nonzero_values(self) -> torch.Tensor:

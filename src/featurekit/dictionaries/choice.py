@@ -69,7 +69,7 @@ class FeatureChoiceSAE(TopKSAE):
             width = int(mask.sum(-1).max()) if mask.numel() else 0
         if 0 < width <= min(8 * self.k, self.n_latents // 2):
             idx = mask.to(pre.dtype).topk(width, dim=-1, sorted=False).indices  # every kept latent of the row, then padding
-            values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre) * mask.gather(-1, idx)
+            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec) * mask.gather(-1, idx)
             out = Output(x_hat=sparse_decode(idx, values, self.W_dec) + self.b_dec,
                          idx=idx, values=values, n_latents=self.n_latents, pre=pre)
         else:

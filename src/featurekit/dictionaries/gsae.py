@@ -61,7 +61,7 @@ class GradientSAE(TopKSAE):
             pre = encoder_preact(centered, self.W_enc, self.b_enc)
             score = pre.relu() * (1 + self.beta * self.gradient_scores(grad))
             idx = score.topk(self.k, dim=-1, sorted=False).indices
-        values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre).relu()
+        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec).relu()
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
         out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
         out.losses.update(self.extra_losses(x, out))

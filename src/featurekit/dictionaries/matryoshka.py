@@ -102,7 +102,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             partial = torch.stack([codes[:, a:b] @ self.W_dec[a:b] for a, b in zip(bounds, bounds[1:])], dim=1)
         else:
             idx, keep = sparse
-            values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre) * keep
+            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec) * keep
             partial = grouped_decode(idx, values, self.W_dec, self.prefixes, keep)
             codes = densify(idx, values, self.n_latents)
         levels = partial.cumsum(dim=1) + self.b_dec  # (B, n, d): x̂ of every prefix

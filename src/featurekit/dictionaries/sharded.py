@@ -126,7 +126,7 @@ class ShardedTopKSAE(Dictionary):
         with torch.no_grad():
             pre = encoder_preact(centered, self.W_enc, self.b_enc)
             idx, mine = self._select(pre)
-        values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre).relu() * mine
+        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec).relu() * mine
         x_hat = self._decode_partial(idx, values, self.b_dec)
         out = _ShardOutput(x_hat=x_hat, pre=pre, idx=idx, values=values, n_latents=self.n_latents)
         out.losses.update(self.extra_losses(x, out))
@@ -146,7 +146,7 @@ class ShardedTopKSAE(Dictionary):
         return D.all_reduce_sum(partial)
 
     def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        return gather_linear(x - self.b_dec, self.W_enc, self.b_enc, idx, pre)
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
 
     def inference_rule(self) -> dict[str, Any]:
         return {"activation": "topk", "k": self.k}

@@ -226,11 +226,20 @@ class _GatherLinear(torch.autograd.Function):
         return grad_x, grad_W, grad_b, None, None
 
 
-def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """(x Wᵀ + b) at columns idx (N, k), with a sparse backward; `pre` = x Wᵀ + b computed without grad."""
+def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor,
+                  shift: torch.Tensor | None = None) -> torch.Tensor:
+    """((x − shift) Wᵀ + b) at columns idx (N, k), with a sparse backward; `pre` = the same product
+    computed without grad. `shift` (d,) (a dictionary's b_dec) gets its gradient through one (F,) vector,
+    −(Σ_n scatter of the value gradients) W, instead of the (N, d) gradient of x − shift, which would
+    cost an N·k·d `embedding_bag` pass when x itself needs no gradient (the training forward)."""
     if _state["plain"]:
+        x = x if shift is None else x - shift
         return (x @ W.T + b).gather(-1, idx)
-    return _GatherLinear.apply(x, W, b, idx, pre.detach())
+    if shift is None or x.requires_grad:
+        return _GatherLinear.apply(x if shift is None else x - shift, W, b, idx, pre.detach())
+    values = _GatherLinear.apply(x - shift.detach(), W, b, idx, pre.detach())
+    h = shift @ W.detach().T  # (F,): zero-valued below, its gradient reaches `shift` only
+    return values - (h - h.detach())[idx]
 
 
 def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ class TopAFASAE(Dictionary):
             pre = centered @ self.W_enc.T + self.b_enc
         idx, keep, _ = self._select(centered, pre)
         if idx.shape[-1] <= SPARSE_MAX_FRACTION * self.n_latents:
-            values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre).relu() * keep
+            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec).relu() * keep
             x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
             codes, norm = densify(idx, values, self.n_latents), values.norm(dim=-1)
         else:
@@ -113,7 +113,7 @@ class TopAFASAE(Dictionary):
     def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         if pre.requires_grad:  # the dense path kept the graph
             return pre.gather(-1, idx)
-        return gather_linear(x - self.b_dec, self.W_enc, self.b_enc, idx, pre)
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
 
     def inference_rule(self) -> dict[str, Any]:
         return {"activation": "top_afa", "pre": "relu((x*c - b_dec) W_enc^T)", "target": "norm(x*c - b_dec)",

@@ -69,7 +69,7 @@ class TopKSAE(Dictionary):
             else:  # a varying count per token: kept columns padded to the batch's largest count
                 codes = self.activation(pre)
                 idx, keep = mask_to_sparse(codes != 0)
-        values = gather_linear(centered, self.W_enc, self.b_enc, idx, pre)
+        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
         values = values if self.signed else values.relu()
         values = values if keep is None else values * keep
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
@@ -90,7 +90,7 @@ class TopKSAE(Dictionary):
         self.multiplier_updates += 1
 
     def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        return gather_linear(x - self.b_dec, self.W_enc, self.b_enc, idx, pre)
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
 
     def inference_rule(self) -> dict[str, Any]:
         if self.selection != "exact":
