@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import featurekit
 from featurekit.config import TrainConfig
 from featurekit.dictionaries import BatchTopKSAE, save
-from featurekit.dictionaries.operators import batch_topk, threshold
+from featurekit.dictionaries.operators import batch_topk, batch_topk_sparse, threshold
 from featurekit.evaluate.metrics import fvu, l0
 from featurekit.train import Trainer
 
@@ -36,6 +36,30 @@ def test_batch_topk_keeps_the_largest_b_times_k_positive_entries(case):
     dropped = (~kept) & (pre > 0)
     if kept.any() and dropped.any():
         assert codes[kept].min() >= pre[dropped].max()
+
+
+@settings(max_examples=120, deadline=None)
+@given(rows=st.integers(1, 16), width=st.sampled_from([16, 64, 200, 512]), k=st.integers(1, 12),
+       skew=st.sampled_from([0.0, 2.0, 6.0]), levels=st.sampled_from([0, 4]), seed=st.integers(0, 2**31 - 1))
+def test_sparse_batch_selection_keeps_exactly_the_flat_top_b_times_k(rows, width, k, skew, levels, seed):
+    """Candidates per row, the threshold fallback when a row owns more picks than it offered (skewed
+    rows), and ties (few distinct levels): the kept entries are a flat top-B·k of the positive scores."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, width, generator=gen).relu()
+    if levels:
+        scores = torch.randint(0, levels, (rows, width), generator=gen).float()
+    scores *= torch.exp(skew * torch.randn(rows, 1, generator=gen))  # some rows far above the others
+    sparse = batch_topk_sparse(scores, k)
+    total = min(k * rows, int((scores > 0).sum()))
+    if sparse is None:  # only when a row would keep more than half of the latents
+        assert int(batch_topk(scores, k).ne(0).sum(-1).max()) > width // 2
+        return
+    idx, keep = sparse
+    kept = scores.gather(-1, idx)[keep]
+    assert kept.numel() == total and (kept > 0).all()
+    assert all(len(set(r[m].tolist())) == int(m.sum()) for r, m in zip(idx, keep))  # no column twice in a row
+    flat = scores.flatten().topk(total).values if total else kept
+    torch.testing.assert_close(kept.sort().values, flat.sort().values)
 
 
 @settings(max_examples=150, deadline=None)

@@ -41,16 +41,35 @@ def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     """The B·k largest entries of non-negative `scores` (B, F), in sparse form, exactly, without a
     top-k over all B·F entries — or None when the sparse form would be wider than F/2 per row.
 
-    Each row's 4k largest scores are candidates; the B·k-th largest candidate t is at most the true
-    B·k-th largest score (the candidates are a subset), so `scores ≥ t` is a superset of the answer,
-    found in one elementwise pass. It is the answer unless a row owns more than 4k picks (or ties):
-    then a top-k over the superset only. Returns (idx, keep): columns (B, m), m = the largest number
-    kept in a row, and a bool mask of the kept slots (score > 0; the rest is padding).
+    Each row's c = min(4k, F) largest scores are candidates (`row_topk`); the B·k largest candidates
+    are the answer unless some row has all c candidates among them (it may own more picks than it
+    offered): then the rows are searched again with the B·k-th largest candidate t as a threshold,
+    `scores ≥ t` being a superset of the answer. On the usual path nothing but the row top-k touches
+    the (B, F) matrix. Returns (idx, keep): columns (B, m), m = the largest number kept in a row, and
+    a bool mask of the kept slots (score > 0; the rest is padding: other columns, weighed 0).
     """
     rows, width = scores.shape
     total = min(k * rows, scores.numel())
-    cand = row_topk(scores, min(4 * k, width))[0]
-    t = cand.flatten().topk(total, sorted=False).values.min()
+    c = min(4 * k, width)
+    cand, cols = row_topk(scores, c)
+    flat = cand.flatten()
+    top = flat.topk(total, sorted=False)
+    chosen = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view(rows, c)
+    if c < width and bool(chosen.all(-1).any()):  # a row gave all its candidates: it may own more picks
+        return _batch_topk_sparse_threshold(scores, total, width, top.values.min())
+    keep = chosen & (cand > 0)
+    counts = keep.sum(-1)
+    m = max(int(counts.max()) if counts.numel() else 0, 1)
+    if m > width // 2:
+        return None
+    order = keep.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[:, :m]  # kept slots first
+    return cols.gather(-1, order), keep.gather(-1, order)
+
+
+def _batch_topk_sparse_threshold(scores: torch.Tensor, total: int, width: int,
+                                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`batch_topk_sparse` when the candidates may miss picks: `scores ≥ t` (t ≤ the true B·k-th largest
+    score) is a superset of the answer, found in one elementwise pass; a top-k over it when it holds more."""
     mask = scores >= t
     if int(mask.sum()) > total:
         r, c = mask.nonzero(as_tuple=True)

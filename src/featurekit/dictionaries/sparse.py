@@ -4,9 +4,11 @@ The dense path costs four (N × F × d) matmuls per training step beyond the enc
 the decoder forward, its two backward products and the encoder's weight gradient. With k
 non-zeros per row, all four only need N × k × d work:
 
-* `gather_linear(x, W, b, idx, pre)` returns the pre-activations at `idx` (N, k), taken from an
-  already computed `pre` (no grad), and back-propagates sparsely: ∂W[idx[n,j]] += g[n,j]·x[n],
-  ∂b[idx[n,j]] += g[n,j], ∂x[n] = Σ_j g[n,j]·W[idx[n,j]].
+* `gather_linear(x, W, b, idx, pre, shift)` returns the pre-activations ((x − shift) Wᵀ + b) at `idx`
+  (N, k), taken from an already computed `pre` (no grad), and back-propagates sparsely:
+  ∂W[idx[n,j]] += g[n,j]·(x[n] − shift), ∂b[idx[n,j]] += g[n,j], ∂shift = −∂b W (one (F,) vector:
+  no (N, d) gradient for x − shift when x needs none).
+* `row_topk(scores, k)`: an exact per-row top-k in two narrow stages (group maxima, then candidates).
 * `sparse_decode(idx, values, W_dec)` = Σ_j values[n,j]·W_dec[idx[n,j]] through `embedding_bag`.
 
 * `encoder_preact(x, W, b)` = x Wᵀ + b without grad, the one (N × F × d) product a step cannot
