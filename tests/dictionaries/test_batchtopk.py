@@ -40,14 +40,15 @@ def test_batch_topk_keeps_the_largest_b_times_k_positive_entries(case):
 
 @settings(max_examples=120, deadline=None)
 @given(rows=st.integers(1, 16), width=st.sampled_from([16, 64, 200, 512]), k=st.integers(1, 12),
-       skew=st.sampled_from([0.0, 2.0, 6.0]), levels=st.sampled_from([0, 4]), seed=st.integers(0, 2**31 - 1))
-def test_sparse_batch_selection_keeps_exactly_the_flat_top_b_times_k(rows, width, k, skew, levels, seed):
+       skew=st.sampled_from([0.0, 2.0, 6.0]), levels=st.sampled_from([0, 4]), relu=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_sparse_batch_selection_keeps_exactly_the_flat_top_b_times_k(rows, width, k, skew, levels, relu, seed):
     """Candidates per row, the threshold fallback when a row owns more picks than it offered (skewed
     rows), and ties (few distinct levels): the kept entries are a flat top-B·k of the positive scores."""
     gen = torch.Generator().manual_seed(seed)
-    scores = torch.randn(rows, width, generator=gen).relu()
+    scores = torch.randn(rows, width, generator=gen)  # raw pre-activations, or their ReLU: the same selection
     if levels:
-        scores = torch.randint(0, levels, (rows, width), generator=gen).float()
+        scores = torch.randint(-1, levels, (rows, width), generator=gen).float()
+    scores = scores.relu() if relu else scores
     scores *= torch.exp(skew * torch.randn(rows, 1, generator=gen))  # some rows far above the others
     sparse = batch_topk_sparse(scores, k)
     total = min(k * rows, int((scores > 0).sum()))
@@ -58,7 +59,7 @@ def test_sparse_batch_selection_keeps_exactly_the_flat_top_b_times_k(rows, width
     kept = scores.gather(-1, idx)[keep]
     assert kept.numel() == total and (kept > 0).all()
     assert all(len(set(r[m].tolist())) == int(m.sum()) for r, m in zip(idx, keep))  # no column twice in a row
-    flat = scores.flatten().topk(total).values if total else kept
+    flat = scores.flatten().topk(total).values if total else kept  # the largest are the positive ones
     torch.testing.assert_close(kept.sort().values, flat.sort().values)
 
 

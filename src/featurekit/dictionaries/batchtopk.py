@@ -44,7 +44,7 @@ class BatchTopKSAE(TopKSAE):
         centered = x - self.b_dec
         with torch.no_grad():
             pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            sparse = batch_topk_sparse(pre.abs() if self.signed else pre.relu(), self.k)
+            sparse = batch_topk_sparse(pre.abs() if self.signed else pre, self.k)
         if sparse is None:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph
             codes = batch_abs_topk(pre, self.k) if self.signed else batch_topk(pre, self.k)

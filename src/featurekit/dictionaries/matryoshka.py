@@ -94,7 +94,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         centered = x - self.b_dec
         with torch.no_grad():
             pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            sparse = batch_topk_sparse(pre.relu(), self.k)
+            sparse = batch_topk_sparse(pre, self.k)
         if sparse is None:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph
             codes = batch_topk(pre, self.k)

@@ -38,8 +38,9 @@ def relu(pre: torch.Tensor) -> torch.Tensor:
 
 
 def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The B·k largest entries of non-negative `scores` (B, F), in sparse form, exactly, without a
-    top-k over all B·F entries — or None when the sparse form would be wider than F/2 per row.
+    """The B·k largest entries of `scores` (B, F), those > 0 kept (so `scores` and ReLU(`scores`) select
+    alike), in sparse form, exactly, without a top-k over all B·F entries — or None when the sparse form
+    would be wider than F/2 per row.
 
     Each row's c = min(4k, F) largest scores are candidates (`row_topk`); the B·k largest candidates
     are the answer unless some row has all c candidates among them (it may own more picks than it
