@@ -53,6 +53,9 @@ SUPPORTS = {
     "overcomplete": {"topk", "batchtopk"},
 }
 DRIVER_FILE = {lib: DRIVERS / f"{lib}_driver.py" for lib in LIBS}
+#: libraries run with --precision bf16 (featurekit's train.precision=bf16; sparsify's Trainer.fit under a CPU bf16
+#: autocast — its own autocast is CUDA-only)
+BF16_LIBS = {"featurekit", "sparsify"}
 
 
 def default_venvs() -> Path:
@@ -111,15 +114,18 @@ def interpreter(lib: str, venvs: Path) -> Path | None:
 
 
 def run_one(lib: str, arch: str, n: int, k: int | None, args: argparse.Namespace, data: Path) -> dict:
-    base = {"library": lib, "arch": arch, "n_latents": n, "k": k, "threads": args.threads}
+    base = {"library": lib, "arch": arch, "n_latents": n, "k": k, "threads": args.threads, "precision": args.precision}
     if arch not in SUPPORTS[lib]:
         return {**base, "skipped": f"{lib} has no {arch} SAE"}
+    if args.precision != "fp32" and lib not in BF16_LIBS:
+        return {**base, "skipped": f"bf16 runs cover {' and '.join(sorted(BF16_LIBS))} only"}
     py = interpreter(lib, args.venvs)
     if py is None:
         return {**base, "skipped": f"no venv at {args.venvs / lib} (run benchmarks/peers/setup_venv.sh)"}
     cmd = [str(py), str(DRIVER_FILE[lib]), "--data", str(data), "--arch", arch, "--n-latents", str(n),
            "--k", str(k if k is not None else 32), "--batch", str(args.batch), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--threads", str(args.threads), "--lr", str(args.lr), "--seed", str(args.seed)]
+           "--steps", str(args.steps), "--threads", str(args.threads), "--lr", str(args.lr), "--seed", str(args.seed),
+           "--precision", args.precision]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env.pop("PYTHONPATH", None)
@@ -173,7 +179,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
     out += [f"- date: {machine.get('date', '?')}", f"- CPU: {machine.get('cpu', '?')} ({machine.get('nproc', '?')} logical CPUs)",
             f"- torch: {machine.get('torch', '?')}, python {machine.get('python', '?')}",
             f"- torch threads per run: {machine.get('threads', '?')}",
-            f"- workload: d = {machine.get('d', '?')}, batch = {machine.get('batch', '?')} tokens, fp32, Adam lr {machine.get('lr', '?')}, "
+            f"- workload: d = {machine.get('d', '?')}, batch = {machine.get('batch', '?')} tokens, {machine.get('precision', 'fp32')}, "
+            f"Adam lr {machine.get('lr', '?')}, "
             f"pool of {machine.get('rows', '?')} synthetic rows; {schedule} (median step time; tokens/s = batch / median)"]
     versions = sorted({(r["library"], r.get("version")) for r in rows if r.get("version")})
     out.append("- library versions: " + ", ".join(f"{lib} {v}" for lib, v in versions))
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=4 * 4096, help="rows in the shared pool (batches cycle over it)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: featurekit with train.precision=bf16 and sparsify under a CPU bf16 autocast (other peers skipped)")
     p.add_argument("--gemm-size", type=int, default=2048, help="n of the n×n×n torch.mm calibration")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per run before it is skipped")
     p.add_argument("--venvs", type=Path, default=default_venvs(), help="folder holding the peers' venvs (setup_venv.sh)")
@@ -279,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     ks = [int(s) for s in args.ks.split(",") if s]
     stamp = args.tag or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    jsonl = args.out / f"{stamp}-threads{args.threads}.jsonl"
+    jsonl = args.out / f"{stamp}-threads{args.threads}{'' if args.precision == 'fp32' else '-' + args.precision}.jsonl"
     machine = {"kind": "machine", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
                "nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
                "d": args.d, "batch": args.batch, "rows": args.rows, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
-               "seed": args.seed, "gemm_size": args.gemm_size}
+               "seed": args.seed, "gemm_size": args.gemm_size, "precision": args.precision}
     with open(jsonl, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(machine) + "\n")
     print(f"# {machine['cpu']}, torch {machine['torch']}, {args.threads} thread(s); results -> {jsonl}", flush=True)

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the library's training step under a CPU bf16 autocast (featurekit: train.precision=bf16)")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1")
@@ -123,6 +125,7 @@ def report(args: argparse.Namespace, library: str, version: str, timer: TimedBat
         "cpu_share": round(cpu_share, 3),
         "loss_first": None if not losses else float(losses[0]),
         "loss_last": None if not losses else float(losses[-1]),
+        "precision": args.precision,
         "torch": torch.__version__,
         "python": platform.python_version(),
         **extra,

@@ -27,7 +27,8 @@ def main() -> None:
     d = pool.shape[1]
     params = {} if args.arch == "jumprelu" else {"k": args.k}
     sae = METHODS[args.arch](d, args.n_latents, seed=args.seed, **params)
-    cfg = TrainConfig(batch_size=args.batch, lr=args.lr, log_every=1, threads=args.threads, seed=args.seed)
+    cfg = TrainConfig(batch_size=args.batch, lr=args.lr, log_every=1, threads=args.threads, seed=args.seed,
+                      precision=args.precision)
     with tempfile.TemporaryDirectory(prefix="fk-bench-") as tmp:
         trainer = Trainer(sae, cfg, Path(tmp) / "run", total_steps=common.total_steps(args))
         trainer.init_from_data(pool[: args.batch])  # input scale + b_dec (geometric median): before timing

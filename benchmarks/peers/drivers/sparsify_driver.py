@@ -66,7 +66,9 @@ def main() -> None:
         for sae in trainer.saes.values():
             sae.register_forward_hook(lambda mod, inp, out: losses.append(float(out.fvu.detach())))
         model.timer = timer
-        trainer.fit()
+        # bf16: a CPU autocast around the whole loop (sparsify's own autocast decorator targets CUDA only)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            trainer.fit()
     common.report(args, "sparsify", version("eai-sparsify"), timer, losses)
 
 
