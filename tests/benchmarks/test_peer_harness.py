@@ -75,11 +75,14 @@ def test_drivers_reject_bad_step_counts(capsys):
 
 def test_peers_that_cannot_run_are_skipped_with_a_reason(tmp_path):
     run = load_run_module()
-    args = run.argparse.Namespace(threads=1, venvs=tmp_path / "no-venvs")
+    args = run.argparse.Namespace(threads=1, venvs=tmp_path / "no-venvs", precision="fp32")
     na = run.run_one("sparsify", "batchtopk", 64, 4, args, tmp_path / "pool.npy")
     assert na["skipped"] == "sparsify has no batchtopk SAE"
     missing = run.run_one("saelens", "topk", 64, 4, args, tmp_path / "pool.npy")
     assert "no venv" in missing["skipped"] and "setup_venv.sh" in missing["skipped"]
+    args.precision = "bf16"
+    bf16 = run.run_one("saelens", "topk", 64, 4, args, tmp_path / "pool.npy")
+    assert bf16["skipped"] == "bf16 runs cover featurekit and sparsify only" and bf16["precision"] == "bf16"
 
 
 def test_harness_runs_featurekit_and_writes_jsonl_and_markdown(tmp_path):
