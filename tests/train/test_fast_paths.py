@@ -18,12 +18,14 @@ from featurekit.dictionaries.sparse import (
     _mm_bias,
     _onednn_available,
     _onednn_linear,
-    _rows_at,
+    _pairs,
+    _pairs_at,
     _weight_grad,
     encoder_preact,
     gather_linear,
     plain_kernels,
     row_topk,
+    sparse_decode,
 )
 from featurekit.errors import FeaturekitError
 from featurekit.train import Trainer
@@ -103,7 +105,8 @@ def test_csr_weight_gradient_equals_the_dense_sum(n, rows, k, d, seed):
     idx = torch.randint(0, rows, (n, k), generator=gen)  # duplicates allowed
     grad, x = torch.randn(n, k, generator=gen), torch.randn(n, d, generator=gen)
     dense = torch.zeros(n, rows).scatter_add_(-1, idx, grad).T @ x
-    torch.testing.assert_close(_weight_grad(grad, idx, x, rows), dense, rtol=1e-5, atol=1e-5)
+    r, _, c, _ = _pairs(idx, None)
+    torch.testing.assert_close(_weight_grad(grad.flatten(), r, c, x, rows), dense, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
@@ -142,13 +145,44 @@ def test_row_topk_selects_the_top_k_values(n, width, k, levels, masked, seed):
     assert all(len(set(row.tolist())) == k for row in idx)
 
 
-@settings(max_examples=25, deadline=None)
-@given(n=st.integers(0, 40), f=st.integers(1, 50), k=st.integers(1, 8), d=st.integers(1, 12), seed=st.integers(0, 999))
-def test_sddmm_recompute_equals_the_gathered_product(n, f, k, d, seed):
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), f=st.integers(1, 50), k=st.integers(1, 8), d=st.integers(1, 12), ragged=st.booleans(),
+       seed=st.integers(0, 999))
+def test_sddmm_recompute_equals_the_gathered_product(n, f, k, d, ragged, seed):
+    """All slots, or only the kept ones (ragged rows, some empty); duplicate columns allowed."""
     gen = torch.Generator().manual_seed(seed)
     x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
-    idx = torch.randint(0, f, (n, k), generator=gen)  # duplicates allowed (padding slots repeat a column)
-    torch.testing.assert_close(_rows_at(x, W, b, idx), (x @ W.T + b).gather(-1, idx), rtol=1e-5, atol=1e-5)
+    idx = torch.randint(0, f, (n, k), generator=gen)
+    keep = torch.rand(n, k, generator=gen) < 0.6 if ragged else None
+    rows, slots, cols, crow = _pairs(idx, keep)
+    expected = (x @ W.T + b).gather(-1, idx)
+    expected = expected.flatten() if keep is None else expected[keep]
+    torch.testing.assert_close(_pairs_at(x, W, b, rows, cols, crow), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 30), f=st.integers(1, 40), k=st.integers(1, 6), d=st.integers(1, 10), seed=st.integers(0, 999))
+def test_ragged_kernels_equal_the_padded_ones_weighted_by_keep(n, f, k, d, seed):
+    """gather_linear / sparse_decode with `keep`: the values and every gradient of the padded form × keep."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    params = [torch.randn(f, d, generator=gen), torch.randn(f, generator=gen), torch.randn(d, generator=gen),
+              torch.randn(f, d, generator=gen)]
+    idx, keep = torch.randint(0, f, (n, k), generator=gen), torch.rand(n, k, generator=gen) < 0.5
+    grads = []
+    for ragged in (True, False):
+        W, b, shift, W_dec = [p.clone().requires_grad_() for p in params]
+        pre = (x - shift.detach()) @ W.detach().T + b.detach()
+        if ragged:
+            values = gather_linear(x, W, b, idx, pre, shift=shift, keep=keep)
+            out = sparse_decode(idx, values, W_dec, keep=keep)
+        else:
+            values = gather_linear(x, W, b, idx, pre, shift=shift) * keep
+            out = sparse_decode(idx, values, W_dec)
+        (out.square().sum() + values.sum()).backward()
+        grads.append([values.detach(), out.detach()] + [p.grad for p in (W, b, shift, W_dec)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_gemm_choice_is_probed_once_and_kept_in_the_cache(tmp_path, monkeypatch):

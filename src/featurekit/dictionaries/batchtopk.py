@@ -51,8 +51,8 @@ class BatchTopKSAE(TopKSAE):
             out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
         else:
             idx, keep = sparse
-            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec) * keep
-            x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
+            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep)
+            x_hat = sparse_decode(idx, values, self.W_dec, keep=keep) + self.b_dec
             out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
         out.losses.update(self.extra_losses(x, out))
         return out

@@ -67,6 +67,8 @@ from .sparse import encoder_preact, gather_linear, mask_to_sparse, plain_active,
 #: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (BENCHMARKS.md): sparse 1.12 s vs dense 1.61 s a step at
 #: 2.6 % live, 1.74 vs 1.65 s at 5.0 % — even at ≈ 4.5 %
 SPARSE_MAX_DENSITY = 0.04
+#: rows per block in the dense path's backward (bounds its temporaries to a few (rows, F) blocks)
+_BACKWARD_ROWS = 512
 #: latents per chunk in the data-dependent b_enc init (bounds the sample × chunk pre-activation block)
 _INIT_CHUNK = 1024
 
@@ -110,9 +112,9 @@ class _StepFn(torch.autograd.Function):
 class _DenseJumpReLU(torch.autograd.Function):
     """codes = π·H(π − θ) and L0 = mean over tokens of Σ_j H(π_j − θ_j) with π = x_c W_encᵀ + b_enc already
     computed (no grad), x_c = x − shift. The same values and gradients as `_JumpReLUFn` and `_StepFn` on
-    π with its graph, in fewer passes over the (N, F) matrices: the mask is kept from the forward, the
-    kernel window is built once for both θ terms, W_enc's gradient is one GEMM, and shift (b_dec) gets
-    −(Σ_n ∂π_n) W_enc without an (N, d) gradient for x_c."""
+    π with its graph, in fewer passes over the (N, F) matrices and less memory: the mask is kept from the
+    forward; the backward walks row blocks (kernel window once for both θ terms, W_enc's gradient one GEMM
+    per block, no (N, F) temporary); shift (b_dec) gets −(Σ_n ∂π_n) W_enc without an (N, d) gradient for x_c."""
 
     @staticmethod
     def forward(ctx, x_c, W, b, shift, theta, pre, eps):
@@ -126,17 +128,28 @@ class _DenseJumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_codes, grad_l0, _):
         x_c, W, theta, pre, mask = ctx.saved_tensors
-        window = (pre - theta).div_(ctx.eps).abs_() < 0.5  # `_kernel`, in place
+        n = pre.shape[0]
+        gdt = grad_codes.dtype  # bf16 under a bf16 autocast: W_enc's gradient GEMM runs in bf16 as well
+        grad_W = torch.zeros_like(W) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        k_grad = torch.zeros_like(theta)  # Σ_n K·∂codes
+        k_count = torch.zeros_like(theta)  # Σ_n K
+        for s in range(0, n, _BACKWARD_ROWS):  # row blocks: no (N, F) temporaries beyond the saved ones
+            rows = slice(s, s + _BACKWARD_ROWS)
+            g, window = grad_codes[rows], (pre[rows] - theta).div_(ctx.eps).abs_() < 0.5  # `_kernel`
+            k_grad += torch.where(window, g, 0).sum(0, dtype=theta.dtype)
+            if grad_l0 is not None:
+                k_count += window.sum(0, dtype=theta.dtype)
+            grad_pre = g * mask[rows]
+            grad_b += grad_pre.sum(0, dtype=W.dtype)
+            if grad_W is not None:
+                grad_W += (grad_pre.T @ x_c[rows].to(gdt)).to(W.dtype)
         # ∂θ: −(θ/ε) Σ_n K·∂codes  −  (1/ε) Σ_n K·∂L0/N
-        grad_theta = -(theta / ctx.eps) * torch.where(window, grad_codes, 0).sum(0, dtype=theta.dtype)
+        grad_theta = -(theta / ctx.eps) * k_grad
         if grad_l0 is not None:
-            grad_theta -= (grad_l0.to(theta.dtype) / (ctx.eps * pre.shape[0])) * window.sum(0, dtype=theta.dtype)
-        grad_pre = grad_codes * mask
-        grad_b = grad_pre.sum(0, dtype=W.dtype)
-        # under a bf16 autocast π and the gradients are bf16: W_enc's gradient GEMM runs in bf16 as well
-        grad_W = (grad_pre.T @ x_c.to(grad_pre.dtype)).to(W.dtype) if ctx.needs_input_grad[1] else None
+            grad_theta -= (grad_l0.to(theta.dtype) / (ctx.eps * n)) * k_count
         grad_shift = -(grad_b @ W) if ctx.needs_input_grad[3] else None
-        return None, grad_W, grad_b, grad_shift, grad_theta.to(theta.dtype), None, None
+        return None, grad_W, grad_b, grad_shift, grad_theta, None, None
 
 
 class JumpReLUSAE(Dictionary):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse import mask_to_sparse, row_topk
+from .sparse import row_topk
 
 
 def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -42,45 +42,35 @@ def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     alike), in sparse form, exactly, without a top-k over all B·F entries — or None when the sparse form
     would be wider than F/2 per row.
 
-    Each row's c = min(4k, F) largest scores are candidates (`row_topk`); the B·k largest candidates
-    are the answer unless some row has all c candidates among them (it may own more picks than it
-    offered): then the rows are searched again with the B·k-th largest candidate t as a threshold,
-    `scores ≥ t` being a superset of the answer. On the usual path nothing but the row top-k touches
-    the (B, F) matrix. Returns (idx, keep): columns (B, m), m = the largest number kept in a row, and
-    a bool mask of the kept slots (score > 0; the rest is padding: other columns, weighed 0).
+    Each row's c = min(4k, F) largest scores are candidates (`row_topk`), and t is the B·k-th largest
+    candidate: t is at most the true B·k-th largest score (the candidates are a subset), so every pick
+    is ≥ t. A row whose c candidates are all ≥ t may own more picks than it offered: those rows alone
+    (usually a few) count their entries ≥ t and offer that many candidates. The B·k largest of all
+    candidates are then the answer. Only the row top-k touches the whole (B, F) matrix. Returns
+    (idx, keep): columns (B, m), m = the largest number kept in a row, and a bool mask of the kept
+    slots (score > 0; the rest is padding: other columns, weighed 0).
     """
     rows, width = scores.shape
     total = min(k * rows, scores.numel())
     c = min(4 * k, width)
     cand, cols = row_topk(scores, c)
+    t = cand.flatten().topk(total, sorted=False).values.min()
+    full = (cand >= t).all(-1).nonzero().flatten() if c < width else cand.new_zeros(0, dtype=torch.long)
+    if full.numel():  # rows that may own more picks: offer every entry ≥ t
+        wide = int((scores[full] >= t).sum(-1).max())
+        more, more_cols = row_topk(scores[full], wide)
+        cand = torch.cat([cand, cand.new_full((rows, wide - c), float("-inf"))], 1).index_copy_(0, full, more)
+        cols = torch.cat([cols, cols.new_zeros(rows, wide - c)], 1).index_copy_(0, full, more_cols)
+        c = wide
     flat = cand.flatten()
-    top = flat.topk(total, sorted=False)
-    chosen = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view(rows, c)
-    if c < width and bool(chosen.all(-1).any()):  # a row gave all its candidates: it may own more picks
-        return _batch_topk_sparse_threshold(scores, total, width, top.values.min())
-    keep = chosen & (cand > 0)
+    chosen = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, flat.topk(total, sorted=False).indices, True)
+    keep = chosen.view(rows, c) & (cand > 0)
     counts = keep.sum(-1)
     m = max(int(counts.max()) if counts.numel() else 0, 1)
     if m > width // 2:
         return None
     order = keep.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[:, :m]  # kept slots first
     return cols.gather(-1, order), keep.gather(-1, order)
-
-
-def _batch_topk_sparse_threshold(scores: torch.Tensor, total: int, width: int,
-                                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`batch_topk_sparse` when the candidates may miss picks: `scores ≥ t` (t ≤ the true B·k-th largest
-    score) is a superset of the answer, found in one elementwise pass; a top-k over it when it holds more."""
-    mask = scores >= t
-    if int(mask.sum()) > total:
-        r, c = mask.nonzero(as_tuple=True)
-        top = scores[r, c].topk(total, sorted=False).indices
-        mask = torch.zeros_like(mask)
-        mask[r[top], c[top]] = True
-    mask &= scores > 0
-    if int(mask.sum(-1).max()) > width // 2:
-        return None
-    return mask_to_sparse(mask)
 
 
 def _batch_select(pre: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -178,77 +178,101 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, cols.gather(1, pick)
 
 
-def _rows_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(x Wᵀ + b) at idx (N, k), computed exactly in x's dtype: one sampled dense-dense product (SDDMM)
-    over the N·k pairs (no (N, k, d) gather of decoder rows)."""
-    n, k = idx.shape
-    if k > W.shape[0]:  # more slots than columns (repeats): torch's CPU SDDMM refuses nnz > N·F
-        return (x @ W.T + b).gather(-1, idx)
-    crow = torch.arange(0, n * k + 1, k, device=x.device)
+def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, latent) pairs of a sparse form, flat and grouped by token: (rows, slots, cols, crow),
+    crow[n]..crow[n+1] being token n's pairs. With `keep`, only the kept slots (a ragged form: padding
+    costs nothing in the kernels); without, all N·m slots."""
+    n, m = idx.shape
+    if keep is None:
+        rows = torch.arange(n, device=idx.device).repeat_interleave(m)
+        slots = torch.arange(m, device=idx.device).repeat(n)
+        return rows, slots, idx.reshape(-1), torch.arange(0, n * m + 1, m, device=idx.device)
+    rows, slots = keep.nonzero(as_tuple=True)  # row-major: grouped by token
+    crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
+    crow[1:] = keep.sum(-1).cumsum(0)
+    return rows, slots, idx[rows, slots], crow
+
+
+def _pairs_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              crow: torch.Tensor) -> torch.Tensor:
+    """(x Wᵀ + b) at the pairs (rows, cols) (P,), computed exactly in x's dtype: one sampled dense-dense
+    product (SDDMM) over the pairs (no (P, d) gather of encoder rows)."""
+    if x.shape[0] and int((crow[1:] - crow[:-1]).max()) > W.shape[0]:  # torch's CPU SDDMM refuses more pairs than columns in a row
+        return (x @ W.T + b)[rows, cols]
     with warnings.catch_warnings():  # "CSR support is in beta"
         warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n * k, dtype=x.dtype, device=x.device),
-                                          (n, W.shape[0]), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=x.dtype, device=x.device),
+                                          (x.shape[0], W.shape[0]), check_invariants=False)
         dots = torch.sparse.sampled_addmm(pattern, x, W.T, beta=0.0).values()
-    return dots.view(n, k) + b[idx]
+    return dots + b[cols]
 
 
-def _weight_grad(grad: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Σ_n,j grad[n,j] · x[n] into row idx[n,j]: one CSR (n_rows × N) @ x (N × d) product."""
-    flat = idx.reshape(-1)
-    order = flat.argsort(stable=True)
+def _weight_grad(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Σ_p grad[p] · x[rows[p]] into row cols[p] (P pairs): one CSR (n_rows × N) @ x (N × d) product."""
+    order = cols.argsort(stable=True)
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
-    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
-    cols = torch.div(order, idx.shape[1], rounding_mode="floor")  # the token of each sorted pair
+    crow[1:] = torch.bincount(cols, minlength=n_rows).cumsum(0)
     with warnings.catch_warnings():  # "CSR support is in beta": used as documented, as a read-only operand
         warnings.simplefilter("ignore")
-        S = torch.sparse_csr_tensor(crow, cols, grad.reshape(-1)[order], (n_rows, x.shape[0]), check_invariants=False)
+        S = torch.sparse_csr_tensor(crow, rows[order], grad[order], (n_rows, x.shape[0]), check_invariants=False)
     return S @ x
 
 
 class _GatherLinear(torch.autograd.Function):
+    """(x Wᵀ + b) at P (token, latent) pairs, from `pre`; backward over the pairs only."""
+
     @staticmethod
-    def forward(ctx, x, W, b, idx, pre):
-        ctx.save_for_backward(x, W, idx)
+    def forward(ctx, x, W, b, rows, cols, crow, pre):
+        ctx.save_for_backward(x, W, rows, cols, crow)
         if pre.dtype != x.dtype:  # a low-precision selection: the selected values exactly
-            return _rows_at(x, W, b, idx)
-        return pre.gather(-1, idx)
+            return _pairs_at(x, W, b, rows, cols, crow)
+        return pre[rows, cols]
 
     @staticmethod
     def backward(ctx, grad):
-        x, W, idx = ctx.saved_tensors
+        x, W, rows, cols, crow = ctx.saved_tensors
         grad = grad.contiguous()
         grad_W = grad_b = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_W = _weight_grad(grad.to(x.dtype), idx, x, W.shape[0])
+            grad_W = _weight_grad(grad.to(x.dtype), rows, cols, x, W.shape[0])
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, idx.reshape(-1), grad.reshape(-1))
+            grad_b = torch.zeros(W.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W, per_sample_weights=grad, mode="sum")
-        return grad_x, grad_W, grad_b, None, None
+            grad_x = F.embedding_bag(cols, W, crow[:-1], per_sample_weights=grad, mode="sum")
+        return grad_x, grad_W, grad_b, None, None, None, None
 
 
 def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor,
-                  shift: torch.Tensor | None = None) -> torch.Tensor:
-    """((x − shift) Wᵀ + b) at columns idx (N, k), with a sparse backward; `pre` = the same product
+                  shift: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """((x − shift) Wᵀ + b) at columns idx (N, m), with a sparse backward; `pre` = the same product
     computed without grad. `shift` (d,) (a dictionary's b_dec) gets its gradient through one (F,) vector,
     −(Σ_n scatter of the value gradients) W, instead of the (N, d) gradient of x − shift, which would
-    cost an N·k·d `embedding_bag` pass when x itself needs no gradient (the training forward)."""
+    cost an N·k·d `embedding_bag` pass when x itself needs no gradient (the training forward). With
+    `keep` (N, m) only the kept slots are computed (ragged); the others are 0."""
     if _state["plain"]:
         x = x if shift is None else x - shift
-        return (x @ W.T + b).gather(-1, idx)
+        values = (x @ W.T + b).gather(-1, idx)
+        return values if keep is None else values * keep
+    rows, slots, cols, crow = _pairs(idx, keep)
     if shift is None or x.requires_grad:
-        return _GatherLinear.apply(x if shift is None else x - shift, W, b, idx, pre.detach())
-    values = _GatherLinear.apply(x - shift.detach(), W, b, idx, pre.detach())
-    h = shift @ W.detach().T  # (F,): zero-valued below, its gradient reaches `shift` only
-    return values - (h - h.detach())[idx]
+        flat = _GatherLinear.apply(x if shift is None else x - shift, W, b, rows, cols, crow, pre.detach())
+    else:
+        flat = _GatherLinear.apply(x - shift.detach(), W, b, rows, cols, crow, pre.detach())
+        h = shift @ W.detach().T  # (F,): zero-valued below, its gradient reaches `shift` only
+        flat = flat - (h - h.detach())[cols]
+    if keep is None:
+        return flat.view(idx.shape)
+    return flat.new_zeros(idx.shape).index_put((rows, slots), flat)
 
 
-def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Σ_j values[n, j] · W_dec[idx[n, j]] → (N, d)."""
+def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j values[n, j] · W_dec[idx[n, j]] → (N, d); with `keep`, over the kept slots only (ragged bags)."""
     if _state["plain"]:
-        return densify_with_grad(idx, values, W_dec.shape[0]) @ W_dec
-    return F.embedding_bag(idx, W_dec, per_sample_weights=values, mode="sum")
+        return densify_with_grad(idx, values if keep is None else values * keep, W_dec.shape[0]) @ W_dec
+    if keep is None:
+        return F.embedding_bag(idx, W_dec, per_sample_weights=values, mode="sum")
+    rows, slots, cols, crow = _pairs(idx, keep)
+    return F.embedding_bag(cols, W_dec, crow[:-1], per_sample_weights=values[rows, slots], mode="sum")
 
 
 def densify_with_grad(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
