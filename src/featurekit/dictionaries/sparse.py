@@ -254,10 +254,10 @@ def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.
         values = (x @ W.T + b).gather(-1, idx)
         return values if keep is None else values * keep
     rows, slots, cols, crow = _pairs(idx, keep)
-    if shift is None or x.requires_grad:
-        flat = _GatherLinear.apply(x if shift is None else x - shift, W, b, rows, cols, crow, pre.detach())
-    else:
-        flat = _GatherLinear.apply(x - shift.detach(), W, b, rows, cols, crow, pre.detach())
+    vector_shift = shift is not None and not x.requires_grad
+    x = x if shift is None else x - (shift.detach() if vector_shift else shift)
+    flat = _GatherLinear.apply(x, W, b, rows, cols, crow, pre.detach())
+    if vector_shift:
         h = shift @ W.detach().T  # (F,): zero-valued below, its gradient reaches `shift` only
         flat = flat - (h - h.detach())[cols]
     if keep is None:
