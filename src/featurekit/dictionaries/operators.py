@@ -54,7 +54,8 @@ def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     total = min(k * rows, scores.numel())
     c = min(4 * k, width)
     cand, cols = row_topk(scores, c)
-    t = cand.flatten().topk(total, sorted=False).values.min()
+    top = cand.flatten().topk(total, sorted=False)
+    t = top.values.min()
     full = (cand >= t).all(-1).nonzero().flatten() if c < width else cand.new_zeros(0, dtype=torch.long)
     if full.numel():  # rows that may own more picks: offer every entry ≥ t
         wide = int((scores[full] >= t).sum(-1).max())
@@ -62,8 +63,8 @@ def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
         cand = torch.cat([cand, cand.new_full((rows, wide - c), float("-inf"))], 1).index_copy_(0, full, more)
         cols = torch.cat([cols, cols.new_zeros(rows, wide - c)], 1).index_copy_(0, full, more_cols)
         c = wide
-    flat = cand.flatten()
-    chosen = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, flat.topk(total, sorted=False).indices, True)
+        top = cand.flatten().topk(total, sorted=False)
+    chosen = torch.zeros(rows * c, dtype=torch.bool, device=cand.device).index_fill_(0, top.indices, True)
     keep = chosen.view(rows, c) & (cand > 0)
     counts = keep.sum(-1)
     m = max(int(counts.max()) if counts.numel() else 0, 1)
