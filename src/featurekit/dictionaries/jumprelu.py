@@ -64,8 +64,8 @@ from .operators import jumprelu
 from .sparse import encoder_preact, gather_linear, mask_to_sparse, plain_active, sparse_decode
 
 #: the sparse training path runs while at most this share of the (token, latent) pairs is live. Measured at
-#: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (BENCHMARKS.md): sparse 1.12 s vs dense 1.61 s a step at
-#: 2.6 % live, 1.74 vs 1.65 s at 5.0 % — even at ≈ 4.5 %
+#: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (ragged sparse kernels): sparse 1.05 s vs dense 1.61 s a
+#: step at 2.6 % live, 1.6–1.9 vs 1.59 s at 5.0 % — even at ≈ 4.5 %
 SPARSE_MAX_DENSITY = 0.04
 #: rows per block in the dense path's backward (bounds its temporaries to a few (rows, F) blocks)
 _BACKWARD_ROWS = 512
@@ -209,9 +209,10 @@ class JumpReLUSAE(Dictionary):
                 sparse = int(counts.sum()) <= live.numel() * SPARSE_MAX_DENSITY and int(counts.max()) <= self.n_latents // 2
             if sparse:
                 idx, keep = mask_to_sparse(live)
-                pre_at, theta_at = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec), self.theta[idx]
+                pre_at = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep)
+                theta_at = self.theta[idx]
                 values = _JumpReLUFn.apply(pre_at, theta_at, self.bandwidth) * keep
-                out = Output(x_hat=sparse_decode(idx, values, self.W_dec) + self.b_dec, idx=idx, values=values,
+                out = Output(x_hat=sparse_decode(idx, values, self.W_dec, keep=keep) + self.b_dec, idx=idx, values=values,
                              n_latents=self.n_latents, pre=pre)
                 l0 = (_StepFn.apply(pre_at, theta_at, self.bandwidth) * keep).sum(-1).mean()
                 out.losses["l0"] = self.l0_coefficient * self.sparsity_scale * l0

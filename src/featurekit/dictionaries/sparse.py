@@ -178,15 +178,14 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, cols.gather(1, pick)
 
 
-def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The (token, latent) pairs of a sparse form, flat and grouped by token: (rows, slots, cols, crow),
     crow[n]..crow[n+1] being token n's pairs. With `keep`, only the kept slots (a ragged form: padding
-    costs nothing in the kernels); without, all N·m slots."""
+    costs nothing in the kernels); without, all N·m slots in order (slots None: pair p is slot p)."""
     n, m = idx.shape
     if keep is None:
         rows = torch.arange(n, device=idx.device).repeat_interleave(m)
-        slots = torch.arange(m, device=idx.device).repeat(n)
-        return rows, slots, idx.reshape(-1), torch.arange(0, n * m + 1, m, device=idx.device)
+        return rows, None, idx.reshape(-1), torch.arange(0, n * m + 1, m, device=idx.device)
     rows, slots = keep.nonzero(as_tuple=True)  # row-major: grouped by token
     crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
     crow[1:] = keep.sum(-1).cumsum(0)
