@@ -13,13 +13,14 @@ thresholds ← thresholds/c; codes then come out in raw units).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import FeaturekitError
-from .sparse import densify
+from .sparse import densify, masked_topk
 
 
 class Output:
@@ -28,16 +29,36 @@ class Output:
     Codes come either dense (`codes`, (N, F)) or sparse: `idx` (N, m) latent indices and `values`
     (N, m), zero where a slot is padding. The dense matrix of a sparse output is built only if
     `codes` is read; the trainer's statistics (`fire_counts`, `l0`) use the sparse form, so a
-    training step of a sparse method never writes an (N, F) code matrix."""
+    training step of a sparse method never writes an (N, F) code matrix.
+
+    `pre` (N, F) are the pre-activations, for the aux-k losses and statistics. A method that need
+    not keep them (exact TopK: the matrix is 512 MiB at 4,096 tokens × 32,768 latents) passes
+    `pre_topk` instead, a function (k, among, signed) → (indices, values) computing each token's top
+    k among a set of latents on demand (`sparse.columns_topk`); `top_pre` answers from either."""
 
     def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | None = None, pre: torch.Tensor | None = None,
                  losses: dict[str, torch.Tensor] | None = None, idx: torch.Tensor | None = None,
-                 values: torch.Tensor | None = None, n_latents: int | None = None, fire_counts: torch.Tensor | None = None):
+                 values: torch.Tensor | None = None, n_latents: int | None = None, fire_counts: torch.Tensor | None = None,
+                 pre_topk: Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]] | None = None):
         if codes is None and (idx is None or values is None or n_latents is None):
             raise ValueError("Output needs dense codes or idx, values and n_latents")
         self.x_hat, self.pre, self.idx, self.values, self.n_latents = x_hat, pre, idx, values, n_latents
-        self._codes, self._fire_counts = codes, fire_counts
+        self._codes, self._fire_counts, self._pre_topk = codes, fire_counts, pre_topk
         self.losses: dict[str, torch.Tensor] = {} if losses is None else losses
+
+    @property
+    def has_pre(self) -> bool:
+        """True when `top_pre` can answer (the pre-activations are kept or can be computed)."""
+        return self.pre is not None or self._pre_topk is not None
+
+    def top_pre(self, k: int, among: torch.Tensor, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) (N, k), no grad: each token's k largest pre-activations among the latents
+        in `among` (F,) bool, ranked by |pre| when `signed`."""
+        if self.pre is not None:
+            return masked_topk(self.pre.reshape(-1, self.pre.shape[-1]), k, among, signed)
+        if self._pre_topk is None:
+            raise ValueError("this output keeps no pre-activations")
+        return self._pre_topk(k, among, signed)
 
     @property
     def codes(self) -> torch.Tensor:
@@ -164,8 +185,9 @@ class Dictionary(nn.Module):
         out.losses.update(self.extra_losses(x, out))
         return out
 
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        """Pre-activations at columns `idx` (N, k) with gradient, given `pre` from `forward(x)`.
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-activations at columns `idx` (N, k) with gradient, given `pre` from `forward(x)` (or None
+        when the output keeps none) and `at`, the same values without grad when known (`Output.top_pre`).
 
         Used by the aux-k loss. The default gathers from a dense `pre` that carries its graph.
         """

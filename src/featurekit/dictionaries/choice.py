@@ -79,10 +79,10 @@ class FeatureChoiceSAE(TopKSAE):
         out.losses.update(self.extra_losses(x, out))
         return out
 
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        if pre.requires_grad:  # the dense path kept the graph
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
+        if pre is not None and pre.requires_grad:  # the dense path kept the graph
             return pre.gather(-1, idx)
-        return super().pre_at(x, idx, pre)
+        return super().pre_at(x, idx, pre, at)
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:

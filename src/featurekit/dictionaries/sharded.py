@@ -145,8 +145,8 @@ class ShardedTopKSAE(Dictionary):
             partial = partial + self.b_dec / self.input_scale
         return D.all_reduce_sum(partial)
 
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
 
     def inference_rule(self) -> dict[str, Any]:
         return {"activation": "topk", "k": self.k}

@@ -4,8 +4,9 @@ The dense path costs four (N × F × d) matmuls per training step beyond the enc
 the decoder forward, its two backward products and the encoder's weight gradient. With k
 non-zeros per row, all four only need N × k × d work:
 
-* `gather_linear(x, W, b, idx, pre, shift)` returns the pre-activations ((x − shift) Wᵀ + b) at `idx`
-  (N, k), taken from an already computed `pre` (no grad), and back-propagates sparsely:
+* `gather_linear(x, W, b, idx, pre, shift, at=)` returns the pre-activations ((x − shift) Wᵀ + b) at `idx`
+  (N, k), taken from their already computed values `at` (or from a whole `pre`; no grad), and
+  back-propagates sparsely:
   ∂W[idx[n,j]] += g[n,j]·(x[n] − shift), ∂b[idx[n,j]] += g[n,j], ∂shift = −∂b W (one (F,) vector:
   no (N, d) gradient for x − shift when x needs none).
 * `row_topk(scores, k)`: an exact per-row top-k in two narrow stages (group maxima, then candidates).
@@ -178,6 +179,26 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, cols.gather(1, pick)
 
 
+def masked_topk(pre: torch.Tensor, k: int, among: torch.Tensor, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) (N, k) of each row's k largest pre-activations among the latents in `among` (F,)
+    bool, ranked by |pre| when `signed` (values keep their sign); no grad."""
+    with torch.no_grad():
+        masked = (pre.abs() if signed else pre).masked_fill(~among, float("-inf"))
+        indices = row_topk(masked, k)[1]
+        return indices, pre.detach().gather(-1, indices)
+
+
+def columns_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, among: torch.Tensor,
+                 signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`masked_topk` of x Wᵀ + b without the (N, F) product: only the columns in `among` are computed
+    (the aux-k loss's dead latents: the cost follows their number)."""
+    with torch.no_grad():
+        cols = among.nonzero().squeeze(1)
+        sub = encoder_preact(x, W[cols], b[cols])
+        pos = row_topk(sub.abs() if signed else sub, k)[1]
+        return cols[pos], sub.gather(-1, pos)
+
+
 def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The (token, latent) pairs of a sparse form, flat and grouped by token: (rows, slots, cols, crow),
     crow[n]..crow[n+1] being token n's pairs. With `keep`, only the kept slots (a ragged form: padding
@@ -218,14 +239,13 @@ def _weight_grad(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: 
 
 
 class _GatherLinear(torch.autograd.Function):
-    """(x Wᵀ + b) at P (token, latent) pairs, from `pre`; backward over the pairs only."""
+    """(x Wᵀ + b) at P (token, latent) pairs: `known` (P,) when the values are at hand, else computed
+    exactly (`_pairs_at`); backward over the pairs only."""
 
     @staticmethod
-    def forward(ctx, x, W, b, rows, cols, crow, pre):
+    def forward(ctx, x, W, b, rows, cols, crow, known):
         ctx.save_for_backward(x, W, rows, cols, crow)
-        if pre.dtype != x.dtype:  # a low-precision selection: the selected values exactly
-            return _pairs_at(x, W, b, rows, cols, crow)
-        return pre[rows, cols]
+        return _pairs_at(x, W, b, rows, cols, crow) if known is None else known
 
     @staticmethod
     def backward(ctx, grad):
@@ -241,21 +261,29 @@ class _GatherLinear(torch.autograd.Function):
         return grad_x, grad_W, grad_b, None, None, None, None
 
 
-def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor,
-                  shift: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """((x − shift) Wᵀ + b) at columns idx (N, m), with a sparse backward; `pre` = the same product
-    computed without grad. `shift` (d,) (a dictionary's b_dec) gets its gradient through one (F,) vector,
-    −(Σ_n scatter of the value gradients) W, instead of the (N, d) gradient of x − shift, which would
-    cost an N·k·d `embedding_bag` pass when x itself needs no gradient (the training forward). With
-    `keep` (N, m) only the kept slots are computed (ragged); the others are 0."""
+def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None = None,
+                  shift: torch.Tensor | None = None, keep: torch.Tensor | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+    """((x − shift) Wᵀ + b) at columns idx (N, m), with a sparse backward. The forward values come from
+    `at` (N, m), the same values computed without grad, or from `pre` (N, F), the whole product computed
+    without grad; when neither is given or they are in a lower precision than x (a bf16 selection),
+    they are computed exactly at the pairs. `shift` (d,) (a dictionary's b_dec) gets its gradient through
+    one (F,) vector, −(Σ_n scatter of the value gradients) W, instead of the (N, d) gradient of x − shift,
+    which would cost an N·k·d `embedding_bag` pass when x itself needs no gradient (the training
+    forward). With `keep` (N, m) only the kept slots are computed (ragged); the others are 0."""
     if _state["plain"]:
         x = x if shift is None else x - shift
         values = (x @ W.T + b).gather(-1, idx)
         return values if keep is None else values * keep
     rows, slots, cols, crow = _pairs(idx, keep)
+    if at is not None and at.dtype == x.dtype:
+        known = at.detach().reshape(-1).clone() if keep is None else at.detach()[rows, slots]
+    elif at is None and pre is not None and pre.dtype == x.dtype:
+        known = pre.detach()[rows, cols]
+    else:
+        known = None
     vector_shift = shift is not None and not x.requires_grad
     x = x if shift is None else x - (shift.detach() if vector_shift else shift)
-    flat = _GatherLinear.apply(x, W, b, rows, cols, crow, pre.detach())
+    flat = _GatherLinear.apply(x, W, b, rows, cols, crow, known)
     if vector_shift:
         h = shift @ W.detach().T  # (F,): zero-valued below, its gradient reaches `shift` only
         flat = flat - (h - h.detach())[cols]

@@ -110,10 +110,10 @@ class TopAFASAE(Dictionary):
         variance = (x.detach().float() - x.detach().float().mean(0)).pow(2).sum().clamp_min(1e-12)
         return self.afa_coefficient * self.d_in * (code_norm.float() - target.float()).pow(2).sum() / variance
 
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        if pre.requires_grad:  # the dense path kept the graph
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
+        if pre is not None and pre.requires_grad:  # the dense path kept the graph
             return pre.gather(-1, idx)
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
 
     def inference_rule(self) -> dict[str, Any]:
         return {"activation": "top_afa", "pre": "relu((x*c - b_dec) W_enc^T)", "target": "norm(x*c - b_dec)",

@@ -31,7 +31,7 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
-from .sparse import encoder_preact, gather_linear, mask_to_sparse, row_topk, sparse_decode
+from .sparse import columns_topk, encoder_preact, gather_linear, mask_to_sparse, row_topk, sparse_decode
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
@@ -62,20 +62,37 @@ class TopKSAE(Dictionary):
         """Training forward with sparse kernels (same values and gradients as the dense formula)."""
         x = self._check_input(x)
         centered = x - self.b_dec
+        at = pre_topk = None
         with torch.no_grad():
             pre = encoder_preact(centered, self.W_enc, self.b_enc)
             if self.selection == "exact":
-                idx, keep, codes = row_topk(pre.abs() if self.signed else pre, self.k)[1], None, None
+                at, idx = row_topk(pre.abs() if self.signed else pre, self.k)
+                at = pre.gather(-1, idx) if self.signed else at
+                keep, codes, pre = None, None, None  # the (N, F) matrix is freed here; aux-k computes what it needs
+                pre_topk = self._pre_topk(centered.detach())
             else:  # a varying count per token: kept columns padded to the batch's largest count
                 codes = self.activation(pre)
                 idx, keep = mask_to_sparse(codes != 0)
-        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
+        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
         values = values if self.signed else values.relu()
         values = values if keep is None else values * keep
         x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-        out = Output(x_hat=x_hat, codes=codes, pre=pre, idx=idx, values=values, n_latents=self.n_latents)
+        out = Output(x_hat=x_hat, codes=codes, pre=pre, idx=idx, values=values, n_latents=self.n_latents, pre_topk=pre_topk)
         out.losses.update(self.extra_losses(x, out))
         return out
+
+    def _pre_topk(self, centered: torch.Tensor):
+        """`Output.top_pre` without the (N, F) matrix: the requested latents' columns only, in the
+        precision of the forward (a bf16 autocast is captured; `gather_linear` then recomputes the
+        chosen values exactly)."""
+        device = centered.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+        def pre_topk(k: int, among: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
+                return columns_topk(centered, self.W_enc.detach(), self.b_enc.detach(), k, among, signed)
+
+        return pre_topk
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
@@ -89,8 +106,8 @@ class TopKSAE(Dictionary):
             self.multiplier.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * batch_c)
         self.multiplier_updates += 1
 
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec)
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
 
     def inference_rule(self) -> dict[str, Any]:
         if self.selection != "exact":

@@ -106,8 +106,8 @@ class Transcoder(Dictionary):
         out.losses.update(self.extra_losses(x, out))
         return out
 
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre)
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, at=at)
 
     @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor, target: torch.Tensor) -> None:

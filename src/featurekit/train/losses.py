@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..dictionaries.sparse import row_topk
+from ..dictionaries.sparse import masked_topk
 from .distributed import centered_sum_sq
 
 
@@ -32,11 +32,11 @@ def squared_error_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 def auxk_loss(
     residual: torch.Tensor,
-    pre: torch.Tensor,
+    pre: torch.Tensor | Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]],
     W_dec: torch.Tensor,
     dead: torch.Tensor,
     k_aux: int,
-    pre_at: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pre_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     signed: bool = False,
 ) -> torch.Tensor:
     """Aux-k loss of Gao et al. (2024, §A.2; OpenAI `train.py`), in its normalised form.
@@ -48,17 +48,23 @@ def auxk_loss(
         L_aux = ‖e − ê‖² / ‖e − mean_batch(e)‖²
 
     Returns 0 when no latent is dead. The trainer multiplies by auxk_coef (default 1/32).
-    `pre_at(idx)` gives the pre-activations at idx with their gradient (default: gather from `pre`).
+    `pre` is the (N, F) matrix π, or a function (k, among, signed) → (indices, values) giving each
+    token's top k among a set of latents without it (`Output.top_pre`).
+    `pre_at(idx, at)` gives the pre-activations at idx with their gradient, `at` being their values
+    without grad (default: gather from the tensor `pre`).
     `signed` (AbsTopK): dead latents are ranked by |π| and keep their sign (no ReLU).
     """
     n_dead = int(dead.sum())
     if n_dead == 0 or k_aux <= 0:
-        return pre.new_zeros(())
+        return residual.new_zeros(())
     k = min(k_aux, n_dead)
-    masked = (pre.abs() if signed else pre).masked_fill(~dead, float("-inf"))
-    with torch.no_grad():
-        indices = row_topk(masked, k)[1]
-    values = pre_at(indices) if pre_at is not None else pre.gather(-1, indices)
+    indices, at = pre(k, dead, signed) if callable(pre) else masked_topk(pre, k, dead, signed)
+    if pre_at is not None:
+        values = pre_at(indices, at)
+    elif callable(pre):
+        raise ValueError("auxk_loss: a `pre` function needs `pre_at` for the values' gradient")
+    else:
+        values = pre.gather(-1, indices)
     # embedding_bag sums the chosen decoder rows weighted by their codes without materialising
     # an (n, k_aux, d) tensor.
     e_hat = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values if signed else values.relu(), mode="sum")
@@ -93,12 +99,12 @@ def zipf_expected_density(density: torch.Tensor, head: float = 0.5) -> torch.Ten
 
 def aux_zipf_loss(
     residual: torch.Tensor,
-    pre: torch.Tensor,
+    pre: torch.Tensor | Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]],
     W_dec: torch.Tensor,
     density: torch.Tensor,
     k_aux: int,
     tau: float = 0.1,
-    pre_at: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pre_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     signed: bool = False,
 ) -> torch.Tensor:
     """aux_zipf_loss: the aux-k loss extended from dead latents to underutilised ones.
@@ -117,5 +123,5 @@ def aux_zipf_loss(
     i.e. the top-k_aux underutilised latents of each token reconstruct the stop-gradient residual
     (normalised MSE, §0.6). τ = 0.1 by default (ours). Returns 0 when U is empty.
     """
-    underused = density.to(pre.device).float() < tau * zipf_expected_density(density).to(pre.device)
+    underused = density.to(residual.device).float() < tau * zipf_expected_density(density).to(residual.device)
     return auxk_loss(residual, pre, W_dec, underused, k_aux, pre_at=pre_at, signed=signed)

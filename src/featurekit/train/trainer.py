@@ -173,6 +173,8 @@ class Trainer:
         if hasattr(sae, "sparsity_scale"):  # penalty methods: λ ramps linearly from 0
             ramp = max(1, int(cfg.sparsity_warmup_fraction * self.total_steps))
             sae.sparsity_scale = min(1.0, (self.step + 1) / ramp)
+        # the last step's gradients go before the forward: the memory they free takes this step's temporaries
+        self.opt.zero_grad(set_to_none=True)
         x = batch.float() * sae.input_scale
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = sae(x, *extra)
@@ -181,16 +183,15 @@ class Trainer:
         if sae.uses_auxk and cfg.auxk_coef > 0:
             dead = self.dead.dead.to(x.device)
             losses["aux"] = cfg.auxk_coef * auxk_loss(
-                target - out.x_hat, out.pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx: sae.pre_at(x, idx, out.pre),
+                target - out.x_hat, out.top_pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx, at: sae.pre_at(x, idx, out.pre, at),
                 signed=sae.signed,
             )
-        if cfg.aux_zipf_coef > 0 and out.pre is not None and not torch.isnan(self.dead.density).any():
+        if cfg.aux_zipf_coef > 0 and out.has_pre and not torch.isnan(self.dead.density).any():
             losses["aux_zipf"] = cfg.aux_zipf_coef * aux_zipf_loss(
-                target - out.x_hat, out.pre, sae.W_dec, self.dead.density, self.k_aux, tau=cfg.aux_zipf_tau,
-                pre_at=lambda idx: sae.pre_at(x, idx, out.pre), signed=sae.signed,
+                target - out.x_hat, out.top_pre, sae.W_dec, self.dead.density, self.k_aux, tau=cfg.aux_zipf_tau,
+                pre_at=lambda idx, at: sae.pre_at(x, idx, out.pre, at), signed=sae.signed,
             )
         loss = sum(losses.values())
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if sae.unit_norm_decoder:
             sae.project_decoder_grad()
