@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import FeaturekitError
-from .sparse import densify, masked_topk
+from .sparse import count_true, densify, masked_topk
 
 
 class Output:
@@ -29,20 +29,23 @@ class Output:
     Codes come either dense (`codes`, (N, F)) or sparse: `idx` (N, m) latent indices and `values`
     (N, m), zero where a slot is padding. The dense matrix of a sparse output is built only if
     `codes` is read; the trainer's statistics (`fire_counts`, `l0`) use the sparse form, so a
-    training step of a sparse method never writes an (N, F) code matrix.
+    training step of a sparse method never writes an (N, F) code matrix. `codes` may also be a
+    function that builds the dense codes when first read (JumpReLU's fused dense path, which passes
+    `fire_counts` and never needs the matrix itself).
 
     `pre` (N, F) are the pre-activations, for the aux-k losses and statistics. A method that need
     not keep them (exact TopK: the matrix is 512 MiB at 4,096 tokens × 32,768 latents) passes
     `pre_topk` instead, a function (k, among, signed) → (indices, values) computing each token's top
     k among a set of latents on demand (`sparse.columns_topk`); `top_pre` answers from either."""
 
-    def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | None = None, pre: torch.Tensor | None = None,
+    def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | Callable[[], torch.Tensor] | None = None, pre: torch.Tensor | None = None,
                  losses: dict[str, torch.Tensor] | None = None, idx: torch.Tensor | None = None,
                  values: torch.Tensor | None = None, n_latents: int | None = None, fire_counts: torch.Tensor | None = None,
                  pre_topk: Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]] | None = None):
         if codes is None and (idx is None or values is None or n_latents is None):
             raise ValueError("Output needs dense codes or idx, values and n_latents")
         self.x_hat, self.pre, self.idx, self.values, self.n_latents = x_hat, pre, idx, values, n_latents
+        self._codes_fn, codes = (codes, None) if callable(codes) else (None, codes)
         self._codes, self._fire_counts, self._pre_topk = codes, fire_counts, pre_topk
         self.losses: dict[str, torch.Tensor] = {} if losses is None else losses
 
@@ -63,30 +66,31 @@ class Output:
     @property
     def codes(self) -> torch.Tensor:
         if self._codes is None:
-            self._codes = densify(self.idx, self.values, self.n_latents)
+            self._codes = self._codes_fn() if self._codes_fn is not None else densify(self.idx, self.values, self.n_latents)
         return self._codes
 
     @torch.no_grad()
     def fire_counts(self) -> torch.Tensor:
         """(F,) number of tokens of the batch on which each latent is non-zero (computed once)."""
         if self._fire_counts is None:
-            if self._codes is None:
+            if self._codes is None and self._codes_fn is None:
                 fired = self.values.detach() != 0
                 self._fire_counts = torch.bincount(self.idx[fired], minlength=self.n_latents)
             else:
-                self._fire_counts = (self._codes != 0).sum(0, dtype=torch.int32).long()
+                codes = self.codes.detach()
+                self._fire_counts = count_true((codes != 0).reshape(-1, codes.shape[-1]), 0).long()
         return self._fire_counts
 
     @torch.no_grad()
     def l0(self) -> float:
         """Mean number of non-zero codes per token."""
-        tokens = (self.values if self._codes is None else self._codes).shape[0]
+        tokens = self.x_hat.shape[0]
         return self.fire_counts().sum().item() / max(tokens, 1)
 
     @torch.no_grad()
     def nonzero_values(self) -> torch.Tensor:
         """The non-zero codes of the batch, flattened."""
-        v = self.values.detach() if self._codes is None else self._codes
+        v = self.values.detach() if self._codes is None and self._codes_fn is None else self.codes.detach()
         return v[v != 0]
 
 

@@ -61,14 +61,14 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import jumprelu
-from .sparse import encoder_preact, gather_linear, mask_to_sparse, plain_active, sparse_decode
+from .sparse import count_true, encoder_preact, gather_linear, mask_to_sparse, plain_active, sparse_decode
 
 #: the sparse training path runs while at most this share of the (token, latent) pairs is live. Measured at
 #: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (ragged sparse kernels): sparse 1.05 s vs dense 1.61 s a
 #: step at 2.6 % live, 1.6–1.9 vs 1.59 s at 5.0 % — even at ≈ 4.5 %
 SPARSE_MAX_DENSITY = 0.04
-#: rows per block in the dense path's backward (bounds its temporaries to a few (rows, F) blocks)
-_BACKWARD_ROWS = 512
+#: rows per block in the dense path (bounds its temporaries to a few (rows, F) blocks)
+_BLOCK_ROWS = 512
 #: latents per chunk in the data-dependent b_enc init (bounds the sample × chunk pre-activation block)
 _INIT_CHUNK = 1024
 
@@ -109,47 +109,69 @@ class _StepFn(torch.autograd.Function):
         return torch.zeros_like(pre), _reduce_to(-(1.0 / ctx.eps) * _kernel(pre, theta, ctx.eps) * grad, theta), None
 
 
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, in place when the dtypes agree (no temporary), else through a product in a's dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
 class _DenseJumpReLU(torch.autograd.Function):
-    """codes = π·H(π − θ) and L0 = mean over tokens of Σ_j H(π_j − θ_j) with π = x_c W_encᵀ + b_enc already
-    computed (no grad), x_c = x − shift. The same values and gradients as `_JumpReLUFn` and `_StepFn` on
-    π with its graph, in fewer passes over the (N, F) matrices and less memory: the mask is kept from the
-    forward; the backward walks row blocks (kernel window once for both θ terms, W_enc's gradient one GEMM
-    per block, no (N, F) temporary); shift (b_dec) gets −(Σ_n ∂π_n) W_enc without an (N, d) gradient for x_c."""
+    """The dense training path with the decoder fused in: x̂ − b_dec = f W_dec with f = π·H(π − θ), and
+    L0 = mean over tokens of Σ_j H(π_j − θ_j), π = x_c W_encᵀ + b_enc already computed (no grad),
+    x_c = x − shift. The same values and gradients as `_JumpReLUFn`, `_StepFn` and `f @ W_dec` on π with
+    its graph, with no (N, F) matrix beyond π and the mask: f and its gradient live one row block at a
+    time, in the forward (f W_dec) and in the backward (∂f = ∂x̂ W_decᵀ, W_dec's gradient fᵀ ∂x̂, the kernel
+    window once for both θ terms, W_enc's gradient one GEMM per block). shift (b_dec) gets
+    −(Σ_n ∂π_n) W_enc without an (N, d) gradient for x_c. Under a bf16 autocast the decoder and the
+    encoder-gradient GEMMs run in bf16 (fp32 accumulation), as autograd's matmuls would."""
 
     @staticmethod
-    def forward(ctx, x_c, W, b, shift, theta, pre, eps):
+    def forward(ctx, x_c, W, b, shift, theta, W_dec, pre, eps):
+        low = torch.get_autocast_dtype(pre.device.type) if torch.is_autocast_enabled(pre.device.type) else None
         mask = pre > theta
-        ctx.save_for_backward(x_c, W, theta, pre, mask)
-        ctx.eps = eps
-        fired = mask.sum(0, dtype=torch.int32).long()  # θ ≥ 0, so a latent fires exactly where the mask is set
+        ctx.save_for_backward(x_c, W, theta, W_dec, pre, mask)
+        ctx.eps, ctx.low = eps, low
+        dec = W_dec.detach().to(low or W_dec.dtype)
+        x_hat = torch.empty(pre.shape[0], W_dec.shape[1], dtype=dec.dtype, device=pre.device)
+        with torch.autocast(pre.device.type, enabled=False):
+            for s in range(0, pre.shape[0], _BLOCK_ROWS):
+                rows = slice(s, s + _BLOCK_ROWS)
+                torch.mm((pre[rows] * mask[rows]).to(dec.dtype), dec, out=x_hat[rows])
+        fired = count_true(mask, 0).long()  # θ ≥ 0, so a latent fires exactly where the mask is set
         ctx.mark_non_differentiable(fired)
-        return pre * mask, fired.sum().to(pre.dtype) / pre.shape[0], fired
+        return x_hat, fired.sum().to(pre.dtype) / pre.shape[0], fired
 
     @staticmethod
-    def backward(ctx, grad_codes, grad_l0, _):
-        x_c, W, theta, pre, mask = ctx.saved_tensors
-        n = pre.shape[0]
-        gdt = grad_codes.dtype  # bf16 under a bf16 autocast: W_enc's gradient GEMM runs in bf16 as well
+    def backward(ctx, grad_x_hat, grad_l0, _):
+        x_c, W, theta, W_dec, pre, mask = ctx.saved_tensors
+        n, gdt = pre.shape[0], ctx.low or W.dtype
         grad_W = torch.zeros_like(W) if ctx.needs_input_grad[1] else None
+        grad_W_dec = torch.zeros_like(W_dec) if ctx.needs_input_grad[5] else None
         grad_b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-        k_grad = torch.zeros_like(theta)  # Σ_n K·∂codes
+        k_grad = torch.zeros_like(theta)  # Σ_n K·∂f
         k_count = torch.zeros_like(theta)  # Σ_n K
-        for s in range(0, n, _BACKWARD_ROWS):  # row blocks: no (N, F) temporaries beyond the saved ones
-            rows = slice(s, s + _BACKWARD_ROWS)
-            g, window = grad_codes[rows], (pre[rows] - theta).div_(ctx.eps).abs_() < 0.5  # `_kernel`
+        dec, grad_x_hat = W_dec.to(gdt), grad_x_hat.to(gdt)
+        for s in range(0, n, _BLOCK_ROWS):  # row blocks: no (N, F) temporaries beyond the saved ones
+            rows = slice(s, s + _BLOCK_ROWS)
+            g = grad_x_hat[rows] @ dec.T  # ∂f for the block (bf16 under a bf16 autocast)
+            window = (pre[rows] - theta).div_(ctx.eps).abs_() < 0.5  # `_kernel`
             k_grad += torch.where(window, g, 0).sum(0, dtype=theta.dtype)
             if grad_l0 is not None:
-                k_count += window.sum(0, dtype=theta.dtype)
+                k_count += count_true(window, 0)
             grad_pre = g * mask[rows]
             grad_b += grad_pre.sum(0, dtype=W.dtype)
             if grad_W is not None:
-                grad_W += (grad_pre.T @ x_c[rows].to(gdt)).to(W.dtype)
-        # ∂θ: −(θ/ε) Σ_n K·∂codes  −  (1/ε) Σ_n K·∂L0/N
+                _accumulate_mm(grad_W, grad_pre.T, x_c[rows].to(gdt))
+            if grad_W_dec is not None:
+                _accumulate_mm(grad_W_dec, (pre[rows] * mask[rows]).T, grad_x_hat[rows])
+        # ∂θ: −(θ/ε) Σ_n K·∂f  −  (1/ε) Σ_n K·∂L0/N
         grad_theta = -(theta / ctx.eps) * k_grad
         if grad_l0 is not None:
             grad_theta -= (grad_l0.to(theta.dtype) / (ctx.eps * n)) * k_count
         grad_shift = -(grad_b @ W) if ctx.needs_input_grad[3] else None
-        return None, grad_W, grad_b, grad_shift, grad_theta, None, None
+        return None, grad_W, grad_b, grad_shift, grad_theta, grad_W_dec, None, None
 
 
 class JumpReLUSAE(Dictionary):
@@ -192,7 +214,7 @@ class JumpReLUSAE(Dictionary):
         pairs that fire or lie in the kernel window |π − θ| < ε/2 carry a value or a gradient, so
         they are gathered (`mask_to_sparse`) and run through the sparse kernels with θ gathered per
         pair — the same values and gradients as the dense formulas (tests/dictionaries/test_jumprelu.py).
-        Dense (`_DenseJumpReLU`: the same values and gradients, five GEMMs) when more than 4 % of the pairs,
+        Dense (`_DenseJumpReLU`: the same values and gradients, five GEMMs, no (N, F) code matrix) when more than 4 % of the pairs,
         or half of the latents in some token, are live."""
         x = self._check_input(x)
         centered = x - self.b_dec
@@ -203,7 +225,7 @@ class JumpReLUSAE(Dictionary):
                 # firing or in the kernel window |π − θ| < ε/2, i.e. π > θ − ε/2 (taken wider, θ − ε: a superset is exact,
                 # its extra pairs carry neither a value nor a gradient, and no rounding at the window's edge is lost)
                 live = pre > theta - self.bandwidth
-                counts = live.sum(-1, dtype=torch.int32)
+                counts = count_true(live, -1)
                 # sparse kernels while live pairs are few: the embedding_bag gathers run ≈ 20× below GEMM speed per
                 # multiply-add on CPU, so past ≈ 4 % of the (N, F) pairs the dense GEMMs are cheaper
                 sparse = int(counts.sum()) <= live.numel() * SPARSE_MAX_DENSITY and int(counts.max()) <= self.n_latents // 2
@@ -218,9 +240,10 @@ class JumpReLUSAE(Dictionary):
                 out.losses["l0"] = self.l0_coefficient * self.sparsity_scale * l0
                 return out
             if not x.requires_grad:
-                codes, l0, fired = _DenseJumpReLU.apply(centered.detach(), self.W_enc, self.b_enc, self.b_dec, self.theta, pre,
-                                                        self.bandwidth)
-                out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre, fire_counts=fired)
+                x_hat, l0, fired = _DenseJumpReLU.apply(centered.detach(), self.W_enc, self.b_enc, self.b_dec, self.theta,
+                                                        self.W_dec, pre, self.bandwidth)
+                theta = self.theta.detach()
+                out = Output(x_hat=x_hat + self.b_dec, codes=lambda: pre * (pre > theta), pre=pre, fire_counts=fired)
                 out.losses["l0"] = self.l0_coefficient * self.sparsity_scale * l0
                 return out
         pre = self.pre_activation(x)

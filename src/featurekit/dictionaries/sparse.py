@@ -179,6 +179,25 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, cols.gather(1, pick)
 
 
+def count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ of a 2-D bool `mask` along `dim` (0 or -1), int32. Counted as bytes in chunks of 128 (a uint8
+    sum cannot overflow there), then the chunk counts in int32: one vectorised byte pass. `mask.sum(dim,
+    dtype=torch.int32)` converts every entry first; at 4,096 × 8,192 it takes 62–75 ms on CPU against 3–4."""
+    m8 = mask.view(torch.uint8)
+    if dim != 0:
+        m8 = m8.T  # the last dimension's chunks are read in place below (no transposed copy)
+    full = m8.shape[0] - m8.shape[0] % _CHUNK
+    counts = m8[full:].sum(0, dtype=torch.int32)
+    if full:
+        head = m8[:full]
+        chunks = head.unflatten(0, (full // _CHUNK, _CHUNK))  # a view in either memory order
+        counts += chunks.sum(1, dtype=torch.uint8).sum(0, dtype=torch.int32)
+    return counts
+
+
+_CHUNK = 128
+
+
 def masked_topk(pre: torch.Tensor, k: int, among: torch.Tensor, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, values) (N, k) of each row's k largest pre-activations among the latents in `among` (F,)
     bool, ranked by |pre| when `signed` (values keep their sign); no grad."""
@@ -317,7 +336,7 @@ def mask_to_sparse(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (N, F) bool mask with a varying count per row → (idx, keep), each (N, m), m = the largest
     count (at least 1): row n's kept columns in order, then padding (column 0, keep False) that
     must be weighted by `keep`. Linear in N·F (no sort): for per-token threshold selections."""
-    counts = mask.sum(-1)
+    counts = count_true(mask, -1).long()
     width = max(int(counts.max()) if counts.numel() else 0, 1)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major order
     slot = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
