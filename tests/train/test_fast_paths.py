@@ -21,6 +21,7 @@ from featurekit.dictionaries.sparse import (
     _pairs,
     _pairs_at,
     _weight_grad,
+    count_true,
     encoder_preact,
     gather_linear,
     plain_kernels,
@@ -202,3 +203,14 @@ def test_cpu_gemm_choice_is_probed_once_and_kept_in_the_cache(tmp_path, monkeypa
     monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
     assert sparse._cpu_gemm(x, W, b, torch.float32) is sparse.GEMM_CHOICES[other]
     assert sparse._cpu_gemm(x, W[:8], b[:8], torch.float32) is _mm_bias  # small: no probe
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 700), f=st.integers(1, 300), p=st.floats(0, 1), transpose=st.booleans(), seed=st.integers(0, 999))
+def test_count_true_equals_sum(n, f, p, transpose, seed):
+    """The chunked byte count equals an int32 sum along either dimension, for any shape, density and
+    memory order (chunks of 128 rows filled to the brim cannot overflow a byte)."""
+    mask = torch.rand(n, f, generator=torch.Generator().manual_seed(seed)) < p
+    mask = mask.T.contiguous().T if transpose else mask
+    for dim in (0, -1):
+        assert torch.equal(count_true(mask, dim), mask.sum(dim, dtype=torch.int32))
