@@ -60,3 +60,36 @@ def test_training_memory_is_flat_in_steps_and_keeping_freed_memory_does_not_rais
     assert long["peak"] < short["peak"] + 48, (short, long)
     plain = _probe(36, keep=False)
     assert long["peak"] < plain["peak"] * 1.1 + 32, (long, plain)
+
+
+CHECKPOINT_PROBE = r"""
+import json, resource, tempfile
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from featurekit.config import TrainConfig
+from featurekit.dictionaries import METHODS
+from featurekit.train import Trainer
+from featurekit.train.trainer import RECON_LOSSES
+
+sae = METHODS["topk"](256, 32768, k=8, seed=0)  # weights 64 MiB, with Adam's two moments 192 MiB
+with tempfile.TemporaryDirectory() as tmp:
+    trainer = Trainer(sae, TrainConfig(batch_size=64, lr=1e-3), Path(tmp) / "r", 2)
+    x = torch.randn(64, 256)
+    trainer.init_from_data(x)
+    trainer.train_step(x, RECON_LOSSES[sae.recon_loss])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainer.save()
+    size = sum(f.stat().st_size for f in (Path(tmp) / "r" / "checkpoint").glob("*.safetensors"))
+    print(json.dumps({"growth": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, "file": size / 2**20}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB: Linux")
+def test_a_checkpoint_is_written_from_the_tensors_without_a_copy_in_memory():
+    res = subprocess.run([sys.executable, "-c", CHECKPOINT_PROBE], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["file"] > 190  # the weights and both moments are in it
+    assert out["growth"] < 0.25 * out["file"], out  # serialising in memory first grew the peak by ≈ 2× the file
