@@ -214,3 +214,70 @@ def test_count_true_equals_sum(n, f, p, transpose, seed):
     mask = mask.T.contiguous().T if transpose else mask
     for dim in (0, -1):
         assert torch.equal(count_true(mask, dim), mask.sum(dim, dtype=torch.int32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), f=st.sampled_from([40, 96, 256, 512]), d=st.integers(1, 48), k=st.integers(1, 9),
+       width=st.integers(0, 40), scale=st.sampled_from([1e-3, 1.0, 30.0]), dup=st.booleans(), signed=st.booleans(),
+       seed=st.integers(0, 999))
+def test_certified_topk_is_the_exact_top_k(n, f, d, k, width, scale, dup, signed, seed):
+    """Through a bf16 product, certificate and fp32 fallback rows, the selection is the top k of the exact
+    values (float64 reference): any width, scale, duplicated columns (exact ties), signed or not."""
+    gen = torch.Generator().manual_seed(seed)
+    x, W, b = torch.randn(n, d, generator=gen) * scale, torch.randn(f, d, generator=gen), torch.randn(f, generator=gen) * 0.1
+    if dup:
+        W[1::2], b[1::2] = W[0:-1:2], b[0:-1:2]  # every odd column repeats the one before it
+    values, idx, _ = sparse.certified_topk(x, W, b, k, signed, width=k + width)
+    exact = x.double() @ W.double().T + b.double()
+    score = exact.abs() if signed else exact
+    kth = score.topk(k, dim=-1).values[:, -1:]
+    tol = 1e-5 * (x.double().norm(dim=-1, keepdim=True) * W.double().norm(dim=-1).max() + b.abs().max())
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct columns per row
+    assert (score.gather(-1, idx) >= kth - tol).all()  # nothing below the k-th exact value was chosen
+    torch.testing.assert_close(values.double(), exact.gather(-1, idx), rtol=1e-5, atol=float(tol.max()))
+
+
+def test_certified_selection_falls_back_row_by_row():
+    """With as many candidates as k, no row can be certified: every row is recomputed in fp32, same answer."""
+    gen = torch.Generator().manual_seed(1)
+    x, W, b = torch.randn(30, 16, generator=gen), torch.randn(200, 16, generator=gen), torch.zeros(200)
+    values, idx, redone = sparse.certified_topk(x, W, b, 5, width=5)
+    assert redone == 30
+    ref = (x @ W.T).topk(5, dim=-1)
+    assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
+    assert sparse.certified_topk(x, W, b, 5, width=40)[2] < 30  # wider: most rows certified
+
+
+def test_topk_trained_through_the_certified_selection_matches_the_plain_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sparse._state, "gemm", {})
+    monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(sparse, "_select_choice", lambda *a: "certified")
+    calls = []
+    real = sparse.certified_topk
+    monkeypatch.setattr(sparse, "certified_topk", lambda *a: calls.append(1) or real(*a))
+    fast_losses, fast_state = _train("topk", tmp_path / "fast")
+    assert len(calls) >= STEPS
+    with plain_kernels():
+        plain_losses, plain_state = _train("topk", tmp_path / "plain", precision="plain")
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-6)
+    for name, value in plain_state.items():
+        torch.testing.assert_close(fast_state[name], value, rtol=1e-3, atol=1e-4, msg=f"topk.{name}")
+
+
+def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sparse._state, "gemm", {})
+    x, W, b = torch.randn(64, 576), torch.randn(2048, 576), torch.randn(2048)
+    values, idx = sparse.topk_preact(x, W, b, 8)
+    ref = torch.addmm(b, x, W.T).topk(8, dim=-1)
+    assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
+    known = json.loads((tmp_path / "gemm_choice.json").read_text())
+    (key, answer), = ((k, v) for k, v in known.items() if "top-k selection k=8" in k)
+    assert answer in ("fp32", "certified")
+    if _onednn_available():  # the fp32 candidate's own GEMM probe was recorded too, not overwritten
+        assert any("torch.float32 | 2048x576" in k for k in known)
+    other = "fp32" if answer == "certified" else "certified"
+    (tmp_path / "gemm_choice.json").write_text(json.dumps({**known, key: other}))
+    monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
+    assert sparse._select_choice(x, W, b, 8, False) == other

@@ -31,7 +31,7 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
-from .sparse import columns_topk, encoder_preact, gather_linear, mask_to_sparse, row_topk, sparse_decode
+from .sparse import columns_topk, encoder_preact, gather_linear, mask_to_sparse, sparse_decode, topk_preact
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
@@ -62,15 +62,14 @@ class TopKSAE(Dictionary):
         """Training forward with sparse kernels (same values and gradients as the dense formula)."""
         x = self._check_input(x)
         centered = x - self.b_dec
-        at = pre_topk = None
+        at = pre = pre_topk = None
         with torch.no_grad():
-            pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            if self.selection == "exact":
-                at, idx = row_topk(pre.abs() if self.signed else pre, self.k)
-                at = pre.gather(-1, idx) if self.signed else at
-                keep, codes, pre = None, None, None  # the (N, F) matrix is freed here; aux-k computes what it needs
+            if self.selection == "exact":  # no (N, F) matrix outlives the selection; aux-k computes what it needs
+                at, idx = topk_preact(centered, self.W_enc, self.b_enc, self.k, self.signed)
+                keep, codes = None, None
                 pre_topk = self._pre_topk(centered.detach())
             else:  # a varying count per token: kept columns padded to the batch's largest count
+                pre = encoder_preact(centered, self.W_enc, self.b_enc)
                 codes = self.activation(pre)
                 idx, keep = mask_to_sparse(codes != 0)
         values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
