@@ -191,36 +191,56 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
     term the result's rounding to bf16, bounded for truncation as well as rounding to nearest), where
     R = ‖[x, 1]‖·max_j ‖[W_j, b_j]‖ ≥ Σ_i |x_i W_ji| + |b_j| (Cauchy–Schwarz), c = 2u + u² + γ(1 + u)²,
     u = 2⁻⁸ (the operands and the result rounded to bf16) and γ = (d + 1)·2⁻²⁴/(1 − (d + 1)·2⁻²⁴) (fp32
-    accumulation in any order). Each row keeps its `width` largest bf16 values as candidates, computes
-    their values exactly in fp32 (one SDDMM) and takes the k largest. That is the row's top k when no
-    excluded entry can reach them: the largest excluded bf16 value plus its bound, plus the fp32 rounding
-    γR of the candidates' own values, stays below the k-th candidate's bf16 value minus its bound and γR.
-    Rows where this certificate fails (too many entries within reach of the k-th) are recomputed with an
-    fp32 product of those rows. So the result is the top k of an fp32 evaluation of every entry, like the
+    accumulation in any order). Each row's columns are split into groups (as in `row_topk`) and the
+    `width` groups with the largest bf16 maxima are kept: their k largest maxima are k entries whose
+    exact values are ≥ a floor (the k-th maximum minus its bound and the fp32 rounding γR), and every
+    entry outside the kept groups is ≤ the next group maximum. The kept entries that can reach the floor
+    get their values computed exactly in fp32 (one SDDMM over those pairs only) and the k largest are the
+    row's top k, provided the certificate holds: the next group maximum plus its bound and γR stays below
+    the floor. Rows where it fails (too many near-equal values) are recomputed with an fp32 product of
+    those rows. So the result is the top k of an fp32 evaluation of every entry, like the
     dense path's up to fp32 rounding (tests/train/test_fast_paths.py checks it against float64).
     Returns (values fp32 (N, k), indices (N, k), number of rows recomputed)."""
     n, d = x.shape
-    width = min(width or CERTIFIED_WIDTH * k, W.shape[0])
+    F = W.shape[0]
+    width = min(max(width or CERTIFIED_WIDTH * k, k), F)
+    size = 1 << max(0, round(0.5 * math.log2(max(F / width, 1))))  # columns per group, as in `row_topk`
+    size = size if F % size == 0 and F // size > width else 1
+    groups = F // size
     with torch.no_grad():
         low = _mm_bias(x, W, b, torch.bfloat16)
-        cand_values, cand = row_topk(low.abs() if signed else low, width)
-        del low
-        bad = torch.zeros(n, dtype=torch.bool, device=x.device)
-        if width < W.shape[0]:
-            cand_values = cand_values.float()
-            w_max = (W.square().sum(-1) + b.square()).max().sqrt()
-            reach = (x.square().sum(-1) + 1).sqrt() * w_max
-            gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
-            margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * reach + 1e-30  # + flushed subnormals
-            rel = 2 * _U16 / (1 - 2 * _U16)  # the result's rounding to bf16, truncation included
-            kth = cand_values.topk(k, dim=-1, sorted=False).values.min(-1).values
-            excluded = cand_values.min(-1).values  # every entry outside the candidates is ≤ this in bf16
-            bad = ~(excluded + rel * excluded.abs() + margin < kth - rel * kth.abs() - margin)  # NaN and Inf fail too
-        rows = torch.arange(n, device=x.device).repeat_interleave(width)
-        crow = torch.arange(0, n * width + 1, width, device=x.device)
-        exact = _pairs_at(x, W, b, rows, cand.reshape(-1), crow).view(n, width)
-        pick = (exact.abs() if signed else exact).topk(k, dim=-1, sorted=False).indices
-        values, idx = exact.gather(-1, pick), cand.gather(-1, pick)
+        scores = low.abs() if signed else low
+        # column j is in group j mod `groups`; keep the `width` groups with the largest maxima
+        grouped = scores.view(n, size, groups)
+        top = (grouped.amax(1) if size > 1 else scores).topk(min(width + 1, groups), dim=-1)
+        kept = top.indices[:, :width]
+        cand = grouped.gather(2, kept[:, None, :].expand(n, size, width)).float()  # (n, size, width): no index copy
+        del low, scores, grouped
+        # the k largest group maxima are k entries ≥ the k-th of them; an entry outside the kept groups is ≤ the
+        # (width + 1)-th (or none is outside)
+        kth = top.values[:, k - 1].float()
+        outside = top.values[:, width].float() if width < groups else torch.full_like(kth, float("-inf"))
+        reach = (x.square().sum(-1) + 1).sqrt() * (W.square().sum(-1) + b.square()).max().sqrt()
+        gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
+        margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * reach + 1e-30  # + flushed subnormals
+        rel = 2 * _U16 / (1 - 2 * _U16)  # the result's rounding to bf16, truncation included
+        floor = kth - rel * kth.abs() - margin  # the k entries' fp32 values are ≥ this
+        bad = ~(outside + rel * outside.abs() + margin < floor)  # NaN and Inf fail too
+        # exact values only for the kept entries that can reach the floor
+        need = (cand + rel * cand.abs() + margin[:, None, None] >= floor[:, None, None]).view(n, size * width)
+        rows, slots = need.nonzero(as_tuple=True)  # grouped by row
+        cols = kept[rows, slots % width] + (slots // width) * groups
+        counts = count_true(need, -1)
+        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
+        crow[1:] = counts.cumsum(0)
+        exact = _pairs_at(x, W, b, rows, cols, crow)
+        # each row's pairs into an (n, m) table, padded with -inf, then its top k
+        m = max(int(counts.max()) if n else 0, k)
+        pos = (rows, torch.arange(rows.numel(), device=x.device) - crow[rows])
+        ranked = torch.full((n, m), float("-inf"), device=x.device).index_put_(pos, exact.abs() if signed else exact)
+        pick = ranked.topk(k, dim=-1, sorted=False).indices
+        idx = torch.zeros(n, m, dtype=torch.long, device=x.device).index_put_(pos, cols).gather(-1, pick)
+        values = torch.zeros(n, m, device=x.device).index_put_(pos, exact).gather(-1, pick)
         redo = bad.nonzero().squeeze(1)
         if redo.numel():
             pre = torch.addmm(b, x[redo], W.T)
