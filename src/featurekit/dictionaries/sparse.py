@@ -10,6 +10,11 @@ non-zeros per row, all four only need N × k × d work:
   ∂W[idx[n,j]] += g[n,j]·(x[n] − shift), ∂b[idx[n,j]] += g[n,j], ∂shift = −∂b W (one (F,) vector:
   no (N, d) gradient for x − shift when x needs none).
 * `row_topk(scores, k)`: an exact per-row top-k in two narrow stages (group maxima, then candidates).
+* `topk_preact(x, W, b, k)`: each row's top k of x Wᵀ + b with their values; in fp32 on a CPU with fast
+  bf16, through `certified_topk` where a probe finds it faster: a bf16 GEMM, a per-row certificate from
+  the bf16 rounding-error bound, exact fp32 values for the candidates, fp32 recomputation of the rows
+  that cannot be certified; the same selection as an fp32 product.
+* `count_true(mask, dim)`: counts of a bool matrix as chunked byte sums (no conversion pass).
 * `sparse_decode(idx, values, W_dec)` = Σ_j values[n,j]·W_dec[idx[n,j]] through `embedding_bag`.
 
 * `encoder_preact(x, W, b)` = x Wᵀ + b without grad, the one (N × F × d) product a step cannot
