@@ -199,10 +199,10 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
     accumulation in any order). Each row's columns are split into groups (as in `row_topk`) and the
     `width` groups with the largest bf16 maxima are kept: their k largest maxima are k entries whose
     exact values are ≥ a floor (the k-th maximum minus its bound and the fp32 rounding γR), and every
-    entry outside the kept groups is ≤ the next group maximum. The kept entries that can reach the floor
-    get their values computed exactly in fp32 (one SDDMM over those pairs only) and the k largest are the
-    row's top k, provided the certificate holds: the next group maximum plus its bound and γR stays below
-    the floor. Rows where it fails (too many near-equal values) are recomputed with an fp32 product of
+    entry outside the kept groups is ≤ the smallest kept maximum. The kept entries that can reach the
+    floor get their values computed exactly in fp32 (one SDDMM over those pairs only) and the k largest
+    are the row's top k, provided the certificate holds: the smallest kept maximum plus its bound and γR
+    stays below the floor. Rows where it fails (too many near-equal values) are recomputed with an fp32 product of
     those rows. So the result is the top k of an fp32 evaluation of every entry, like the
     dense path's up to fp32 rounding (tests/train/test_fast_paths.py checks it against float64).
     Returns (values fp32 (N, k), indices (N, k), number of rows recomputed)."""
@@ -217,22 +217,28 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         scores = low.abs() if signed else low
         # column j is in group j mod `groups`; keep the `width` groups with the largest maxima
         grouped = scores.view(n, size, groups)
-        top = (grouped.amax(1) if size > 1 else scores).topk(min(width + 1, groups), dim=-1)
-        kept = top.indices[:, :width]
-        cand = grouped.gather(2, kept[:, None, :].expand(n, size, width)).float()  # (n, size, width): no index copy
+        top = (grouped.amax(1) if size > 1 else scores).topk(width, dim=-1, sorted=False)
+        kept = top.indices
+        cand = grouped.gather(2, kept[:, None, :].expand(n, size, width))  # (n, size, width), bf16: no index copy
         del low, scores, grouped
-        # the k largest group maxima are k entries ≥ the k-th of them; an entry outside the kept groups is ≤ the
-        # (width + 1)-th (or none is outside)
-        kth = top.values[:, k - 1].float()
-        outside = top.values[:, width].float() if width < groups else torch.full_like(kth, float("-inf"))
+        # the k largest kept maxima are k entries ≥ the k-th of them; an entry outside the kept groups is ≤ the
+        # smallest kept maximum (or none is outside)
+        maxima = top.values.float()
+        kth = maxima.topk(k, dim=-1, sorted=False).values.min(-1).values
+        outside = maxima.min(-1).values if width < groups else torch.full_like(kth, float("-inf"))
         reach = (x.square().sum(-1) + 1).sqrt() * (W.square().sum(-1) + b.square()).max().sqrt()
         gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
         margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * reach + 1e-30  # + flushed subnormals
         rel = 2 * _U16 / (1 - 2 * _U16)  # the result's rounding to bf16, truncation included
         floor = kth - rel * kth.abs() - margin  # the k entries' fp32 values are ≥ this
         bad = ~(outside + rel * outside.abs() + margin < floor)  # NaN and Inf fail too
-        # exact values only for the kept entries that can reach the floor
-        need = (cand + rel * cand.abs() + margin[:, None, None] >= floor[:, None, None]).view(n, size * width)
+        # exact values only for the kept entries that can reach the floor: p̂ + rel|p̂| + margin ≥ floor, i.e.
+        # p̂ ≥ t with t the inverse of the increasing p ↦ p + rel|p| at floor − margin, taken a little low
+        # (a wider set is still exact)
+        t = floor - margin
+        t = torch.where(t >= 0, t / (1 + rel), t / (1 - rel))
+        t = t - 1e-6 * t.abs() - 1e-30
+        need = (cand >= t[:, None, None]).view(n, size * width)
         rows, slots = need.nonzero(as_tuple=True)  # grouped by row
         cols = kept[rows, slots % width] + (slots // width) * groups
         counts = count_true(need, -1)
