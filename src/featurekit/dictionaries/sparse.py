@@ -226,7 +226,8 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         maxima = top.values.float()
         kth = maxima.topk(k, dim=-1, sorted=False).values.min(-1).values
         outside = maxima.min(-1).values if width < groups else torch.full_like(kth, float("-inf"))
-        reach = (x.square().sum(-1) + 1).sqrt() * (W.square().sum(-1) + b.square()).max().sqrt()
+        w_norm = torch.linalg.vector_norm(W, dim=1)  # no (F, d) temporary
+        reach = torch.linalg.vector_norm(x, dim=1).square_().add_(1).sqrt_() * w_norm.square_().add_(b.square()).max().sqrt()
         gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
         margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * reach + 1e-30  # + flushed subnormals
         rel = 2 * _U16 / (1 - 2 * _U16)  # the result's rounding to bf16, truncation included
