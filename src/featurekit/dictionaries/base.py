@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import FeaturekitError
-from .sparse import count_true, densify, masked_topk
+from .sparse import columns_topk, count_true, densify, masked_topk
 
 
 class Output:
@@ -188,6 +188,20 @@ class Dictionary(nn.Module):
         out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
         out.losses.update(self.extra_losses(x, out))
         return out
+
+    def columns_pre_topk(self, inputs: torch.Tensor) -> Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]:
+        """`Output.top_pre` for a forward that keeps no (N, F) matrix: pre-activations inputs W_encᵀ + b_enc
+        (`inputs` = what the encoder multiplies, e.g. x·c − b_dec, no grad) for the requested latents' columns
+        only, in the precision of the forward (a bf16 autocast is captured; `gather_linear` then recomputes
+        the chosen values exactly)."""
+        device = inputs.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+        def pre_topk(k: int, among: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
+                return columns_topk(inputs, self.W_enc.detach(), self.b_enc.detach(), k, among, signed)
+
+        return pre_topk
 
     def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-activations at columns `idx` (N, k) with gradient, given `pre` from `forward(x)` (or None

@@ -31,7 +31,7 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
-from .sparse import columns_topk, encoder_preact, gather_linear, mask_to_sparse, sparse_decode, topk_preact
+from .sparse import encoder_preact, gather_linear, mask_to_sparse, sparse_decode, topk_preact
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
@@ -67,7 +67,7 @@ class TopKSAE(Dictionary):
             if self.selection == "exact":  # no (N, F) matrix outlives the selection; aux-k computes what it needs
                 at, idx = topk_preact(centered, self.W_enc, self.b_enc, self.k, self.signed)
                 keep, codes = None, None
-                pre_topk = self._pre_topk(centered.detach())
+                pre_topk = self.columns_pre_topk(centered.detach())
             else:  # a varying count per token: kept columns padded to the batch's largest count
                 pre = encoder_preact(centered, self.W_enc, self.b_enc)
                 codes = self.activation(pre)
@@ -79,19 +79,6 @@ class TopKSAE(Dictionary):
         out = Output(x_hat=x_hat, codes=codes, pre=pre, idx=idx, values=values, n_latents=self.n_latents, pre_topk=pre_topk)
         out.losses.update(self.extra_losses(x, out))
         return out
-
-    def _pre_topk(self, centered: torch.Tensor):
-        """`Output.top_pre` without the (N, F) matrix: the requested latents' columns only, in the
-        precision of the forward (a bf16 autocast is captured; `gather_linear` then recomputes the
-        chosen values exactly)."""
-        device = centered.device.type
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-        def pre_topk(k: int, among: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
-                return columns_topk(centered, self.W_enc.detach(), self.b_enc.detach(), k, among, signed)
-
-        return pre_topk
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:

@@ -53,7 +53,7 @@ from torch import nn
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import topk
-from .sparse import gather_linear, sparse_decode
+from .sparse import gather_linear, sparse_decode, topk_preact
 
 
 class Transcoder(Dictionary):
@@ -97,12 +97,11 @@ class Transcoder(Dictionary):
         """Training forward on x·c_in (y is not needed: the trainer reads it through `target`);
         sparse kernels, same values and gradients as the dense formula."""
         x = self._check_input(x)
-        with torch.no_grad():
-            pre = self.pre_activation(x)
-            idx = pre.topk(self.k, dim=-1, sorted=False).indices
-        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre).relu()
+        with torch.no_grad():  # as TopK: no (N, F) matrix outlives the selection
+            at, idx = topk_preact(x, self.W_enc, self.b_enc, self.k)
+        values = gather_linear(x, self.W_enc, self.b_enc, idx, at=at).relu()
         y_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec + self.skip(x)
-        out = Output(x_hat=y_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
+        out = Output(x_hat=y_hat, idx=idx, values=values, n_latents=self.n_latents, pre_topk=self.columns_pre_topk(x.detach()))
         out.losses.update(self.extra_losses(x, out))
         return out
 
