@@ -259,9 +259,15 @@ def test_topk_trained_through_the_certified_selection_matches_the_plain_path(tmp
     monkeypatch.setattr(sparse, "_select_choice", lambda *a: "certified")
     calls = []
     real = sparse.certified_topk
-    monkeypatch.setattr(sparse, "certified_topk", lambda *a: calls.append(1) or real(*a))
+
+    def counted(*a):
+        out = real(*a)
+        calls.append(out[2])  # rows recomputed in fp32
+        return out
+
+    monkeypatch.setattr(sparse, "certified_topk", counted)
     fast_losses, fast_state = _train("topk", tmp_path / "fast")
-    assert len(calls) >= STEPS
+    assert len(calls) >= STEPS and sum(calls) < 0.5 * B * len(calls)  # most rows were certified, not recomputed
     with plain_kernels():
         plain_losses, plain_state = _train("topk", tmp_path / "plain", precision="plain")
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-6)
@@ -285,3 +291,32 @@ def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_pat
     (tmp_path / "gemm_choice.json").write_text(json.dumps({**known, key: other}))
     monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
     assert sparse._select_choice(x, W, b, 8, False) == other
+
+
+def test_certified_topk_certifies_most_rows_and_its_answer_does_not_depend_on_the_width():
+    """On spread-out values most rows pass the certificate; any width, keeping every group included, gives
+    the same columns and the same values bit for bit (what a resumed run, whose width starts afresh, needs)."""
+    gen = torch.Generator().manual_seed(7)
+    x, W, b = torch.randn(256, 64, generator=gen), torch.randn(2048, 64, generator=gen), torch.randn(2048, generator=gen) * 0.1
+    runs = [sparse.certified_topk(x, W, b, 8, width=w) for w in (40, 60, 100, 2048)]
+    assert runs[1][2] < 0.1 * 256 and runs[3][2] == 0  # all groups kept: nothing to certify, nothing recomputed
+    for values, idx, _ in runs[1:]:
+        assert torch.equal(idx, runs[0][1]) and torch.equal(values, runs[0][0])
+    ref = (x.double() @ W.double().T + b.double()).topk(8, dim=-1).indices.sort(-1).values
+    assert torch.equal(runs[0][1], ref)
+
+
+def test_aux_columns_are_computed_without_a_kernel_probe(tmp_path, monkeypatch):
+    """The dead-latent count changes every step: a probe per count would time both kernels and grow the cache."""
+    monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sparse._state, "gemm", {})
+    x, W, b = torch.randn(64, 576), torch.randn(4096, 576), torch.randn(4096)
+    for dead in (1900, 1950, 2000):
+        among = torch.zeros(4096, dtype=torch.bool)
+        among[:dead] = True
+        idx, values = sparse.columns_topk(x, W, b, 5, among)
+        full = x @ W.T + b
+        torch.testing.assert_close(values, full.gather(-1, idx), rtol=1e-5, atol=1e-5)
+        ref = full[:, :dead].topk(5, dim=-1).indices
+        assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)
+    assert not (tmp_path / "gemm_choice.json").exists()

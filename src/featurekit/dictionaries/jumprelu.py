@@ -242,7 +242,7 @@ class JumpReLUSAE(Dictionary):
             if not x.requires_grad:
                 x_hat, l0, fired = _DenseJumpReLU.apply(centered.detach(), self.W_enc, self.b_enc, self.b_dec, self.theta,
                                                         self.W_dec, pre, self.bandwidth)
-                theta = self.theta.detach()
+                theta = self.theta.detach().clone()  # this step's θ, should the codes be read after the update
                 out = Output(x_hat=x_hat + self.b_dec, codes=lambda: pre * (pre > theta), pre=pre, fire_counts=fired)
                 out.losses["l0"] = self.l0_coefficient * self.sparsity_scale * l0
                 return out

@@ -165,16 +165,17 @@ def _cached_choice(key: str, allowed, probe) -> str:
 
 
 @torch.no_grad()
-def encoder_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ + b (N, F), no grad; on CPU through the faster of MKL and oneDNN (`_cpu_gemm`), bf16 under a
-    bf16 autocast (then the result is bf16)."""
+def encoder_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, probe: bool = True) -> torch.Tensor:
+    """x Wᵀ + b (N, F), no grad; on CPU through the faster of MKL and oneDNN (`_cpu_gemm`; `probe=False`:
+    MKL without a probe, for shapes that change every step), bf16 under a bf16 autocast (then the result
+    is bf16)."""
     low = _autocast_dtype(x.device)
     with torch.autocast(x.device.type, enabled=False):
         if _state["plain"]:
             return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
         dtype = low or x.dtype
         if x.dim() == 2 and x.device.type == "cpu":
-            return _cpu_gemm(x, W, b, dtype)(x, W, b, dtype)
+            return (_cpu_gemm(x, W, b, dtype) if probe else _mm_bias)(x, W, b, dtype)
         x, W, b = x.to(dtype), W.to(dtype), b.to(dtype)
         return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
 
@@ -225,14 +226,18 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         # smallest kept maximum (or none is outside)
         maxima = top.values.float()
         kth = maxima.topk(k, dim=-1, sorted=False).values.min(-1).values
-        outside = maxima.min(-1).values if width < groups else torch.full_like(kth, float("-inf"))
+        outside = maxima.min(-1).values
         w_norm = torch.linalg.vector_norm(W, dim=1)  # no (F, d) temporary
         reach = torch.linalg.vector_norm(x, dim=1).square_().add_(1).sqrt_() * w_norm.square_().add_(b.square()).max().sqrt()
         gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
-        margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * reach + 1e-30  # + flushed subnormals
-        rel = 2 * _U16 / (1 - 2 * _U16)  # the result's rounding to bf16, truncation included
+        # (+ 1e-4 relative for the rounding of this bound's own fp32 arithmetic, + flushed subnormals)
+        margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * (1 + 1e-4) * reach + 1e-30
+        rel = 2 * _U16 / (1 - 2 * _U16) * (1 + 1e-4)  # the result's rounding to bf16, truncation included
         floor = kth - rel * kth.abs() - margin  # the k entries' fp32 values are ≥ this
-        bad = ~(outside + rel * outside.abs() + margin < floor)  # NaN and Inf fail too
+        if width < groups:
+            bad = ~(outside + rel * outside.abs() + margin < floor)  # NaN and Inf fail too
+        else:  # every entry is a candidate: nothing to certify
+            bad = ~torch.isfinite(floor)
         # exact values only for the kept entries that can reach the floor: p̂ + rel|p̂| + margin ≥ floor, i.e.
         # p̂ ≥ t with t the inverse of the increasing p ↦ p + rel|p| at floor − margin, taken a little low
         # (a wider set is still exact)
@@ -254,11 +259,15 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         idx = torch.zeros(n, m, dtype=torch.long, device=x.device).index_put_(pos, cols).gather(-1, pick)
         values = torch.zeros(n, m, device=x.device).index_put_(pos, exact).gather(-1, pick)
         redo = bad.nonzero().squeeze(1)
-        if redo.numel():
-            pre = torch.addmm(b, x[redo], W.T)
-            redo_idx = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices
-            idx[redo], values[redo] = redo_idx, pre.gather(-1, redo_idx)
-        return values, idx, int(redo.numel())
+        if redo.numel():  # selected by an fp32 product; valued by the same SDDMM as the certified rows (a pair's
+            pre = torch.addmm(b, x[redo], W.T)  # SDDMM value does not depend on the other pairs: bit for bit)
+            idx[redo] = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices
+            values[redo] = _pairs_at(x[redo], W, b, torch.arange(redo.numel(), device=x.device).repeat_interleave(k),
+                                     idx[redo].reshape(-1), torch.arange(0, redo.numel() * k + 1, k, device=x.device)).view(-1, k)
+        # one canonical form whichever way a row went and whatever the width: columns in increasing order, so
+        # a resumed run (whose width starts afresh) repeats an uninterrupted one bit for bit
+        idx, order = idx.sort(dim=-1)
+        return values.gather(-1, order), idx, int(redo.numel())
 
 
 def topk_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,16 +275,16 @@ def topk_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signe
     `signed`; values keep their sign), the values in the precision of the product (bf16 under a bf16
     autocast). In fp32 on CPU, through `certified_topk` where a one-time probe finds it faster for the
     CPU, shape and k (kept in the cache with the GEMM choice); its candidate width (5k at first) grows
-    by a quarter whenever more than 1 % of a batch's rows needed the fp32 fallback."""
+    by a quarter, up to 20k, whenever more than 1 % of a batch's rows needed the fp32 fallback."""
     choice = "fp32"
     if not _state["plain"] and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
-            and _autocast_dtype(x.device) is None and W.numel() >= PROBE_MIN_WEIGHTS and CERTIFIED_WIDTH * k < W.shape[0]:
+            and _autocast_dtype(x.device) is None and W.numel() >= PROBE_MIN_WEIGHTS and 4 * CERTIFIED_WIDTH * k < W.shape[0]:
         choice = _select_choice(x, W, b, k, signed)
     if choice == "certified":
         key = (W.shape[0], k, signed)
         values, idx, redone = certified_topk(x, W, b, k, signed, _state["width"].get(key))
-        if redone > 0.01 * x.shape[0]:
-            _state["width"][key] = min(W.shape[0], int(1.25 * (_state["width"].get(key) or CERTIFIED_WIDTH * k)))
+        if redone > 0.01 * x.shape[0]:  # widen, up to 4× the first width (rows no width certifies stay recomputed)
+            _state["width"][key] = min(4 * CERTIFIED_WIDTH * k, int(1.25 * (_state["width"].get(key) or CERTIFIED_WIDTH * k)))
         return values, idx
     pre = encoder_preact(x, W, b)
     values, idx = row_topk(pre.abs() if signed else pre, k)
@@ -352,7 +361,7 @@ def columns_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, amon
     (the aux-k loss's dead latents: the cost follows their number)."""
     with torch.no_grad():
         cols = among.nonzero().squeeze(1)
-        sub = encoder_preact(x, W[cols], b[cols])
+        sub = encoder_preact(x, W[cols], b[cols], probe=False)  # the dead count changes every step: no probe per count
         pos = row_topk(sub.abs() if signed else sub, k)[1]
         return cols[pos], sub.gather(-1, pos)
 
