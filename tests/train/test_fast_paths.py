@@ -320,3 +320,38 @@ def test_aux_columns_are_computed_without_a_kernel_probe(tmp_path, monkeypatch):
         ref = full[:, :dead].topk(5, dim=-1).indices
         assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)
     assert not (tmp_path / "gemm_choice.json").exists()
+
+
+def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A resumed process starts the candidate width afresh; the weights still match bit for bit."""
+    monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sparse._state, "gemm", {})
+    monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(sparse, "_select_choice", lambda *a: "certified")
+    monkeypatch.setattr(sparse, "CERTIFIED_WIDTH", 2)  # narrow: many rows recomputed, the width grows during the run
+    gen = torch.Generator().manual_seed(3)
+    data = [sample(true_features(64, D, seed=5), B, gen) for _ in range(8)]
+    recon = RECON_LOSSES["fvu"]
+
+    def trainer(name):
+        monkeypatch.setitem(sparse._state, "width", {})  # a fresh process
+        sae = METHODS["topk"](D, F, seed=0, k=K)
+        t = Trainer(sae, TrainConfig(batch_size=B, lr=3e-3, warmup_steps=2), tmp_path / name, len(data))
+        return sae, t
+
+    ref, t = trainer("ref")
+    t.init_from_data(torch.cat(data[:2]))
+    for x in data:
+        t.train_step(x, recon)
+    assert sparse._state["width"]  # the width grew in the uninterrupted run
+    first, t = trainer("run")
+    t.init_from_data(torch.cat(data[:2]))
+    for x in data[:4]:
+        t.train_step(x, recon)
+    t.save()
+    resumed, t = trainer("run")
+    t.resume()
+    for x in data[4:]:
+        t.train_step(x, recon)
+    for name, value in ref.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
