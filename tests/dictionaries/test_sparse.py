@@ -45,7 +45,7 @@ def test_exact_topk_keeps_no_preactivation_matrix_and_computes_aux_columns_on_de
     """Exact TopK frees its (N, F) pre-activations after the selection; `Output.top_pre` computes the
     requested latents' columns only and agrees with the masked top-k of the whole matrix."""
     from featurekit.dictionaries import AbsTopKSAE
-    from featurekit.dictionaries.sparse import masked_topk
+    from featurekit.dictionaries.selection import masked_topk
 
     torch.manual_seed(0)
     sae = (AbsTopKSAE if signed else TopKSAE)(24, 96, k=5, seed=3)

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
-from featurekit.dictionaries import METHODS, jumprelu, sparse
+from featurekit.dictionaries import METHODS, jumprelu, selection, sparse
+from featurekit.dictionaries.selection import row_topk
 from featurekit.dictionaries.sparse import (
     _mm_bias,
     _onednn_available,
@@ -25,7 +26,6 @@ from featurekit.dictionaries.sparse import (
     encoder_preact,
     gather_linear,
     plain_kernels,
-    row_topk,
     sparse_decode,
 )
 from featurekit.errors import FeaturekitError
@@ -227,7 +227,7 @@ def test_certified_topk_is_the_exact_top_k(n, f, d, k, width, scale, dup, signed
     x, W, b = torch.randn(n, d, generator=gen) * scale, torch.randn(f, d, generator=gen), torch.randn(f, generator=gen) * 0.1
     if dup:
         W[1::2], b[1::2] = W[0:-1:2], b[0:-1:2]  # every odd column repeats the one before it
-    values, idx, _ = sparse.certified_topk(x, W, b, k, signed, width=k + width)
+    values, idx, _ = selection.certified_topk(x, W, b, k, signed, width=k + width)
     exact = x.double() @ W.double().T + b.double()
     score = exact.abs() if signed else exact
     kth = score.topk(k, dim=-1).values[:, -1:]
@@ -244,28 +244,28 @@ def test_certified_selection_falls_back_row_by_row():
     x, W = torch.randn(30, 16, generator=gen), torch.randn(200, 16, generator=gen)
     near = W[:1] + 1e-4 * W  # 200 columns within ≈ 1e-4 of each other
     b = torch.zeros(200)
-    values, idx, redone = sparse.certified_topk(x, near, b, 5)
+    values, idx, redone = selection.certified_topk(x, near, b, 5)
     assert redone == 30
     ref = (x @ near.T).topk(5, dim=-1)
     assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
     torch.testing.assert_close(values.sort(-1).values, ref.values.sort(-1).values)
-    assert sparse.certified_topk(x, W, b, 5)[2] < 30  # spread-out values: most rows certified
+    assert selection.certified_topk(x, W, b, 5)[2] < 30  # spread-out values: most rows certified
 
 
 def test_topk_trained_through_the_certified_selection_matches_the_plain_path(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sparse._state, "gemm", {})
     monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(sparse, "_select_choice", lambda *a: "certified")
+    monkeypatch.setattr(selection, "_select_choice", lambda *a: "certified")
     calls = []
-    real = sparse.certified_topk
+    real = selection.certified_topk
 
     def counted(*a):
         out = real(*a)
         calls.append(out[2])  # rows recomputed in fp32
         return out
 
-    monkeypatch.setattr(sparse, "certified_topk", counted)
+    monkeypatch.setattr(selection, "certified_topk", counted)
     fast_losses, fast_state = _train("topk", tmp_path / "fast")
     assert len(calls) >= STEPS and sum(calls) < 0.5 * B * len(calls)  # most rows were certified, not recomputed
     with plain_kernels():
@@ -279,7 +279,7 @@ def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_pat
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
     monkeypatch.setitem(sparse._state, "gemm", {})
     x, W, b = torch.randn(64, 576), torch.randn(2048, 576), torch.randn(2048)
-    values, idx = sparse.topk_preact(x, W, b, 8)
+    values, idx = selection.topk_preact(x, W, b, 8)
     ref = torch.addmm(b, x, W.T).topk(8, dim=-1)
     assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
     known = json.loads((tmp_path / "gemm_choice.json").read_text())
@@ -290,7 +290,7 @@ def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_pat
     other = "fp32" if answer == "certified" else "certified"
     (tmp_path / "gemm_choice.json").write_text(json.dumps({**known, key: other}))
     monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
-    assert sparse._select_choice(x, W, b, 8, False) == other
+    assert selection._select_choice(x, W, b, 8, False) == other
 
 
 def test_certified_topk_certifies_most_rows_and_its_answer_does_not_depend_on_the_width():
@@ -298,7 +298,7 @@ def test_certified_topk_certifies_most_rows_and_its_answer_does_not_depend_on_th
     the same columns and the same values bit for bit (what a resumed run, whose width starts afresh, needs)."""
     gen = torch.Generator().manual_seed(7)
     x, W, b = torch.randn(256, 64, generator=gen), torch.randn(2048, 64, generator=gen), torch.randn(2048, generator=gen) * 0.1
-    runs = [sparse.certified_topk(x, W, b, 8, width=w) for w in (40, 60, 100, 2048)]
+    runs = [selection.certified_topk(x, W, b, 8, width=w) for w in (40, 60, 100, 2048)]
     assert runs[1][2] < 0.1 * 256 and runs[3][2] == 0  # all groups kept: nothing to certify, nothing recomputed
     for values, idx, _ in runs[1:]:
         assert torch.equal(idx, runs[0][1]) and torch.equal(values, runs[0][0])
@@ -314,7 +314,7 @@ def test_aux_columns_are_computed_without_a_kernel_probe(tmp_path, monkeypatch):
     for dead in (1900, 1950, 2000):
         among = torch.zeros(4096, dtype=torch.bool)
         among[:dead] = True
-        idx, values = sparse.columns_topk(x, W, b, 5, among)
+        idx, values = selection.columns_topk(x, W, b, 5, among)
         full = x @ W.T + b
         torch.testing.assert_close(values, full.gather(-1, idx), rtol=1e-5, atol=1e-5)
         ref = full[:, :dead].topk(5, dim=-1).indices
@@ -327,8 +327,8 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sparse._state, "gemm", {})
     monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(sparse, "_select_choice", lambda *a: "certified")
-    monkeypatch.setattr(sparse, "CERTIFIED_WIDTH", 2)  # narrow: many rows recomputed, the width grows during the run
+    monkeypatch.setattr(selection, "_select_choice", lambda *a: "certified")
+    monkeypatch.setattr(selection, "CERTIFIED_WIDTH", 2)  # narrow: many rows recomputed, the width grows during the run
     gen = torch.Generator().manual_seed(3)
     data = [sample(true_features(64, D, seed=5), B, gen) for _ in range(8)]
     recon = RECON_LOSSES["fvu"]

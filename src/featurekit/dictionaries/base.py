@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import FeaturekitError
-from .sparse import columns_topk, count_true, densify, masked_topk
+from .selection import columns_topk, masked_topk
+from .sparse import count_true, densify
 
 
 class Output:
@@ -36,7 +37,7 @@ class Output:
     `pre` (N, F) are the pre-activations, for the aux-k losses and statistics. A method that need
     not keep them (exact TopK: the matrix is 512 MiB at 4,096 tokens × 32,768 latents) passes
     `pre_topk` instead, a function (k, among, signed) → (indices, values) computing each token's top
-    k among a set of latents on demand (`sparse.columns_topk`); `top_pre` answers from either."""
+    k among a set of latents on demand (`selection.columns_topk`); `top_pre` answers from either."""
 
     def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | Callable[[], torch.Tensor] | None = None, pre: torch.Tensor | None = None,
                  losses: dict[str, torch.Tensor] | None = None, idx: torch.Tensor | None = None,

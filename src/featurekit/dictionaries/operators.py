@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse import row_topk
+from .selection import row_topk
 
 
 def topk(pre: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,12 +9,10 @@ non-zeros per row, all four only need N × k × d work:
   back-propagates sparsely:
   ∂W[idx[n,j]] += g[n,j]·(x[n] − shift), ∂b[idx[n,j]] += g[n,j], ∂shift = −∂b W (one (F,) vector:
   no (N, d) gradient for x − shift when x needs none).
-* `row_topk(scores, k)`: an exact per-row top-k in two narrow stages (group maxima, then candidates).
-* `topk_preact(x, W, b, k)`: each row's top k of x Wᵀ + b with their values; in fp32 on a CPU with fast
-  bf16, through `certified_topk` where a probe finds it faster: a bf16 GEMM, a per-row certificate from
-  the bf16 rounding-error bound, exact fp32 values for the candidates, fp32 recomputation of the rows
-  that cannot be certified; the same selection as an fp32 product.
 * `count_true(mask, dim)`: counts of a bool matrix as chunked byte sums (no conversion pass).
+
+The per-token top-k selections that feed these kernels (`row_topk`, `topk_preact`, the certified bf16
+route) are in `selection.py`.
 * `sparse_decode(idx, values, W_dec)` = Σ_j values[n,j]·W_dec[idx[n,j]] through `embedding_bag`.
 
 * `encoder_preact(x, W, b)` = x Wᵀ + b without grad, the one (N × F × d) product a step cannot
@@ -32,7 +30,6 @@ dense autograd formulas, which the tests train against.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 import warnings
@@ -180,153 +177,6 @@ def encoder_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, probe: boo
         return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
 
 
-#: bf16's unit roundoff (8 significant bits, round to nearest) and fp32's
-_U16, _U32 = 2.0**-8, 2.0**-24
-#: `certified_topk`'s first candidate width, in multiples of k. On d = 576 activations at initialisation
-#: (the widest spread of near-equal values) 4k left 4 % (8,192 latents) to 43 % (32,768) of the rows
-#: uncertified, 5k 0–3 %, 6k ≤ 0.03 %
-CERTIFIED_WIDTH = 5
-
-
-def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False,
-                   width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The exact fp32 top-k of x Wᵀ + b per row (by |·| when `signed`), found through a bf16 product.
-
-    bf16 runs the (N × F × d) GEMM several times faster than fp32 on CPUs with bf16 units (AMX: ≈ 1,200
-    against ≈ 175 GFLOP/s), but each of its values p̂ may be off by up to 2u|p̂|/(1 − 2u) + c·R (the first
-    term the result's rounding to bf16, bounded for truncation as well as rounding to nearest), where
-    R = ‖[x, 1]‖·max_j ‖[W_j, b_j]‖ ≥ Σ_i |x_i W_ji| + |b_j| (Cauchy–Schwarz), c = 2u + u² + γ(1 + u)²,
-    u = 2⁻⁸ (the operands and the result rounded to bf16) and γ = (d + 1)·2⁻²⁴/(1 − (d + 1)·2⁻²⁴) (fp32
-    accumulation in any order). Each row's columns are split into groups (as in `row_topk`) and the
-    `width` groups with the largest bf16 maxima are kept: their k largest maxima are k entries whose
-    exact values are ≥ a floor (the k-th maximum minus its bound and the fp32 rounding γR), and every
-    entry outside the kept groups is ≤ the smallest kept maximum. The kept entries that can reach the
-    floor get their values computed exactly in fp32 (one SDDMM over those pairs only) and the k largest
-    are the row's top k, provided the certificate holds: the smallest kept maximum plus its bound and γR
-    stays below the floor. Rows where it fails (too many near-equal values) are recomputed with an fp32 product of
-    those rows. So the result is the top k of an fp32 evaluation of every entry, like the
-    dense path's up to fp32 rounding (tests/train/test_fast_paths.py checks it against float64).
-    Returns (values fp32 (N, k), indices (N, k), number of rows recomputed)."""
-    n, d = x.shape
-    F = W.shape[0]
-    width = min(max(width or CERTIFIED_WIDTH * k, k), F)
-    size = 1 << max(0, round(0.5 * math.log2(max(F / width, 1))))  # columns per group, as in `row_topk`
-    size = size if F % size == 0 and F // size > width else 1
-    groups = F // size
-    with torch.no_grad():
-        low = _mm_bias(x, W, b, torch.bfloat16)
-        scores = low.abs() if signed else low
-        # column j is in group j mod `groups`; keep the `width` groups with the largest maxima
-        grouped = scores.view(n, size, groups)
-        top = (grouped.amax(1) if size > 1 else scores).topk(width, dim=-1, sorted=False)
-        kept = top.indices
-        cand = grouped.gather(2, kept[:, None, :].expand(n, size, width))  # (n, size, width), bf16: no index copy
-        del low, scores, grouped
-        # the k largest kept maxima are k entries ≥ the k-th of them; an entry outside the kept groups is ≤ the
-        # smallest kept maximum (or none is outside)
-        maxima = top.values.float()
-        kth = maxima.topk(k, dim=-1, sorted=False).values.min(-1).values
-        outside = maxima.min(-1).values
-        w_norm = torch.linalg.vector_norm(W, dim=1)  # no (F, d) temporary
-        reach = torch.linalg.vector_norm(x, dim=1).square_().add_(1).sqrt_() * w_norm.square_().add_(b.square()).max().sqrt()
-        gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
-        # (+ 1e-4 relative for the rounding of this bound's own fp32 arithmetic, + flushed subnormals)
-        margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * (1 + 1e-4) * reach + 1e-30
-        rel = 2 * _U16 / (1 - 2 * _U16) * (1 + 1e-4)  # the result's rounding to bf16, truncation included
-        floor = kth - rel * kth.abs() - margin  # the k entries' fp32 values are ≥ this
-        if width < groups:
-            bad = ~(outside + rel * outside.abs() + margin < floor)  # NaN and Inf fail too
-        else:  # every entry is a candidate: nothing to certify
-            bad = ~torch.isfinite(floor)
-        # exact values only for the kept entries that can reach the floor: p̂ + rel|p̂| + margin ≥ floor, i.e.
-        # p̂ ≥ t with t the inverse of the increasing p ↦ p + rel|p| at floor − margin, taken a little low
-        # (a wider set is still exact)
-        t = floor - margin
-        t = torch.where(t >= 0, t / (1 + rel), t / (1 - rel))
-        t = t - 1e-6 * t.abs() - 1e-30
-        need = (cand >= t[:, None, None]).view(n, size * width)
-        rows, slots = need.nonzero(as_tuple=True)  # grouped by row
-        cols = kept[rows, slots % width] + (slots // width) * groups
-        counts = count_true(need, -1)
-        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
-        crow[1:] = counts.cumsum(0)
-        exact = _pairs_at(x, W, b, rows, cols, crow)
-        # each row's pairs into an (n, m) table, padded with -inf, then its top k
-        m = max(int(counts.max()) if n else 0, k)
-        pos = (rows, torch.arange(rows.numel(), device=x.device) - crow[rows])
-        ranked = torch.full((n, m), float("-inf"), device=x.device).index_put_(pos, exact.abs() if signed else exact)
-        pick = ranked.topk(k, dim=-1, sorted=False).indices
-        idx = torch.zeros(n, m, dtype=torch.long, device=x.device).index_put_(pos, cols).gather(-1, pick)
-        values = torch.zeros(n, m, device=x.device).index_put_(pos, exact).gather(-1, pick)
-        redo = bad.nonzero().squeeze(1)
-        if redo.numel():  # selected by an fp32 product; valued by the same SDDMM as the certified rows (a pair's
-            pre = torch.addmm(b, x[redo], W.T)  # SDDMM value does not depend on the other pairs: bit for bit)
-            idx[redo] = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices
-            values[redo] = _pairs_at(x[redo], W, b, torch.arange(redo.numel(), device=x.device).repeat_interleave(k),
-                                     idx[redo].reshape(-1), torch.arange(0, redo.numel() * k + 1, k, device=x.device)).view(-1, k)
-        # one canonical form whichever way a row went and whatever the width: columns in increasing order, so
-        # a resumed run (whose width starts afresh) repeats an uninterrupted one bit for bit
-        idx, order = idx.sort(dim=-1)
-        return values.gather(-1, order), idx, int(redo.numel())
-
-
-def topk_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) (N, k), no grad: each row's k largest pre-activations x Wᵀ + b (by |·| when
-    `signed`; values keep their sign), the values in the precision of the product (bf16 under a bf16
-    autocast). In fp32 on CPU, through `certified_topk` where a one-time probe finds it faster for the
-    CPU, shape and k (kept in the cache with the GEMM choice); its candidate width (5k at first) grows
-    by a quarter, up to 20k, whenever more than 1 % of a batch's rows needed the fp32 fallback."""
-    choice = "fp32"
-    if not _state["plain"] and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
-            and _autocast_dtype(x.device) is None and W.numel() >= PROBE_MIN_WEIGHTS and 4 * CERTIFIED_WIDTH * k < W.shape[0]:
-        choice = _select_choice(x, W, b, k, signed)
-    if choice == "certified":
-        key = (W.shape[0], k, signed)
-        values, idx, redone = certified_topk(x, W, b, k, signed, _state["width"].get(key))
-        if redone > 0.01 * x.shape[0]:  # widen, up to 4× the first width (rows no width certifies stay recomputed)
-            _state["width"][key] = min(4 * CERTIFIED_WIDTH * k, int(1.25 * (_state["width"].get(key) or CERTIFIED_WIDTH * k)))
-        return values, idx
-    pre = encoder_preact(x, W, b)
-    values, idx = row_topk(pre.abs() if signed else pre, k)
-    return (pre.gather(-1, idx) if signed else values), idx
-
-
-def _fp32_topk(x, W, b, k, signed):
-    with torch.no_grad():
-        pre = encoder_preact(x, W, b)
-        return row_topk(pre.abs() if signed else pre, k)
-
-
-def _select_choice(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool) -> str:
-    """"fp32" or "certified", by timing both on the first 1,024 rows (`_fastest`); kept in gemm_choice.json."""
-    key = (f"{_cpu_name()} | torch {torch.__version__} | top-k selection k={k}{' signed' if signed else ''} | "
-           f"{W.shape[0]}x{W.shape[1]} | threads {torch.get_num_threads()}")
-    choices = {"fp32": _fp32_topk, "certified": certified_topk}
-    return _cached_choice(key, choices, lambda: _fastest(choices, x[:1024], W, b, k, signed))
-
-
-def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of the k largest entries of each row of `scores` (N, F), unsorted: the same
-    values as `torch.topk` (ties at the k-th value may pick other columns of equal value).
-
-    Exact two-stage selection: split each row's columns into F/b groups of b (columns j, j + F/b, …,
-    so the group maxima are one vectorised pass) and keep the k groups with the largest maxima. Their
-    k maxima are k entries ≥ t, the smallest of them, so every entry of the row's top k is ≥ t and
-    lies in one of those groups; a top-k over their k·b entries is the answer. With b ≈ √(F/k) both
-    top-ks are ≈ √(F·k) wide instead of F (≈ 1.3–1.6× faster than one `torch.topk` at F = 8,192,
-    k = 32–128 on CPU). Falls back to `torch.topk` where no power-of-two b divides F usefully, and
-    inside `plain_kernels()`."""
-    n, width = scores.shape[0], scores.shape[-1]
-    b = 1 << max(0, round(0.5 * math.log2(max(width / max(k, 1), 1))))
-    if _state["plain"] or scores.dim() != 2 or b < 4 or width % b or width // b < 2 * k:
-        return scores.topk(min(k, width), dim=-1, sorted=False)
-    groups = width // b
-    best = scores.view(n, b, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (N, k) group ids
-    cols = (best.unsqueeze(-1) + torch.arange(0, width, groups, device=scores.device)).view(n, k * b)
-    values, pick = scores.gather(1, cols).topk(k, dim=-1, sorted=False)
-    return values, cols.gather(1, pick)
-
-
 def count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Σ of a 2-D bool `mask` along `dim` (0 or -1), int32. Counted as bytes in chunks of 128 (a uint8
     sum cannot overflow there), then the chunk counts in int32: one vectorised byte pass. `mask.sum(dim,
@@ -344,26 +194,6 @@ def count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 _CHUNK = 128
-
-
-def masked_topk(pre: torch.Tensor, k: int, among: torch.Tensor, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, values) (N, k) of each row's k largest pre-activations among the latents in `among` (F,)
-    bool, ranked by |pre| when `signed` (values keep their sign); no grad."""
-    with torch.no_grad():
-        masked = (pre.abs() if signed else pre).masked_fill(~among, float("-inf"))
-        indices = row_topk(masked, k)[1]
-        return indices, pre.detach().gather(-1, indices)
-
-
-def columns_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, among: torch.Tensor,
-                 signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`masked_topk` of x Wᵀ + b without the (N, F) product: only the columns in `among` are computed
-    (the aux-k loss's dead latents: the cost follows their number)."""
-    with torch.no_grad():
-        cols = among.nonzero().squeeze(1)
-        sub = encoder_preact(x, W[cols], b[cols], probe=False)  # the dead count changes every step: no probe per count
-        pos = row_topk(sub.abs() if signed else sub, k)[1]
-        return cols[pos], sub.gather(-1, pos)
 
 
 def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:

@@ -53,7 +53,8 @@ from torch import nn
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import topk
-from .sparse import gather_linear, sparse_decode, topk_preact
+from .selection import topk_preact
+from .sparse import gather_linear, sparse_decode
 
 
 class Transcoder(Dictionary):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..dictionaries.sparse import masked_topk
+from ..dictionaries.selection import masked_topk
 from .distributed import centered_sum_sq
 
 
