@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import FeaturekitError
 from .selection import columns_topk, masked_topk
-from .sparse import count_true, densify
+from .sparse import _autocast_dtype, count_true, densify
 
 
 class Output:
@@ -195,8 +195,7 @@ class Dictionary(nn.Module):
         (`inputs` = what the encoder multiplies, e.g. x·c − b_dec, no grad) for the requested latents' columns
         only, in the precision of the forward (a bf16 autocast is captured; `gather_linear` then recomputes
         the chosen values exactly)."""
-        device = inputs.device.type
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        device, low = inputs.device.type, _autocast_dtype(inputs.device)
 
         def pre_topk(k: int, among: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):

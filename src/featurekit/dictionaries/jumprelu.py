@@ -61,7 +61,7 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .operators import jumprelu
-from .sparse import count_true, encoder_preact, gather_linear, mask_to_sparse, plain_active, sparse_decode
+from .sparse import _autocast_dtype, count_true, encoder_preact, gather_linear, mask_to_sparse, plain_active, sparse_decode
 
 #: the sparse training path runs while at most this share of the (token, latent) pairs is live. Measured at
 #: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (ragged sparse kernels): sparse 1.05 s vs dense 1.61 s a
@@ -129,7 +129,7 @@ class _DenseJumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_c, W, b, shift, theta, W_dec, pre, eps):
-        low = torch.get_autocast_dtype(pre.device.type) if torch.is_autocast_enabled(pre.device.type) else None
+        low = _autocast_dtype(pre.device)
         mask = pre > theta
         ctx.save_for_backward(x_c, W, theta, W_dec, pre, mask)
         ctx.eps, ctx.low = eps, low

@@ -16,7 +16,18 @@ import math
 import torch
 
 from . import sparse
-from .sparse import _autocast_dtype, _cached_choice, _cpu_name, _fastest, _mm_bias, _pairs_at, _state, count_true, encoder_preact
+from .sparse import (
+    _autocast_dtype,
+    _cached_choice,
+    _cpu_name,
+    _fastest,
+    _mm_bias,
+    _pairs,
+    _pairs_at,
+    _state,
+    encoder_preact,
+    mask_to_sparse,
+)
 
 #: bf16's unit roundoff (8 significant bits, round to nearest) and fp32's
 _U16, _U32 = 2.0**-8, 2.0**-24
@@ -83,25 +94,22 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         t = torch.where(t >= 0, t / (1 + rel), t / (1 - rel))
         t = t - 1e-6 * t.abs() - 1e-30
         need = (cand >= t[:, None, None]).view(n, size * width)
-        rows, slots = need.nonzero(as_tuple=True)  # grouped by row
-        cols = kept[rows, slots % width] + (slots // width) * groups
-        counts = count_true(need, -1)
-        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
-        crow[1:] = counts.cumsum(0)
+        slot, keep = mask_to_sparse(need)  # each row's candidates (positions in its size × width block), padded
+        if slot.shape[1] < k:  # only rows that fail the certificate can hold fewer than k (NaN, or no rows at all)
+            slot, keep = (torch.nn.functional.pad(t, (0, k - t.shape[1])) for t in (slot, keep))
+        table = kept.gather(-1, slot % width) + (slot // width) * groups  # their columns
+        rows, slots, cols, crow = _pairs(table, keep)
         exact = _pairs_at(x, W, b, rows, cols, crow)
-        # each row's pairs into an (n, m) table, padded with -inf, then its top k
-        m = max(int(counts.max()) if n else 0, k)
-        pos = (rows, torch.arange(rows.numel(), device=x.device) - crow[rows])
-        ranked = torch.full((n, m), float("-inf"), device=x.device).index_put_(pos, exact.abs() if signed else exact)
+        ranked = torch.full(table.shape, float("-inf"), device=x.device).index_put_((rows, slots), exact.abs() if signed else exact)
         pick = ranked.topk(k, dim=-1, sorted=False).indices
-        idx = torch.zeros(n, m, dtype=torch.long, device=x.device).index_put_(pos, cols).gather(-1, pick)
-        values = torch.zeros(n, m, device=x.device).index_put_(pos, exact).gather(-1, pick)
+        idx = table.gather(-1, pick)
+        values = torch.zeros(table.shape, device=x.device).index_put_((rows, slots), exact).gather(-1, pick)
         redo = bad.nonzero().squeeze(1)
         if redo.numel():  # selected by an fp32 product; valued by the same SDDMM as the certified rows (a pair's
             pre = torch.addmm(b, x[redo], W.T)  # SDDMM value does not depend on the other pairs: bit for bit)
             idx[redo] = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices
-            values[redo] = _pairs_at(x[redo], W, b, torch.arange(redo.numel(), device=x.device).repeat_interleave(k),
-                                     idx[redo].reshape(-1), torch.arange(0, redo.numel() * k + 1, k, device=x.device)).view(-1, k)
+            redo_rows, _, redo_cols, redo_crow = _pairs(idx[redo], None)
+            values[redo] = _pairs_at(x[redo], W, b, redo_rows, redo_cols, redo_crow).view(-1, k)
         # one canonical form whichever way a row went and whatever the width: columns in increasing order, so
         # a resumed run (whose width starts afresh) repeats an uninterrupted one bit for bit
         idx, order = idx.sort(dim=-1)
@@ -124,15 +132,15 @@ def topk_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signe
         if redone > 0.01 * x.shape[0]:  # widen, up to 4× the first width (rows no width certifies stay recomputed)
             _state["width"][key] = min(4 * CERTIFIED_WIDTH * k, int(1.25 * (_state["width"].get(key) or CERTIFIED_WIDTH * k)))
         return values, idx
-    pre = encoder_preact(x, W, b)
-    values, idx = row_topk(pre.abs() if signed else pre, k)
-    return (pre.gather(-1, idx) if signed else values), idx
+    return _fp32_topk(x, W, b, k, signed)
 
 
-def _fp32_topk(x, W, b, k, signed):
+def _fp32_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_preact` through the whole product (in its precision) and `row_topk`."""
     with torch.no_grad():
         pre = encoder_preact(x, W, b)
-        return row_topk(pre.abs() if signed else pre, k)
+        values, idx = row_topk(pre.abs() if signed else pre, k)
+        return (pre.gather(-1, idx) if signed else values), idx
 
 
 def _select_choice(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool) -> str:
