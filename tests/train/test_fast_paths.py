@@ -328,7 +328,7 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
     monkeypatch.setitem(sparse._state, "gemm", {})
     monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
     monkeypatch.setattr(selection, "_select_choice", lambda *a: "certified")
-    monkeypatch.setattr(selection, "CERTIFIED_WIDTH", 2)  # narrow: many rows recomputed, the width grows during the run
+    monkeypatch.setattr(selection, "CERTIFIED_WIDTH", 1)  # narrow: many rows recomputed, the width grows during the run
     gen = torch.Generator().manual_seed(3)
     data = [sample(true_features(64, D, seed=5), B, gen) for _ in range(8)]
     recon = RECON_LOSSES["fvu"]

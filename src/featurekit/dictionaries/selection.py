@@ -3,8 +3,9 @@
 * `row_topk(scores, k)`: an exact per-row top-k in two narrow stages (group maxima, then candidates).
 * `topk_preact(x, W, b, k)`: each row's top k of x Wᵀ + b with their values. In fp32 on a CPU with fast
   bf16 it goes through `certified_topk` where a one-time probe finds that faster: a bf16 GEMM, a per-row
-  certificate from the bf16 rounding-error bound, exact fp32 values for the candidates, an fp32
-  recomputation of the rows that cannot be certified; the same selection as an fp32 product.
+  bound on its rounding error (from the operands' actual roundings), exact fp32 values for the entries
+  that can reach the top k, an fp32 recomputation of the rare rows with too many of them; the same
+  selection as an fp32 product.
 * `masked_topk` / `columns_topk`: each row's top k among a set of latents (the aux-k loss's dead ones),
   from a whole pre-activation matrix or by computing those latents' columns only.
 """
@@ -21,19 +22,19 @@ from .sparse import (
     _cached_choice,
     _cpu_name,
     _fastest,
-    _mm_bias,
     _pairs,
     _pairs_at,
     _state,
+    augmented,
+    count_true,
     encoder_preact,
     mask_to_sparse,
 )
 
 #: bf16's unit roundoff (8 significant bits, round to nearest) and fp32's
 _U16, _U32 = 2.0**-8, 2.0**-24
-#: `certified_topk`'s first candidate width, in multiples of k. On d = 576 activations at initialisation
-#: (the widest spread of near-equal values) 4k left 4 % (8,192 latents) to 43 % (32,768) of the rows
-#: uncertified, 5k 0–3 %, 6k ≤ 0.03 %
+#: `certified_topk`'s first width (the most groups a row may open before it is recomputed), in multiples of
+#: k; it also sets the group size
 CERTIFIED_WIDTH = 5
 
 
@@ -42,62 +43,66 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
     """The exact fp32 top-k of x Wᵀ + b per row (by |·| when `signed`), found through a bf16 product.
 
     bf16 runs the (N × F × d) GEMM several times faster than fp32 on CPUs with bf16 units (AMX: ≈ 1,200
-    against ≈ 175 GFLOP/s), but each of its values p̂ may be off by up to 2u|p̂|/(1 − 2u) + c·R (the first
-    term the result's rounding to bf16, bounded for truncation as well as rounding to nearest), where
-    R = ‖[x, 1]‖·max_j ‖[W_j, b_j]‖ ≥ Σ_i |x_i W_ji| + |b_j| (Cauchy–Schwarz), c = 2u + u² + γ(1 + u)²,
-    u = 2⁻⁸ (the operands and the result rounded to bf16) and γ = (d + 1)·2⁻²⁴/(1 − (d + 1)·2⁻²⁴) (fp32
-    accumulation in any order). Each row's columns are split into groups (as in `row_topk`) and the
-    `width` groups with the largest bf16 maxima are kept: their k largest maxima are k entries whose
-    exact values are ≥ a floor (the k-th maximum minus its bound and the fp32 rounding γR), and every
-    entry outside the kept groups is ≤ the smallest kept maximum. The kept entries that can reach the
-    floor get their values computed exactly in fp32 (one SDDMM over those pairs only) and the k largest
-    are the row's top k, provided the certificate holds: the smallest kept maximum plus its bound and γR
-    stays below the floor. Rows where it fails (too many near-equal values) are recomputed with an fp32 product of
-    those rows. So the result is the top k of an fp32 evaluation of every entry, like the
-    dense path's up to fp32 rounding (tests/train/test_fast_paths.py checks it against float64).
+    against ≈ 175 GFLOP/s). With x̃ = [x, 1], W̃_j = [W_j, b_j] and x̂, Ŵ_j their bf16 roundings, the GEMM
+    accumulates x̂·Ŵ_j in fp32 to q_j and rounds it to p̂_j. Then |q_j − p̂_j| ≤ r|p̂_j|, r = 2u/(1 − 2u)
+    (u = 2⁻⁸; truncation included), and q_j lies within
+        M = ‖x̂ − x̃‖·max‖Ŵ‖ + ‖x̃‖·max‖Ŵ − W̃‖ + γ(‖x̂‖·max‖Ŵ‖ + ‖x̃‖·max‖W̃‖)
+    of the fp32 value the SDDMM computes (Cauchy–Schwarz on the operands' actual rounding errors, measured
+    per row and per column, γ = (d + 1)·2⁻²⁴/(1 − (d + 1)·2⁻²⁴) for fp32 accumulation in any order, once
+    for each product). The columns are split into groups as in `row_topk`; the k-th largest maximum of
+    groups of groups is a value L with k entries ≥ L, so the row's k-th exact value is ≥ the floor
+    L − r|L| − M, and an entry can only reach the floor if p̂ ≥ t, the inverse of p ↦ p + r|p| + M at
+    the floor. Only groups whose maximum is ≥ t are opened, only their entries ≥ t get exact fp32 values
+    (one SDDMM over those pairs) and the k largest of those are the row's top k. A row with more than
+    `width` such groups (too many near-equal values; default 5k) or a non-finite floor is recomputed with
+    an fp32 product of those rows. So the result is the top k of an fp32 evaluation of every entry, like
+    the dense path's up to fp32 rounding (tests/train/test_fast_paths.py checks it against float64).
     Returns (values fp32 (N, k), indices (N, k), number of rows recomputed)."""
     n, d = x.shape
     F = W.shape[0]
-    width = min(max(width or CERTIFIED_WIDTH * k, k), F)
-    size = 1 << max(0, round(0.5 * math.log2(max(F / width, 1))))  # columns per group, as in `row_topk`
-    size = size if F % size == 0 and F // size > width else 1
+    size = 1 << max(0, round(0.5 * math.log2(max(F / (CERTIFIED_WIDTH * k), 1))))  # columns per group
+    size = size if F % size == 0 and F // size > k else 1
     groups = F // size
+    width = min(max(width or CERTIFIED_WIDTH * k, k), groups)
     with torch.no_grad():
-        low = _mm_bias(x, W, b, torch.bfloat16)
+        xa, Wa = augmented(x, W, b, torch.bfloat16)
+        low = torch.mm(xa, Wa.T)
         scores = low.abs() if signed else low
-        # column j is in group j mod `groups`; keep the `width` groups with the largest maxima
+        del low
+        # column j is in group j mod `groups`, group g in supergroup g mod `sup` (≥ 8k of them): the k largest
+        # supergroup maxima are k distinct entries
         grouped = scores.view(n, size, groups)
-        top = (grouped.amax(1) if size > 1 else scores).topk(width, dim=-1, sorted=False)
-        kept = top.indices
-        cand = grouped.gather(2, kept[:, None, :].expand(n, size, width))  # (n, size, width), bf16: no index copy
-        del low, scores, grouped
-        # the k largest kept maxima are k entries ≥ the k-th of them; an entry outside the kept groups is ≤ the
-        # smallest kept maximum (or none is outside)
-        maxima = top.values.float()
-        kth = maxima.topk(k, dim=-1, sorted=False).values.min(-1).values
-        outside = maxima.min(-1).values
-        w_norm = torch.linalg.vector_norm(W, dim=1)  # no (F, d) temporary
-        reach = torch.linalg.vector_norm(x, dim=1).square_().add_(1).sqrt_() * w_norm.square_().add_(b.square()).max().sqrt()
-        gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
-        # (+ 1e-4 relative for the rounding of this bound's own fp32 arithmetic, + flushed subnormals)
-        margin = (2 * _U16 + _U16**2 + gamma * (1 + _U16) ** 2 + gamma) * (1 + 1e-4) * reach + 1e-30
+        maxima = grouped.amax(1) if size > 1 else scores
+        sup = groups
+        while sup % 2 == 0 and sup // 2 >= 8 * k:
+            sup //= 2
+        top = maxima.view(n, groups // sup, sup).amax(1) if sup < groups else maxima
+        kth = top.topk(k, dim=-1, sorted=False).values.min(-1).values.float()
+        del top
+        margin = _bf16_margin(x, W, b, xa, Wa)
         rel = 2 * _U16 / (1 - 2 * _U16) * (1 + 1e-4)  # the result's rounding to bf16, truncation included
         floor = kth - rel * kth.abs() - margin  # the k entries' fp32 values are ≥ this
-        if width < groups:
-            bad = ~(outside + rel * outside.abs() + margin < floor)  # NaN and Inf fail too
-        else:  # every entry is a candidate: nothing to certify
-            bad = ~torch.isfinite(floor)
-        # exact values only for the kept entries that can reach the floor: p̂ + rel|p̂| + margin ≥ floor, i.e.
-        # p̂ ≥ t with t the inverse of the increasing p ↦ p + rel|p| at floor − margin, taken a little low
-        # (a wider set is still exact)
+        # p̂ + rel|p̂| + margin ≥ floor ⟺ p̂ ≥ t (the inverse of an increasing map), taken a little low (a wider set is still exact)
         t = floor - margin
         t = torch.where(t >= 0, t / (1 + rel), t / (1 - rel))
         t = t - 1e-6 * t.abs() - 1e-30
-        need = (cand >= t[:, None, None]).view(n, size * width)
-        slot, keep = mask_to_sparse(need)  # each row's candidates (positions in its size × width block), padded
-        if slot.shape[1] < k:  # only rows that fail the certificate can hold fewer than k (NaN, or no rows at all)
+        live = maxima >= t[:, None]  # the groups holding an entry ≥ t
+        del maxima
+        bad = ~torch.isfinite(floor)  # NaN and Inf
+        if width < groups:
+            bad |= count_true(live, -1) > width
+        live[bad] = False
+        group_idx, group_keep = mask_to_sparse(live)
+        del live
+        opened = group_idx.shape[1]
+        cand = grouped.gather(2, group_idx[:, None, :].expand(n, size, opened))  # (n, size, opened), bf16
+        del scores, grouped
+        need = ((cand >= t[:, None, None]) & group_keep[:, None, :]).view(n, size * opened)
+        del cand
+        slot, keep = mask_to_sparse(need)  # each row's candidates (positions in its size × opened block), padded
+        if slot.shape[1] < k:  # only recomputed rows can hold fewer than k (or there are no rows at all)
             slot, keep = (torch.nn.functional.pad(t, (0, k - t.shape[1])) for t in (slot, keep))
-        table = kept.gather(-1, slot % width) + (slot // width) * groups  # their columns
+        table = group_idx.gather(-1, slot % opened) + (slot // opened) * groups  # their columns
         rows, slots, cols, crow = _pairs(table, keep)
         exact = _pairs_at(x, W, b, rows, cols, crow)
         ranked = torch.full(table.shape, float("-inf"), device=x.device).index_put_((rows, slots), exact.abs() if signed else exact)
@@ -116,12 +121,30 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         return values.gather(-1, order), idx, int(redo.numel())
 
 
+def _bf16_margin(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, Wa: torch.Tensor) -> torch.Tensor:
+    """Per row, M of `certified_topk`: how far the fp32 accumulation of [x, 1]·[W_j, b_j] in bf16 operands
+    (xa, Wa) can lie from the fp32 SDDMM value of any column j. The operands' rounding errors are exact in
+    fp32 (a value minus its bf16 rounding); + 10⁻⁴ relative for this bound's own fp32 arithmetic and
+    10⁻³⁰ for flushed subnormals."""
+    d = x.shape[1]
+    norm = torch.linalg.vector_norm
+    xh, Wh = xa.float(), Wa.float()
+    x_err = norm(xh[:, :d] - x, dim=1)  # the appended 1 is exact
+    x_norm = norm(x, dim=1).square_().add_(1).sqrt_()
+    xh_norm = norm(xh, dim=1)
+    W_err = norm(Wh[:, :d] - W, dim=1).square_().add_((Wh[:, d] - b).square()).max().sqrt()
+    W_norm = norm(W, dim=1).square_().add_(b.square()).max().sqrt()
+    Wh_norm = norm(Wh, dim=1).max()
+    gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
+    return (x_err * Wh_norm + x_norm * W_err + gamma * (xh_norm * Wh_norm + x_norm * W_norm)) * (1 + 1e-4) + 1e-30
+
+
 def topk_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) (N, k), no grad: each row's k largest pre-activations x Wᵀ + b (by |·| when
     `signed`; values keep their sign), the values in the precision of the product (bf16 under a bf16
     autocast). In fp32 on CPU, through `certified_topk` where a one-time probe finds it faster for the
-    CPU, shape and k (kept in the cache with the GEMM choice); its candidate width (5k at first) grows
-    by a quarter, up to 20k, whenever more than 1 % of a batch's rows needed the fp32 fallback."""
+    CPU, shape and k (kept in the cache with the GEMM choice); its width (the groups a row may open, 5k at
+    first) grows by a quarter, up to 20k, whenever more than 1 % of a batch's rows needed the fp32 fallback."""
     choice = "fp32"
     if not _state["plain"] and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
             and _autocast_dtype(x.device) is None and W.numel() >= sparse.PROBE_MIN_WEIGHTS and 4 * CERTIFIED_WIDTH * k < W.shape[0]:
@@ -146,7 +169,7 @@ def _fp32_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed
 def _select_choice(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool) -> str:
     """"fp32" or "certified", by timing both on the first 1,024 rows (`_fastest`); kept in gemm_choice.json."""
     key = (f"{_cpu_name()} | torch {torch.__version__} | top-k selection k={k}{' signed' if signed else ''} | "
-           f"{W.shape[0]}x{W.shape[1]} | threads {torch.get_num_threads()}")
+           f"{W.shape[0]}x{W.shape[1]} | threads {torch.get_num_threads()} | certified v2")
     choices = {"fp32": _fp32_topk, "certified": certified_topk}
     return _cached_choice(key, choices, lambda: _fastest(choices, x[:1024], W, b, k, signed))
 

@@ -88,6 +88,12 @@ def _onednn_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: tor
 def _mm_bias(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[x, 1] [W, b]ᵀ in `dtype`: the bias rides in the product (addmm would first copy b into every
     row of the (N, F) output, a whole extra pass); the casts happen in the copies into the augmented operands."""
+    xa, Wa = augmented(x, W, b, dtype)
+    return torch.mm(xa, Wa.T)
+
+
+def augmented(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[x, 1] (N, d + 1) and [W, b] (F, d + 1), cast to `dtype` while copied in."""
     n, d = x.shape
     xa = torch.empty(n, d + 1, dtype=dtype, device=x.device)
     xa[:, :d] = x
@@ -95,7 +101,7 @@ def _mm_bias(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dty
     Wa = torch.empty(W.shape[0], d + 1, dtype=dtype, device=W.device)
     Wa[:, :d] = W
     Wa[:, d] = b
-    return torch.mm(xa, Wa.T)
+    return xa, Wa
 
 
 def _fastest(choices: dict, *args, rounds: int = 3) -> str:
