@@ -186,6 +186,29 @@ def test_ragged_kernels_equal_the_padded_ones_weighted_by_keep(n, f, k, d, seed)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32 summation order differs
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 30), f=st.integers(1, 40), k=st.integers(1, 6), d=st.integers(1, 10), ragged=st.booleans(),
+       seed=st.integers(0, 999))
+def test_sparse_decode_equals_the_dense_product(n, f, k, d, ragged, seed):
+    """The CPU decoder (one CSR product; backward a CSR product and a sampled product) gives the dense
+    formula's output and gradients, repeated columns in a row (summed) and empty batches included."""
+    gen = torch.Generator().manual_seed(seed)
+    idx, keep = torch.randint(0, f, (n, k), generator=gen), torch.rand(n, k, generator=gen) < 0.6
+    values0, W0, g = torch.randn(n, k, generator=gen), torch.randn(f, d, generator=gen), torch.randn(n, d, generator=gen)
+    results = []
+    for plain in (False, True):
+        values, W_dec = values0.clone().requires_grad_(), W0.clone().requires_grad_()
+        if plain:
+            with plain_kernels():
+                out = sparse_decode(idx, values, W_dec, keep=keep if ragged else None)
+        else:
+            out = sparse_decode(idx, values, W_dec, keep=keep if ragged else None)
+        (out * g).sum().backward()
+        results.append([out.detach(), values.grad, W_dec.grad])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_gemm_choice_is_probed_once_and_kept_in_the_cache(tmp_path, monkeypatch):
     """A repeated run takes the kernel of the first (bit-for-bit reproducible weights on one machine)."""
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
