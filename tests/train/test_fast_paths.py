@@ -242,12 +242,15 @@ def test_count_true_equals_sum(n, f, p, transpose, seed):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 60), f=st.sampled_from([40, 96, 256, 512]), d=st.integers(1, 48), k=st.integers(1, 9),
        width=st.integers(0, 40), scale=st.sampled_from([1e-3, 1.0, 30.0]), dup=st.booleans(), signed=st.booleans(),
-       seed=st.integers(0, 999))
-def test_certified_topk_is_the_exact_top_k(n, f, d, k, width, scale, dup, signed, seed):
+       negative=st.booleans(), seed=st.integers(0, 999))
+def test_certified_topk_is_the_exact_top_k(n, f, d, k, width, scale, dup, signed, negative, seed):
     """Through a bf16 product, certificate and fp32 fallback rows, the selection is the top k of the exact
-    values (float64 reference): any width, scale, duplicated columns (exact ties), signed or not."""
+    values (float64 reference): any width, scale, duplicated columns (exact ties), signed or not, and
+    rows whose top k is negative (their int16-ordered comparisons do not hold: fp32 fallback)."""
     gen = torch.Generator().manual_seed(seed)
     x, W, b = torch.randn(n, d, generator=gen) * scale, torch.randn(f, d, generator=gen), torch.randn(f, generator=gen) * 0.1
+    if negative:  # every pre-activation below 0
+        b -= 2 * (x.norm(dim=1).max() * W.norm(dim=1).max() + 1)
     if dup:
         W[1::2], b[1::2] = W[0:-1:2], b[0:-1:2]  # every odd column repeats the one before it
     values, idx, _ = selection.certified_topk(x, W, b, k, signed, width=k + width)
