@@ -161,6 +161,24 @@ def test_sddmm_recompute_equals_the_gathered_product(n, f, k, d, ragged, seed):
     torch.testing.assert_close(_pairs_at(x, W, b, rows, cols, crow), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_sddmm_value_of_a_pair_does_not_depend_on_the_other_pairs():
+    """Blocks of rows go through the transposed product, or the row-major one where a pair repeats: a pair's
+    value is the same bits whichever block, form or company it is computed in (the certified selection's
+    recomputed rows and a resumed run rely on it), and equals the dense product's up to rounding."""
+    gen = torch.Generator().manual_seed(4)
+    n, f, d, k = 2600, 300, 24, 7
+    x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
+    idx = torch.randint(0, f, (n, k), generator=gen)
+    idx[1100:1300] = 0  # a block where one latent has more pairs than the block has rows: row-major form
+    rows, _, cols, crow = _pairs(idx, None)
+    whole = _pairs_at(x, W, b, rows, cols, crow).view(n, k)
+    torch.testing.assert_close(whole, (x @ W.T + b).gather(-1, idx), rtol=1e-5, atol=1e-5)
+    for part in (slice(1000, 1300), slice(2599, 2600), slice(0, 2)):
+        sub_rows, _, sub_cols, sub_crow = _pairs(idx[part].flip(-1), None)  # other order, other company
+        alone = _pairs_at(x[part], W, b, sub_rows, sub_cols, sub_crow).view(-1, k).flip(-1)
+        assert torch.equal(alone, whole[part])
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 30), f=st.integers(1, 40), k=st.integers(1, 6), d=st.integers(1, 10), seed=st.integers(0, 999))
 def test_ragged_kernels_equal_the_padded_ones_weighted_by_keep(n, f, k, d, seed):

@@ -22,6 +22,7 @@ from .sparse import (
     _cached_choice,
     _cpu_name,
     _fastest,
+    _narrow_int,
     _pairs,
     _pairs_at,
     _state,
@@ -101,7 +102,8 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         del maxima
         if width < groups:
             bad |= count_true(live, -1) > width
-        live[bad] = False
+        if bad.any():
+            live[bad] = False
         group_idx, group_keep = mask_to_sparse(live)
         del live
         opened = group_idx.shape[1]
@@ -127,7 +129,8 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
             values[redo] = _pairs_at(x[redo], W, b, redo_rows, redo_cols, redo_crow).view(-1, k)
         # one canonical form whichever way a row went and whatever the width: columns in increasing order, so
         # a resumed run (whose width starts afresh) repeats an uninterrupted one bit for bit
-        idx, order = idx.sort(dim=-1)
+        idx, order = idx.to(_narrow_int(F)).sort(dim=-1)
+        idx = idx.long()
         return values.gather(-1, order), idx, int(redo.numel())
 
 

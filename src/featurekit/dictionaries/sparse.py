@@ -219,24 +219,60 @@ def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, 
 
 def _pairs_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor,
               crow: torch.Tensor) -> torch.Tensor:
-    """(x Wᵀ + b) at the pairs (rows, cols) (P,), computed exactly in x's dtype: one sampled dense-dense
-    product (SDDMM) over the pairs (no (P, d) gather of encoder rows)."""
-    if x.shape[0] and int((crow[1:] - crow[:-1]).max()) > W.shape[0]:  # torch's CPU SDDMM refuses more pairs than columns in a row
-        return (x @ W.T if b is None else x @ W.T + b)[rows, cols]
+    """(x Wᵀ + b) at the pairs (rows, cols) (P,), computed exactly in x's dtype: sampled dense-dense
+    products (SDDMM) over the pairs (no (P, d) gather of encoder rows). On CPU in blocks of 1,024 rows,
+    each as the transposed product (latents × rows, pairs sorted by latent): the rows stay in cache and
+    W is read in order (1.3–1.6× faster at 4,096 × 8,192–32,768 than one row-major SDDMM, whose W
+    rows are read at random). Each pair's value is one dot product of its own two rows, whichever way
+    (bit for bit: it does not depend on the other pairs)."""
+    if x.device.type != "cpu":
+        dots = _sddmm(crow, cols, x, W)
+    else:
+        dots = x.new_empty(cols.numel())
+        key, F = _narrow_int(W.shape[0]), W.shape[0]
+        for start in range(0, x.shape[0], _SDDMM_ROWS):
+            stop = min(start + _SDDMM_ROWS, x.shape[0])
+            lo, hi = int(crow[start]), int(crow[stop])
+            if hi == lo:
+                continue
+            block = cols[lo:hi]
+            per_latent = torch.bincount(block, minlength=F)
+            if int(per_latent.max()) > stop - start:  # a pair repeated (padding): the row-major form takes it
+                dots[lo:hi] = _sddmm(crow[start:stop + 1] - lo, block, x[start:stop], W)
+                continue
+            order = block.to(key).argsort(stable=True)
+            crow_t = torch.zeros(F + 1, dtype=torch.long)
+            crow_t[1:] = per_latent.cumsum(0)
+            dots[lo:hi][order] = _sddmm(crow_t, rows[lo:hi][order] - start, W, x[start:stop])
+    return dots if b is None else dots + b[cols]
+
+
+_SDDMM_ROWS = 1024
+
+
+def _sddmm(crow: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a[i] · c[cols[p]] for the pairs of the CSR pattern (crow, cols) over a's rows (P,)."""
+    if a.shape[0] and int((crow[1:] - crow[:-1]).max()) > c.shape[0]:  # torch's CPU SDDMM refuses more pairs than columns in a row
+        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(crow[1:] - crow[:-1])
+        return (a @ c.T)[rows, cols]
     with warnings.catch_warnings():  # "CSR support is in beta"
         warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=x.dtype, device=x.device),
-                                          (x.shape[0], W.shape[0]), check_invariants=False)
-        dots = torch.sparse.sampled_addmm(pattern, x, W.T, beta=0.0).values()
-    return dots if b is None else dots + b[cols]
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=a.dtype, device=a.device),
+                                          (a.shape[0], c.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a, c.T, beta=0.0).values()
 
 
 def _weight_grad(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Σ_p grad[p] · x[rows[p]] into row cols[p] (P pairs): one CSR (n_rows × N) @ x (N × d) product."""
-    order = cols.argsort(stable=True)
+    order = cols.to(_narrow_int(n_rows)).argsort(stable=True)  # the same order; narrow keys sort 2–5× faster on CPU
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
     crow[1:] = torch.bincount(cols, minlength=n_rows).cumsum(0)
     return _csr_mm(crow, rows[order], grad[order], x)
+
+
+def _narrow_int(bound: int) -> torch.dtype:
+    """The narrowest integer dtype holding 0 … bound − 1 among int16, int32 and int64."""
+    return torch.int16 if bound <= 1 << 15 else torch.int32 if bound <= 1 << 31 else torch.int64
 
 
 def _csr_mm(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
