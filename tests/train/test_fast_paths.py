@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
-from featurekit.dictionaries import METHODS, jumprelu, selection, sparse
+from featurekit.dictionaries import METHODS, certified, jumprelu, selection, sparse
 from featurekit.dictionaries.selection import row_topk
 from featurekit.dictionaries.sparse import (
     _mm_bias,
@@ -271,7 +271,7 @@ def test_certified_topk_is_the_exact_top_k(n, f, d, k, width, scale, dup, signed
         b -= 2 * (x.norm(dim=1).max() * W.norm(dim=1).max() + 1)
     if dup:
         W[1::2], b[1::2] = W[0:-1:2], b[0:-1:2]  # every odd column repeats the one before it
-    values, idx, _ = selection.certified_topk(x, W, b, k, signed, width=k + width)
+    values, idx, _ = certified.certified_topk(x, W, b, k, signed, width=k + width)
     exact = x.double() @ W.double().T + b.double()
     score = exact.abs() if signed else exact
     kth = score.topk(k, dim=-1).values[:, -1:]
@@ -288,21 +288,21 @@ def test_certified_selection_falls_back_row_by_row():
     x, W = torch.randn(30, 16, generator=gen), torch.randn(200, 16, generator=gen)
     near = W[:1] + 1e-4 * W  # 200 columns within ≈ 1e-4 of each other
     b = torch.zeros(200)
-    values, idx, redone = selection.certified_topk(x, near, b, 5)
+    values, idx, redone = certified.certified_topk(x, near, b, 5)
     assert redone == 30
     ref = (x @ near.T).topk(5, dim=-1)
     assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
     torch.testing.assert_close(values.sort(-1).values, ref.values.sort(-1).values)
-    assert selection.certified_topk(x, W, b, 5)[2] < 30  # spread-out values: most rows certified
+    assert certified.certified_topk(x, W, b, 5)[2] < 30  # spread-out values: most rows certified
 
 
 def test_topk_trained_through_the_certified_selection_matches_the_plain_path(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sparse._state, "gemm", {})
     monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(selection, "_select_choice", lambda *a: "certified")
+    monkeypatch.setattr(selection, "certified_chosen", lambda *a: True)
     calls = []
-    real = selection.certified_topk
+    real = certified.certified_topk
 
     def counted(*a):
         out = real(*a)
@@ -334,7 +334,8 @@ def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_pat
     other = "fp32" if answer == "certified" else "certified"
     (tmp_path / "gemm_choice.json").write_text(json.dumps({**known, key: other}))
     monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
-    assert selection._select_choice(x, W, b, 8, False) == other
+    chosen = selection.certified_chosen("top-k selection", selection._fp32_topk, certified.certified_topk, x, W, b, 8, False)
+    assert chosen == (other == "certified")
 
 
 def test_certified_topk_certifies_most_rows_and_its_answer_does_not_depend_on_the_width():
@@ -342,7 +343,7 @@ def test_certified_topk_certifies_most_rows_and_its_answer_does_not_depend_on_th
     the same columns and the same values bit for bit (what a resumed run, whose width starts afresh, needs)."""
     gen = torch.Generator().manual_seed(7)
     x, W, b = torch.randn(256, 64, generator=gen), torch.randn(2048, 64, generator=gen), torch.randn(2048, generator=gen) * 0.1
-    runs = [selection.certified_topk(x, W, b, 8, width=w) for w in (40, 60, 100, 2048)]
+    runs = [certified.certified_topk(x, W, b, 8, width=w) for w in (40, 60, 100, 2048)]
     assert runs[1][2] < 0.1 * 256 and runs[3][2] == 0  # all groups kept: nothing to certify, nothing recomputed
     for values, idx, _ in runs[1:]:
         assert torch.equal(idx, runs[0][1]) and torch.equal(values, runs[0][0])
@@ -371,8 +372,8 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sparse._state, "gemm", {})
     monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(selection, "_select_choice", lambda *a: "certified")
-    monkeypatch.setattr(selection, "CERTIFIED_WIDTH", 1)  # narrow: many rows recomputed, the width grows during the run
+    monkeypatch.setattr(selection, "certified_chosen", lambda *a: True)
+    monkeypatch.setattr(certified, "CERTIFIED_WIDTH", 1)  # narrow: many rows recomputed, the width grows during the run
     gen = torch.Generator().manual_seed(3)
     data = [sample(true_features(64, D, seed=5), B, gen) for _ in range(8)]
     recon = RECON_LOSSES["fvu"]

@@ -1,0 +1,230 @@
+"""Exact fp32 top-k selections found through a bf16 product (CPUs with fast bf16: AMX, AVX-512 BF16).
+
+bf16 runs the (N × F × d) encoder GEMM several times faster than fp32 (AMX: ≈ 1,200 against ≈ 175
+GFLOP/s), but its values are rounded. With x̃ = [x, 1], W̃_j = [W_j, b_j] and x̂, Ŵ_j their bf16 roundings,
+the GEMM accumulates x̂·Ŵ_j in fp32 to q_j and rounds it to p̂_j. Then |q_j − p̂_j| ≤ r|p̂_j|,
+r = 2u/(1 − 2u) (u = 2⁻⁸; truncation included), and q_j lies within
+
+    M = ‖x̂ − x̃‖·max‖Ŵ‖ + ‖x̃‖·max‖Ŵ − W̃‖ + γ(‖x̂‖·max‖Ŵ‖ + ‖x̃‖·max‖W̃‖)
+
+of the fp32 value an SDDMM computes for the pair (Cauchy–Schwarz on the operands' actual rounding
+errors, measured per row and per column; γ = (d + 1)·2⁻²⁴/(1 − (d + 1)·2⁻²⁴) for fp32 accumulation in any
+order, once for each product). So from a value L with enough entries p̂ ≥ L, the exact values that
+matter are ≥ the floor L − r|L| − M, and an entry can only reach the floor if p̂ ≥ t, the inverse of
+p ↦ p + r|p| + M at the floor. The columns are split into groups (column j in group j mod G); only the
+groups whose maximum is ≥ t are opened, only their entries ≥ t get exact fp32 values (one SDDMM over
+those pairs), and the selection is made among those. The comparisons run on the bf16 bit patterns as
+int16 (≈ 4× faster than bf16 arithmetic on CPU), in order for t > 0. The assumption: the bf16 GEMM
+accumulates in fp32 (MKL, oneDNN and torch's fallbacks do).
+
+* `certified_topk(x, W, b, k)`: each row's top k (L: the k-th largest maximum of groups of groups).
+* `certified_batch_topk(x, W, b, k)`: the batch's B·k largest positive entries (BatchTopK; L: the B·k-th
+  largest of those maxima over the batch).
+
+Rows with too many opened groups (`width`), and rows where t ≤ 0 or the floor is not finite, are
+recomputed with an fp32 product of those rows. Both give the selection of an fp32 evaluation of every
+entry, with the SDDMM's values (tests/train/test_fast_paths.py checks them against float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .sparse import _narrow_int, _pairs, _pairs_at, count_true, mask_to_sparse
+
+#: bf16's unit roundoff (8 significant bits, round to nearest) and fp32's
+_U16, _U32 = 2.0**-8, 2.0**-24
+#: the result's rounding to bf16, truncation included (+ 10⁻⁴ for the bound's own fp32 arithmetic)
+_REL = 2 * _U16 / (1 - 2 * _U16) * (1 + 1e-4)
+#: the first width (the most groups a row may open before it is recomputed), in multiples of k; it also
+#: sets the group size
+CERTIFIED_WIDTH = 5
+
+
+def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False,
+                   width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The exact fp32 top-k of x Wᵀ + b per row (by |·| when `signed`; values keep their sign). The k-th
+    largest maximum of groups of groups is a value L with k entries ≥ L, so the row's k-th exact value is
+    ≥ the floor (module docstring); the k largest exact values among the entries that can reach it are the
+    row's top k. Returns (values fp32 (N, k), indices (N, k) in increasing order, rows recomputed)."""
+    F = W.shape[0]
+    with torch.no_grad():
+        product = _Bf16Product(x, W, b, k, signed)
+        kth_key = product.supergroup_maxima().topk(k, dim=-1, sorted=False).values.min(-1).values
+        kth = kth_key.view(torch.bfloat16).float()  # L; right where ≥ 0 (kth_key ≥ 0)
+        floor = kth - _REL * kth.abs() - product.margin  # the k entries' fp32 values are ≥ this
+        t = _reach(floor, product.margin)
+        bad = (kth_key < 0) | ~(t > 0) | ~torch.isfinite(floor)  # negative keys are out of order
+        table, keep, bad = product.candidates(t, bad, width)
+        del product  # the (N, F) keys
+        if table.shape[1] < k:  # only recomputed rows can hold fewer than k (or there are no rows at all)
+            table, keep = (torch.nn.functional.pad(v, (0, k - v.shape[1])) for v in (table, keep))
+        rows, slots, cols, crow = _pairs(table, keep)
+        exact = _pairs_at(x, W, b, rows, cols, crow)
+        ranked = torch.full(table.shape, float("-inf"), device=x.device).index_put_((rows, slots), exact.abs() if signed else exact)
+        pick = ranked.topk(k, dim=-1, sorted=False).indices
+        idx = table.gather(-1, pick)
+        values = torch.zeros(table.shape, device=x.device).index_put_((rows, slots), exact).gather(-1, pick)
+        redo = bad.nonzero().squeeze(1)
+        if redo.numel():  # selected by an fp32 product; valued by the same SDDMM as the certified rows (a pair's
+            pre = torch.addmm(b, x[redo], W.T)  # SDDMM value does not depend on the other pairs: bit for bit)
+            idx[redo] = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices
+            redo_rows, _, redo_cols, redo_crow = _pairs(idx[redo], None)
+            values[redo] = _pairs_at(x[redo], W, b, redo_rows, redo_cols, redo_crow).view(-1, k)
+        # one canonical form whichever way a row went and whatever the width: columns in increasing order, so
+        # a resumed run (whose width starts afresh) repeats an uninterrupted one bit for bit
+        idx, order = idx.to(_narrow_int(F)).sort(dim=-1)
+        return values.gather(-1, order), idx.long(), int(redo.numel())
+
+
+def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False,
+                         width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """BatchTopK's selection of x Wᵀ + b, exactly as in fp32: the B·k largest entries of the batch (B = N
+    rows; by |·| when `signed`), those > 0 kept. The B·k-th largest supergroup maximum of the batch is a
+    value L with B·k entries ≥ L, so the batch's B·k-th exact value is ≥ L − r|L| − max_rows M; each row
+    offers its entries that can reach that floor, with exact values, and the B·k largest of all offers are
+    the answer. Returns (idx, keep, values, rows recomputed): each row's kept columns in increasing order
+    (N, m), padded (column 0, keep False, value 0), m the most any row keeps; or None where L is not > 0 or
+    a row would keep more than half of the latents (the caller's dense route)."""
+    n, F = x.shape[0], W.shape[0]
+    total = min(k * n, n * F)
+    with torch.no_grad():
+        product = _Bf16Product(x, W, b, k, signed)
+        top = product.supergroup_maxima().reshape(-1)
+        if n == 0 or top.numel() < total:
+            return None
+        cut_key = top.kthvalue(top.numel() - total + 1).values  # the B·k-th largest
+        if int(cut_key) < 0:
+            return None
+        cut = cut_key.view(torch.bfloat16).float()
+        floor = cut - _REL * cut.abs() - product.margin.max()  # the batch's B·k-th exact value is ≥ this
+        t = _reach(floor, product.margin)
+        if not bool(torch.isfinite(floor)) or not bool((t > 0).all()):
+            return None
+        table, keep, bad = product.candidates(t, torch.zeros(n, dtype=torch.bool, device=x.device), width)
+        margin = product.margin
+        del product  # the (N, F) keys
+        redo = bad.nonzero().squeeze(1)
+        if redo.numel():  # every entry of these rows that can reach the floor, from an fp32 product (wider by M: exact)
+            pre = torch.addmm(b, x[redo], W.T)
+            reach = (pre.abs() if signed else pre) >= floor - margin[redo, None]
+            more, more_keep = mask_to_sparse(reach)
+            grow = max(more.shape[1] - table.shape[1], 0)
+            table, keep = (torch.nn.functional.pad(v, (0, grow)) for v in (table, keep))
+            table[redo], keep[redo] = 0, False
+            table[redo, :more.shape[1]], keep[redo, :more.shape[1]] = more, more_keep
+        rows, slots, cols, crow = _pairs(table, keep)
+        exact = _pairs_at(x, W, b, rows, cols, crow)
+        score = exact.abs() if signed else exact
+        chosen = torch.zeros(cols.numel(), dtype=torch.bool, device=x.device)
+        chosen[score.topk(min(total, score.numel()), sorted=False).indices] = True
+        chosen &= score > 0  # zeros are never kept
+        # each row's chosen columns in increasing order, then padding
+        mask = torch.zeros(table.shape, dtype=torch.bool, device=x.device).index_put_((rows, slots), chosen)
+        counts = count_true(mask, -1)
+        m = max(int(counts.max()), 1)
+        if m > F // 2:
+            return None
+        ordered = torch.where(mask, table, F).to(_narrow_int(F + 1)).sort(dim=-1)
+        idx = ordered.values[:, :m].long()
+        kept = idx < F
+        values = torch.zeros(table.shape, device=x.device).index_put_((rows, slots), exact).gather(-1, ordered.indices[:, :m])
+        return idx.masked_fill_(~kept, 0), kept, values * kept, int(redo.numel())
+
+
+class _Bf16Product:
+    """x Wᵀ + b through bf16 for one batch: the int16 keys of p̂ (|p̂| when `signed`) in groups, their
+    maxima and each row's bound M (`margin`)."""
+
+    def __init__(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool):
+        n, d = x.shape
+        F = W.shape[0]
+        size = 1 << max(0, round(0.5 * math.log2(max(F / (CERTIFIED_WIDTH * k), 1))))  # columns per group
+        self.size = size if F % size == 0 and F // size > k else 1
+        self.groups, self.k = F // self.size, k
+        xa = torch.empty(n, d + 1, dtype=torch.bfloat16, device=x.device)  # [x, 1] in bf16
+        xa[:, :d] = x
+        xa[:, d] = 1
+        Wa, W_stats = _bf16_weights(W, b)
+        keys = torch.mm(xa, Wa.T).view(torch.int16)  # int16 order = value order among values ≥ 0, negatives below
+        keys = keys & 0x7FFF if signed else keys  # |p̂|: the sign bit cleared
+        self.grouped = keys.view(n, self.size, self.groups)
+        self.maxima = self.grouped.amax(1) if self.size > 1 else keys
+        self.margin = _bf16_margin(x, xa, W_stats)
+
+    def supergroup_maxima(self) -> torch.Tensor:
+        """(N, S) maxima of groups of groups (group g in supergroup g mod S, S ≥ 8k where the groups allow):
+        distinct entries, so the k largest of a row are k entries ≥ the k-th of them."""
+        sup = self.groups
+        while sup % 2 == 0 and sup // 2 >= 8 * self.k:
+            sup //= 2
+        return self.maxima.view(self.maxima.shape[0], self.groups // sup, sup).amax(1) if sup < self.groups else self.maxima
+
+    def candidates(self, t: torch.Tensor, bad: torch.Tensor, width: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's columns whose p̂ ≥ t (N,) from the groups that hold one: (table, keep) (N, m) padded,
+        and `bad` with the rows that open more than `width` groups (default 5k) added; bad rows offer none."""
+        n, size, groups = self.grouped.shape
+        width = min(max(width or CERTIFIED_WIDTH * self.k, self.k), groups)
+        t_low = t.to(torch.bfloat16)  # rounded down to a bf16 value ≤ t (a wider set is still exact)
+        t_key = t_low.view(torch.int16) - (t_low.float() > t).to(torch.int16)
+        live = self.maxima >= t_key[:, None]
+        if width < groups:
+            bad = bad | (count_true(live, -1) > width)
+        if bad.any():
+            live[bad] = False
+        group_idx, group_keep = mask_to_sparse(live)
+        opened = group_idx.shape[1]
+        cand = self.grouped.gather(2, group_idx[:, None, :].expand(n, size, opened))  # (n, size, opened) keys
+        need = ((cand >= t_key[:, None, None]) & group_keep[:, None, :]).view(n, size * opened)
+        slot, keep = mask_to_sparse(need)  # positions in each row's size × opened block, padded
+        return group_idx.gather(-1, slot % opened) + (slot // opened) * groups, keep, bad
+
+
+def _reach(floor: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """t with p̂ + r|p̂| + M ≥ floor ⟺ p̂ ≥ t (the inverse of an increasing map), taken a little low."""
+    t = floor - margin
+    t = torch.where(t >= 0, t / (1 + _REL), t / (1 - _REL))
+    return t - 1e-6 * t.abs() - 1e-30
+
+
+def _bf16_weights(W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """[W, b] in bf16 (F, d + 1), and over its rows the largest ‖Ŵ_j − W̃_j‖, ‖W̃_j‖ and ‖Ŵ_j‖ (W̃ = [W, b], Ŵ
+    its bf16 rounding). Done in blocks of 256 rows that stay in cache: as whole-matrix passes the
+    conversions, difference and norms read W from memory 5 times (117 against 41 ms at 32,768 × 576)."""
+    F, d = W.shape
+    norm = torch.linalg.vector_norm
+    Wa = torch.empty(F, d + 1, dtype=torch.bfloat16, device=W.device)
+    Wa[:, d] = b
+    b_err = (Wa[:, d].float() - b).square_()
+    err, exact, rounded = (torch.empty(F, device=W.device) for _ in range(3))
+    for start in range(0, F, _BLOCK):
+        block = slice(start, start + _BLOCK)
+        Wa[block, :d] = W[block]
+        low = Wa[block, :d].float()
+        rounded[block] = norm(low, dim=1)
+        err[block] = norm(low.sub_(W[block]), dim=1)
+        exact[block] = norm(W[block], dim=1)
+    b_low = Wa[:, d].float().square_()
+    return Wa, (err.square_().add_(b_err).max().sqrt(), exact.square_().add_(b.square()).max().sqrt(),
+                rounded.square_().add_(b_low).max().sqrt())
+
+
+_BLOCK = 256
+
+
+def _bf16_margin(x: torch.Tensor, xa: torch.Tensor, W_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per row, M: how far the fp32 accumulation of [x, 1]·[W_j, b_j] in bf16 operands (xa, and the weights
+    whose `_bf16_weights` statistics are W_stats) can lie from the fp32 SDDMM value of any column j. The
+    operands' rounding errors are exact in fp32 (a value minus its bf16 rounding); + 10⁻⁴ relative for this
+    bound's own fp32 arithmetic and 10⁻³⁰ for flushed subnormals."""
+    d = x.shape[1]
+    norm = torch.linalg.vector_norm
+    W_err, W_norm, Wh_norm = W_stats
+    xh = xa.float()
+    xh_norm = norm(xh, dim=1)
+    x_err = norm(xh[:, :d].sub_(x), dim=1)  # the appended 1 is exact
+    x_norm = norm(x, dim=1).square_().add_(1).sqrt_()
+    gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
+    return (x_err * Wh_norm + x_norm * W_err + gamma * (xh_norm * Wh_norm + x_norm * W_norm)) * (1 + 1e-4) + 1e-30
