@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
-from featurekit.dictionaries import METHODS, certified, jumprelu, selection, sparse
+from featurekit.dictionaries import METHODS, batchtopk, certified, jumprelu, selection, sparse
 from featurekit.dictionaries.selection import row_topk
 from featurekit.dictionaries.sparse import (
     _mm_bias,
@@ -296,27 +296,74 @@ def test_certified_selection_falls_back_row_by_row():
     assert certified.certified_topk(x, W, b, 5)[2] < 30  # spread-out values: most rows certified
 
 
-def test_topk_trained_through_the_certified_selection_matches_the_plain_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["topk", "batchtopk"])
+def test_trained_through_the_certified_selection_matches_the_plain_path(method, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sparse._state, "gemm", {})
     monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
-    monkeypatch.setattr(selection, "certified_chosen", lambda *a: True)
-    calls = []
-    real = certified.certified_topk
 
-    def counted(*a):
-        out = real(*a)
-        calls.append(out[2])  # rows recomputed in fp32
-        return out
+    def chosen(name, fp32, fast, *a):
+        calls.append(name)
+        return True
 
-    monkeypatch.setattr(selection, "certified_topk", counted)
-    fast_losses, fast_state = _train("topk", tmp_path / "fast")
-    assert len(calls) >= STEPS and sum(calls) < 0.5 * B * len(calls)  # most rows were certified, not recomputed
+    def counted(fast):
+        def run(*a):
+            out = fast(*a)
+            recomputed.append(None if out is None else out[-1])
+            return out
+        return run
+
+    calls, recomputed = [], []
+    monkeypatch.setattr(selection, "certified_chosen", chosen)
+    monkeypatch.setattr(batchtopk, "certified_chosen", chosen)
+    monkeypatch.setattr(selection, "certified_topk", counted(certified.certified_topk))
+    monkeypatch.setattr(batchtopk, "certified_batch_topk", counted(certified.certified_batch_topk))
+    fast_losses, fast_state = _train(method, tmp_path / "fast")
+    assert len(calls) >= STEPS and len(recomputed) == len(calls)
+    assert None not in recomputed and sum(recomputed) < 0.5 * B * len(recomputed)  # certified, most rows not recomputed
     with plain_kernels():
-        plain_losses, plain_state = _train("topk", tmp_path / "plain", precision="plain")
+        plain_losses, plain_state = _train(method, tmp_path / "plain", precision="plain")
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-6)
     for name, value in plain_state.items():
-        torch.testing.assert_close(fast_state[name], value, rtol=1e-3, atol=1e-4, msg=f"topk.{name}")
+        torch.testing.assert_close(fast_state[name], value, rtol=1e-3, atol=1e-4, msg=f"{method}.{name}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 50), f=st.sampled_from([96, 256, 512]), d=st.integers(1, 40), k=st.integers(1, 4),
+       width=st.sampled_from([None, 1, 3]), scale=st.sampled_from([1e-3, 1.0, 30.0]), dup=st.booleans(),
+       signed=st.booleans(), skew=st.booleans(), seed=st.integers(0, 999))
+def test_certified_batch_topk_is_the_exact_batch_selection(n, f, d, k, width, scale, dup, signed, skew, seed):
+    """The batch's B·k largest (by |·| when signed), those > 0 kept, against float64: duplicated columns
+    (exact ties), rows far above the others (they own many picks), narrow widths (recomputed rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, W, b = torch.randn(n, d, generator=gen) * scale, torch.randn(f, d, generator=gen), torch.randn(f, generator=gen) * 0.1
+    if skew:
+        x *= torch.exp(2 * torch.randn(n, 1, generator=gen))
+    if dup:
+        W[1::2], b[1::2] = W[0:-1:2], b[0:-1:2]
+    found = certified.certified_batch_topk(x, W, b, k, signed, width=width)
+    exact = x.double() @ W.double().T + b.double()
+    score = exact.abs() if signed else exact
+    total = min(n * k, n * f)
+    cut = score.flatten().topk(total).values.min()
+    tol = 1e-5 * (x.double().norm(dim=-1).max() * W.double().norm(dim=-1).max() + b.abs().max())
+    if found is None:  # only where the cut is not clearly positive or a row keeps more than half the latents
+        most = int(((score >= cut - tol) & (score > 0)).sum(-1).max())
+        assert cut <= 10 * tol or most > f // 2 - 1
+        return
+    idx, keep, values, _ = found
+    kept = torch.zeros(n, f, dtype=torch.bool).index_put_((torch.arange(n)[:, None].expand_as(idx)[keep], idx[keep]), torch.tensor(True))
+    assert int(kept.sum()) == int(keep.sum()) <= total  # no column twice
+    assert (torch.where(keep, idx, f).diff(dim=-1) >= 0).all() and (idx[~keep] == 0).all()  # in order, then padding
+    assert (score[kept] > 0).all() and (score[kept] >= cut - tol).all()
+    left = score[~kept]
+    if left.numel() and int(kept.sum()):
+        assert left.max() <= score[kept].min() + tol  # nothing left out above a pick
+    if int(kept.sum()) < total:
+        assert left.numel() == 0 or left.max() <= tol  # fewer picks only when the rest is ≤ 0
+    torch.testing.assert_close(values[keep].double(), exact[torch.arange(n)[:, None].expand_as(idx)[keep], idx[keep]],
+                               rtol=1e-5, atol=float(tol))
+    assert (values[~keep] == 0).all()
 
 
 def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_path, monkeypatch):

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from .base import Output
+from .certified import certified_batch_topk
 from .operators import abs_threshold, batch_abs_topk, batch_topk, batch_topk_sparse, threshold
+from .selection import certified_chosen, with_width
 from .sparse import encoder_preact, gather_linear, sparse_decode
 from .topk import TopKSAE
 
@@ -37,23 +39,35 @@ class BatchTopKSAE(TopKSAE):
         return abs_threshold(pre, self.theta) if self.signed else threshold(pre, self.theta)
 
     def forward(self, x: torch.Tensor) -> Output:
-        """Training forward: batch selection. Through the sparse kernels over each row's 4k candidates
-        (non-kept ones weigh 0) when the candidate selection is exact, else densely; same values and
-        gradients either way (tests/dictionaries/test_batchtopk.py)."""
+        """Training forward: batch selection. Through the sparse kernels over each row's picks (non-kept
+        slots weigh 0) when the selection is exact in sparse form, else densely; same values and gradients
+        either way (tests/dictionaries/test_batchtopk.py). In fp32 on CPU the selection goes through
+        `certified_batch_topk` (a bf16 product, exact fp32 values for the entries that can reach the cut)
+        where a one-time probe finds it faster; it keeps no (N, F) matrix (aux-k computes what it needs)."""
         x = self._check_input(x)
         centered = x - self.b_dec
         with torch.no_grad():
-            pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            sparse = batch_topk_sparse(pre.abs() if self.signed else pre, self.k)
+            found, pre, pre_topk = None, None, None
+            if certified_chosen("batch top-k selection", _fp32_batch, certified_batch_topk, centered, self.W_enc, self.b_enc,
+                                self.k, self.signed):
+                found = with_width("batchtopk", certified_batch_topk, centered, self.W_enc, self.b_enc, self.k, self.signed)
+            if found is None:
+                pre = encoder_preact(centered, self.W_enc, self.b_enc)
+                sparse = batch_topk_sparse(pre.abs() if self.signed else pre, self.k)
+                at = None
+            else:
+                idx, keep, at = found
+                sparse = idx, keep
+                pre_topk = self.columns_pre_topk(centered.detach())
         if sparse is None:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph
             codes = batch_abs_topk(pre, self.k) if self.signed else batch_topk(pre, self.k)
             out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
         else:
             idx, keep = sparse
-            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep)
+            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep, at=at)
             x_hat = sparse_decode(idx, values, self.W_dec, keep=keep) + self.b_dec
-            out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
+            out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre, pre_topk=pre_topk)
         out.losses.update(self.extra_losses(x, out))
         return out
 
@@ -95,3 +109,9 @@ class BatchAbsTopKSAE(BatchTopKSAE):
 
     method = "batchabstopk"
     signed = True
+
+
+def _fp32_batch(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool):
+    """The fp32 route's selection work (the probe times it against `certified_batch_topk`)."""
+    pre = encoder_preact(x, W, b)
+    return batch_topk_sparse(pre.abs() if signed else pre, k)
