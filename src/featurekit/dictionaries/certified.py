@@ -85,9 +85,11 @@ def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: i
     rows; by |·| when `signed`), those > 0 kept. The B·k-th largest supergroup maximum of the batch is a
     value L with B·k entries ≥ L, so the batch's B·k-th exact value is ≥ L − r|L| − max_rows M; each row
     offers its entries that can reach that floor, with exact values, and the B·k largest of all offers are
-    the answer. Returns (idx, keep, values, rows recomputed): each row's kept columns in increasing order
-    (N, m), padded (column 0, keep False, value 0), m the most any row keeps; or None where L is not > 0 or
-    a row would keep more than half of the latents (the caller's dense route)."""
+    the answer. Rows that open more than `width` groups, or whose threshold is ≤ 0, offer every entry that can
+    reach the floor from an fp32 product of the row. Returns (idx, keep, values, rows recomputed): each row's
+    kept columns in increasing order (N, m), padded (column 0, keep False, value 0), m the most any row keeps;
+    or None where L is not > 0, the floor is not finite, or a row would keep more than half of the latents
+    (the caller's fp32 route)."""
     n, F = x.shape[0], W.shape[0]
     total = min(k * n, n * F)
     with torch.no_grad():
@@ -100,10 +102,10 @@ def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: i
             return None
         cut = cut_key.view(torch.bfloat16).float()
         floor = cut - _REL * cut.abs() - product.margin.max()  # the batch's B·k-th exact value is ≥ this
-        t = _reach(floor, product.margin)
-        if not bool(torch.isfinite(floor)) or not bool((t > 0).all()):
+        if not bool(torch.isfinite(floor)):
             return None
-        table, keep, bad = product.candidates(t, torch.zeros(n, dtype=torch.bool, device=x.device), width)
+        t = _reach(floor, product.margin)  # rows with t ≤ 0 (a wide margin: negative keys out of order) are recomputed
+        table, keep, bad = product.candidates(t, ~(t > 0), width)
         margin = product.margin
         del product  # the (N, F) keys
         redo = bad.nonzero().squeeze(1)
@@ -217,14 +219,24 @@ _BLOCK = 256
 def _bf16_margin(x: torch.Tensor, xa: torch.Tensor, W_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Per row, M: how far the fp32 accumulation of [x, 1]·[W_j, b_j] in bf16 operands (xa, and the weights
     whose `_bf16_weights` statistics are W_stats) can lie from the fp32 SDDMM value of any column j. The
-    operands' rounding errors are exact in fp32 (a value minus its bf16 rounding); + 10⁻⁴ relative for this
-    bound's own fp32 arithmetic and 10⁻³⁰ for flushed subnormals."""
+    operands' rounding errors are exact in fp32 (a value minus its bf16 rounding); + the flush of subnormal
+    operands and results to 0, slack for this bound's own fp32 arithmetic, and inf (no bound) for weights
+    so small that their fp32 norms may underflow."""
     d = x.shape[1]
     norm = torch.linalg.vector_norm
     W_err, W_norm, Wh_norm = W_stats
+    if not W_norm >= _TINY:  # fp32 norms of weights this small underflow: no bound (every row recomputed)
+        return torch.full((x.shape[0],), float("inf"), device=x.device)
     xh = xa.float()
     xh_norm = norm(xh, dim=1)
     x_err = norm(xh[:, :d].sub_(x), dim=1)  # the appended 1 is exact
     x_norm = norm(x, dim=1).square_().add_(1).sqrt_()
     gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
-    return (x_err * Wh_norm + x_norm * W_err + gamma * (xh_norm * Wh_norm + x_norm * W_norm)) * (1 + 1e-4) + 1e-30
+    # bf16 units may flush subnormal operands and results to 0: ≤ 2⁻¹²⁶ each, in every product and the result
+    flush = math.sqrt(d + 1) * 2.0**-126 * (xh_norm + Wh_norm) + 2.0**-126
+    slack = 1 + 1e-4 + 4 * (d + 1) * _U32  # the fp32 rounding of the norms and of this sum
+    return (x_err * Wh_norm + x_norm * W_err + gamma * (xh_norm * Wh_norm + x_norm * W_norm) + flush) * slack + 1e-30
+
+
+#: below this largest weight row norm the fp32 norms of `_bf16_weights` may underflow (squares < 2⁻¹²⁶)
+_TINY = 2.0**-40

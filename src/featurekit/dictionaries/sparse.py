@@ -349,7 +349,7 @@ def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, 
         return densify_with_grad(idx, values if keep is None else values * keep, W_dec.shape[0]) @ W_dec
     rows, slots, cols, crow = _pairs(idx, keep)
     flat = values.reshape(-1) if keep is None else values[rows, slots]
-    if W_dec.device.type == "cpu" and values.dtype == W_dec.dtype:
+    if W_dec.device.type == "cpu" and values.dtype == W_dec.dtype and W_dec.dtype in (torch.float32, torch.float64):  # MKL's types
         return _SparseDecode.apply(flat, W_dec, rows, cols, crow)
     return F.embedding_bag(cols, W_dec, crow[:-1], per_sample_weights=flat, mode="sum")
 
