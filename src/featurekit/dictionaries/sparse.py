@@ -11,10 +11,11 @@ non-zeros per row, all four only need N × k × d work:
   no (N, d) gradient for x − shift when x needs none).
 * `count_true(mask, dim)`: counts of a bool matrix as chunked byte sums (no conversion pass).
 
-The per-token top-k selections that feed these kernels (`row_topk`, `topk_preact`, the certified bf16
-route) are in `selection.py`.
 * `sparse_decode(idx, values, W_dec)` = Σ_j values[n,j]·W_dec[idx[n,j]]: one CSR product on CPU
   (`embedding_bag` elsewhere), backward over the pairs.
+
+The selections that feed these kernels are in `selection.py` (`row_topk`, `topk_preact`) and
+`certified.py` (the exact fp32 selections through a bf16 product).
 
 * `encoder_preact(x, W, b)` = x Wᵀ + b without grad, the one (N × F × d) product a step cannot
   avoid: on CPU through MKL or oneDNN, whichever a one-time probe finds faster for the shape (the
@@ -89,12 +90,6 @@ def _onednn_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: tor
 def _mm_bias(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[x, 1] [W, b]ᵀ in `dtype`: the bias rides in the product (addmm would first copy b into every
     row of the (N, F) output, a whole extra pass); the casts happen in the copies into the augmented operands."""
-    xa, Wa = augmented(x, W, b, dtype)
-    return torch.mm(xa, Wa.T)
-
-
-def augmented(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """[x, 1] (N, d + 1) and [W, b] (F, d + 1), cast to `dtype` while copied in."""
     n, d = x.shape
     xa = torch.empty(n, d + 1, dtype=dtype, device=x.device)
     xa[:, :d] = x
@@ -102,7 +97,7 @@ def augmented(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dt
     Wa = torch.empty(W.shape[0], d + 1, dtype=dtype, device=W.device)
     Wa[:, :d] = W
     Wa[:, d] = b
-    return xa, Wa
+    return torch.mm(xa, Wa.T)
 
 
 def _fastest(choices: dict, *args, rounds: int = 3) -> str:
