@@ -129,14 +129,17 @@ def test_both_cpu_gemm_backends_agree(n, f, d, seed):
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 12), width=st.sampled_from([7, 64, 96, 256, 1024, 4096]), k=st.integers(1, 40),
-       levels=st.sampled_from([0, 3, 50]), masked=st.booleans(), seed=st.integers(0, 999))
-def test_row_topk_selects_the_top_k_values(n, width, k, levels, masked, seed):
-    """Same values as torch.topk (as multisets, ties included), at the columns it names, distinct columns."""
+       levels=st.sampled_from([0, 3, 50]), masked=st.booleans(), bf16=st.booleans(), shift=st.sampled_from([0.0, -3.0]),
+       seed=st.integers(0, 999))
+def test_row_topk_selects_the_top_k_values(n, width, k, levels, masked, bf16, shift, seed):
+    """Same values as torch.topk (as multisets, ties included), at the columns it names, distinct columns;
+    bf16 scores too (ranked as int16 bit patterns), rows with a negative k-th value included."""
     gen = torch.Generator().manual_seed(seed)
     k = min(k, width)
-    scores = torch.randn(n, width, generator=gen)
+    scores = torch.randn(n, width, generator=gen) + shift
     if levels:  # heavy ties: a few distinct values only
-        scores = torch.randint(0, levels, (n, width), generator=gen).float()
+        scores = torch.randint(-1, levels, (n, width), generator=gen).float() + shift
+    scores = scores.bfloat16() if bf16 else scores
     if masked:  # as aux-k masks live latents
         scores = scores.masked_fill(torch.rand(n, width, generator=gen) < 0.7, float("-inf"))
     values, idx = row_topk(scores, k)

@@ -77,7 +77,16 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     lies in one of those groups; a top-k over their k·b entries is the answer. With b ≈ √(F/k) both
     top-ks are ≈ √(F·k) wide instead of F (≈ 1.3–1.6× faster than one `torch.topk` at F = 8,192,
     k = 32–128 on CPU). Falls back to `torch.topk` where no power-of-two b divides F usefully, and
-    inside `plain_kernels()`."""
+    inside `plain_kernels()`. bf16 scores on CPU are ranked by their bit patterns as int16 (≈ 4× faster
+    than bf16 arithmetic there): in order among values ≥ 0, negatives below them, so the rows whose k-th
+    is negative are ranked again as bf16."""
+    if scores.dtype == torch.bfloat16 and scores.device.type == "cpu" and scores.dim() == 2 and not _state["plain"]:
+        keys = scores.view(torch.int16)
+        idx = row_topk(keys, k)[1]
+        redo = (keys.gather(1, idx).min(-1).values < 0).nonzero().squeeze(1)
+        if redo.numel():
+            idx[redo] = scores[redo].topk(min(k, scores.shape[-1]), dim=-1, sorted=False).indices
+        return scores.gather(1, idx), idx
     n, width = scores.shape[0], scores.shape[-1]
     b = 1 << max(0, round(0.5 * math.log2(max(width / max(k, 1), 1))))
     if _state["plain"] or scores.dim() != 2 or b < 4 or width % b or width // b < 2 * k:
