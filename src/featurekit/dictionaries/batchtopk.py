@@ -52,8 +52,7 @@ class BatchTopKSAE(TopKSAE):
                                 self.k, self.signed):
                 found = with_width("batchtopk", certified_batch_topk, centered, self.W_enc, self.b_enc, self.k, self.signed)
             if found is None:
-                pre = encoder_preact(centered, self.W_enc, self.b_enc)
-                sparse = batch_topk_sparse(pre.abs() if self.signed else pre, self.k)
+                sparse, pre = _fp32_batch(centered, self.W_enc, self.b_enc, self.k, self.signed)
                 at = None
             else:
                 idx, keep, at = found
@@ -112,6 +111,7 @@ class BatchAbsTopKSAE(BatchTopKSAE):
 
 
 def _fp32_batch(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool):
-    """The fp32 route's selection work (the probe times it against `certified_batch_topk`)."""
+    """The selection through the whole product: (`batch_topk_sparse`'s answer, the (N, F) product). The
+    probe times it against `certified_batch_topk`."""
     pre = encoder_preact(x, W, b)
-    return batch_topk_sparse(pre.abs() if signed else pre, k)
+    return batch_topk_sparse(pre.abs() if signed else pre, k), pre
