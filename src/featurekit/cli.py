@@ -74,6 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     except FeaturekitError as err:
         print(f"featurekit: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group before the interpreter exits. A gloo group left to the
+    interpreter's teardown can abort the process ("terminate called without an active exception")
+    after a successful run."""
+    distributed = sys.modules.get("featurekit.train.distributed")
+    if distributed is not None:
+        distributed.destroy()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -53,3 +53,25 @@ def test_torchrun_featurekit_train_matches_one_process(harvested, shard):
     for a, b in zip(rows, ref_rows):  # tokens: each data-parallel rank read half of every batch
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     assert (out / name / "shards" / "rank1" / "checkpoint").exists() == shard  # a shard's own checkpoint
+
+
+def test_featurekit_command_leaves_the_process_group(harvested, monkeypatch):
+    """The command joins torchrun's group and leaves it before returning, so that gloo is never torn down
+    by the interpreter's exit (which can abort a successful run): here a 1-rank group, in-process."""
+    import torch.distributed as dist
+
+    from featurekit.cli import main
+
+    out, sets, ref_cfg = harvested
+    (out / "leave").mkdir()
+    os.symlink(ref_cfg.run_dir / "activations", out / "leave" / "activations")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    args = [a for s in [*sets, "name=leave"] for a in ("--set", s)]
+    try:
+        assert main(["train", *args, "--quiet"]) == 0
+        assert (out / "leave" / "dictionary").is_dir()
+        assert not dist.is_initialized()
+    finally:  # never leave a group behind for the tests that follow
+        if dist.is_initialized():
+            dist.destroy_process_group()
