@@ -65,7 +65,8 @@ def test_featurekit_command_leaves_the_process_group(harvested, monkeypatch):
     out, sets, ref_cfg = harvested
     (out / "leave").mkdir()
     os.symlink(ref_cfg.run_dir / "activations", out / "leave" / "activations")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     args = [a for s in [*sets, "name=leave"] for a in ("--set", s)]
     try:
