@@ -115,6 +115,8 @@ def interpreter(lib: str, venvs: Path) -> Path | None:
 
 def run_one(lib: str, arch: str, n: int, k: int | None, args: argparse.Namespace, data: Path) -> dict:
     base = {"library": lib, "arch": arch, "n_latents": n, "k": k, "threads": args.threads, "precision": args.precision}
+    if arch == "jumprelu" and args.jumprelu_l0 is not None:
+        base["jumprelu_l0"] = args.jumprelu_l0
     if arch not in SUPPORTS[lib]:
         return {**base, "skipped": f"{lib} has no {arch} SAE"}
     if args.precision != "fp32" and lib not in BF16_LIBS:
@@ -125,7 +127,7 @@ def run_one(lib: str, arch: str, n: int, k: int | None, args: argparse.Namespace
     cmd = [str(py), str(DRIVER_FILE[lib]), "--data", str(data), "--arch", arch, "--n-latents", str(n),
            "--k", str(k if k is not None else 32), "--batch", str(args.batch), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--threads", str(args.threads), "--lr", str(args.lr), "--seed", str(args.seed),
-           "--precision", args.precision]
+           "--precision", args.precision] + (["--jumprelu-l0", str(args.jumprelu_l0)] if "jumprelu_l0" in base else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env.pop("PYTHONPATH", None)
@@ -155,15 +157,21 @@ def _fmt(x: float | None, digits: int = 0) -> str:
     return f"{x:,.{digits}f}".replace(",", " ")
 
 
+def _base(arch: str) -> str:
+    return arch.split("@")[0]
+
+
 def markdown(rows: list[dict], machine: dict) -> str:
     """Summary (tok/s per library and featurekit's ratio to each), then every run in detail."""
     latest: dict[tuple, dict] = {}
+    # JumpReLU started at a trained operating point is its own workload ("jumprelu@L0 64": `--jumprelu-l0`)
+    rows = [{**r, "arch": f"{r['arch']}@L0 {r['jumprelu_l0']:g}"} if r.get("jumprelu_l0") is not None else r for r in rows]
     for r in rows:  # a later row for the same run replaces an earlier one (re-runs, merged files)
         latest[(r["library"], r["arch"], r["n_latents"], r.get("k"), r.get("threads"))] = r
     rows = list(latest.values())
     arch_order = {"topk": 0, "batchtopk": 1, "jumprelu": 2}
     workloads = sorted({(r["n_latents"], r["arch"], r.get("k") or 0, r.get("threads")) for r in rows},
-                       key=lambda w: (w[3] or 0, w[0], arch_order.get(w[1], 9), w[2]))
+                       key=lambda w: (w[3] or 0, w[0], arch_order.get(_base(w[1]), 9), w[1], w[2]))
     libs = [lib for lib in ("featurekit",) + PEERS if any(r["library"] == lib for r in rows)]
     ok = {(r["library"], r["n_latents"], r["arch"], r.get("k") or 0, r.get("threads")): r for r in rows if "skipped" not in r}
 
@@ -196,7 +204,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
         fk = ok.get(("featurekit", n, arch, k, thr))
         for lib in libs:
             r = ok.get((lib, n, arch, k, thr))
-            cells.append(_fmt(r["tokens_per_s"]) if r else ("n/a" if arch not in SUPPORTS.get(lib, set()) else "skipped"))
+            cells.append(_fmt(r["tokens_per_s"]) if r else ("n/a" if _base(arch) not in SUPPORTS.get(lib, set()) else "skipped"))
         for lib in libs:
             if lib == "featurekit":
                 continue
@@ -206,7 +214,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
 
     out += ["", "## Every run", ""]
     head = ["n_latents", "arch", "k", "library", "tok/s", "step s (median)", "step s min–max", "steps", "fk ÷ this", "peak RSS MiB",
-            "loss first → last", "GEMM GF/s before/after", "CPU share", "load 1m before/after"]
+            "loss first → last", "L0 last", "GEMM GF/s before/after", "CPU share", "load 1m before/after"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n, arch, k, thr in workloads:
         fk = ok.get(("featurekit", n, arch, k, thr))
@@ -219,13 +227,14 @@ def markdown(rows: list[dict], machine: dict) -> str:
             out.append("| " + " | ".join([
                 str(n), arch, str(k) if k else "–", lib, _fmt(r["tokens_per_s"]), f"{r['step_s_median']:.3f}",
                 f"{r['step_s_min']:.3f}–{r['step_s_max']:.3f}", f"{r['warmup']}+{r['steps']}", ratio, _fmt(r["peak_rss_mib"]), loss,
+                _fmt(r.get("l0_last"), 1),
                 f"{_fmt(r.get('gemm_gflops_before'))}/{_fmt(r.get('gemm_gflops_after'))}", _fmt(r.get("cpu_share"), 2),
                 f"{_fmt(r.get('loadavg_1m_before'), 1)}/{_fmt(r.get('loadavg_1m_after'), 1)}"]) + " |")
-    skipped = [r for r in rows if "skipped" in r and r["arch"] in SUPPORTS.get(r["library"], set())]
+    skipped = [r for r in rows if "skipped" in r and _base(r["arch"]) in SUPPORTS.get(r["library"], set())]
     if skipped:
         out += ["", "## Skipped", ""]
         out += [f"- {r['library']} {r['arch']} n={r['n_latents']} k={r.get('k')}: {r['skipped']}" for r in skipped]
-    na = sorted({(r["library"], r["arch"]) for r in rows if "skipped" in r and r["arch"] not in SUPPORTS.get(r["library"], set())})
+    na = sorted({(r["library"], r["arch"]) for r in rows if "skipped" in r and _base(r["arch"]) not in SUPPORTS.get(r["library"], set())})
     if na:
         out += ["", "n/a (not implemented by the library): " + ", ".join(f"{lib} {arch}" for lib, arch in na)]
     out += ["", "Losses are each library's own training loss (their definitions and scales differ); they show that training "
@@ -264,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: featurekit with train.precision=bf16 and sparsify under a CPU bf16 autocast (other peers skipped)")
+    p.add_argument("--jumprelu-l0", type=float, default=None,
+                   help="JumpReLU only: every library starts at the operating point of a trained dictionary with this L0 "
+                        "(each latent firing on a share L0 / n_latents of the first batch) instead of its own initialisation, "
+                        "where featurekit's sparse path runs; e.g. --archs jumprelu --jumprelu-l0 64")
     p.add_argument("--gemm-size", type=int, default=2048, help="n of the n×n×n torch.mm calibration")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per run before it is skipped")
     p.add_argument("--venvs", type=Path, default=default_venvs(), help="folder holding the peers' venvs (setup_venv.sh)")
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"kind": "machine", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
                "nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
                "d": args.d, "batch": args.batch, "rows": args.rows, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
-               "seed": args.seed, "gemm_size": args.gemm_size, "precision": args.precision}
+               "seed": args.seed, "gemm_size": args.gemm_size, "precision": args.precision, "jumprelu_l0": args.jumprelu_l0}
     with open(jsonl, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(machine) + "\n")
     print(f"# {machine['cpu']}, torch {machine['torch']}, {args.threads} thread(s); results -> {jsonl}", flush=True)

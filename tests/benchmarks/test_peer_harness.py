@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 PEERS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
 PREFIX = "FKBENCH "
@@ -61,10 +63,40 @@ def test_featurekit_driver_prints_one_result(tmp_path, arch):
     assert row["loss_first"] is not None and row["loss_last"] is not None  # the loop logged every step
 
 
-def test_drivers_reject_bad_step_counts(capsys):
+def load_common():
     spec = importlib.util.spec_from_file_location("peer_bench_common", PEERS_DIR / "drivers" / "common.py")
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
+    return common
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(2, 64), n=st.integers(1, 40), share=st.floats(0.01, 0.99), seed=st.integers(0, 2**31 - 1))
+def test_thresholds_for_l0_make_each_latent_fire_on_its_share_of_rows(rows, n, share, seed):
+    import torch
+
+    common = load_common()
+    pre = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # distinct values
+    theta = common.thresholds_for_l0(pre, share * n)
+    m = min(max(round(rows * share), 1), rows - 1)
+    assert ((pre > theta).sum(0) == m).all()  # every latent fires on exactly m of the rows
+    assert common.mean_l0(pre, theta) == pytest.approx(m * n / rows)
+
+
+def test_featurekit_driver_starts_jumprelu_at_the_requested_l0(tmp_path):
+    run = load_run_module()
+    data = tmp_path / "pool.npy"
+    run.make_pool(data, rows=512, d=32, seed=0)
+    cmd = [sys.executable, str(PEERS_DIR / "drivers" / "featurekit_driver.py"), "--data", str(data), "--arch", "jumprelu",
+           "--n-latents", "128", "--batch", "256", "--warmup", "1", "--steps", "1", "--threads", "1", "--jumprelu-l0", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = result_line(proc.stdout)
+    assert 4 <= row["l0_last"] <= 16  # the last step's L0: 8 on the init batch, moved a little by two steps
+
+
+def test_drivers_reject_bad_step_counts(capsys):
+    common = load_common()
     ok = common.parse_args(["--data", "x.npy", "--arch", "topk", "--n-latents", "16"])
     assert (ok.warmup, ok.steps, ok.threads, ok.batch) == (2, 4, 1, 4096)
     assert common.total_steps(ok) == 7  # warm-up + measured + the one whose start ends the last measured step
@@ -107,3 +139,16 @@ def test_harness_runs_featurekit_and_writes_jsonl_and_markdown(tmp_path):
     (out / "latest.md").unlink()
     assert load_run_module().main(["--report", str(out / "t-threads1.jsonl"), "--out", str(out)]) == 0
     assert (out / "latest.md").read_text() == md
+
+
+def test_harness_reports_jumprelu_at_an_operating_point_as_its_own_workload(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(PEERS_DIR / "run.py"), "--libs", "dictionary_learning,featurekit", "--archs", "jumprelu", "--sizes", "64",
+           "--d", "16", "--rows", "256", "--batch", "128", "--warmup", "1", "--steps", "1", "--gemm-size", "128", "--jumprelu-l0", "4",
+           "--venvs", str(tmp_path / "no-venvs"), "--out", str(out), "--tag", "j"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(ln) for ln in (out / "j-threads1.jsonl").read_text().splitlines()]
+    assert lines[0]["jumprelu_l0"] == 4 and all(r["jumprelu_l0"] == 4 for r in lines[1:])
+    md = (out / "latest.md").read_text()
+    assert "| 64 | jumprelu@L0 4 | – | " in md and "dictionary_learning jumprelu@L0 4 n=64" in md  # the skipped peer, by workload

@@ -37,10 +37,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the library's training step under a CPU bf16 autocast (featurekit: train.precision=bf16)")
+    p.add_argument("--jumprelu-l0", type=float, default=None,
+                   help="JumpReLU: start at the operating point of a trained dictionary with this L0 (each latent fires on a "
+                        "share L0 / n_latents of the first batch: `thresholds_for_l0`); default: the library's own initialisation")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1")
+    if args.jumprelu_l0 is not None and not 0 < args.jumprelu_l0 < args.n_latents:
+        p.error("--jumprelu-l0 must lie in (0, n_latents)")
     return args
+
+
+def thresholds_for_l0(pre: torch.Tensor, l0: float) -> torch.Tensor:
+    """Per-latent JumpReLU thresholds under which each latent fires on m = round(N·l0/n) of the N rows of
+    the pre-activations `pre` (N, n), so that L0 ≈ l0: the cut halfway between each column's m-th and
+    (m + 1)-th largest value (featurekit's `init_firing_rate` places its cut the same way)."""
+    rows, n = pre.shape
+    m = min(max(round(rows * l0 / n), 1), rows - 1)
+    return pre.topk(m + 1, dim=0).values[-2:].mean(0)
+
+
+def mean_l0(pre: torch.Tensor, threshold: torch.Tensor) -> float:
+    """Mean number of latents above their threshold per row."""
+    return float((pre > threshold).sum(1, dtype=torch.float64).mean())
 
 
 def setup(args: argparse.Namespace) -> torch.Tensor:

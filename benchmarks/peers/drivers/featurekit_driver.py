@@ -1,4 +1,6 @@
 """featurekit: the real training loop, `Trainer(...).fit(batches)`, on a TopK / BatchTopK / JumpReLU SAE.
+With --jumprelu-l0, JumpReLU's `init_firing_rate` is L0 / n_latents: b_enc set so that each latent fires on
+that share of the init sample (the first batch), as the peers' thresholds are set by `common.thresholds_for_l0`.
 
 Runs with featurekit's own interpreter. TrainConfig defaults except lr (shared with the peers) and
 log_every=1 (so the loss of every step lands in metrics.jsonl; the row is computed every step anyway).
@@ -25,7 +27,9 @@ def main() -> None:
     args = common.parse_args()
     pool = common.setup(args)
     d = pool.shape[1]
-    params = {} if args.arch == "jumprelu" else {"k": args.k}
+    params = {"k": args.k}
+    if args.arch == "jumprelu":
+        params = {} if args.jumprelu_l0 is None else {"init_firing_rate": args.jumprelu_l0 / args.n_latents}
     sae = METHODS[args.arch](d, args.n_latents, seed=args.seed, **params)
     cfg = TrainConfig(batch_size=args.batch, lr=args.lr, log_every=1, threads=args.threads, seed=args.seed,
                       precision=args.precision)
