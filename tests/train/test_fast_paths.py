@@ -477,3 +477,57 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
         t.train_step(x, recon)
     for name, value in ref.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), f=st.sampled_from([8, 96, 256]), d=st.integers(1, 40), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       cuts=st.sampled_from(["quantile", "at_values", "negative", "zero"]), dup=st.booleans(), seed=st.integers(0, 999))
+def test_certified_above_holds_every_entry_above_its_columns_cut(n, f, d, scale, cuts, dup, seed):
+    """The bf16 route's candidate set contains every entry whose exact value (float64) or fp32 value exceeds
+    its column's cut, for cuts of either sign, cuts equal to entries' own fp32 values, and duplicated columns;
+    over the budget it declines."""
+    gen = torch.Generator().manual_seed(seed)
+    x, W, b = torch.randn(n, d, generator=gen) * scale, torch.randn(f, d, generator=gen), torch.randn(f, generator=gen) * 0.1
+    if dup:
+        W[1::2], b[1::2] = W[0:-1:2], b[0:-1:2]
+    fp32 = torch.addmm(b, x, W.T)
+    if cuts == "quantile":
+        cut = fp32.quantile(0.9, dim=0) if n > 1 else fp32[0]
+    elif cuts == "at_values":  # ties with the fp32 value of a row
+        cut = fp32[torch.randint(0, n, (1,), generator=gen)].squeeze(0)
+    elif cuts == "negative":
+        cut = -fp32.abs().mean(0) - 0.01
+    else:
+        cut = torch.zeros(f)
+    found = certified.certified_above(x, W, b, cut, n * f)
+    exact = x.double() @ W.double().T + b.double()
+    assert found is not None and found.shape == (n, f)
+    assert not ((exact > cut.double()) & ~found).any() and not ((fp32 > cut) & ~found).any()
+    wanted = int((fp32 > cut).sum())
+    if wanted:
+        assert certified.certified_above(x, W, b, cut, wanted - 1) is None
+
+
+def test_jumprelu_trained_through_certified_live_pairs_matches_the_plain_path(tmp_path, monkeypatch):
+    """JumpReLU's sparse path with its live pairs found through the bf16 product (exact values at the pairs)
+    trains like the plain dense formulas; the candidate sets are supersets well short of every pair."""
+    monkeypatch.setattr(jumprelu, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(jumprelu, "CERTIFIED_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(jumprelu, "certified_chosen", lambda *a: True)
+    found = []
+
+    def counted(*a):
+        live = certified.certified_above(*a)
+        found.append(None if live is None else int(live.sum()))
+        return live
+
+    monkeypatch.setattr(jumprelu, "certified_above", counted)
+    fast_losses, fast_state = _train("jumprelu", tmp_path / "fast")
+    assert len(found) >= STEPS and None not in found
+    assert max(found) < 0.5 * B * F  # the bound leaves most pairs out
+    with plain_kernels():
+        plain_losses, plain_state = _train("jumprelu", tmp_path / "plain", precision="plain")
+    assert fast_losses[-1] < fast_losses[0]
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-6)
+    for name, value in plain_state.items():
+        torch.testing.assert_close(fast_state[name], value, rtol=1e-3, atol=1e-4, msg=f"jumprelu.{name}")

@@ -20,6 +20,8 @@ accumulates in fp32 (MKL, oneDNN and torch's fallbacks do).
 * `certified_topk(x, W, b, k)`: each row's top k (L: the k-th largest maximum of groups of groups).
 * `certified_batch_topk(x, W, b, k)`: the batch's B·k largest positive entries (BatchTopK; L: the B·k-th
   largest of those maxima over the batch).
+* `certified_above(x, W, b, cut, budget)`: a superset of the entries above a per-column cut (JumpReLU's live
+  pairs), whose exact values the caller computes.
 
 Rows with too many opened groups (`width`), and rows where t ≤ 0 or the floor is not finite, are
 recomputed with an fp32 product of those rows. Both give the selection of an fp32 evaluation of every
@@ -134,6 +136,45 @@ def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: i
         kept = idx < F
         values = torch.zeros(table.shape, device=x.device).index_put_((rows, slots), exact).gather(-1, ordered.indices[:, :m])
         return idx.masked_fill_(~kept, 0), kept, values * kept, int(redo.numel())
+
+
+def certified_above(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, cut: torch.Tensor, budget: int) -> torch.Tensor | None:
+    """(N, F) bool: a superset of the entries of x Wᵀ + b whose fp32 value exceeds their column's `cut` (F,)
+    (JumpReLU's live pairs: firing or in the kernel window). An entry's fp32 value is ≤ p̂ + r|p̂| + M
+    (module docstring), so with the batch's largest bound M every entry with p̂ ≥ t_j, the inverse at cut_j,
+    is in the set. The comparison runs on the bf16 bit patterns as int16, made monotone for negative values
+    too (their magnitude bits flipped), so cuts of either sign work. Done in blocks of rows; None (the caller's
+    fp32 route) as soon as more than `budget` entries are in the set."""
+    n, d = x.shape
+    with torch.no_grad():
+        Wa, W_stats = _bf16_weights(W, b)
+        out = torch.empty(n, W.shape[0], dtype=torch.bool, device=x.device)
+        total = 0
+        for start in range(0, n, _ROWS):
+            rows = slice(start, start + _ROWS)
+            xa = torch.empty(x[rows].shape[0], d + 1, dtype=torch.bfloat16, device=x.device)
+            xa[:, :d] = x[rows]
+            xa[:, d] = 1
+            t = _reach(cut, _bf16_margin(x[rows], xa, W_stats).max())
+            t_low = t.to(torch.bfloat16)  # then one bf16 step down where rounding went up: a key ≤ t's
+            up = (t_low.float() > t).to(torch.int16)
+            t_key = _monotone(t_low.view(torch.int16).clone()) - up
+            keys = _monotone(torch.mm(xa, Wa.T).view(torch.int16))
+            torch.ge(keys, t_key, out=out[rows])
+            total += int(count_true(out[rows], -1).sum())
+            if total > budget:
+                return None
+        return out
+
+
+def _monotone(keys: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns as int16 → int16 keys in the order of the values, negatives included (a negative
+    value's magnitude bits flipped; −0 sorts just below +0). In place."""
+    return keys.bitwise_xor_(keys.bitwise_right_shift(15).bitwise_and_(0x7FFF))
+
+
+#: rows per block in `certified_above` (its int16 keys live one block at a time)
+_ROWS = 1024
 
 
 class _Bf16Product:

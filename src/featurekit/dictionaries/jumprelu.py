@@ -60,13 +60,30 @@ import torch
 
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
+from .certified import certified_above
 from .operators import jumprelu
-from .sparse import _autocast_dtype, count_true, encoder_preact, gather_linear, mask_to_sparse, plain_active, sparse_decode
+from .selection import certified_chosen
+from .sparse import (
+    _autocast_dtype,
+    _pairs,
+    _pairs_at,
+    count_true,
+    encoder_preact,
+    gather_linear,
+    mask_to_sparse,
+    plain_active,
+    sparse_decode,
+)
 
 #: the sparse training path runs while at most this share of the (token, latent) pairs is live. Measured at
 #: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (ragged sparse kernels): sparse 1.05 s vs dense 1.61 s a
 #: step at 2.6 % live, 1.6–1.9 vs 1.59 s at 5.0 % — even at ≈ 4.5 %
 SPARSE_MAX_DENSITY = 0.04
+#: the bf16 route to the live pairs (`_certified_live`) gives up past this share of candidate pairs: its SDDMM then
+#: costs more than the fp32 product it saves. Measured at d = 576, batch 4,096, 1 thread (Xeon with AMX), step
+#: against the fp32 route: 8,192 latents 517 → 429 ms at L0 ≈ 34 (≈ 1.4 % candidates) but 849 → 957 at L0 ≈ 128;
+#: 32,768 latents 1,668 → 1,144 ms at L0 ≈ 35 and 2,024 → 1,681 at L0 ≈ 118
+CERTIFIED_MAX_DENSITY = 0.02
 #: rows per block in the dense path (bounds its temporaries to a few (rows, F) blocks)
 _BLOCK_ROWS = 512
 #: latents per chunk in the data-dependent b_enc init (bounds the sample × chunk pre-activation block)
@@ -180,6 +197,34 @@ class _DenseJumpReLU(torch.autograd.Function):
         return None, grad_W, grad_b, grad_shift, grad_theta, grad_W_dec, None, None
 
 
+def _certified_live(centered: torch.Tensor, W: torch.Tensor, b: torch.Tensor, cut: torch.Tensor,
+                    budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The pairs whose pre-activation exceeds their latent's `cut`, found through the bf16 product where a
+    one-time probe finds that faster (fp32 on CPU, `certified_chosen`): `certified_above`'s candidates get
+    their exact fp32 values (one SDDMM) and only those above the cut are kept. Returns (idx, keep, values)
+    (N, m) in `mask_to_sparse`'s form, the values at the kept slots; None where the route is not taken or
+    the candidates exceed `budget` or `CERTIFIED_MAX_DENSITY` (the caller's fp32 product decides)."""
+    def fp32(x, W, b, _k, _signed):
+        return (encoder_preact(x, W, b) > cut,)
+
+    def certified(x, W, b, _k, _signed):
+        live = certified_above(x, W, b, cut, x.shape[0] * W.shape[0])
+        return None if live is None else (live,)
+
+    if not certified_chosen("JumpReLU live pairs", fp32, certified, centered, W, b, 1, False):
+        return None
+    candidates = certified_above(centered, W, b, cut, min(budget, int(CERTIFIED_MAX_DENSITY * cut.numel() * centered.shape[0])))
+    if candidates is None:
+        return None
+    idx, keep = mask_to_sparse(candidates)
+    del candidates
+    rows, slots, cols, crow = _pairs(idx, keep)
+    exact = _pairs_at(centered, W, b, rows, cols, crow)
+    below = ~(exact > cut[cols])
+    keep = keep.index_put((rows[below], slots[below]), torch.tensor(False))
+    return idx, keep, torch.zeros(idx.shape, dtype=exact.dtype, device=exact.device).index_put_((rows, slots), exact)
+
+
 class JumpReLUSAE(Dictionary):
     method = "jumprelu"
     recon_loss = "squared_error"
@@ -226,25 +271,34 @@ class JumpReLUSAE(Dictionary):
         centered = x - self.b_dec
         if not plain_active():
             with torch.no_grad():
-                pre = encoder_preact(centered, self.W_enc, self.b_enc)
-                theta = self.theta.detach()
                 # firing or in the kernel window |π − θ| < ε/2, i.e. π > θ − ε/2 (taken wider, θ − ε: a superset is exact,
                 # its extra pairs carry neither a value nor a gradient, and no rounding at the window's edge is lost)
-                live = pre > theta - self.bandwidth
-                counts = count_true(live, -1)
+                cut = self.theta.detach() - self.bandwidth
                 # sparse kernels while live pairs are few: the embedding_bag gathers run ≈ 20× below GEMM speed per
                 # multiply-add on CPU, so past ≈ 4 % of the (N, F) pairs the dense GEMMs are cheaper
-                sparse = int(counts.sum()) <= live.numel() * SPARSE_MAX_DENSITY and int(counts.max()) <= self.n_latents // 2
+                budget = int(x.shape[0] * self.n_latents * SPARSE_MAX_DENSITY)
+                found, pre = _certified_live(centered.detach(), self.W_enc, self.b_enc, cut, budget), None
+                if found is None:
+                    pre = encoder_preact(centered, self.W_enc, self.b_enc)
+                    live = pre > cut
+                    counts = count_true(live, -1)
+                else:
+                    idx, keep, at = found
+                    counts = count_true(keep, -1)
+                sparse = int(counts.sum()) <= budget and int(counts.max()) <= self.n_latents // 2
+                if sparse and found is None:
+                    (idx, keep), at = mask_to_sparse(live), None
             if sparse:
-                idx, keep = mask_to_sparse(live)
-                pre_at = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep)
+                pre_at = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep, at=at)
                 theta_at = self.theta[idx]
                 values = _JumpReLUFn.apply(pre_at, theta_at, self.bandwidth) * keep
                 out = Output(x_hat=sparse_decode(idx, values, self.W_dec, keep=keep) + self.b_dec, idx=idx, values=values,
-                             n_latents=self.n_latents, pre=pre)
+                             n_latents=self.n_latents, pre=pre, pre_topk=self.columns_pre_topk(centered.detach()) if pre is None else None)
                 l0 = (_StepFn.apply(pre_at, theta_at, self.bandwidth) * keep).sum(-1).mean()
                 out.losses["l0"] = self.l0_coefficient * self.sparsity_scale * l0
                 return out
+            if pre is None:  # few candidates, but some token holds more than half of the latents
+                pre = encoder_preact(centered.detach(), self.W_enc, self.b_enc)
             if not x.requires_grad:
                 x_hat, l0, fired = _DenseJumpReLU.apply(centered.detach(), self.W_enc, self.b_enc, self.b_dec, self.theta,
                                                         self.W_dec, pre, self.bandwidth)
