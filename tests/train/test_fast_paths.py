@@ -39,16 +39,19 @@ ARGS = {"topk": {"k": K}, "batchtopk": {"k": K}, "abstopk": {"k": K}, "jumprelu"
         "jumprelu-dense": {"l0_coefficient": 0.5}}
 
 
-def _train(method: str, tmp_path, precision: str = "fp32") -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(method: str, tmp_path, precision: str = "fp32", **train) -> tuple[list[float], dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(3)
     feats = true_features(64, D, seed=5)
     data = [sample(feats, B, gen) for _ in range(STEPS)]
     sae = METHODS[method.removesuffix("-dense")](D, F, seed=0, **ARGS[method])
-    cfg = TrainConfig(batch_size=B, lr=3e-3, warmup_steps=2, precision="fp32" if precision == "plain" else precision)
+    cfg = TrainConfig(batch_size=B, lr=3e-3, warmup_steps=2, precision="fp32" if precision == "plain" else precision, **train)
     trainer = Trainer(sae, cfg, tmp_path / method, STEPS)
     trainer.init_from_data(torch.cat(data[:2]))
     recon = RECON_LOSSES[sae.recon_loss]
-    losses = [trainer.train_step(x, recon)["loss"] for x in data]
+    rows = [trainer.train_step(x, recon) for x in data]
+    losses = [row["loss"] for row in rows]
+    if train.get("aux_zipf_coef"):
+        assert any(row.get("aux_zipf_loss", 0) > 0 for row in rows), "setup: the aux_zipf loss should be active"
     if precision != "plain" and method != "batchtopk":  # BatchTopK falls back to dense when a row holds > 4k picks
         dense = method.endswith("-dense")  # JumpReLU's fused dense path (`_DenseJumpReLU`), taken past 4 % live pairs
         assert (sae(data[0] * sae.input_scale).idx is None) == dense  # which fast path ran
@@ -508,11 +511,13 @@ def test_certified_above_holds_every_entry_above_its_columns_cut(n, f, d, scale,
         assert certified.certified_above(x, W, b, cut, wanted - 1) is None
 
 
-def test_jumprelu_trained_through_certified_live_pairs_matches_the_plain_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", ["sparse", "aux_zipf", "declined"])
+def test_jumprelu_trained_through_certified_live_pairs_matches_the_plain_path(case, tmp_path, monkeypatch):
     """JumpReLU's sparse path with its live pairs found through the bf16 product (exact values at the pairs)
-    trains like the plain dense formulas; the candidate sets are supersets well short of every pair."""
+    trains like the plain dense formulas: alone, with the aux_zipf loss (its pre-activations come from
+    `pre_at`, the output keeps no `pre`), and when the route declines every batch (the fp32 product decides)."""
     monkeypatch.setattr(jumprelu, "SPARSE_MAX_DENSITY", 1.0)
-    monkeypatch.setattr(jumprelu, "CERTIFIED_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(jumprelu, "CERTIFIED_MAX_DENSITY", 1e-9 if case == "declined" else 1.0)
     monkeypatch.setattr(jumprelu, "certified_chosen", lambda *a: True)
     found = []
 
@@ -522,12 +527,44 @@ def test_jumprelu_trained_through_certified_live_pairs_matches_the_plain_path(tm
         return live
 
     monkeypatch.setattr(jumprelu, "certified_above", counted)
-    fast_losses, fast_state = _train("jumprelu", tmp_path / "fast")
-    assert len(found) >= STEPS and None not in found
-    assert max(found) < 0.5 * B * F  # the bound leaves most pairs out
+    train = {"aux_zipf_coef": 0.5, "aux_zipf_tau": 1.0} if case == "aux_zipf" else {}
+    fast_losses, fast_state = _train("jumprelu", tmp_path / "fast", **train)
+    assert len(found) >= STEPS
+    if case == "declined":
+        assert set(found) == {None}
+    else:
+        assert None not in found and max(found) < 0.5 * B * F  # the bound leaves most pairs out
     with plain_kernels():
-        plain_losses, plain_state = _train("jumprelu", tmp_path / "plain", precision="plain")
+        plain_losses, plain_state = _train("jumprelu", tmp_path / "plain", precision="plain", **train)
     assert fast_losses[-1] < fast_losses[0]
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-6)
     for name, value in plain_state.items():
         torch.testing.assert_close(fast_state[name], value, rtol=1e-3, atol=1e-4, msg=f"jumprelu.{name}")
+
+
+def test_certified_above_survives_the_worst_case_rounding():
+    """Operands whose bf16 roundings all err the same way: lo, hi = 1 + 2⁻⁸ ∓ 2⁻¹⁶ round to 1 and 1 + 2⁻⁷, so with
+    x = [lo, hi, …] and W_j = [lo, −hi, …] the fp32 value is ≈ −0.0157 but the bf16 product ≈ −4.016. A cut just
+    below the fp32 value must still find every entry (a bound 10 % tighter than the module's misses them all)."""
+    lo, hi = 1 + 2**-8 - 2**-16, 1 + 2**-8 + 2**-16
+    x = torch.tensor([lo, hi] * 256).repeat(6, 1)
+    W = torch.tensor([lo, -hi] * 256).repeat(40, 1)
+    b = torch.zeros(40)
+    value = torch.addmm(b, x, W.T)
+    assert float(value.max()) > -0.02 and float((x.bfloat16() @ W.bfloat16().T).float().max()) <= -3.9
+    found = certified.certified_above(x, W, b, value[0] * (1 + 1e-3), x.shape[0] * 40)
+    assert found is not None and bool(found.all())
+
+
+def test_certified_above_in_many_blocks(monkeypatch):
+    """Blocks of 7 rows: the same superset, and the budget counted across blocks."""
+    monkeypatch.setattr(certified, "_ROWS", 7)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        x, W, b = torch.randn(50, 24, generator=gen), torch.randn(96, 24, generator=gen), torch.randn(96, generator=gen) * 0.1
+        fp32 = torch.addmm(b, x, W.T)
+        cut = fp32.quantile(0.95, dim=0)
+        found = certified.certified_above(x, W, b, cut, 50 * 96)
+        assert found is not None and not ((fp32 > cut) & ~found).any()
+        assert certified.certified_above(x, W, b, cut, int(found.sum()) - 1) is None
+        assert certified.certified_above(x, W, b, cut, int(found.sum())) is not None or int(found[:7].sum()) > 2 * found.sum() * 7 / 50

@@ -313,6 +313,12 @@ class JumpReLUSAE(Dictionary):
         out.losses["l0"] = self.l0_coefficient * self.sparsity_scale * l0
         return out
 
+    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-activations at `idx` with gradient (the aux losses): through `gather_linear` on every path, so
+        they reach the encoder whether the forward kept a `pre` with its graph (plain), one without (the fast
+        paths) or none (the certified route)."""
+        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
+
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
         self.theta.clamp_(min=0.0)
