@@ -568,3 +568,24 @@ def test_certified_above_in_many_blocks(monkeypatch):
         assert found is not None and not ((fp32 > cut) & ~found).any()
         assert certified.certified_above(x, W, b, cut, int(found.sum()) - 1) is None
         assert certified.certified_above(x, W, b, cut, int(found.sum())) is not None or int(found[:7].sum()) > 2 * found.sum() * 7 / 50
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 150), f=st.integers(1, 70), p=st.floats(0, 1), rows=st.integers(1, 9), seed=st.integers(0, 999))
+def test_jumprelu_scan_of_the_live_pairs_equals_the_mask_form(n, f, p, rows, seed):
+    """`_above` (blocks of rows, no (N, F) mask) gives `mask_to_sparse`'s form of pre > cut with the values of
+    pre at the kept slots, and declines exactly when more pairs than the budget are live."""
+    gen = torch.Generator().manual_seed(seed)
+    pre, cut = torch.randn(n, f, generator=gen), torch.randn(f, generator=gen).abs() * (1 - p) * 3
+    live = pre > cut
+    old, jumprelu._SCAN_ROWS = jumprelu._SCAN_ROWS, rows
+    try:
+        found = jumprelu._above(pre, cut, n * f)
+        idx, keep = sparse.mask_to_sparse(live)
+        assert torch.equal(found[0], idx) and torch.equal(found[1], keep)
+        assert torch.equal(found[2], torch.where(keep, pre.gather(-1, idx), 0))
+        total = int(live.sum())
+        assert jumprelu._above(pre, cut, total) is not None
+        assert total == 0 or jumprelu._above(pre, cut, total - 1) is None
+    finally:
+        jumprelu._SCAN_ROWS = old

@@ -197,6 +197,32 @@ class _DenseJumpReLU(torch.autograd.Function):
         return None, grad_W, grad_b, grad_shift, grad_theta, grad_W_dec, None, None
 
 
+def _above(pre: torch.Tensor, cut: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The entries of `pre` (N, F) above their column's `cut`, in `mask_to_sparse`'s form with their values:
+    (idx, keep, values) (N, m). Found in blocks of rows, each compared and scanned while it is in cache, with
+    no (N, F) mask (≈ 155 → 100 ms at 4,096 × 8,192); None as soon as more than `budget` entries are found."""
+    n, F = pre.shape
+    flat_pre, found, total = pre.reshape(-1), [], 0
+    for start in range(0, n, _SCAN_ROWS):
+        flat = (pre[start:start + _SCAN_ROWS] > cut).view(-1).nonzero().squeeze(1)
+        total += flat.numel()
+        if total > budget:
+            return None
+        found.append(flat + start * F)
+    flat = torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=pre.device)
+    rows, cols = flat.div(F, rounding_mode="floor"), flat.remainder(F)  # row-major: columns in order within a row
+    counts = torch.bincount(rows, minlength=n)
+    slot = torch.arange(rows.numel(), device=pre.device) - (counts.cumsum(0) - counts)[rows]
+    width = max(int(counts.max()) if n else 0, 1)
+    idx = torch.zeros(n, width, dtype=torch.long, device=pre.device).index_put_((rows, slot), cols)
+    keep = torch.zeros(n, width, dtype=torch.bool, device=pre.device).index_put_((rows, slot), torch.tensor(True, device=pre.device))
+    return idx, keep, torch.zeros(n, width, dtype=pre.dtype, device=pre.device).index_put_((rows, slot), flat_pre[flat])
+
+
+#: rows per block in `_above` (a block of pre and its comparison stay in cache)
+_SCAN_ROWS = 64
+
+
 def _certified_live(centered: torch.Tensor, W: torch.Tensor, b: torch.Tensor, cut: torch.Tensor,
                     budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The pairs whose pre-activation exceeds their latent's `cut`, found through the bf16 product where a
@@ -280,14 +306,10 @@ class JumpReLUSAE(Dictionary):
                 found, pre = _certified_live(centered.detach(), self.W_enc, self.b_enc, cut, budget), None
                 if found is None:
                     pre = encoder_preact(centered, self.W_enc, self.b_enc)
-                    live = pre > cut
-                    counts = count_true(live, -1)
-                else:
+                    found = _above(pre, cut, budget)
+                sparse = found is not None and int(count_true(found[1], -1).max()) <= self.n_latents // 2
+                if sparse:
                     idx, keep, at = found
-                    counts = count_true(keep, -1)
-                sparse = int(counts.sum()) <= budget and int(counts.max()) <= self.n_latents // 2
-                if sparse and found is None:
-                    (idx, keep), at = mask_to_sparse(live), None
             if sparse:
                 pre_at = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep, at=at)
                 theta_at = self.theta[idx]
