@@ -557,8 +557,10 @@ def test_certified_above_survives_the_worst_case_rounding():
 
 
 def test_certified_above_in_many_blocks(monkeypatch):
-    """Blocks of 7 rows: the same superset, and the budget counted across blocks."""
+    """A first block of 3 rows, then blocks of 7: the same superset, and the budget counted across blocks (a
+    batch declines where its candidates so far pass 1.25 × the budget's share of the rows so far)."""
     monkeypatch.setattr(certified, "_ROWS", 7)
+    monkeypatch.setattr(certified, "_FIRST_ROWS", 3)
     for seed in range(5):
         gen = torch.Generator().manual_seed(seed)
         x, W, b = torch.randn(50, 24, generator=gen), torch.randn(96, 24, generator=gen), torch.randn(96, generator=gen) * 0.1
@@ -567,7 +569,9 @@ def test_certified_above_in_many_blocks(monkeypatch):
         found = certified.certified_above(x, W, b, cut, 50 * 96)
         assert found is not None and not ((fp32 > cut) & ~found).any()
         assert certified.certified_above(x, W, b, cut, int(found.sum()) - 1) is None
-        assert certified.certified_above(x, W, b, cut, int(found.sum())) is not None or int(found[:7].sum()) > 2 * found.sum() * 7 / 50
+        total, ends = int(found.sum()), [3, *range(10, 50, 7), 50]
+        early = any(int(found[:end].sum()) > 1.25 * total * end / 50 for end in ends)
+        assert (certified.certified_above(x, W, b, cut, total) is None) == early
 
 
 @settings(max_examples=40, deadline=None)

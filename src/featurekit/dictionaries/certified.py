@@ -144,15 +144,16 @@ def certified_above(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, cut: torc
     (module docstring), so with the batch's largest bound M every entry with p̂ ≥ t_j, the inverse at cut_j,
     is in the set. The comparison runs on the bf16 bit patterns as int16, made monotone for negative values
     too (their magnitude bits flipped), so cuts of either sign work. Done in blocks of rows; None (the caller's
-    fp32 route) as soon as more than `budget` entries are in the set, or more than twice the budget's share of
+    fp32 route) as soon as more than `budget` entries are in the set, or more than 1.25 × the budget's share of
     the rows done so far (a dense batch declines after its first block: little bf16 work wasted)."""
     n, d = x.shape
     with torch.no_grad():
         Wa, W_stats = _bf16_weights(W, b)
         out = torch.empty(n, W.shape[0], dtype=torch.bool, device=x.device)
         total = 0
-        for start in range(0, n, _ROWS):
-            rows = slice(start, start + _ROWS)
+        starts = [0, *range(min(_FIRST_ROWS, n), n, _ROWS)] if n else []  # a small first block: a dense batch declines cheaply
+        for start, end in zip(starts, [*starts[1:], n]):
+            rows = slice(start, end)
             xa = torch.empty(x[rows].shape[0], d + 1, dtype=torch.bfloat16, device=x.device)
             xa[:, :d] = x[rows]
             xa[:, d] = 1
@@ -163,7 +164,7 @@ def certified_above(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, cut: torc
             keys = _monotone(torch.mm(xa, Wa.T).view(torch.int16))
             torch.ge(keys, t_key, out=out[rows])
             total += int(count_true(out[rows], -1).sum())
-            if total > budget or total > 2 * budget * min(start + _ROWS, n) / n:
+            if total > budget or total > 1.25 * budget * end / n:
                 return None
         return out
 
@@ -174,8 +175,8 @@ def _monotone(keys: torch.Tensor) -> torch.Tensor:
     return keys.bitwise_xor_(keys.bitwise_right_shift(15).bitwise_and_(0x7FFF))
 
 
-#: rows per block in `certified_above` (its int16 keys live one block at a time)
-_ROWS = 1024
+#: rows per block in `certified_above` (its int16 keys live one block at a time), and in its first block
+_ROWS, _FIRST_ROWS = 1024, 128
 
 
 class _Bf16Product:
