@@ -117,14 +117,18 @@ def test_peers_that_cannot_run_are_skipped_with_a_reason(tmp_path):
     assert bf16["skipped"] == "bf16 runs cover featurekit and sparsify only" and bf16["precision"] == "bf16"
 
 
-def test_harness_runs_featurekit_and_writes_jsonl_and_markdown(tmp_path):
+def run_harness(tmp_path, tag: str, *options: str) -> tuple[Path, list[dict]]:
+    """run.py on a tiny workload (no peer venvs): its results folder and the jsonl's rows."""
     out = tmp_path / "results"
-    cmd = [sys.executable, str(PEERS_DIR / "run.py"), "--libs", "sparsify,featurekit", "--archs", "topk", "--sizes", "64",
-           "--ks", "4", "--d", "16", "--rows", "256", "--batch", "128", "--warmup", "1", "--steps", "1", "--gemm-size", "128",
-           "--venvs", str(tmp_path / "no-venvs"), "--out", str(out), "--tag", "t"]
+    cmd = [sys.executable, str(PEERS_DIR / "run.py"), *options, "--sizes", "64", "--d", "16", "--rows", "256", "--batch", "128",
+           "--warmup", "1", "--steps", "1", "--gemm-size", "128", "--venvs", str(tmp_path / "no-venvs"), "--out", str(out), "--tag", tag]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(ln) for ln in (out / "t-threads1.jsonl").read_text().splitlines()]
+    return out, [json.loads(ln) for ln in (out / f"{tag}-threads1.jsonl").read_text().splitlines()]
+
+
+def test_harness_runs_featurekit_and_writes_jsonl_and_markdown(tmp_path):
+    out, lines = run_harness(tmp_path, "t", "--libs", "sparsify,featurekit", "--archs", "topk", "--ks", "4")
     machine, rows = lines[0], lines[1:]
     assert machine["kind"] == "machine" and machine["threads"] == 1 and machine["cpu"] and machine["torch"]
     by = {r["library"]: r for r in rows}
@@ -142,13 +146,7 @@ def test_harness_runs_featurekit_and_writes_jsonl_and_markdown(tmp_path):
 
 
 def test_harness_reports_jumprelu_at_an_operating_point_as_its_own_workload(tmp_path):
-    out = tmp_path / "results"
-    cmd = [sys.executable, str(PEERS_DIR / "run.py"), "--libs", "dictionary_learning,featurekit", "--archs", "jumprelu", "--sizes", "64",
-           "--d", "16", "--rows", "256", "--batch", "128", "--warmup", "1", "--steps", "1", "--gemm-size", "128", "--jumprelu-l0", "4",
-           "--venvs", str(tmp_path / "no-venvs"), "--out", str(out), "--tag", "j"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(ln) for ln in (out / "j-threads1.jsonl").read_text().splitlines()]
+    out, lines = run_harness(tmp_path, "j", "--libs", "dictionary_learning,featurekit", "--archs", "jumprelu", "--jumprelu-l0", "4")
     assert lines[0]["jumprelu_l0"] == 4 and all(r["jumprelu_l0"] == 4 for r in lines[1:])
     md = (out / "latest.md").read_text()
     assert "| 64 | jumprelu@L0 4 | – | " in md and "dictionary_learning jumprelu@L0 4 n=64" in md  # the skipped peer, by workload
