@@ -71,6 +71,7 @@ from .sparse import (
     encoder_preact,
     gather_linear,
     mask_to_sparse,
+    pairs_to_sparse,
     plain_active,
     sparse_decode,
 )
@@ -211,12 +212,7 @@ def _above(pre: torch.Tensor, cut: torch.Tensor, budget: int) -> tuple[torch.Ten
         found.append(flat + start * F)
     flat = torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=pre.device)
     rows, cols = flat.div(F, rounding_mode="floor"), flat.remainder(F)  # row-major: columns in order within a row
-    counts = torch.bincount(rows, minlength=n)
-    slot = torch.arange(rows.numel(), device=pre.device) - (counts.cumsum(0) - counts)[rows]
-    width = max(int(counts.max()) if n else 0, 1)
-    idx = torch.zeros(n, width, dtype=torch.long, device=pre.device).index_put_((rows, slot), cols)
-    keep = torch.zeros(n, width, dtype=torch.bool, device=pre.device).index_put_((rows, slot), torch.tensor(True, device=pre.device))
-    return idx, keep, torch.zeros(n, width, dtype=pre.dtype, device=pre.device).index_put_((rows, slot), flat_pre[flat])
+    return pairs_to_sparse(rows, cols, torch.bincount(rows, minlength=n), flat_pre[flat])
 
 
 #: rows per block in `_above` (a block of pre and its comparison stay in cache)

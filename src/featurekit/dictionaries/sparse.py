@@ -386,12 +386,19 @@ def mask_to_sparse(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (N, F) bool mask with a varying count per row → (idx, keep), each (N, m), m = the largest
     count (at least 1): row n's kept columns in order, then padding (column 0, keep False) that
     must be weighted by `keep`. Linear in N·F (no sort): for per-token threshold selections."""
-    counts = count_true(mask, -1).long()
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major order
-    slot = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
-    idx = torch.zeros(mask.shape[0], width, dtype=torch.long, device=mask.device)
-    keep = torch.zeros(mask.shape[0], width, dtype=torch.bool, device=mask.device)
-    idx[rows, slot] = cols
-    keep[rows, slot] = True
+    idx, keep, _ = pairs_to_sparse(rows, cols, count_true(mask, -1).long())
     return idx, keep
+
+
+def pairs_to_sparse(rows: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+                    values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pairs in row-major order (rows ascending, `counts` (N,) of them per row) → `mask_to_sparse`'s padded
+    form (idx, keep) (N, m), and `values` (one per pair) at the same slots (0 in the padding)."""
+    n, device = counts.shape[0], counts.device
+    width = max(int(counts.max()) if n else 0, 1)
+    slot = torch.arange(rows.numel(), device=device) - (counts.cumsum(0) - counts)[rows]
+    idx = torch.zeros(n, width, dtype=torch.long, device=device).index_put_((rows, slot), cols)
+    keep = torch.zeros(n, width, dtype=torch.bool, device=device).index_put_((rows, slot), torch.ones((), dtype=torch.bool, device=device))
+    at = None if values is None else torch.zeros(n, width, dtype=values.dtype, device=device).index_put_((rows, slot), values)
+    return idx, keep, at
