@@ -69,22 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    done = False
     try:
-        return _bench(args) if args.command == "bench" else _dispatch(args)
+        code = _bench(args) if args.command == "bench" else _dispatch(args)
+        done = True
+        return code
     except FeaturekitError as err:
         print(f"featurekit: error: {err}", file=sys.stderr)
         return 2
     finally:
-        _leave_process_group()
+        _leave_process_group(sync=done)
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(sync: bool) -> None:
     """Under torchrun: leave the process group before the interpreter exits. A gloo group left to the
     interpreter's teardown can abort the process ("terminate called without an active exception")
-    after a successful run."""
+    after a successful run. `sync` (a successful command): after every rank is done (a barrier)."""
     distributed = sys.modules.get("featurekit.train.distributed")
     if distributed is not None:
-        distributed.destroy()
+        distributed.destroy(sync=sync)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -87,10 +87,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy() -> None:
+def destroy(sync: bool = True) -> None:
+    """Leave the process group. `sync`: first wait in a barrier until every rank is done with its
+    collectives (a gloo rank that tears its group down while a peer still talks to it can abort with
+    "terminate called without an active exception"); False after an error, where the peers may never come."""
     global _DATA_PARALLEL
     _DATA_PARALLEL = False
     if is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
