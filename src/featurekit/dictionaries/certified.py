@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from .sparse import _narrow_int, _pairs, _pairs_at, count_true, mask_to_sparse
+from .sparse import _narrow_int, _pairs, _pairs_at, count_true, pairs_to_sparse
 
 #: bf16's unit roundoff (8 significant bits, round to nearest) and fp32's
 _U16, _U32 = 2.0**-8, 2.0**-24
@@ -59,26 +59,33 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         floor = kth - _REL * kth.abs() - product.margin  # the k entries' fp32 values are ≥ this
         t = _reach(floor, product.margin)
         bad = (kth_key < 0) | ~(t > 0) | ~torch.isfinite(floor)  # negative keys are out of order
-        table, keep, bad = product.candidates(t, bad, width)
+        rows, cols, bad = product.candidates(t, bad, width)
         del product  # the (N, F) keys
-        if table.shape[1] < k:  # only recomputed rows can hold fewer than k (or there are no rows at all)
-            table, keep = (torch.nn.functional.pad(v, (0, k - v.shape[1])) for v in (table, keep))
-        rows, slots, cols, crow = _pairs(table, keep)
+        n = x.shape[0]
+        counts = torch.bincount(rows, minlength=n)
+        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
+        crow[1:] = counts.cumsum(0)
         exact = _pairs_at(x, W, b, rows, cols, crow)
-        ranked = torch.full(table.shape, float("-inf"), device=x.device).index_put_((rows, slots), exact.abs() if signed else exact)
+        # each row's candidates in a table (N, m) of slots, padding -inf (a recomputed row has none)
+        m = max(int(counts.max()) if n else 0, k)
+        slot = torch.arange(rows.numel(), device=x.device) - crow[rows]
+        ranked = torch.full((n, m), float("-inf"), device=x.device).index_put_((rows, slot), exact.abs() if signed else exact)
         pick = ranked.topk(k, dim=-1, sorted=False).indices
-        idx = table.gather(-1, pick)
-        values = torch.zeros(table.shape, device=x.device).index_put_((rows, slots), exact).gather(-1, pick)
+        # the k picked slots of each row in increasing order, which is column order (the candidates' order):
+        # a mask read back by nonzero, not a sort
+        ordered = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, pick, True).nonzero()[:, 1].view(n, k)
+        at = (crow[:-1, None] + ordered).clamp_(max=max(rows.numel() - 1, 0))  # recomputed rows: any pair, replaced below
+        idx, values = (cols[at], exact[at]) if rows.numel() else (ordered, torch.zeros(n, k, device=x.device))
         redo = bad.nonzero().squeeze(1)
         if redo.numel():  # selected by an fp32 product; valued by the same SDDMM as the certified rows (a pair's
             pre = torch.addmm(b, x[redo], W.T)  # SDDMM value does not depend on the other pairs: bit for bit)
-            idx[redo] = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices
-            redo_rows, _, redo_cols, redo_crow = _pairs(idx[redo], None)
+            redo_idx = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices.to(_narrow_int(F)).sort(dim=-1).values.long()
+            redo_rows, _, redo_cols, redo_crow = _pairs(redo_idx, None)
+            idx[redo] = redo_idx
             values[redo] = _pairs_at(x[redo], W, b, redo_rows, redo_cols, redo_crow).view(-1, k)
         # one canonical form whichever way a row went and whatever the width: columns in increasing order, so
         # a resumed run (whose width starts afresh) repeats an uninterrupted one bit for bit
-        idx, order = idx.to(_narrow_int(F)).sort(dim=-1)
-        return values.gather(-1, order), idx.long(), int(redo.numel())
+        return values, idx, int(redo.numel())
 
 
 def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False,
@@ -107,35 +114,29 @@ def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: i
         if not bool(torch.isfinite(floor)):
             return None
         t = _reach(floor, product.margin)  # rows with t ≤ 0 (a wide margin: negative keys out of order) are recomputed
-        table, keep, bad = product.candidates(t, ~(t > 0), width)
+        rows, cols, bad = product.candidates(t, ~(t > 0), width)
         margin = product.margin
         del product  # the (N, F) keys
         redo = bad.nonzero().squeeze(1)
         if redo.numel():  # every entry of these rows that can reach the floor, from an fp32 product (wider by M: exact)
             pre = torch.addmm(b, x[redo], W.T)
-            reach = (pre.abs() if signed else pre) >= floor - margin[redo, None]
-            more, more_keep = mask_to_sparse(reach)
-            grow = max(more.shape[1] - table.shape[1], 0)
-            table, keep = (torch.nn.functional.pad(v, (0, grow)) for v in (table, keep))
-            table[redo], keep[redo] = 0, False
-            table[redo, :more.shape[1]], keep[redo, :more.shape[1]] = more, more_keep
-        rows, slots, cols, crow = _pairs(table, keep)
+            more_rows, more_cols = ((pre.abs() if signed else pre) >= floor - margin[redo, None]).nonzero(as_tuple=True)
+            rows, cols = torch.cat([rows, redo[more_rows]]), torch.cat([cols, more_cols])
+            order = rows.to(_narrow_int(n)).argsort(stable=True)  # grouped by row again, each row in column order
+            rows, cols = rows[order], cols[order]
+        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
+        crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
         exact = _pairs_at(x, W, b, rows, cols, crow)
         score = exact.abs() if signed else exact
         chosen = torch.zeros(cols.numel(), dtype=torch.bool, device=x.device)
         chosen[score.topk(min(total, score.numel()), sorted=False).indices] = True
         chosen &= score > 0  # zeros are never kept
-        # each row's chosen columns in increasing order, then padding
-        mask = torch.zeros(table.shape, dtype=torch.bool, device=x.device).index_put_((rows, slots), chosen)
-        counts = count_true(mask, -1)
-        m = max(int(counts.max()), 1)
-        if m > F // 2:
+        rows, cols, exact = rows[chosen], cols[chosen], exact[chosen]  # still grouped by row, in column order
+        counts = torch.bincount(rows, minlength=n)
+        if int(counts.max()) > F // 2:
             return None
-        ordered = torch.where(mask, table, F).to(_narrow_int(F + 1)).sort(dim=-1)
-        idx = ordered.values[:, :m].long()
-        kept = idx < F
-        values = torch.zeros(table.shape, device=x.device).index_put_((rows, slots), exact).gather(-1, ordered.indices[:, :m])
-        return idx.masked_fill_(~kept, 0), kept, values * kept, int(redo.numel())
+        idx, kept, values = pairs_to_sparse(rows, cols, counts, exact)
+        return idx, kept, values, int(redo.numel())
 
 
 def certified_above(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, cut: torch.Tensor, budget: int) -> torch.Tensor | None:
@@ -180,8 +181,10 @@ _ROWS, _FIRST_ROWS = 1024, 128
 
 
 class _Bf16Product:
-    """x Wᵀ + b through bf16 for one batch: the int16 keys of p̂ (|p̂| when `signed`) in groups, their
-    maxima and each row's bound M (`margin`)."""
+    """x Wᵀ + b through bf16 for one batch: the int16 keys of p̂ (|p̂| when `signed`) in groups of `size`
+    consecutive columns, their maxima and each row's bound M (`margin`). The weights' bf16 copy is permuted
+    so that group g's members lie `groups` apart in the product (key column s·groups + g holds column
+    g·size + s): the group maxima are one vectorised pass, and the candidates come out in column order."""
 
     def __init__(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool):
         n, d = x.shape
@@ -192,10 +195,10 @@ class _Bf16Product:
         xa = torch.empty(n, d + 1, dtype=torch.bfloat16, device=x.device)  # [x, 1] in bf16
         xa[:, :d] = x
         xa[:, d] = 1
-        Wa, W_stats = _bf16_weights(W, b)
+        Wa, W_stats = _bf16_weights(W, b, self.size)
         keys = torch.mm(xa, Wa.T).view(torch.int16)  # int16 order = value order among values ≥ 0, negatives below
         keys = keys & 0x7FFF if signed else keys  # |p̂|: the sign bit cleared
-        self.grouped = keys.view(n, self.size, self.groups)
+        self.grouped = keys.view(n, self.size, self.groups)  # [row, s, g]: column g·size + s
         self.maxima = self.grouped.amax(1) if self.size > 1 else keys
         self.margin = _bf16_margin(x, xa, W_stats)
 
@@ -208,8 +211,10 @@ class _Bf16Product:
         return self.maxima.view(self.maxima.shape[0], self.groups // sup, sup).amax(1) if sup < self.groups else self.maxima
 
     def candidates(self, t: torch.Tensor, bad: torch.Tensor, width: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each row's columns whose p̂ ≥ t (N,) from the groups that hold one: (table, keep) (N, m) padded,
-        and `bad` with the rows that open more than `width` groups (default 5k) added; bad rows offer none."""
+        """Each row's columns whose p̂ ≥ t (N,), from the groups that hold one, as pairs (rows, cols) grouped by
+        row and in column order within a row (a group's members are consecutive columns), and `bad` with the
+        rows that open more than `width` groups (default 5k) added; bad rows offer none. Pairs, not padded
+        tables: nonzero over the groups, then over the opened groups' members."""
         n, size, groups = self.grouped.shape
         width = min(max(width or CERTIFIED_WIDTH * self.k, self.k), groups)
         t_low = t.to(torch.bfloat16)  # rounded down to a bf16 value ≤ t (a wider set is still exact)
@@ -219,12 +224,9 @@ class _Bf16Product:
             bad = bad | (count_true(live, -1) > width)
         if bad.any():
             live[bad] = False
-        group_idx, group_keep = mask_to_sparse(live)
-        opened = group_idx.shape[1]
-        cand = self.grouped.gather(2, group_idx[:, None, :].expand(n, size, opened))  # (n, size, opened) keys
-        need = ((cand >= t_key[:, None, None]) & group_keep[:, None, :]).view(n, size * opened)
-        slot, keep = mask_to_sparse(need)  # positions in each row's size × opened block, padded
-        return group_idx.gather(-1, slot % opened) + (slot // opened) * groups, keep, bad
+        rows, group = live.nonzero(as_tuple=True)
+        pair, member = (self.grouped[rows, :, group] >= t_key[rows, None]).nonzero(as_tuple=True)  # (opened, size)
+        return rows[pair], group[pair] * size + member, bad
 
 
 def _reach(floor: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -234,26 +236,32 @@ def _reach(floor: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
     return t - 1e-6 * t.abs() - 1e-30
 
 
-def _bf16_weights(W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """[W, b] in bf16 (F, d + 1), and over its rows the largest ‖Ŵ_j − W̃_j‖, ‖W̃_j‖ and ‖Ŵ_j‖ (W̃ = [W, b], Ŵ
-    its bf16 rounding). Done in blocks of 256 rows that stay in cache: as whole-matrix passes the
-    conversions, difference and norms read W from memory 5 times (117 against 41 ms at 32,768 × 576)."""
+def _bf16_weights(W: torch.Tensor, b: torch.Tensor, size: int = 1) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """[W, b] in bf16 (F, d + 1), its rows permuted for groups of `size` (row g·size + s at s·(F / size) + g;
+    `size` divides F), and over its rows the largest ‖Ŵ_j − W̃_j‖, ‖W̃_j‖ and ‖Ŵ_j‖ (W̃ = [W, b], Ŵ its bf16
+    rounding). Done in blocks of ≥ 256 rows that stay in cache: as whole-matrix passes the conversions,
+    difference and norms read W from memory 5 times (117 against 41 ms at 32,768 × 576)."""
     F, d = W.shape
+    groups = F // size
     norm = torch.linalg.vector_norm
     Wa = torch.empty(F, d + 1, dtype=torch.bfloat16, device=W.device)
-    Wa[:, d] = b
-    b_err = (Wa[:, d].float() - b).square_()
+    permuted = Wa.view(size, groups, d + 1)  # [s, g]: row g·size + s of W
+    permuted[:, :, d] = b.view(groups, size).T
+    b_low = Wa[:, d].float()
     err, exact, rounded = (torch.empty(F, device=W.device) for _ in range(3))
-    for start in range(0, F, _BLOCK):
-        block = slice(start, start + _BLOCK)
-        Wa[block, :d] = W[block]
-        low = Wa[block, :d].float()
-        rounded[block] = norm(low, dim=1)
-        err[block] = norm(low.sub_(W[block]), dim=1)
+    step = max(_BLOCK, size)  # whole groups per block (both powers of two)
+    for start in range(0, F, step):
+        block = slice(start, start + step)
+        source = W[block].view(-1, size, d).transpose(0, 1)  # [s, g] of this block's groups
+        target = permuted[:, start // size:(start + step) // size, :d]
+        target.copy_(source)
+        low = target.float()
+        rounded[block] = norm(low, dim=2).T.reshape(-1)
+        err[block] = norm(low.sub_(source), dim=2).T.reshape(-1)
         exact[block] = norm(W[block], dim=1)
-    b_low = Wa[:, d].float().square_()
+    b_err = (b_low.view(size, groups).T.reshape(-1) - b).square_()
     return Wa, (err.square_().add_(b_err).max().sqrt(), exact.square_().add_(b.square()).max().sqrt(),
-                rounded.square_().add_(b_low).max().sqrt())
+                rounded.square_().add_(b_low.square_()).max().sqrt())
 
 
 _BLOCK = 256
