@@ -593,3 +593,23 @@ def test_jumprelu_scan_of_the_live_pairs_equals_the_mask_form(n, f, p, rows, see
         assert total == 0 or jumprelu._above(pre, cut, total - 1) is None
     finally:
         jumprelu._SCAN_ROWS = old
+
+
+def test_jumprelu_scan_declines_a_dense_batch_early_but_not_an_even_one(monkeypatch):
+    """Once `_SCAN_DECIDE_ROWS` rows are scanned, more than 1.5 × the budget's share so far declines (a dense
+    batch costs a fraction of a scan); live pairs spread evenly up to the whole budget never decline early."""
+    n, f = 64, 50
+    monkeypatch.setattr(jumprelu, "_SCAN_ROWS", 4)
+    monkeypatch.setattr(jumprelu, "_SCAN_DECIDE_ROWS", 16)
+    cut = torch.zeros(f)
+    even = -torch.ones(n, f)
+    even[:, :5] = 1  # 5 live pairs in every row: 320 in all
+    assert jumprelu._above(even, cut, 320) is not None
+    front = -torch.ones(n, f)
+    front[:16, :10] = 1  # 160 live pairs, all in the first 16 rows: 2 × the share of a budget of 320 there
+    assert jumprelu._above(front, cut, 320) is None
+    assert jumprelu._above(front, cut, 1000) is not None  # within 1.5 × the share of a larger budget
+    calls = []
+    real_nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: calls.append(1) or real_nonzero(t, *a, **k))
+    assert jumprelu._above(front, cut, 320) is None and len(calls) == 4  # declined after 16 of the 64 rows
