@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from .sparse import _narrow_int, _pairs, _pairs_at, count_true, pairs_to_sparse
+from .sparse import _narrow_int, _pairs, _pairs_at, count_true, offsets, pairs_to_sparse
 
 #: bf16's unit roundoff (8 significant bits, round to nearest) and fp32's
 _U16, _U32 = 2.0**-8, 2.0**-24
@@ -63,8 +63,7 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         del product  # the (N, F) keys
         n = x.shape[0]
         counts = torch.bincount(rows, minlength=n)
-        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
-        crow[1:] = counts.cumsum(0)
+        crow = offsets(counts)
         exact = _pairs_at(x, W, b, rows, cols, crow)
         # each row's candidates in a table (N, m) of slots, padding -inf (a recomputed row has none)
         m = max(int(counts.max()) if n else 0, k)
@@ -124,8 +123,7 @@ def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: i
             rows, cols = torch.cat([rows, redo[more_rows]]), torch.cat([cols, more_cols])
             order = rows.to(_narrow_int(n)).argsort(stable=True)  # grouped by row again, each row in column order
             rows, cols = rows[order], cols[order]
-        crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
-        crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+        crow = offsets(torch.bincount(rows, minlength=n))
         exact = _pairs_at(x, W, b, rows, cols, crow)
         score = exact.abs() if signed else exact
         chosen = torch.zeros(cols.numel(), dtype=torch.bool, device=x.device)
