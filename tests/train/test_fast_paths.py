@@ -13,21 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
-from featurekit.dictionaries import METHODS, batchtopk, certified, jumprelu, selection, sparse
+from featurekit.dictionaries import METHODS, batchtopk, certified, gemm, jumprelu, selection
+from featurekit.dictionaries.gemm import _mm_bias, _onednn_available, _onednn_linear, encoder_preact, plain_kernels
 from featurekit.dictionaries.selection import row_topk
-from featurekit.dictionaries.sparse import (
-    _mm_bias,
-    _onednn_available,
-    _onednn_linear,
-    _pairs,
-    _pairs_at,
-    _weight_grad,
-    count_true,
-    encoder_preact,
-    gather_linear,
-    plain_kernels,
-    sparse_decode,
-)
+from featurekit.dictionaries.sparse import _pairs, _pairs_at, _weight_grad, count_true, gather_linear, mask_to_sparse, sparse_decode
 from featurekit.errors import FeaturekitError
 from featurekit.train import Trainer
 from featurekit.train.trainer import RECON_LOSSES
@@ -241,20 +230,20 @@ def test_sparse_decode_equals_the_dense_product(n, f, k, d, ragged, seed):
 def test_cpu_gemm_choice_is_probed_once_and_kept_in_the_cache(tmp_path, monkeypatch):
     """A repeated run takes the kernel of the first (bit-for-bit reproducible weights on one machine)."""
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
-    monkeypatch.setitem(sparse._state, "gemm", {})
+    monkeypatch.setitem(gemm._state, "gemm", {})
     x, W, b = torch.randn(64, 576), torch.randn(2048, 576), torch.randn(2048)
-    first = sparse._cpu_gemm(x, W, b, torch.float32)
+    first = gemm._cpu_gemm(x, W, b, torch.float32)
     if not _onednn_available():
         assert first is _mm_bias and not (tmp_path / "gemm_choice.json").exists()
         return
     known = json.loads((tmp_path / "gemm_choice.json").read_text())
     (key, name), = known.items()
-    assert sparse.GEMM_CHOICES[name] is first and "2048x576" in key
-    other = next(n for n in sparse.GEMM_CHOICES if n != name)
+    assert gemm.GEMM_CHOICES[name] is first and "2048x576" in key
+    other = next(n for n in gemm.GEMM_CHOICES if n != name)
     (tmp_path / "gemm_choice.json").write_text(json.dumps({key: other}))
-    monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
-    assert sparse._cpu_gemm(x, W, b, torch.float32) is sparse.GEMM_CHOICES[other]
-    assert sparse._cpu_gemm(x, W[:8], b[:8], torch.float32) is _mm_bias  # small: no probe
+    monkeypatch.setitem(gemm._state, "gemm", {})  # a new process: reads the file, does not probe
+    assert gemm._cpu_gemm(x, W, b, torch.float32) is gemm.GEMM_CHOICES[other]
+    assert gemm._cpu_gemm(x, W[:8], b[:8], torch.float32) is _mm_bias  # small: no probe
 
 
 @settings(max_examples=40, deadline=None)
@@ -332,8 +321,8 @@ def test_low_precision_dictionary_runs_on_cpu(method):
 @pytest.mark.parametrize("method", ["topk", "batchtopk"])
 def test_trained_through_the_certified_selection_matches_the_plain_path(method, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(sparse._state, "gemm", {})
-    monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
+    monkeypatch.setitem(gemm._state, "gemm", {})
+    monkeypatch.setattr(gemm, "PROBE_MIN_WEIGHTS", 0)
 
     def chosen(name, fp32, fast, *a):
         calls.append(name)
@@ -401,7 +390,7 @@ def test_certified_batch_topk_is_the_exact_batch_selection(n, f, d, k, width, sc
 
 def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
-    monkeypatch.setitem(sparse._state, "gemm", {})
+    monkeypatch.setitem(gemm._state, "gemm", {})
     x, W, b = torch.randn(64, 576), torch.randn(2048, 576), torch.randn(2048)
     values, idx = selection.topk_preact(x, W, b, 8)
     ref = torch.addmm(b, x, W.T).topk(8, dim=-1)
@@ -413,7 +402,7 @@ def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_pat
         assert any("torch.float32 | 2048x576" in k for k in known)
     other = "fp32" if answer == "certified" else "certified"
     (tmp_path / "gemm_choice.json").write_text(json.dumps({**known, key: other}))
-    monkeypatch.setitem(sparse._state, "gemm", {})  # a new process: reads the file, does not probe
+    monkeypatch.setitem(gemm._state, "gemm", {})  # a new process: reads the file, does not probe
     chosen = selection.certified_chosen("top-k selection", selection._fp32_topk, certified.certified_topk, x, W, b, 8, False)
     assert chosen == (other == "certified")
 
@@ -434,7 +423,7 @@ def test_certified_topk_certifies_most_rows_and_its_answer_does_not_depend_on_th
 def test_aux_columns_are_computed_without_a_kernel_probe(tmp_path, monkeypatch):
     """The dead-latent count changes every step: a probe per count would time both kernels and grow the cache."""
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
-    monkeypatch.setitem(sparse._state, "gemm", {})
+    monkeypatch.setitem(gemm._state, "gemm", {})
     x, W, b = torch.randn(64, 576), torch.randn(4096, 576), torch.randn(4096)
     for dead in (1900, 1950, 2000):
         among = torch.zeros(4096, dtype=torch.bool)
@@ -450,8 +439,8 @@ def test_aux_columns_are_computed_without_a_kernel_probe(tmp_path, monkeypatch):
 def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
     """A resumed process starts the candidate width afresh; the weights still match bit for bit."""
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(sparse._state, "gemm", {})
-    monkeypatch.setattr(sparse, "PROBE_MIN_WEIGHTS", 0)
+    monkeypatch.setitem(gemm._state, "gemm", {})
+    monkeypatch.setattr(gemm, "PROBE_MIN_WEIGHTS", 0)
     monkeypatch.setattr(selection, "certified_chosen", lambda *a: True)
     monkeypatch.setattr(certified, "CERTIFIED_WIDTH", 1)  # narrow: many rows recomputed, the width grows during the run
     gen = torch.Generator().manual_seed(3)
@@ -459,7 +448,7 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
     recon = RECON_LOSSES["fvu"]
 
     def trainer(name):
-        monkeypatch.setitem(sparse._state, "width", {})  # a fresh process
+        monkeypatch.setattr(selection, "_widths", {})  # a fresh process
         sae = METHODS["topk"](D, F, seed=0, k=K)
         t = Trainer(sae, TrainConfig(batch_size=B, lr=3e-3, warmup_steps=2), tmp_path / name, len(data))
         return sae, t
@@ -468,7 +457,7 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
     t.init_from_data(torch.cat(data[:2]))
     for x in data:
         t.train_step(x, recon)
-    assert sparse._state["width"]  # the width grew in the uninterrupted run
+    assert selection._widths  # the width grew in the uninterrupted run
     first, t = trainer("run")
     t.init_from_data(torch.cat(data[:2]))
     for x in data[:4]:
@@ -585,7 +574,7 @@ def test_jumprelu_scan_of_the_live_pairs_equals_the_mask_form(n, f, p, rows, see
     old, jumprelu._SCAN_ROWS = jumprelu._SCAN_ROWS, rows
     try:
         found = jumprelu._above(pre, cut, n * f)
-        idx, keep = sparse.mask_to_sparse(live)
+        idx, keep = mask_to_sparse(live)
         assert torch.equal(found[0], idx) and torch.equal(found[1], keep)
         assert torch.equal(found[2], torch.where(keep, pre.gather(-1, idx), 0))
         total = int(live.sum())

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import FeaturekitError
+from .gemm import autocast_dtype
 from .selection import columns_topk, masked_topk
-from .sparse import _autocast_dtype, count_true, densify
+from .sparse import count_true, densify
 
 
 class Output:
@@ -195,7 +196,7 @@ class Dictionary(nn.Module):
         (`inputs` = what the encoder multiplies, e.g. x·c − b_dec, no grad) for the requested latents' columns
         only, in the precision of the forward (a bf16 autocast is captured; `gather_linear` then recomputes
         the chosen values exactly)."""
-        device, low = inputs.device.type, _autocast_dtype(inputs.device)
+        device, low = inputs.device.type, autocast_dtype(inputs.device)
 
         def pre_topk(k: int, among: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):

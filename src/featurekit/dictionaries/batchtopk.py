@@ -19,9 +19,10 @@ import torch
 
 from .base import Output
 from .certified import certified_batch_topk
+from .gemm import encoder_preact
 from .operators import abs_threshold, batch_abs_topk, batch_topk, batch_topk_sparse, threshold
 from .selection import certified_chosen, with_width
-from .sparse import encoder_preact, gather_linear, sparse_decode
+from .sparse import gather_linear, sparse_decode
 from .topk import TopKSAE
 
 

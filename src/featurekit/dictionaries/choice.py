@@ -34,8 +34,9 @@ import torch
 
 from .base import Output
 from .batchtopk import BatchTopKSAE
+from .gemm import encoder_preact
 from .operators import feature_choice_mask, threshold
-from .sparse import encoder_preact, gather_linear, sparse_decode
+from .sparse import gather_linear, sparse_decode
 from .topk import TopKSAE
 
 

@@ -28,7 +28,8 @@ import torch
 
 from ..errors import FeaturekitError
 from .base import Output
-from .sparse import encoder_preact, gather_linear, sparse_decode
+from .gemm import encoder_preact
+from .sparse import gather_linear, sparse_decode
 from .topk import TopKSAE
 
 

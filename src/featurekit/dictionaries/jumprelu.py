@@ -61,20 +61,10 @@ import torch
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
 from .certified import certified_above
+from .gemm import autocast_dtype, encoder_preact, plain_active
 from .operators import jumprelu
 from .selection import certified_chosen
-from .sparse import (
-    _autocast_dtype,
-    _pairs,
-    _pairs_at,
-    count_true,
-    encoder_preact,
-    gather_linear,
-    mask_to_sparse,
-    pairs_to_sparse,
-    plain_active,
-    sparse_decode,
-)
+from .sparse import _pairs, _pairs_at, count_true, gather_linear, mask_to_sparse, pairs_to_sparse, sparse_decode
 
 #: the sparse training path runs while at most this share of the (token, latent) pairs is live. Measured at
 #: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (ragged sparse kernels): sparse 1.05 s vs dense 1.61 s a
@@ -153,7 +143,7 @@ class _DenseJumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_c, W, b, shift, theta, W_dec, pre, eps):
-        low = _autocast_dtype(pre.device)
+        low = autocast_dtype(pre.device)
         mask = pre > theta
         ctx.save_for_backward(x_c, W, theta, W_dec, pre, mask)
         ctx.eps, ctx.low = eps, low

@@ -37,8 +37,9 @@ from ..errors import FeaturekitError
 from ..train.losses import fvu_loss, squared_error_loss
 from .base import Output
 from .batchtopk import BatchTopKSAE
+from .gemm import encoder_preact
 from .operators import batch_topk, batch_topk_sparse
-from .sparse import densify, encoder_preact, gather_linear
+from .sparse import densify, gather_linear
 
 
 def default_prefixes(n_latents: int) -> list[int]:

@@ -14,9 +14,12 @@ import math
 
 import torch
 
-from . import certified, sparse
+from . import certified, gemm
 from .certified import certified_topk
-from .sparse import _autocast_dtype, _cached_choice, _cpu_name, _fastest, _state, encoder_preact
+from .gemm import autocast_dtype, cached_choice, cpu_name, encoder_preact, fastest, plain_active
+
+#: the certified selections' widths, per selection and shape (`with_width`)
+_widths: dict = {}
 
 
 def topk_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,17 +34,17 @@ def topk_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signe
 
 def certified_chosen(name: str, fp32, fast, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool) -> bool:
     """Whether the selection `name` takes its certified bf16 route `fast` rather than `fp32`: only in fp32
-    on CPU, for weights of ≥ 2²⁰ entries and 20k < F, and there where a one-time probe (`_fastest` on the
+    on CPU, for weights of ≥ 2²⁰ entries and 20k < F, and there where a one-time probe (`fastest` on the
     first 1,024 rows) finds it faster for the CPU, torch, shape, k and thread count; the answer is kept in
     the cache's gemm_choice.json beside the GEMM choice."""
-    if _state["plain"] or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or _autocast_dtype(x.device) is not None \
-            or W.numel() < sparse.PROBE_MIN_WEIGHTS or 4 * certified.CERTIFIED_WIDTH * k >= W.shape[0]:
+    if plain_active() or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or autocast_dtype(x.device) is not None \
+            or W.numel() < gemm.PROBE_MIN_WEIGHTS or 4 * certified.CERTIFIED_WIDTH * k >= W.shape[0]:
         return False
-    key = (f"{_cpu_name()} | torch {torch.__version__} | {name} k={k}{' signed' if signed else ''} | "
+    key = (f"{cpu_name()} | torch {torch.__version__} | {name} k={k}{' signed' if signed else ''} | "
            f"{W.shape[0]}x{W.shape[1]} | threads {torch.get_num_threads()} | certified v2")
     # timed with its fallback: a certified route that declines (None) after its bf16 product costs both
     choices = {"fp32": fp32, "certified": lambda *a: fast(*a) or fp32(*a)}
-    return _cached_choice(key, choices, lambda: _fastest(choices, x[:1024], W, b, k, signed)) == "certified"
+    return cached_choice(key, choices, lambda: fastest(choices, x[:1024], W, b, k, signed)) == "certified"
 
 
 def with_width(name: str, fast, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool):
@@ -49,13 +52,13 @@ def with_width(name: str, fast, x: torch.Tensor, W: torch.Tensor, b: torch.Tenso
     row may open, 5k at first) is kept per selection and shape; it grows by a quarter, up to 20k, whenever
     more than 1 % of a batch's rows were recomputed."""
     key = (name, W.shape[0], k, signed)
-    answer = fast(x, W, b, k, signed, _state["width"].get(key))
+    answer = fast(x, W, b, k, signed, _widths.get(key))
     if answer is None:
         return None
     *answer, redone = answer
     if redone > 0.01 * x.shape[0]:  # widen, up to 4× the first width (rows no width certifies stay recomputed)
         first = certified.CERTIFIED_WIDTH * k
-        _state["width"][key] = min(4 * first, int(1.25 * (_state["width"].get(key) or first)))
+        _widths[key] = min(4 * first, int(1.25 * (_widths.get(key) or first)))
     return tuple(answer)
 
 
@@ -80,7 +83,7 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     inside `plain_kernels()`. bf16 scores on CPU are ranked by their bit patterns as int16 (≈ 4× faster
     than bf16 arithmetic there): in order among values ≥ 0, negatives below them, so the rows whose k-th
     is negative are ranked again as bf16."""
-    if scores.dtype == torch.bfloat16 and scores.device.type == "cpu" and scores.dim() == 2 and not _state["plain"]:
+    if scores.dtype == torch.bfloat16 and scores.device.type == "cpu" and scores.dim() == 2 and not plain_active():
         keys = scores.view(torch.int16)
         idx = row_topk(keys, k)[1]
         redo = (keys.gather(1, idx).min(-1).values < 0).nonzero().squeeze(1)
@@ -89,7 +92,7 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return scores.gather(1, idx), idx
     n, width = scores.shape[0], scores.shape[-1]
     b = 1 << max(0, round(0.5 * math.log2(max(width / max(k, 1), 1))))
-    if _state["plain"] or scores.dim() != 2 or b < 4 or width % b or width // b < 2 * k:
+    if plain_active() or scores.dim() != 2 or b < 4 or width % b or width // b < 2 * k:
         return scores.topk(min(k, width), dim=-1, sorted=False)
     groups = width // b
     best = scores.view(n, b, groups).amax(1).topk(k, dim=-1, sorted=False).indices  # (N, k) group ids

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from ..errors import FeaturekitError
 from ..train import distributed as D
 from .base import Dictionary, Output
-from .sparse import encoder_preact, gather_linear, sparse_decode
+from .gemm import encoder_preact
+from .sparse import gather_linear, sparse_decode
 from .topk import TopKSAE
 
 

@@ -17,166 +17,21 @@ non-zeros per row, all four only need N × k × d work:
 The selections that feed these kernels are in `selection.py` (`row_topk`, `topk_preact`) and
 `certified.py` (the exact fp32 selections through a bf16 product).
 
-* `encoder_preact(x, W, b)` = x Wᵀ + b without grad, the one (N × F × d) product a step cannot
-  avoid: on CPU through MKL or oneDNN, whichever a one-time probe finds faster for the shape (the
-  winner depends on the CPU: BENCHMARKS.md), in bf16 under a bf16 autocast (selection in bf16;
-  `gather_linear` then recomputes the selected values exactly in fp32 with one sampled dense-dense
-  product over the N·k pairs, so only ties near the k-th value can differ).
-
 The encoder's weight gradient is one CSR (F × N) @ x (N × d) product over the N·k selected pairs.
 All of it gives the same results and gradients as the dense formulas up to fp32 summation order
-(tests/dictionaries/test_sparse.py); `plain_kernels()` switches every kernel to the straightforward
-dense autograd formulas, which the tests train against.
+(tests/dictionaries/test_sparse.py); `gemm.plain_kernels()` switches every kernel to the straightforward
+dense autograd formulas, which the tests train against. The encoder product itself (`encoder_preact`) and
+the per-machine kernel choices are in `gemm.py`.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write_json, cache_dir
-
-_state = {"plain": False, "onednn": None, "gemm": {}, "width": {}}
-
-
-@contextmanager
-def plain_kernels() -> Iterator[None]:
-    """Inside, the kernels run the straightforward dense autograd formulas (the reference the fast
-    paths are tested against): MKL/addmm encoder, dense gather backward."""
-    before = _state["plain"]
-    _state["plain"] = True
-    try:
-        yield
-    finally:
-        _state["plain"] = before
-
-
-def plain_active() -> bool:
-    """True inside `plain_kernels()`."""
-    return _state["plain"]
-
-
-def _onednn_available() -> bool:
-    if _state["onednn"] is None:
-        try:
-            x, w = torch.randn(4, 8), torch.randn(3, 8)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
-            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _state["onednn"] = bool(torch.backends.mkldnn.is_available()) and torch.allclose(out, x @ w.T, atol=1e-5)
-        except (RuntimeError, AttributeError):
-            _state["onednn"] = False
-    return _state["onednn"]
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _onednn_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """oneDNN's linear with the bias fused, in `dtype`."""
-    x, W, b = x.to(dtype).contiguous(), W.to(dtype), b.to(dtype)
-    return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(W, x.shape[0]), b, "none", [], "")
-
-
-def _mm_bias(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[x, 1] [W, b]ᵀ in `dtype`: the bias rides in the product (addmm would first copy b into every
-    row of the (N, F) output, a whole extra pass); the casts happen in the copies into the augmented operands."""
-    n, d = x.shape
-    xa = torch.empty(n, d + 1, dtype=dtype, device=x.device)
-    xa[:, :d] = x
-    xa[:, d] = 1
-    Wa = torch.empty(W.shape[0], d + 1, dtype=dtype, device=W.device)
-    Wa[:, :d] = W
-    Wa[:, d] = b
-    return torch.mm(xa, Wa.T)
-
-
-def _fastest(choices: dict, *args, rounds: int = 3) -> str:
-    """The name of the fastest function in `choices` on `args`: best of `rounds` timings each, taken in
-    turns so that a slow spell of the machine hits every candidate alike (a single timing each picked the
-    slower kernel about one time in three on a 2-vCPU VM, whose speed drifts)."""
-    best = dict.fromkeys(choices, float("inf"))
-    for fn in choices.values():
-        fn(*args)  # warm-up (first-call packing, allocation)
-    for _ in range(rounds):
-        for name, fn in choices.items():
-            start = time.perf_counter()
-            fn(*args)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return min(best, key=best.get)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-GEMM_CHOICES = {"mm_bias": _mm_bias, "onednn": _onednn_linear}
-#: smaller encoders take `_mm_bias` without a probe (a step is then too short for the kernel to matter)
-PROBE_MIN_WEIGHTS = 1 << 20
-
-
-def _cpu_gemm(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
-    """The faster of the augmented MKL product (`_mm_bias`) and oneDNN's linear for this CPU, torch,
-    dtype, shape and thread count: which one wins depends on the CPU (oneDNN ≈ 2× MKL in fp32 on an
-    AVX-512 AMD Zen 5; MKL ahead on an AMX Xeon; BENCHMARKS.md). Chosen once by timing both, and the
-    choice is kept in the cache folder (`gemm_choice.json`) so that later runs on the machine take the
-    same kernel, and a run repeated from its config reproduces its weights bit for bit."""
-    if W.numel() < PROBE_MIN_WEIGHTS or not _onednn_available():
-        return _mm_bias
-    key = f"{_cpu_name()} | torch {torch.__version__} | {dtype} | {W.shape[0]}x{W.shape[1]} | threads {torch.get_num_threads()}"
-    return GEMM_CHOICES[_cached_choice(key, GEMM_CHOICES, lambda: _fastest(GEMM_CHOICES, x[:1024], W, b, dtype))]
-
-
-def _cached_choice(key: str, allowed, probe) -> str:
-    """The machine's answer to `key` from cache_dir()/gemm_choice.json, or `probe()`'s, then recorded there
-    (the file is read again just before writing: a probe may itself have recorded another answer)."""
-    if key not in _state["gemm"]:
-        path = cache_dir() / "gemm_choice.json"
-
-        def known() -> dict:
-            try:
-                return json.loads(path.read_text())
-            except (OSError, ValueError):
-                return {}
-
-        answer = known().get(key)
-        if answer not in allowed:
-            answer = probe()
-            try:
-                atomic_write_json(path, {**known(), key: answer})
-            except OSError:  # a read-only cache: probe again next time
-                pass
-        _state["gemm"][key] = answer
-    return _state["gemm"][key]
-
-
-@torch.no_grad()
-def encoder_preact(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, probe: bool = True) -> torch.Tensor:
-    """x Wᵀ + b (N, F), no grad; on CPU through the faster of MKL and oneDNN (`_cpu_gemm`; `probe=False`:
-    MKL without a probe, for shapes that change every step), bf16 under a bf16 autocast (then the result
-    is bf16)."""
-    low = _autocast_dtype(x.device)
-    with torch.autocast(x.device.type, enabled=False):
-        if _state["plain"]:
-            return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
-        dtype = low or x.dtype
-        if x.dim() == 2 and x.device.type == "cpu":
-            return (_cpu_gemm(x, W, b, dtype) if probe else _mm_bias)(x, W, b, dtype)
-        x, W, b = x.to(dtype), W.to(dtype), b.to(dtype)
-        return torch.addmm(b, x, W.T) if x.dim() == 2 else x @ W.T + b
+from .gemm import plain_active
 
 
 def count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -314,7 +169,7 @@ def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.
     one (F,) vector, −(Σ_n scatter of the value gradients) W, instead of the (N, d) gradient of x − shift,
     which would cost an N·k·d `embedding_bag` pass when x itself needs no gradient (the training
     forward). With `keep` (N, m) only the kept slots are computed (ragged); the others are 0."""
-    if _state["plain"]:
+    if plain_active():
         x = x if shift is None else x - shift
         values = (x @ W.T + b).gather(-1, idx)
         return values if keep is None else values * keep
@@ -341,7 +196,7 @@ def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, 
     On CPU one CSR (N × F) @ W_dec product (MKL), backward `_weight_grad` and a sampled product
     (`_SparseDecode`: ≈ 45 against `embedding_bag`'s 55 ms a step at 4,096 × 8,192, k 32); elsewhere
     `embedding_bag`."""
-    if _state["plain"]:
+    if plain_active():
         return densify_with_grad(idx, values if keep is None else values * keep, W_dec.shape[0]) @ W_dec
     rows, slots, cols, crow = _pairs(idx, keep)
     flat = values.reshape(-1) if keep is None else values[rows, slots]

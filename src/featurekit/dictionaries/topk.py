@@ -30,9 +30,10 @@ import torch
 
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
+from .gemm import encoder_preact
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
 from .selection import topk_preact
-from .sparse import encoder_preact, gather_linear, mask_to_sparse, sparse_decode
+from .sparse import gather_linear, mask_to_sparse, sparse_decode
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_write_text
 from ..config import TrainConfig
 from ..dictionaries import Dictionary
-from ..dictionaries.sparse import plain_active
+from ..dictionaries.gemm import plain_active
 from ..errors import FeaturekitError
 from . import distributed
 from .checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
