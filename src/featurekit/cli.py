@@ -189,7 +189,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", help="comma-separated method names (default: every registered method that trains on one site)")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens for FVU / L0 (default 32,768)")
     p.add_argument("--splice-contexts", type=int, help="held-out contexts for CE / KL (default 32)")
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=int, help="torch threads (default: each training run times its first steps at 1, 2, 4, … "
+                                               "up to torch's default and keeps the fastest)")
     p.add_argument("--keep", action="store_true", help="keep every trained dictionary (default: delete after scoring)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 

@@ -97,7 +97,9 @@ class TrainConfig:
     checkpoint_every: int = 50  #: steps
     log_every: int = 10
     seed: int = 0
-    threads: int | None = None  #: torch threads; None keeps torch's default
+    #: torch threads; None on CPU: the fastest of 1, 2, 4, … up to torch's default, timed on the run's first steps
+    #: (train/threads.py; set it for runs that must repeat bit for bit)
+    threads: int | None = None
     #: fp32 | bf16: bf16 runs the dictionary's forward under a bf16 autocast (sparse methods: the encoder GEMM and the
     #: selection in bf16, the selected values, decoder, loss and optimizer in fp32; see BENCHMARKS.md)
     precision: str = "fp32"

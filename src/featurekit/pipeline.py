@@ -293,6 +293,7 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
         "special_tokens": token_policy(cfg),
         "provenance": {"featurekit_version": __version__, "tokens_seen": summary["tokens"], "steps": summary["steps"],
                        "train_seconds": round(seconds, 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       **({"threads": summary["threads"]} if "threads" in summary else {}),
                        "config": dataclasses.asdict(cfg.train)},
     }
     return save(out, cfg.run_dir / "dictionary", meta)

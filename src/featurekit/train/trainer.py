@@ -31,6 +31,7 @@ from .init import geometric_median, mean_norm_scale
 from .losses import aux_zipf_loss, auxk_loss, fvu_loss, squared_error_loss
 from .memory import keep_freed_memory
 from .schedule import lr_factor
+from .threads import ThreadProbe
 
 RECON_LOSSES = {"fvu": fvu_loss, "squared_error": squared_error_loss}
 PRECISIONS = ("fp32", "bf16")
@@ -58,6 +59,7 @@ class Trainer:
         self.dead = DeadLatentTracker(dictionary.n_latents, 10_000_000 if cfg.dead_tokens is None else cfg.dead_tokens)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else dictionary.W_dec.shape[1] // 2  # half the output width
         self.step, self.tokens = 0, 0
+        self.threads: int | None = None  # the thread probe's choice (train/threads.py), once made
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.ckpt_dir = self.run_dir / "checkpoint"
 
@@ -111,6 +113,8 @@ class Trainer:
         if "cuda_rng" in tensors and self.sae.W_dec.is_cuda:
             torch.cuda.set_rng_state(tensors["cuda_rng"], self.sae.W_dec.device)
         self.step, self.tokens = meta["step"], meta["tokens"]
+        if self.cfg.threads is None:
+            self.threads = meta.get("threads")  # the interrupted run's probe choice, if it had made one
         self._truncate_metrics()
 
     def save(self) -> None:
@@ -125,7 +129,7 @@ class Trainer:
         if self.sae.W_dec.is_cuda:  # stochastic methods (vSAE) draw from the device's generator
             tensors["cuda_rng"] = torch.cuda.get_rng_state(self.sae.W_dec.device)
         meta = {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "digest": self.digest,
-                "optimizer_scalars": opt_scalars}
+                "optimizer_scalars": opt_scalars, "threads": self.threads}
         save_checkpoint(self.ckpt_dir, tensors, meta)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -137,6 +141,11 @@ class Trainer:
         start = time.time()
         recon = RECON_LOSSES[self.sae.recon_loss]
         self.sae.train()
+        probe = None
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        else:  # train.threads unset on CPU: the first steps time the thread counts (train/threads.py)
+            probe = ThreadProbe.for_run(self.cfg.threads, self.sae.W_dec.device, self.total_steps - self.step, distributed.world_size())
         while self.step < self.total_steps:
             try:
                 batch = next(stream)
@@ -144,7 +153,15 @@ class Trainer:
                 raise FeaturekitError(
                     f"the activation stream ended after {self.step} of {self.total_steps} steps; harvest more tokens or lower train.epochs"
                 ) from None
-            row = self.train_step(batch, recon)
+            if probe is not None:
+                torch.set_num_threads(probe.threads())
+                began = time.perf_counter()
+            row = self.train_step(batch, recon)  # synchronous on CPU (it reads the loss)
+            if probe is not None:
+                probe.record(time.perf_counter() - began)
+                if probe.chosen is not None:
+                    self.threads, probe = probe.chosen, None
+                    torch.set_num_threads(self.threads)
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 row = distributed.reduce_metrics(row)  # data parallel: the global batch's values (one process: as is)
                 row["elapsed_s"] = round(time.time() - start, 2)
@@ -156,7 +173,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.sae.eval()
-        return {"steps": self.step, "tokens": self.tokens}
+        return {"steps": self.step, "tokens": self.tokens, "threads": torch.get_num_threads()}
 
     def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, ...], recon: Callable) -> dict:
         """One step on a (B, d) batch of raw activations, or a tuple (activations, *per-token inputs)
