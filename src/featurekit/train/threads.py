@@ -25,9 +25,8 @@ MIN_RUN_MULTIPLE = 4
 
 
 def candidates(top: int) -> list[int]:
-    """1, 2, 4, … below `top`, then `top`."""
-    counts = [1 << i for i in range(max(top, 1).bit_length()) if 1 << i < top]
-    return counts + [max(top, 1)]
+    """1, 2, 4, … below `top` (≥ 1), then `top`."""
+    return [1 << i for i in range((top - 1).bit_length())] + [top]
 
 
 class ThreadProbe:
