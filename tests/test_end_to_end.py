@@ -50,6 +50,7 @@ def test_run_writes_everything_and_its_config_reproduces_it(tmp_path):
     cached = json.loads((run / "activations" / "manifest.json").read_text())["n_tokens"]
     assert 6000 < cached <= 6144  # the budget, less the few attention-sink tokens dropped as norm outliers
     assert sae.metadata["provenance"]["tokens_seen"] == 2 * (cached // 512) * 512
+    assert sae.metadata["provenance"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     html = (run / "report.html").read_text()
     assert "<svg" in html and "loss recovered" in html and "resid_post.3" in html
 

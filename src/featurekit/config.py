@@ -104,6 +104,9 @@ class TrainConfig:
     #: selection in bf16, the selected values, decoder, loss and optimizer in fp32; see BENCHMARKS.md)
     precision: str = "fp32"
     shard_latents: bool = False  #: under torchrun: split the latents across the processes (TopK), not the batch
+    #: where gradient-trained dictionaries train: auto (the process's GPU when torch sees CUDA, under torchrun the rank's
+    #: GPU; else the CPU) | cpu | cuda | cuda:N. Batches move there as they are read; ITDA and SNMF fit on the CPU
+    device: str = "auto"
     #: glibc: serve large blocks from the heap and keep freed memory for the next step (no per-step page faults;
     #: featurekit/train/memory.py); process-wide, resident memory stays at its peak
     keep_freed_memory: bool = True
@@ -266,6 +269,9 @@ def validate(cfg: RunConfig) -> None:
         raise FeaturekitError(f"train.buffer_tokens ({cfg.train.buffer_tokens}) must be at least train.batch_size ({cfg.train.batch_size})")
     if not 0 <= cfg.train.decay_fraction <= 1 or not 0 <= cfg.train.sparsity_warmup_fraction <= 1:
         raise FeaturekitError("train.decay_fraction and train.sparsity_warmup_fraction must lie in [0, 1]")
+    from .train.distributed import train_device
+
+    train_device(cfg.train.device)  # a device that is not there fails now, not after the harvest
     if cfg.train.aux_zipf_coef < 0 or cfg.train.aux_zipf_tau <= 0:
         raise FeaturekitError(f"train.aux_zipf_coef must be ≥ 0 and train.aux_zipf_tau > 0, got {cfg.train.aux_zipf_coef}, "
                               f"{cfg.train.aux_zipf_tau}")

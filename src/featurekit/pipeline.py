@@ -254,13 +254,14 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     torch.manual_seed(tc.seed)
     # under torchrun: data parallel, or this rank's latent shard (train.shard_latents); one process: unchanged
     distributed.init_from_env()
+    sae = sae.to(distributed.train_device(tc.device))  # train.device: the GPU when there is one (batches follow)
     sae, rank_dir = distributed.prepare(sae, tc, cfg.run_dir)
     trainer = Trainer(sae, tc, rank_dir, total_steps, digest=run_digest(cfg, data_id))
     if resume:
         trainer.resume()
     else:  # c and b_dec from the first shuffled batches: a sample of the whole set, not its first documents
         sample = torch.cat(list(itertools.islice(stream(0), -(-INIT_SAMPLE_TOKENS // tc.batch_size))))[:INIT_SAMPLE_TOKENS]
-        trainer.init_from_data(*sample.split(widths, dim=1))
+        trainer.init_from_data(*sample.to(sae.W_dec.device).split(widths, dim=1))
     distributed.after_init(sae)
     batches = distributed.rank_batches(stream(trainer.step), sae)
     if len(widths) > 1:
@@ -294,6 +295,7 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
         "provenance": {"featurekit_version": __version__, "tokens_seen": summary["tokens"], "steps": summary["steps"],
                        "train_seconds": round(seconds, 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        **({"threads": summary["threads"]} if "threads" in summary else {}),
+                       **({"device": summary["device"]} if "device" in summary else {}),
                        "config": dataclasses.asdict(cfg.train)},
     }
     return save(out, cfg.run_dir / "dictionary", meta)

@@ -28,11 +28,12 @@ ARGS = {"topk": {"k": K}, "batchtopk": {"k": K}, "abstopk": {"k": K}, "jumprelu"
         "jumprelu-dense": {"l0_coefficient": 0.5}}
 
 
-def _train(method: str, tmp_path, precision: str = "fp32", **train) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(method: str, tmp_path, precision: str = "fp32", device: str = "cpu", **train) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """`method`'s loss curve and final state over STEPS steps on `device` (tests/train/test_cuda.py: on a GPU)."""
     gen = torch.Generator().manual_seed(3)
     feats = true_features(64, D, seed=5)
-    data = [sample(feats, B, gen) for _ in range(STEPS)]
-    sae = METHODS[method.removesuffix("-dense")](D, F, seed=0, **ARGS[method])
+    data = [sample(feats, B, gen).to(device) for _ in range(STEPS)]
+    sae = METHODS[method.removesuffix("-dense")](D, F, seed=0, **ARGS[method]).to(device)
     cfg = TrainConfig(batch_size=B, lr=3e-3, warmup_steps=2, precision="fp32" if precision == "plain" else precision, **train)
     trainer = Trainer(sae, cfg, tmp_path / method, STEPS)
     trainer.init_from_data(torch.cat(data[:2]))
@@ -44,7 +45,7 @@ def _train(method: str, tmp_path, precision: str = "fp32", **train) -> tuple[lis
     if precision != "plain" and method != "batchtopk":  # BatchTopK falls back to dense when a row holds > 4k picks
         dense = method.endswith("-dense")  # JumpReLU's fused dense path (`_DenseJumpReLU`), taken past 4 % live pairs
         assert (sae(data[0] * sae.input_scale).idx is None) == dense  # which fast path ran
-    return losses, {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    return losses, {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()}
 
 
 @pytest.fixture(autouse=True)

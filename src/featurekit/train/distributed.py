@@ -82,6 +82,34 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def train_device(spec: str = "auto") -> torch.device:
+    """The device `train.device` names. "auto": this rank's device under torchrun (its GPU under nccl), else the
+    GPU when torch sees CUDA, else the CPU. An explicit device must exist, and under torchrun be the rank's own."""
+    if spec == "auto":
+        if is_initialized():
+            return device()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise FeaturekitError(f"train.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise FeaturekitError(f"train.device={spec!r}: featurekit trains on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FeaturekitError(f"train.device={spec!r} but torch sees no CUDA GPU (torch {torch.__version__}, "
+                                  f"CUDA build: {torch.version.cuda or 'none'}); set train.device=auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FeaturekitError(f"train.device={spec!r} but torch sees {torch.cuda.device_count()} GPU(s); "
+                                  f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    if is_initialized():
+        own = device()
+        if dev.type != own.type or (dev.type == "cuda" and (dev.index if dev.index is not None else own.index) != own.index):
+            raise FeaturekitError(f"train.device={spec!r} under torchrun, where rank {rank()} trains on {own} "
+                                  f"({dist.get_backend()} backend); set train.device=auto")
+    return dev
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
@@ -305,7 +333,6 @@ def prepare(sae: nn.Module, cfg, run_dir) -> tuple[nn.Module, object]:
     folder; rank r: run_dir/shards/rank{r}) — each checkpoint holds its shard, so resume works per rank."""
     if not is_initialized() or world_size() == 1:
         return sae, run_dir
-    sae = sae.to(device())
     if cfg.shard_latents:
         if cfg.max_grad_norm:
             raise FeaturekitError("train.max_grad_norm is not supported with train.shard_latents (the clipping norm would be "
@@ -332,11 +359,11 @@ def after_init(sae: nn.Module) -> None:
 
 
 def rank_batches(batches: Iterable, sae: nn.Module) -> Iterator:
-    """This rank's share of the global batches: its rows (data parallel) or all of them (latent shards),
-    moved to the rank's GPU under nccl."""
+    """This rank's share of the global batches: its rows (data parallel) or all of them (latent shards; one
+    process: every batch), moved to the dictionary's device."""
     if data_parallel():
         batches = shard_batches(batches)
-    dev = device()
+    dev = sae.W_dec.device
     for batch in batches:
         if dev.type == "cpu":
             yield batch

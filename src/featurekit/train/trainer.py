@@ -173,7 +173,10 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.sae.eval()
-        return {"steps": self.step, "tokens": self.tokens, "threads": torch.get_num_threads()}
+        summary = {"steps": self.step, "tokens": self.tokens, "device": str(self.sae.W_dec.device)}
+        if self.sae.W_dec.device.type == "cpu":
+            summary["threads"] = torch.get_num_threads()
+        return summary
 
     def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, ...], recon: Callable) -> dict:
         """One step on a (B, d) batch of raw activations, or a tuple (activations, *per-token inputs)
@@ -205,7 +208,7 @@ class Trainer:
             )
         if cfg.aux_zipf_coef > 0 and out.has_pre and not torch.isnan(self.dead.density).any():
             losses["aux_zipf"] = cfg.aux_zipf_coef * aux_zipf_loss(
-                target - out.x_hat, out.top_pre, sae.W_dec, self.dead.density, self.k_aux, tau=cfg.aux_zipf_tau,
+                target - out.x_hat, out.top_pre, sae.W_dec, self.dead.density.to(x.device), self.k_aux, tau=cfg.aux_zipf_tau,
                 pre_at=lambda idx, at: sae.pre_at(x, idx, out.pre, at), signed=sae.signed,
             )
         loss = sum(losses.values())
