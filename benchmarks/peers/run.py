@@ -3,6 +3,8 @@
     python benchmarks/peers/run.py                       # full grid (see the defaults below)
     python benchmarks/peers/run.py --sizes 8192 --ks 32 --archs topk --libs featurekit,sparsify
     python benchmarks/peers/run.py --report results/a.jsonl results/b.jsonl   # markdown from saved rows only
+    python3 benchmarks/peers/run.py --device cuda --python python3 --d 2304 --sizes 65536 --ks 64 \
+        --archs topk --libs sparsify,featurekit --precision bf16 --gemm-size 8192     # a GPU machine (README.md)
 
 Run it with featurekit's interpreter (.venv/bin/python). The peers live in their own virtualenvs made by
 setup_venv.sh (default ${XDG_CACHE_HOME:-~/.cache}/featurekit/bench-peers/<peer>; --venvs or
@@ -15,7 +17,10 @@ temporary .npy file. One subprocess per (library, arch, n_latents, k) runs drive
 library's venv: the library's own SAE and its own training loop, fed by an iterator that stamps every
 batch request (drivers/common.py). Warm-up steps are discarded; tokens/s is batch / median step time.
 A 2048^3 torch.mm calibration (GFLOP/s) is taken right before and after each run, because this VM's
-speed drifts (shared/research/perf-baseline-cpu.md §3).
+speed drifts (shared/research/perf-baseline-cpu.md §3). With --device cuda the data, every library's SAE and
+the calibration (in the run's precision) are on the GPU; featurekit and sparsify run there (the others are
+skipped), and --python names one interpreter for all of them (a GPU machine with the peers installed beside
+featurekit, no venvs).
 
 Output: results/<stamp>-threads<T>.jsonl (one row per run, appended as runs finish), and the markdown
 table in results/<stamp>-threads<T>.md and results/latest.md.
@@ -54,8 +59,9 @@ SUPPORTS = {
 }
 DRIVER_FILE = {lib: DRIVERS / f"{lib}_driver.py" for lib in LIBS}
 #: libraries run with --precision bf16 (featurekit's train.precision=bf16; sparsify's Trainer.fit under a CPU bf16
-#: autocast — its own autocast is CUDA-only)
+#: autocast — its own autocast is CUDA-only) and with --device cuda (drivers/common.py)
 BF16_LIBS = {"featurekit", "sparsify"}
+GPU_LIBS = {"featurekit", "sparsify"}
 
 
 def default_venvs() -> Path:
@@ -79,17 +85,27 @@ def make_pool(path: Path, rows: int, d: int, seed: int, n_dirs: int = 16384, act
     np.save(path, x.numpy().astype(np.float32))
 
 
-def gemm_gflops(threads: int, n: int = 2048, reps: int = 3) -> float:
-    """Best-of-`reps` torch.mm n×n×n (MKL sgemm, the path every library's dense GEMMs take)."""
+def gemm_gflops(threads: int, n: int = 2048, reps: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-`reps` torch.mm n×n×n (on CPU MKL sgemm, the path every library's dense GEMMs take; on a GPU
+    cuBLAS in `dtype`, timed to the end of its kernel)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return round(2 * n**3 / best / 1e9, 1)
+
+
+def calibrate(args: argparse.Namespace) -> float:
+    """The GEMM calibration of a run: fp32 on CPU (as in every earlier result), the run's precision on a GPU."""
+    gpu_bf16 = args.device == "cuda" and args.precision == "bf16"
+    return gemm_gflops(args.threads, args.gemm_size, device=args.device, dtype=torch.bfloat16 if gpu_bf16 else torch.float32)
 
 
 def cpu_model() -> str:
@@ -106,9 +122,11 @@ def cpu_model() -> str:
     return f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}, {simd})"
 
 
-def interpreter(lib: str, venvs: Path) -> Path | None:
+def interpreter(lib: str, venvs: Path, python: str | None = None) -> Path | None:
     if lib == "featurekit":
         return Path(sys.executable)
+    if python:
+        return Path(python)
     py = venvs / lib / "bin" / "python"
     return py if py.exists() else None
 
@@ -121,25 +139,29 @@ def run_one(lib: str, arch: str, n: int, k: int | None, args: argparse.Namespace
         return {**base, "skipped": f"{lib} has no {arch} SAE"}
     if args.precision != "fp32" and lib not in BF16_LIBS:
         return {**base, "skipped": f"bf16 runs cover {' and '.join(sorted(BF16_LIBS))} only"}
-    py = interpreter(lib, args.venvs)
+    if args.device != "cpu" and lib not in GPU_LIBS:
+        return {**base, "skipped": f"GPU runs cover {' and '.join(sorted(GPU_LIBS))} only"}
+    py = interpreter(lib, args.venvs, args.python)
     if py is None:
         return {**base, "skipped": f"no venv at {args.venvs / lib} (run benchmarks/peers/setup_venv.sh)"}
     cmd = [str(py), str(DRIVER_FILE[lib]), "--data", str(data), "--arch", arch, "--n-latents", str(n),
            "--k", str(k if k is not None else 32), "--batch", str(args.batch), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--threads", str(args.threads), "--lr", str(args.lr), "--seed", str(args.seed),
-           "--precision", args.precision] + (["--jumprelu-l0", str(args.jumprelu_l0)] if "jumprelu_l0" in base else [])
+           "--precision", args.precision, "--device", args.device]
+    cmd += ["--jumprelu-l0", str(args.jumprelu_l0)] if "jumprelu_l0" in base else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    env.pop("PYTHONPATH", None)
+    if not args.python:  # venvs: nothing of this interpreter's path may leak into a peer's
+        env.pop("PYTHONPATH", None)
     load_before = os.getloadavg()[0]
-    gemm_before = gemm_gflops(args.threads, args.gemm_size)
+    gemm_before = calibrate(args)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {**base, "skipped": f"timed out after {args.timeout} s"}
     wall = time.perf_counter() - t0
-    gemm_after = gemm_gflops(args.threads, args.gemm_size)
+    gemm_after = calibrate(args)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
@@ -155,6 +177,11 @@ def _fmt(x: float | None, digits: int = 0) -> str:
     if x is None:
         return "–"
     return f"{x:,.{digits}f}".replace(",", " ")
+
+
+def _sec(x: float) -> str:
+    """Seconds with 3 decimals, 4 below 0.1 s (GPU steps take milliseconds)."""
+    return f"{x:.3f}" if x >= 0.1 else f"{x:.4f}"
 
 
 def _base(arch: str) -> str:
@@ -183,7 +210,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
     else:
         schedule = "warm-up + measured steps: " + ", ".join(
             f"{'/'.join(f'{w}+{m}' for w, m in sorted(v))} at n = {n}" for n, v in sorted(by_size.items()))
-    out = ["# featurekit vs peer SAE libraries: training-step throughput (CPU)", ""]
+    gpu = machine.get("device") == "cuda"
+    out = [f"# featurekit vs peer SAE libraries: training-step throughput ({machine.get('gpu', 'GPU') if gpu else 'CPU'})", ""]
     out += [f"- date: {machine.get('date', '?')}", f"- CPU: {machine.get('cpu', '?')} ({machine.get('nproc', '?')} logical CPUs)",
             f"- torch: {machine.get('torch', '?')}, python {machine.get('python', '?')}",
             f"- torch threads per run: {machine.get('threads', '?')}",
@@ -214,7 +242,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
 
     out += ["", "## Every run", ""]
     head = ["n_latents", "arch", "k", "library", "tok/s", "step s (median)", "step s min–max", "steps", "fk ÷ this", "peak RSS MiB",
-            "loss first → last", "L0 last", "GEMM GF/s before/after", "CPU share", "load 1m before/after"]
+            *(["peak GPU MiB"] if gpu else []), "loss first → last", "L0 last", "GEMM GF/s before/after", "CPU share",
+            "load 1m before/after"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n, arch, k, thr in workloads:
         fk = ok.get(("featurekit", n, arch, k, thr))
@@ -225,8 +254,9 @@ def markdown(rows: list[dict], machine: dict) -> str:
             ratio = f"{fk['tokens_per_s'] / r['tokens_per_s']:.2f}×" if fk else "–"
             loss = f"{r['loss_first']:.4g} → {r['loss_last']:.4g}" if r.get("loss_first") is not None else "–"
             out.append("| " + " | ".join([
-                str(n), arch, str(k) if k else "–", lib, _fmt(r["tokens_per_s"]), f"{r['step_s_median']:.3f}",
-                f"{r['step_s_min']:.3f}–{r['step_s_max']:.3f}", f"{r['warmup']}+{r['steps']}", ratio, _fmt(r["peak_rss_mib"]), loss,
+                str(n), arch, str(k) if k else "–", lib, _fmt(r["tokens_per_s"]), _sec(r["step_s_median"]),
+                f"{_sec(r['step_s_min'])}–{_sec(r['step_s_max'])}", f"{r['warmup']}+{r['steps']}", ratio, _fmt(r["peak_rss_mib"]),
+                *([_fmt(r.get("peak_gpu_mib"))] if gpu else []), loss,
                 _fmt(r.get("l0_last"), 1),
                 f"{_fmt(r.get('gemm_gflops_before'))}/{_fmt(r.get('gemm_gflops_after'))}", _fmt(r.get("cpu_share"), 2),
                 f"{_fmt(r.get('loadavg_1m_before'), 1)}/{_fmt(r.get('loadavg_1m_after'), 1)}"]) + " |")
@@ -266,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=2, help="discarded warm-up steps per run")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every driver (this VM: 1 is the stable choice)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the data and every SAE on the GPU; featurekit and sparsify only (sparsify's Triton decoder when "
+                        "Triton is there; at fp32 its built-in bf16 autocast is turned off)")
+    p.add_argument("--python", default=None,
+                   help="one interpreter for every peer, its PYTHONPATH kept, instead of the venvs (a GPU machine with the "
+                        "peers installed beside featurekit)")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--d", type=int, default=576, help="activation width")
     p.add_argument("--rows", type=int, default=4 * 4096, help="rows in the shared pool (batches cycle over it)")
@@ -301,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     ks = [int(s) for s in args.ks.split(",") if s]
     stamp = args.tag or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    jsonl = args.out / f"{stamp}-threads{args.threads}{'' if args.precision == 'fp32' else '-' + args.precision}.jsonl"
+    where = f"threads{args.threads}" if args.device == "cpu" else args.device
+    jsonl = args.out / f"{stamp}-{where}{'' if args.precision == 'fp32' else '-' + args.precision}.jsonl"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA GPU")
     machine = {"kind": "machine", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
+               "device": args.device, **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {}),
                "nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
                "d": args.d, "batch": args.batch, "rows": args.rows, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
                "seed": args.seed, "gemm_size": args.gemm_size, "precision": args.precision, "jumprelu_l0": args.jumprelu_l0}

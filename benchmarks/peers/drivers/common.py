@@ -5,6 +5,10 @@ torch and numpy. It parses the common options, loads the shared activation pool,
 through `TimedBatches` (which stamps the time of every batch request: step time is the interval
 between consecutive requests, so it covers everything the library's loop does per step) and prints
 the one JSON result line that run.py reads (the last stdout line starting with RESULT_PREFIX).
+
+With --device cuda the pool lives on the GPU (no host-to-device copy inside the timed steps, for any library),
+every stamp waits for the GPU's queued work first (`torch.cuda.synchronize`), so a step's time covers its
+kernels, and the peak is the CUDA allocator's (`torch.cuda.max_memory_allocated`) beside the process's RSS.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="steps discarded before measuring")
     p.add_argument("--steps", type=int, default=4, help="measured steps")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: the library's training step under a CPU bf16 autocast (featurekit: train.precision=bf16)")
+                   help="bf16: the library's training step under a bf16 autocast (featurekit: train.precision=bf16)")
     p.add_argument("--jumprelu-l0", type=float, default=None,
                    help="JumpReLU: start at the operating point of a trained dictionary with this L0 (each latent fires on a "
                         "share L0 / n_latents of the first batch: `thresholds_for_l0`); default: the library's own initialisation")
@@ -45,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup and --steps must be at least 1")
     if args.jumprelu_l0 is not None and not 0 < args.jumprelu_l0 < args.n_latents:
         p.error("--jumprelu-l0 must lie in (0, n_latents)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA GPU")
     return args
 
 
@@ -63,10 +70,10 @@ def mean_l0(pre: torch.Tensor, threshold: torch.Tensor) -> float:
 
 
 def setup(args: argparse.Namespace) -> torch.Tensor:
-    """Fix threads and seed, load the pool (float32, in memory)."""
+    """Fix threads and seed, load the pool (float32, in memory; on the GPU with --device cuda)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    pool = torch.from_numpy(np.load(args.data)).float().contiguous()
+    pool = torch.from_numpy(np.load(args.data)).float().contiguous().to(args.device)
     if pool.shape[0] < args.batch:
         raise SystemExit(f"pool has {pool.shape[0]} rows < batch {args.batch}")
     return pool
@@ -95,6 +102,8 @@ class TimedBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
+        if self.pool.is_cuda:  # the previous step's kernels are part of the previous step
+            torch.cuda.synchronize(self.pool.device)
         self.stamps.append(time.perf_counter())
         self.cpu_stamps.append(time.process_time())
         i = (len(self.stamps) - 1) % self.n_batches
@@ -141,6 +150,9 @@ def report(args: argparse.Namespace, library: str, version: str, timer: TimedBat
         "step_s_max": round(max(times), 6),
         "tokens_per_s": round(args.batch / med, 1),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "device": args.device,
+        **({"gpu": torch.cuda.get_device_name(), "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+           if args.device == "cuda" else {}),
         "cpu_share": round(cpu_share, 3),
         "loss_first": None if not losses else float(losses[0]),
         "loss_last": None if not losses else float(losses[-1]),

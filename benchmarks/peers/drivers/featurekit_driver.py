@@ -30,9 +30,9 @@ def main() -> None:
     params = {"k": args.k}
     if args.arch == "jumprelu":
         params = {} if args.jumprelu_l0 is None else {"init_firing_rate": args.jumprelu_l0 / args.n_latents}
-    sae = METHODS[args.arch](d, args.n_latents, seed=args.seed, **params)
+    sae = METHODS[args.arch](d, args.n_latents, seed=args.seed, **params).to(args.device)
     cfg = TrainConfig(batch_size=args.batch, lr=args.lr, log_every=1, threads=args.threads, seed=args.seed,
-                      precision=args.precision)
+                      precision=args.precision, device=args.device)
     with tempfile.TemporaryDirectory(prefix="fk-bench-") as tmp:
         trainer = Trainer(sae, cfg, Path(tmp) / "run", total_steps=common.total_steps(args))
         trainer.init_from_data(pool[: args.batch])  # input scale + b_dec (geometric median): before timing

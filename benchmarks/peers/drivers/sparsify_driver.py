@@ -5,7 +5,13 @@ PreTrainedModel: each forward takes the next batch from the timed iterator and p
 nn.Identity layer, the hookpoint. Everything else (SAE forward/backward, decoder-gradient projection,
 Adam, lr schedule, renormalisation, dead-latent counters) is sparsify's own Trainer. One dataset item is
 one "sequence" of `batch` tokens, so each step is one forward of the stub. TopK only (sparsify has no
-other architecture)."""
+other architecture).
+
+On CUDA sparsify always runs its SAE's forward under its own bf16 autocast (a decorator enabled when
+`torch.cuda.is_bf16_supported()`), with its Triton decoder when Triton is importable. --precision bf16 keeps
+that; --precision fp32 turns the decorator off (the flag is read once, when sparsify is imported), so both
+libraries run the same arithmetic. On CPU, bf16 is a CPU autocast around the whole loop (the decorator targets
+CUDA only)."""
 
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ def main() -> None:
         common.fail(args, "sparsify", "sparsify implements only TopK")
     pool = common.setup(args)
     import torch
+
+    if args.device == "cuda" and args.precision == "fp32":
+        torch.cuda.is_bf16_supported = lambda *a, **kw: False  # read by sparsify's autocast decorator at import
     from sparsify import SaeConfig, TrainConfig, Trainer
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -55,7 +64,7 @@ def main() -> None:
                 h = next(self.timer).unsqueeze(0)
             return self.layers[0](h)
 
-    model = StubModel(StubConfig())
+    model = StubModel(StubConfig()).to(args.device)
     steps = common.total_steps(args)
     dataset = [{"input_ids": torch.zeros(args.batch, dtype=torch.long)} for _ in range(steps)]
     with tempfile.TemporaryDirectory(prefix="fk-bench-sparsify-") as tmp:
@@ -66,10 +75,12 @@ def main() -> None:
         for sae in trainer.saes.values():
             sae.register_forward_hook(lambda mod, inp, out: losses.append(float(out.fvu.detach())))
         model.timer = timer
-        # bf16: a CPU autocast around the whole loop (sparsify's own autocast decorator targets CUDA only)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        # bf16 on CPU: an autocast around the whole loop (sparsify's own autocast decorator targets CUDA only)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16" and args.device == "cpu"):
             trainer.fit()
-    common.report(args, "sparsify", version("eai-sparsify"), timer, losses)
+    from sparsify.utils import decoder_impl
+
+    common.report(args, "sparsify", version("eai-sparsify"), timer, losses, decoder=decoder_impl.__name__)
 
 
 if __name__ == "__main__":
