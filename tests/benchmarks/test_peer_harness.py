@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,7 +108,7 @@ def test_drivers_reject_bad_step_counts(capsys):
 
 def test_peers_that_cannot_run_are_skipped_with_a_reason(tmp_path):
     run = load_run_module()
-    args = run.argparse.Namespace(threads=1, venvs=tmp_path / "no-venvs", precision="fp32")
+    args = run.argparse.Namespace(threads=1, venvs=tmp_path / "no-venvs", precision="fp32", device="cpu", python=None)
     na = run.run_one("sparsify", "batchtopk", 64, 4, args, tmp_path / "pool.npy")
     assert na["skipped"] == "sparsify has no batchtopk SAE"
     missing = run.run_one("saelens", "topk", 64, 4, args, tmp_path / "pool.npy")
@@ -115,6 +116,9 @@ def test_peers_that_cannot_run_are_skipped_with_a_reason(tmp_path):
     args.precision = "bf16"
     bf16 = run.run_one("saelens", "topk", 64, 4, args, tmp_path / "pool.npy")
     assert bf16["skipped"] == "bf16 runs cover featurekit and sparsify only" and bf16["precision"] == "bf16"
+    args.precision, args.device = "fp32", "cuda"
+    gpu = run.run_one("dictionary_learning", "topk", 64, 4, args, tmp_path / "pool.npy")
+    assert gpu["skipped"] == "GPU runs cover featurekit and sparsify only"
 
 
 def run_harness(tmp_path, tag: str, *options: str) -> tuple[Path, list[dict]]:
@@ -150,3 +154,13 @@ def test_harness_reports_jumprelu_at_an_operating_point_as_its_own_workload(tmp_
     assert lines[0]["jumprelu_l0"] == 4 and all(r["jumprelu_l0"] == 4 for r in lines[1:])
     md = (out / "latest.md").read_text()
     assert "| 64 | jumprelu@L0 4 | – | " in md and "dictionary_learning jumprelu@L0 4 n=64" in md  # the skipped peer, by workload
+
+
+def test_one_interpreter_for_every_peer_and_a_missing_gpu_is_refused(tmp_path):
+    # --python: the peer runs under the given interpreter (featurekit's, where sparsify is not installed), not "no venv"
+    _, lines = run_harness(tmp_path, "p", "--libs", "sparsify", "--archs", "topk", "--ks", "4", "--python", sys.executable)
+    assert "No module named 'sparsify'" in lines[1]["skipped"]
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(PEERS_DIR / "run.py"), "--device", "cuda", "--out", str(tmp_path / "g")],
+                              capture_output=True, text=True, env=env(), timeout=120)
+        assert proc.returncode == 2 and "torch sees no CUDA GPU" in proc.stderr
