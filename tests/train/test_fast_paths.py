@@ -16,7 +16,16 @@ from featurekit.config import TrainConfig
 from featurekit.dictionaries import METHODS, batchtopk, certified, gemm, jumprelu, selection
 from featurekit.dictionaries.gemm import _mm_bias, _onednn_available, _onednn_linear, encoder_preact, plain_kernels
 from featurekit.dictionaries.selection import row_topk
-from featurekit.dictionaries.sparse import _pairs, _pairs_at, _weight_grad, count_true, gather_linear, mask_to_sparse, sparse_decode
+from featurekit.dictionaries.sparse import (
+    _pairs,
+    _pairs_at,
+    _weight_grad,
+    count_true,
+    gather_1d,
+    gather_linear,
+    mask_to_sparse,
+    sparse_decode,
+)
 from featurekit.errors import FeaturekitError
 from featurekit.train import Trainer
 from featurekit.train.trainer import RECON_LOSSES
@@ -603,3 +612,18 @@ def test_jumprelu_scan_declines_a_dense_batch_early_but_not_an_even_one(monkeypa
     real_nonzero = torch.Tensor.nonzero
     monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: calls.append(1) or real_nonzero(t, *a, **k))
     assert jumprelu._above(front, cut, 320) is None and len(calls) == 4  # declined after 16 of the 64 rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(f=st.integers(1, 50), shape=st.lists(st.integers(0, 12), min_size=1, max_size=3), seed=st.integers(0, 999))
+def test_gather_1d_equals_indexing_in_value_and_gradient(f, shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(f, generator=gen, requires_grad=True)
+    idx = torch.randint(0, f, shape, generator=gen)  # repeated indices: their gradients add up
+    g = torch.randn(shape, generator=gen)
+    fast = gather_1d(v, idx)
+    (grad_fast,) = torch.autograd.grad((fast * g).sum(), v)
+    plain = v[idx]
+    (grad_plain,) = torch.autograd.grad((plain * g).sum(), v)
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-5, atol=1e-6)

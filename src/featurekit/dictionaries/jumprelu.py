@@ -64,7 +64,7 @@ from .certified import certified_above
 from .gemm import autocast_dtype, encoder_preact, plain_active
 from .operators import jumprelu
 from .selection import certified_chosen
-from .sparse import _pairs, _pairs_at, count_true, gather_linear, mask_to_sparse, pairs_to_sparse, sparse_decode
+from .sparse import _pairs, _pairs_at, count_true, gather_1d, gather_linear, mask_to_sparse, pairs_to_sparse, sparse_decode
 
 #: the sparse training path runs while at most this share of the (token, latent) pairs is live. Measured at
 #: 8,192 latents, d = 576, batch 4,096, fp32, 1 thread (ragged sparse kernels): sparse 1.05 s vs dense 1.61 s a
@@ -302,7 +302,7 @@ class JumpReLUSAE(Dictionary):
                     idx, keep, at = found
             if sparse:
                 pre_at = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep, at=at)
-                theta_at = self.theta[idx]
+                theta_at = gather_1d(self.theta, idx)
                 values = _JumpReLUFn.apply(pre_at, theta_at, self.bandwidth) * keep
                 out = Output(x_hat=sparse_decode(idx, values, self.W_dec, keep=keep) + self.b_dec, idx=idx, values=values,
                              n_latents=self.n_latents, pre=pre, pre_topk=self.columns_pre_topk(centered.detach()) if pre is None else None)

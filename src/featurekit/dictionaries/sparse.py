@@ -185,10 +185,31 @@ def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.
     flat = _GatherLinear.apply(x, W, b, rows, cols, crow, known)
     if vector_shift:
         h = shift @ W.detach().T  # (F,): zero-valued below, its gradient reaches `shift` only
-        flat = flat - (h - h.detach())[cols]
+        flat = flat - gather_1d(h - h.detach(), cols)
     if keep is None:
         return flat.view(idx.shape)
     return flat.new_zeros(idx.shape).index_put((rows, slots), flat)
+
+
+class _Gather1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, idx):
+        ctx.save_for_backward(idx)
+        ctx.n, ctx.dtype = v.shape[0], v.dtype
+        return v[idx]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        out = torch.zeros(ctx.n, dtype=ctx.dtype, device=grad.device)
+        return out.index_add_(0, idx.reshape(-1), grad.reshape(-1).to(ctx.dtype)), None
+
+
+def gather_1d(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """v[idx] for a vector v (F,) and an integer index of any shape, its gradient summed back into v by
+    `index_add_` (autograd's indexing backward accumulates through `index_put_`: 9.5 → 1.3 ms on CPU for
+    4,096 × 300 indices into 8,192). The plain path indexes as autograd does."""
+    return v[idx] if plain_active() else _Gather1d.apply(v, idx)
 
 
 def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
