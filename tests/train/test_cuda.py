@@ -45,21 +45,24 @@ def test_train_device_auto_takes_the_gpu():
     assert distributed.train_device("cuda:0") == torch.device("cuda:0")
 
 
-@pytest.mark.parametrize("cache,device", [(True, "auto"), (False, "cuda")])
-def test_pipeline_trains_on_the_gpu(tiny, tmp_path, cache, device):
-    """Cached batches come from the CPU, streamed ones from the model's device (here the CPU too): either way they
-    reach the dictionary's GPU; the saved dictionary names where it trained and loads on the CPU."""
+@pytest.mark.parametrize("cache,device,model_device", [(True, "auto", "cpu"), (False, "cuda", "cpu"), (False, "cpu", "cuda")])
+def test_pipeline_trains_where_train_device_says(tiny, tmp_path, cache, device, model_device):
+    """Cached batches come from the CPU, streamed ones from the model's device: either way they reach the
+    dictionary's device; the saved dictionary names where it trained and loads on the CPU."""
     import featurekit
     from featurekit import pipeline
 
     from ..test_pipeline import config
 
-    cfg = config(tiny, tmp_path, "name=g", f"data.cache={str(cache).lower()}", f"train.device={device}")
+    cfg = config(tiny, tmp_path, "name=g", f"data.cache={str(cache).lower()}", f"train.device={device}",
+                 f"model.device={model_device}")
     if cache:
         pipeline.run_harvest(cfg, progress=False)
     trained = pipeline.run_train(cfg, progress=False)
-    assert trained.W_dec.is_cuda
+    on_gpu = device != "cpu"
+    assert trained.W_dec.is_cuda == on_gpu
     sae = featurekit.load(cfg.run_dir / "dictionary")
-    assert sae.metadata["provenance"]["device"] == "cuda:0" and "threads" not in sae.metadata["provenance"]
+    assert sae.metadata["provenance"]["device"] == ("cuda:0" if on_gpu else "cpu")
+    assert ("threads" in sae.metadata["provenance"]) == (not on_gpu)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["fvu"] < rows[0]["fvu"]

@@ -33,3 +33,15 @@ def test_the_config_check_names_a_bad_device_before_any_work():
     with pytest.raises(FeaturekitError, match=r"train\.device='tpu'"):
         validate(load_config(None, ["train.device=tpu"]))
     validate(load_config(None, ["train.device=cpu"]))
+
+
+def test_batches_follow_the_dictionary_to_its_device():
+    from featurekit.dictionaries import TopKSAE
+    from featurekit.train.distributed import rank_batches
+
+    sae = TopKSAE(4, 8, k=2).to("meta")  # a device other than the batches' (a GPU's stand-in on a CPU machine)
+    single, pair = list(rank_batches([torch.ones(3, 4), (torch.ones(3, 4), torch.zeros(3, 2))], sae))
+    assert single.device.type == "meta" and single.shape == (3, 4)
+    assert isinstance(pair, tuple) and [t.device.type for t in pair] == ["meta", "meta"] and pair[1].shape == (3, 2)
+    batch = torch.ones(3, 4)
+    assert next(rank_batches([batch], TopKSAE(4, 8, k=2))) is batch  # already there: not copied

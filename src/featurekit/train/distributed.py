@@ -360,17 +360,17 @@ def after_init(sae: nn.Module) -> None:
 
 def rank_batches(batches: Iterable, sae: nn.Module) -> Iterator:
     """This rank's share of the global batches: its rows (data parallel) or all of them (latent shards; one
-    process: every batch), moved to the dictionary's device."""
+    process: every batch), moved to the dictionary's device (from the CPU cache, or from the model's GPU when
+    streaming). Host-to-GPU copies are queued (non-blocking); copies to the CPU wait for their data."""
     if data_parallel():
         batches = shard_batches(batches)
     dev = sae.W_dec.device
+    queued = dev.type == "cuda"
     for batch in batches:
-        if dev.type == "cpu":
-            yield batch
-        elif isinstance(batch, (tuple, list)):
-            yield type(batch)(t.to(dev, non_blocking=True) for t in batch)
+        if isinstance(batch, (tuple, list)):
+            yield type(batch)(t.to(dev, non_blocking=queued) for t in batch)
         else:
-            yield batch.to(dev, non_blocking=True)
+            yield batch.to(dev, non_blocking=queued)
 
 
 def finish(sae: nn.Module) -> nn.Module | None:
