@@ -104,7 +104,7 @@ def train_device(spec: str = "auto") -> torch.device:
                                   f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
     if is_initialized():
         own = device()
-        if dev.type != own.type or (dev.type == "cuda" and (dev.index if dev.index is not None else own.index) != own.index):
+        if dev.type != own.type or (dev.index is not None and dev.index != own.index):
             raise FeaturekitError(f"train.device={spec!r} under torchrun, where rank {rank()} trains on {own} "
                                   f"({dist.get_backend()} backend); set train.device=auto")
     return dev
