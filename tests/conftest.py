@@ -17,3 +17,11 @@ def tiny(tmp_path_factory):
     from .tiny import write_tiny
 
     return write_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """Folder with a tiny random BertModel (`model/`, no LM head) and a text file (`text.txt`): see tests/tiny.py."""
+    from .tiny import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))

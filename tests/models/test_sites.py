@@ -3,7 +3,7 @@ import torch
 
 from featurekit.errors import FeaturekitError
 from featurekit.models.hooks import capture_activations
-from featurekit.models.sites import KINDS, Site, blocks, detect_family, family_of, parse_site, resolve, site_dim, valid_sites
+from featurekit.models.sites import KINDS, Site, blocks, check_site, detect_family, family_of, parse_site, resolve, site_dim, valid_sites
 
 N_LAYERS = 3
 
@@ -124,3 +124,32 @@ def test_unknown_site_lists_valid_sites(family_model, site, pattern):
         resolve(model, site)
     with pytest.raises(FeaturekitError, match=pattern):
         capture_activations(model, torch.zeros(1, 3, dtype=torch.long), [site])
+
+
+@pytest.mark.parametrize("site", ["resid_post.3", "resid_post.99", "neurons.1", "resid_post", "mlp_hidden.-1"])
+def test_check_site_from_config_fails_as_resolve_does(family_model, site):
+    """check_site reads only the config (before any weights load) and gives resolve's message."""
+    _, model = family_model
+    with pytest.raises(FeaturekitError) as from_model:
+        resolve(model, site)
+    with pytest.raises(FeaturekitError) as from_config:
+        check_site(model.config, site)
+    assert str(from_config.value) == str(from_model.value)
+
+
+def test_check_site_accepts_every_valid_site(family_model):
+    _, model = family_model
+    for site in valid_sites(model):
+        assert str(check_site(model.config, site)) == site
+
+
+def test_check_site_unknown_family():
+    class Config:
+        model_type = "t5"
+        num_hidden_layers = 2
+
+        def get_text_config(self):
+            return self
+
+    with pytest.raises(FeaturekitError, match=r"unsupported model type 't5'"):
+        check_site(Config(), "resid_post.0")

@@ -20,6 +20,7 @@ from ..data.harvest import norm_outliers
 from ..dictionaries import Dictionary
 from ..errors import FeaturekitError
 from ..models.hooks import capture, replace
+from ..models.loading import has_lm_head
 from . import metrics
 
 
@@ -80,7 +81,9 @@ def score_splice(
     """The scoring loop every splice evaluation shares. Per batch of contexts: a clean forward reads
     `read_sites` (a token that is a norm outlier at any of them is left alone), then `spliced(keep)`
     and `ablated(keep)` (context managers given the kept positions) each wrap one more forward.
-    CE and KL(clean ‖ spliced) are summed at the kept positions t < T−1 and averaged at the end."""
+    CE and KL(clean ‖ spliced) are summed at the kept positions t < T−1 and averaged at the end.
+    A model without a language-model head (an encoder such as BERT) raises FeaturekitError."""
+    require_lm_head(model, desc)
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablated": 0.0, "kl_clean_spliced": 0.0}
@@ -109,6 +112,15 @@ def score_splice(
     out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
     out["splice_tokens"] = n_scored
     return out
+
+
+def require_lm_head(model: torch.nn.Module, what: str = "splice eval") -> None:
+    """Raise FeaturekitError unless the model's forward returns next-token logits (models.has_lm_head)."""
+    if not has_lm_head(model):
+        raise FeaturekitError(
+            f"{what} needs next-token logits, but the {type(model).__name__} model has no language-model head "
+            "(an encoder loaded through AutoModel returns hidden states): CE, loss recovered and KL cannot be "
+            "scored. Check has_lm_head(model) first and skip the splice, or use a causal LM.")
 
 
 def _reconstruct_at(act: torch.Tensor, keep: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:

@@ -10,11 +10,17 @@ Q4_1-quantised weights.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ import torch
 
 from featurekit._io import cache_dir
 from featurekit.errors import FeaturekitError
-from featurekit.models.sites import detect_family
+from featurekit.models.sites import detect_family, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +56,68 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "
     """Load ``name``: an embedded name (``"smollm2-135m"``), a local directory, a ``.gguf`` file or a Hub id.
 
     The family is detected from ``config.model_type`` before any weights are read; an unsupported
-    architecture raises FeaturekitError listing the supported ones.
+    architecture raises FeaturekitError listing the supported ones. A Hub id is fetched only when the
+    Hub answers a quick probe; otherwise (or with HF_HUB_OFFLINE set) it is read from the Hugging
+    Face cache, and a name found nowhere fails at once, naming the forms a model can take.
     """
+    kind, path = _source(name)
+    if kind == "embedded":
+        model, tokenizer = _load_embedded(name, dtype)
+    elif kind == "dir":
+        model, tokenizer = _load_pretrained(str(path), dtype)
+    elif kind == "gguf":
+        model, tokenizer = _load_gguf(path, dtype)
+    else:
+        model, tokenizer = _from_hub(name, lambda **kw: _load_pretrained(name, dtype, **kw))
+    return _finish(model, tokenizer, name, device)
+
+
+def load_model_config(name: str) -> Any | None:
+    """The HF config of ``name`` without loading weights (milliseconds), to check sites early with
+    ``sites.check_site``; None where reading it is not cheap: a ``.gguf`` file, or the embedded model
+    before its first load has cached it (transformers parses the whole GGUF header, tokenizer
+    included: ~9 s for SmolLM2). Bad paths and unknown Hub ids fail as in ``load_model``."""
+    import transformers as tf
+
+    kind, path = _source(name)
+    if kind == "embedded":
+        folder = cache_dir() / "models" / name
+        return tf.AutoConfig.from_pretrained(str(folder)) if (folder / "model.safetensors").is_file() else None
+    if kind == "dir":
+        return tf.AutoConfig.from_pretrained(str(path))
+    if kind == "gguf":
+        return None
+    return _from_hub(name, lambda **kw: tf.AutoConfig.from_pretrained(name, **kw))
+
+
+def _source(name: str) -> tuple[str, Path]:
+    """What ``name`` is: ("embedded" | "dir" | "gguf" | "hub", its path); a path that exists as
+    neither a directory nor a .gguf file raises FeaturekitError."""
     path = Path(name).expanduser()
     if name in EMBEDDED:
-        model, tokenizer = _load_embedded(name, dtype)
-    elif path.is_dir():
-        model, tokenizer = _load_pretrained(str(path), dtype)
-    elif path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, dtype)
-    elif path.suffix == ".gguf" or name.startswith(("/", "./", "../", "~")) or path.is_file():
+        return "embedded", path
+    if path.is_dir():
+        return "dir", path
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.suffix == ".gguf" or name.startswith(("/", "./", "../", "~")) or path.is_file():
         raise FeaturekitError(f"model path {name!r} is not a directory or an existing .gguf file: "
                               f"check the path, or use an embedded model ({', '.join(EMBEDDED)}) or a Hub id.")
-    else:
-        model, tokenizer = _load_hub(name, dtype)
-    return _finish(model, tokenizer, name, device)
+    return "hub", path
+
+
+def has_lm_head(model: Any) -> bool:
+    """Whether the model's forward returns next-token logits: its class (or a base) is a causal LM in
+    transformers' registry (LlamaForCausalLM, GPT2LMHeadModel, ...) and it has output embeddings.
+    An encoder loaded through AutoModel (BertModel) has no head; a masked LM's logits are not
+    next-token predictions. ``model``: an HF module or a LoadedModel."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    module = unwrap(model)
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return (any(cls.__name__ in causal for cls in type(module).__mro__)
+            and callable(getattr(module, "get_output_embeddings", None))
+            and module.get_output_embeddings() is not None)
 
 
 def _finish(model: Any, tokenizer: Any, name: str, device: str) -> LoadedModel:
@@ -112,18 +165,72 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return _load_pretrained(str(path.parent), dtype, gguf_file=path.name)
 
 
-def _load_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+PROBE_TIMEOUT_S = 3.0
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _from_hub(name: str, load: Callable[..., Any]) -> Any:
+    """``load(**kwargs)`` a Hub id: from the Hub if it answers a quick probe, else from the local
+    Hugging Face cache only (``local_files_only``: no retries). Failing, a FeaturekitError names the
+    forms a model can take and the embedded names close to ``name``."""
+    offline = _hub_unavailable()
     try:
-        return _load_pretrained(name, dtype)
+        return load(**({"local_files_only": True} if offline else {}))
     except OSError as e:
-        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                      for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        hint = ("HF_HUB_OFFLINE is set, so the Hub is not contacted: unset it to download, or"
-                if offline else "check the id and your network connection, or")
-        reason = " ".join(str(e).split())
+        where = (f"it is not in the local Hugging Face cache ({offline})" if offline else
+                 f"the Hugging Face Hub could not serve it ({type(e).__name__}: {' '.join(str(e).split())})")
+        close = _near_embedded(name)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise FeaturekitError(
-            f"could not load model {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason}) {hint} pass "
-            f"a local directory, a .gguf file or an embedded model ({', '.join(EMBEDDED)}).") from e
+            f"could not load model {name!r}: it is not an embedded model, a local directory or a .gguf file, "
+            f"and {where}.{hint} Pass an embedded model ({', '.join(EMBEDDED)}), a local HF directory "
+            f"(config.json, weights and tokenizer, e.g. ./models/my-model), a .gguf file (e.g. ./model.Q4_K_M.gguf), "
+            f"or a Hub id (check the id and the network).") from e
+
+
+def _near_embedded(name: str) -> list[str]:
+    """Embedded names close to ``name`` (difflib), or starting with it: 'smollm2' → ['smollm2-135m']."""
+    key = name.lower()
+    close = difflib.get_close_matches(key, EMBEDDED, n=3, cutoff=0.6)
+    return close + [e for e in EMBEDDED if len(key) >= 3 and e.startswith(key) and e not in close]
+
+
+def _hub_unavailable() -> str | None:
+    """Why the Hub is not to be contacted now (an offline variable, or no answer to one TCP connect
+    to HF_ENDPOINT or its proxy within PROBE_TIMEOUT_S); None when it answers."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var} is set, so the Hub is not contacted: unset it to download"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if not hub_reachable(endpoint):
+        return f"the Hub at {endpoint} could not be reached (one connection attempt, {PROBE_TIMEOUT_S:g} s at most)"
+    return None
+
+
+def hub_reachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``endpoint`` (or the proxy the environment names for it) opens
+    within ``timeout`` seconds, name lookup included (it runs in a thread that is left behind)."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True, name="featurekit-hub-probe")
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def embedded_gguf(name: str) -> Path:

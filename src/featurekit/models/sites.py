@@ -172,9 +172,29 @@ def valid_sites(model: Any) -> list[str]:
 
 
 def _valid_summary(model: Any) -> str:
-    n = n_layers(model)
-    return (f"valid sites for this {family_of(model)} model are <kind>.<layer> with kind one of "
+    return _summary(family_of(model), n_layers(model))
+
+
+def _summary(family: str, n: int) -> str:
+    return (f"valid sites for this {family} model are <kind>.<layer> with kind one of "
             f"{', '.join(KINDS)} and layer 0..{n - 1} ({n * len(KINDS)} sites, e.g. 'resid_post.{n // 2}')")
+
+
+def check_site(config: Any, site: str | Site) -> Site:
+    """Check ``site`` against an HF config alone (family, ``num_hidden_layers``), before any weights
+    load; return the parsed Site. A bad name, an unknown family or a layer out of range raises the
+    FeaturekitError that ``resolve`` gives on the loaded model."""
+    family = detect_family(config)
+    n = int(config.get_text_config().num_hidden_layers)
+    try:
+        parsed = parse_site(site)
+    except FeaturekitError as e:
+        raise FeaturekitError(f"{e} For this model, {_summary(family, n)}.") from None
+    if parsed.kind not in _LAYOUTS[family][1]:
+        raise FeaturekitError(f"site kind {parsed.kind!r} has no resolver for {family} models: {_summary(family, n)}.")
+    if parsed.layer >= n:
+        raise FeaturekitError(f"site {str(parsed)!r} is out of range: {_summary(family, n)}.")
+    return parsed
 
 
 def resolve(model: Any, site: str | Site) -> HookPoint:
