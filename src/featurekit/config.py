@@ -8,8 +8,10 @@ Overrides use dotted keys: `train.lr=1e-3`, `dictionary.n_latents=8192`, `site=r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ._io import StrictJSONError, unique_keys
 from .errors import FeaturekitError
 
 
@@ -148,11 +151,15 @@ class RunConfig:
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys with the list of valid ones."""
+    if not isinstance(data, dict):
+        what = f"config key {where.rstrip('.')}" if where else "a config"
+        raise FeaturekitError(f"{what} must be a mapping of keys to values (a JSON object), got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    unknown = sorted(set(map(str, data)) - names)
     if unknown:
-        raise FeaturekitError(f"unknown config key(s) {sorted(where + k for k in unknown)}; valid: {sorted(where + n for n in names)}")
+        named = [f"{where}{k} (did you mean {where}{close}?)" if (close := did_you_mean(k, names)) else where + k for k in unknown]
+        raise FeaturekitError(f"unknown config key(s) {', '.join(named)}; valid: {sorted(where + n for n in names)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -165,27 +172,130 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def did_you_mean(key: str, names: typing.Iterable[str]) -> str | None:
+    """The valid name `key` most likely meant: same letters without underscores (nlatents → n_latents),
+    its initials (learning_rate → lr), or a close spelling (difflib)."""
+    names = sorted(names)
+    squash = key.replace("_", "").lower()
+    initials = "".join(word[:1] for word in key.lower().split("_") if word)
+    for name in names:
+        if name.replace("_", "").lower() == squash or ("_" in key and name == initials):
+            return name
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the file (YAML or JSON) if given, then `key=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FeaturekitError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
-        if not isinstance(data, dict):
-            raise FeaturekitError(f"config file {path} must hold a mapping at the top level")
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     for item in overrides or []:
-        if "=" not in item:
-            raise FeaturekitError(f"override {item!r} must look like key=value, e.g. train.lr=1e-3")
-        key, raw = item.split("=", 1)
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return from_dict(RunConfig, data)
+        _apply_override(data, item)
+    try:
+        return from_dict(RunConfig, data)
+    except FeaturekitError as err:
+        if path is None or not _fails(read_config_file(path)):
+            raise
+        raise FeaturekitError(f"config file {path}: {err}") from err
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON config file. A file that is missing, binary, not UTF-8, not valid
+    YAML/JSON (named with the line and column), or that gives a key twice raises FeaturekitError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturekitError(f"config file {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise FeaturekitError(f"could not read config file {path}: {err.strerror or err}; check its permissions") from err
+    if b"\0" in raw:
+        raise FeaturekitError(f"config file {path} is a binary file (it holds NUL bytes), not YAML or JSON text: "
+                              "pass the .yaml or .json config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise FeaturekitError(f"config file {path} is not UTF-8 text (byte {err.start}, line {line}): "
+                              "save it as UTF-8") from err
+    data = _parse_json(text, path) if path.suffix.lower() == ".json" else _parse_yaml(text, f"config file {path}")
+    if data is None:  # an empty YAML file: the defaults
+        return {}
+    if not isinstance(data, dict):
+        raise FeaturekitError(f"config file {path} must hold a mapping at the top level (key: value lines), "
+                              f"got {type(data).__name__}")
+    return data
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as err:
+        raise FeaturekitError(f"config file {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
+                              "fix it there (a file that ends early is truncated: restore or rewrite it)") from err
+    except StrictJSONError as err:
+        raise FeaturekitError(f"config file {path}: {err}") from err
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader (plain data, no Python objects) that refuses a mapping key given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader itself refuses an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping: keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """YAML `text` as plain data; `what` (the file or the override) is named in the error."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = err.problem or err.context or str(err)
+        if "'\\t'" in problem:
+            problem += "; YAML does not allow tab characters there: indent with spaces"
+        elif "python/" in problem:
+            problem += ("; that tag asks YAML to build a Python object, and featurekit reads configs as plain data "
+                        "(it never runs code from them): remove the tag")
+        elif "appears twice" not in problem:
+            problem += "; fix the YAML there"
+        raise FeaturekitError(f"{what} is not valid YAML{where}: {problem}") from err
+    except yaml.YAMLError as err:
+        raise FeaturekitError(f"{what} is not valid YAML ({err}); fix the YAML") from err
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Set one dotted `key=value` (the value read as YAML) inside `data`."""
+    if "=" not in item:
+        raise FeaturekitError(f"override {item!r} must look like key=value, e.g. train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            section = ".".join(parents[: i + 1])
+            raise FeaturekitError(f"override {item!r}: config key {section} is a value, not a section with keys")
+    node[leaf] = _parse_yaml(raw, f"the value of override {item!r}")
+
+
+def _fails(data: dict[str, Any]) -> bool:
+    """True if `data` alone does not build a RunConfig (so an error comes from the file, not the overrides)."""
+    try:
+        from_dict(RunConfig, data)
+    except FeaturekitError:
+        return True
+    return False
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -218,12 +328,28 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
     elif target is str:
-        return str(value)
+        if not isinstance(value, (dict, list)):
+            return str(value)
     raise FeaturekitError(f"config key {key} must be {getattr(target, '__name__', target)}, got {value!r}")
+
+
+def non_finite(cfg: Any, where: str = "") -> list[tuple[str, float]]:
+    """(key, value) of every NaN or infinite float in config dataclass `cfg`, nested sections and lists included."""
+    found: list[tuple[str, float]] = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), where + f.name
+        if dataclasses.is_dataclass(value):
+            found += non_finite(value, key + ".")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, float) and not math.isfinite(item):
+                found.append((f"{key}[{i}]" if isinstance(value, list) else key, item))
+    return found
 
 
 def validate(cfg: RunConfig) -> None:
     """Check ranges and choices before any work starts; each error names the key and the fix."""
+    for key, value in non_finite(cfg):
+        raise FeaturekitError(f"config key {key} must be a finite number, got {value} (NaN and infinities are refused)")
     positive = {
         "data.context_len": cfg.data.context_len, "data.train_tokens": cfg.data.train_tokens,
         "data.harvest_batch": cfg.data.harvest_batch, "data.shard_tokens": cfg.data.shard_tokens,

@@ -1,6 +1,7 @@
 """The on-disk activation cache: round trip, resume, corruption and version errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -182,3 +183,41 @@ def test_bad_input(tmp_path):
         write_cache(tmp_path / "b", batches, META, shard_tokens=3)
     with pytest.raises(FeaturekitError, match="JSON"):
         write_cache(tmp_path / "c", make_batches(), {"model": object()}, shard_tokens=3)
+
+
+def edit_manifest(directory, edit):
+    manifest = json.loads((directory / MANIFEST).read_text())
+    edit(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: m.clear() or m.update(format_version=1, meta={}), "'shards' is missing"),
+    (lambda m: m["shards"][0].pop("sha256"), r"shards\[0\] lacks \['sha256'\]"),
+    (lambda m: m.update(meta="tiny"), "'meta'"),
+    (lambda m: m["sites"].append("resid_post.9"), "'sites' .* and the sites of 'd' .* disagree"),
+    (lambda m: m["shards"][2].update(file="/etc/passwd"), "inside the cache folder"),
+])
+def test_manifest_structure_is_checked_when_the_cache_is_opened(tmp_path, edit, words):
+    write_cache(tmp_path, make_batches(), META, shard_tokens=10)
+    edit_manifest(tmp_path, edit)
+    with pytest.raises(FeaturekitError, match=rf"{re.escape(str(tmp_path / MANIFEST))} is not a valid .*{words}.*harvest again"):
+        ActivationCache(tmp_path)
+    (tmp_path / MANIFEST).write_text("[]")
+    with pytest.raises(FeaturekitError, match="it holds a JSON list, not an object"):
+        ActivationCache(tmp_path)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: m["d"].update({"mlp_out.0": 4}), r"d\['mlp_out.0'\] = 4, the shard's tensor is \(10, 3\)"),
+    (lambda m: m.update(dtype="bfloat16"), "dtype is 'bfloat16', the shard's 'mlp_out.0' is float32"),
+    (lambda m: (m["sites"].append("attn_z.0"), m["d"].update({"attn_z.0": 8})), r"it lists the sites \['attn_z.0'\], which the shard"),
+])
+def test_a_manifest_that_does_not_describe_its_shards_is_refused(tmp_path, edit, words, verify):
+    write_cache(tmp_path, make_batches(), META, shard_tokens=10)
+    edit_manifest(tmp_path, edit)
+    cache = ActivationCache(tmp_path)
+    with pytest.raises(FeaturekitError, match=rf"{re.escape(str(tmp_path / MANIFEST))} does not describe its shard "
+                                              rf"shard_00000.safetensors: {words}"):
+        next(cache.iter_shards(verify=verify, sites=["mlp_out.0"]))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -152,3 +153,28 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
 def test_sources_metadata_is_complete():
     for name, info in SOURCES.items():
         assert {"description", "package", "licence"} <= set(info), name
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00\x00", r"is a binary file \(a NUL byte at byte 7\)"),
+    ("first paragraph\n\nsecond".encode("utf-16"), "is a binary file"),
+    ("Caf\xe9 society\n\nsecond paragraph".encode("latin-1"), r"is not UTF-8 text \(byte 3: b'\\xe9'\): convert it to UTF-8"),
+])
+def test_binary_or_non_utf8_text_is_refused_not_trained_on(tmp_path, content, words):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    with pytest.raises(FeaturekitError, match=rf"{re.escape(str(path))} {words}"):
+        load_texts(str(path))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a good document")
+    (folder / "b.txt").write_bytes(content)
+    with pytest.raises(FeaturekitError, match=rf"{re.escape(str(folder / 'b.txt'))} {words}"):
+        load_texts(str(folder))
+
+
+def test_utf8_text_with_any_characters_still_loads(tmp_path):
+    path = tmp_path / "corpus.txt"
+    docs = ["naïve café — ¿qué? 東京 🚀", "Ελληνικά and Кириллица"]
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    assert load_texts(str(path), "train") == [d for d in docs if not is_test_document(d)] != []

@@ -17,7 +17,10 @@ many tokens of the incoming batches and continues. The caller must therefore fee
 sequence (same text, tokenizer, model, mask and batch order) as the interrupted run. A different
 `meta` raises FeaturekitError. A complete cache is returned without reading the batches.
 
-Reading (`ActivationCache`) holds one shard in memory at a time.
+Reading (`ActivationCache`) holds one shard in memory at a time. Opening a cache checks the manifest's
+structure; loading a shard checks its tensors against the manifest (every listed site present, widths
+equal to `d`, dtype equal to `dtype`), so a manifest that does not describe its shards is refused
+with the file named instead of failing later in training.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from featurekit._io import atomic_write, atomic_write_json, read_json, sha256_file
+from featurekit._io import FileError, atomic_write, atomic_write_json, read_json, sha256_file
 from featurekit.data.batch import ActivationBatch
 from featurekit.errors import FeaturekitError
 
@@ -59,9 +62,11 @@ class ActivationCache:
                 "(featurekit.data.cache.write_cache / the harvest step), or point to the right directory")
         try:
             self.manifest: dict[str, Any] = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise FeaturekitError(f"{path} is not valid JSON ({exc}): delete the cache directory and harvest again") from exc
-        _check_version(self.manifest, path)
+        except FileError:
+            raise
+        except ValueError as exc:  # not JSON, not UTF-8, a key twice
+            raise FeaturekitError(f"{exc}; delete the cache directory {self.dir} and harvest again") from exc
+        _check_manifest(self.manifest, path)
 
     @property
     def sites(self) -> list[str]:
@@ -123,21 +128,46 @@ class ActivationCache:
                 del data
             else:
                 with safe_open(str(path), framework="pt") as fh:
-                    tensors = {k: fh.get_tensor(k) for k in [*sites, *INDEX_KEYS]}
+                    held = set(fh.keys())
+                    tensors = {k: fh.get_tensor(k) for k in [*sites, *INDEX_KEYS] if k in held}
+                self._check_sites(path, held)
         except FeaturekitError:
             raise
         except FileNotFoundError as exc:
             raise _corrupt(path, "the file is missing") from exc
         except Exception as exc:  # safetensors parse errors (truncated header, bad offsets, ...)
             raise _corrupt(path, f"it cannot be parsed ({type(exc).__name__}: {exc})") from exc
+        if verify:
+            self._check_sites(path, set(tensors))
         missing = [k for k in [*sites, *INDEX_KEYS] if k not in tensors]
         if missing:
             raise _corrupt(path, f"it lacks the tensors {missing}")
+        self._check_acts(path, {s: tensors[s] for s in sites})
         batch = ActivationBatch(acts={s: tensors[s] for s in sites}, token_ids=tensors["token_ids"],
                                 context_idx=tensors["context_idx"], position=tensors["position"])
         if batch.n_tokens != entry["n_tokens"] or any(a.shape[0] != batch.n_tokens for a in batch.acts.values()):
             raise _corrupt(path, f"it holds {batch.n_tokens} tokens, the manifest says {entry['n_tokens']}")
         return batch
+
+    def _check_sites(self, shard: Path, held: set[str]) -> None:
+        """Every site the manifest lists must be in the shard."""
+        absent = sorted(set(self.manifest.get("sites") or []) - held)
+        if absent:
+            raise self._mismatch(shard, f"it lists the sites {absent}, which the shard does not hold")
+
+    def _check_acts(self, shard: Path, acts: dict[str, torch.Tensor]) -> None:
+        """The shard's activations against the manifest's `d` and `dtype`."""
+        dims, dtype = self.manifest.get("d") or {}, self.manifest.get("dtype")
+        for site, a in acts.items():
+            if a.ndim != 2 or (site in dims and a.shape[1] != dims[site]):
+                raise self._mismatch(shard, f"d[{site!r}] = {dims.get(site)}, the shard's tensor is {tuple(a.shape)}")
+            if dtype is not None and str(a.dtype).removeprefix("torch.") != dtype:
+                raise self._mismatch(shard, f"dtype is {dtype!r}, the shard's {site!r} is {str(a.dtype).removeprefix('torch.')}")
+
+    def _mismatch(self, shard: Path, why: str) -> FeaturekitError:
+        return FeaturekitError(
+            f"{self.dir / MANIFEST} does not describe its shard {shard.name}: {why}. The manifest was edited or belongs to "
+            f"other shards: delete {self.dir} and harvest again")
 
 
 def write_cache(dir: str | os.PathLike, batches: Iterable[ActivationBatch], meta: dict[str, Any],
@@ -252,10 +282,55 @@ def _concat(batches: list[ActivationBatch]) -> ActivationBatch:
         **{k: torch.cat([getattr(b, k) for b in batches]) for k in INDEX_KEYS})
 
 
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """The manifest's structure: what every reader relies on, checked when the cache is opened."""
+    def bad(why: str) -> FeaturekitError:
+        return FeaturekitError(f"{path} is not a valid activation cache manifest: {why}. Delete {path.parent} and harvest again")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"it holds a JSON {type(manifest).__name__}, not an object")
+    _check_version(manifest, path)
+    if not isinstance(manifest.get("meta"), dict):
+        raise bad("'meta' (the harvest's settings) must be an object")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise bad("'shards' is missing" if shards is None else "'shards' must be a list")
+    for i, entry in enumerate(shards):
+        _check_entry(entry, i, bad)
+    sites, dims = manifest.get("sites"), manifest.get("d")
+    if sites is None and dims is None and not shards:
+        return  # nothing written yet
+    if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
+        raise bad("'sites' must be a list of site names")
+    if not isinstance(dims, dict) or not all(type(v) is int and v > 0 for v in dims.values()):
+        raise bad("'d' must map each site to its width (a positive integer)")
+    if sorted(sites) != sorted(dims):
+        raise bad(f"'sites' {sorted(sites)} and the sites of 'd' {sorted(dims)} disagree")
+    dtype = manifest.get("dtype")
+    if sites and not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+        raise bad(f"'dtype' must name a torch dtype (e.g. 'float32'), got {dtype!r}")
+
+
+def _check_entry(entry: Any, i: int, bad) -> None:
+    if not isinstance(entry, dict):
+        raise bad(f"shards[{i}] must be an object with file, n_tokens and sha256")
+    missing = [k for k in ("file", "n_tokens", "sha256") if k not in entry]
+    if missing:
+        raise bad(f"shards[{i}] lacks {missing}")
+    name = entry["file"]
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+        raise bad(f"shards[{i}].file must be a file name inside the cache folder, got {name!r}")
+    if type(entry["n_tokens"]) is not int or entry["n_tokens"] < 0:
+        raise bad(f"shards[{i}].n_tokens must be a non-negative integer, got {entry['n_tokens']!r}")
+    if not isinstance(entry["sha256"], str):
+        raise bad(f"shards[{i}].sha256 must be a hex string, got {entry['sha256']!r}")
+
+
 def _check_version(manifest: dict[str, Any], path: Path) -> None:
     version = manifest.get("format_version")
     if not isinstance(version, int):
-        raise FeaturekitError(f"{path} has no format_version: it is not a featurekit activation cache manifest")
+        raise FeaturekitError(f"{path} has no format_version: it is not a featurekit activation cache manifest, or it is "
+                              f"damaged; delete {path.parent} and harvest again")
     if version > FORMAT_VERSION:
         raise FeaturekitError(
             f"{path} has cache format version {version}, this featurekit reads up to {FORMAT_VERSION}: "

@@ -15,24 +15,27 @@
     special_tokens           the token policy used to build the training set
     provenance               featurekit version, tokens seen, steps, date, config digest
 
-Weights are read with `safetensors` (no pickle). The shapes in the JSON are checked against the
-tensors before anything is built.
+Weights are read with `safetensors` (no pickle). Every field the loader uses is checked (types,
+the method, its hyper-parameters against the method's constructor), then the file's tensors against
+the built dictionary's state (names and shapes) and for NaN/infinity, before any weight is used.
+`save` refuses a dictionary holding NaN or infinite values.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
+import math
 import os
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write, atomic_write_json, read_json
+from .._io import FileError, atomic_write, atomic_write_json, read_json, write_error, writing
 from ..errors import FeaturekitError
 from .base import Dictionary
 from .batchtopk import BatchAbsTopKSAE, BatchTopKSAE
@@ -54,6 +57,12 @@ FORMAT = "featurekit.dictionary"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "featurekit.json"
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: buffers whose ±inf is a meaning, not a divergence (NaN is refused in every tensor, ±inf in every parameter)
+INFINITE_OK = {
+    "window_peak",  # GBA: the window's running maximum, −inf before the window's first batch
+    "multiplier",  # statistical TopK: −inf keeps every latent (k ≥ n_latents)
+}
 
 METHODS: dict[str, type[Dictionary]] = {
     cls.method: cls for cls in (TopKSAE, BatchTopKSAE, AbsTopKSAE, BatchAbsTopKSAE, JumpReLUSAE, ReLUSAE, GradientSAE,
@@ -93,6 +102,11 @@ def save(dictionary: Dictionary, path: str | Path, metadata: dict[str, Any] | No
     path = Path(path)
     metadata = dict(metadata or {})
     tensors = {k: v.detach().contiguous().cpu() for k, v in dictionary.state_dict().items()}
+    bad = non_finite(dictionary, tensors)
+    if bad:
+        raise FeaturekitError(
+            f"refusing to save a dictionary to {path}: {bad} hold NaN or infinite values (training diverged, or the "
+            f"weights were edited); lower train.lr or check the activations and train again")
     dtype = str(dictionary.W_dec.dtype).removeprefix("torch.")
     scales = dictionary.scales()
     meta = {
@@ -115,19 +129,23 @@ def save(dictionary: Dictionary, path: str | Path, metadata: dict[str, Any] | No
     }
     # Both files go into a fresh sibling folder that then replaces `path`, so a reader never sees
     # new weights beside an old featurekit.json (or the reverse).
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         atomic_write(staging / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
         atomic_write_json(staging / META, meta)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        with writing(path):
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(staging, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, path)
+    except FileError as err:  # name the dictionary's file, not the staging folder's
+        raise write_error(path / Path(err.filename or WEIGHTS).name, err.__cause__ or err) from err.__cause__
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
@@ -144,17 +162,120 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         )
     try:
         meta = read_json(meta_path)
-    except json.JSONDecodeError as err:
-        raise FeaturekitError(f"{meta_path} is not valid JSON ({err}); the file is damaged, re-save the dictionary") from err
+    except FileError:
+        raise
+    except FeaturekitError as err:
+        raise FeaturekitError(f"{err}; re-save the dictionary") from err
+    check_meta(meta, meta_path)
+    return meta
+
+
+def check_meta(meta: Any, meta_path: Path) -> None:
+    """Check every field of `featurekit.json` that the loader uses; each error names the file, the field and the fix."""
+    if not isinstance(meta, dict):
+        raise FeaturekitError(f"{meta_path} must hold a JSON object describing the dictionary, got {type(meta).__name__}; "
+                              "the file is damaged: re-save the dictionary")
     if meta.get("format") != FORMAT:
-        raise FeaturekitError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise FeaturekitError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; pass a folder "
+                              f"written by featurekit.save")
+    _check_version(meta, meta_path)
+
+    def bad(field: str, why: str) -> FeaturekitError:
+        return FeaturekitError(f"{meta_path}: {field} {why}; the file is damaged or was edited by hand: re-save the dictionary")
+
+    method = meta.get("method")
+    if method not in METHODS:
+        raise bad("method", f"is {method!r}, not one of {sorted(METHODS)}" if method is not None else "is missing")
+    for field in ("d_in", "n_latents", *(("d_out",) if "d_out" in meta else ())):
+        value = meta.get(field)
+        if type(value) is not int or value < 1:
+            raise bad(field, "is missing" if value is None else f"must be a positive integer, got {value!r}")
+    if meta.get("dtype", "float32") not in DTYPES:
+        raise bad("dtype", f"is {meta['dtype']!r}, not one of {list(DTYPES)}")
+    hyperparams = meta.get("hyperparams", {})
+    if not isinstance(hyperparams, dict):
+        raise bad("hyperparams", f"must be an object of constructor arguments, got {type(hyperparams).__name__}")
+    accepted = sorted(set(inspect.signature(METHODS[method].__init__).parameters) - {"self", "d_in", "n_latents"})
+    unknown = sorted(set(hyperparams) - set(accepted))
+    if unknown:
+        raise FeaturekitError(f"{meta_path}: hyperparams {unknown} are not parameters of method {method!r} "
+                              f"(valid: {accepted}); remove them or re-save the dictionary")
+    for key, value in hyperparams.items():
+        want = _scalar_types(METHODS[method], key)
+        if want and not _is_a(value, want):
+            raise bad(f"hyperparams.{key}", f"must be {' or '.join(t.__name__ for t in want)}, got {value!r}")
+
+
+def _check_version(meta: dict[str, Any], meta_path: Path) -> None:
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version is None:
+        raise FeaturekitError(f"{meta_path} has no format_version; the file is damaged or incomplete: re-save the dictionary")
+    if type(version) is not int or version < 1:
+        raise FeaturekitError(f"{meta_path}: format_version must be a positive integer, got {version!r}; "
+                              f"the file is damaged or was edited by hand: re-save the dictionary")
+    if version > FORMAT_VERSION:
         raise FeaturekitError(
             f"{meta_path} has format version {version}, newer than this featurekit reads "
             f"({FORMAT_VERSION}); upgrade featurekit (pip install -U featurekit)"
         )
-    return meta
+
+
+def _scalar_types(cls: type, name: str) -> tuple[type, ...]:
+    """The scalar types (int, float, bool, str, None) constructor argument `name` is annotated with; () for others."""
+    hint = typing.get_type_hints(cls.__init__).get(name)
+    types = typing.get_args(hint) or (hint,)
+    return types if all(t in (int, float, bool, str, type(None)) for t in types) else ()
+
+
+def _is_a(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (float in types and type(value) is int)
+
+
+def non_finite(dictionary: Dictionary, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding NaN, or ±inf outside the buffers where it is a meaning (INFINITE_OK)."""
+    params = {name for name, _ in dictionary.named_parameters()}
+    bad = []
+    for name, t in tensors.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        inf_ok = name not in params and name.rsplit(".", 1)[-1] in INFINITE_OK
+        if bool(torch.isnan(t).any()) or not inf_ok:
+            bad.append(name)
+    return bad
+
+
+def _check_tensors(dictionary: Dictionary, tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """The file's tensors against the built dictionary's state: the same names and shapes, finite values."""
+    want = {k: tuple(v.shape) for k, v in dictionary.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = [f"missing {sorted(set(want) - set(got))}"] if set(want) - set(got) else []
+    problems += [f"unexpected {sorted(set(got) - set(want))}"] if set(got) - set(want) else []
+    problems += [f"{k} has shape {got[k]} where {META} needs {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+    if problems:
+        meta = dictionary.metadata
+        says = f"method {meta['method']}, d_in {meta['d_in']}, n_latents {meta['n_latents']}"
+        raise FeaturekitError(f"{weights} does not match {weights.with_name(META)} ({says}): {'; '.join(problems)}; "
+                              f"the two files do not belong together, re-save the dictionary")
+    bad = non_finite(dictionary, tensors)
+    if bad:
+        raise FeaturekitError(f"{weights}: the tensors {bad} hold NaN or infinite values; this dictionary cannot run "
+                              f"(its training diverged or the file is damaged): train it again")
+
+
+def _build(meta: dict[str, Any], meta_path: Path) -> Dictionary:
+    try:
+        dictionary = build(meta["method"], meta["d_in"], meta["n_latents"], **meta.get("hyperparams", {}))
+    except FeaturekitError as err:
+        raise FeaturekitError(f"{meta_path}: {err}; the file was edited by hand or is damaged: re-save the dictionary") from err
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise FeaturekitError(f"{meta_path}: method {meta['method']!r} cannot be built from hyperparams "
+                              f"{meta.get('hyperparams', {})} ({err}); re-save the dictionary") from err
+    dictionary.metadata = meta
+    return dictionary
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
@@ -168,16 +289,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
         tensors = load_file(weights, device=str(device))
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise FeaturekitError(f"{weights} cannot be read ({err}); the file is damaged, re-save the dictionary") from err
-    expected = {"W_enc": (meta["n_latents"], meta["d_in"]), "W_dec": (meta["n_latents"], meta.get("d_out", meta["d_in"]))}
-    for name in ("W_enc", "W_dec"):
-        if name not in tensors or tuple(tensors[name].shape) != expected[name]:
-            got = tuple(tensors[name].shape) if name in tensors else "missing"
-            raise FeaturekitError(
-                f"{weights}: {name} has shape {got} but {META} says {expected[name]}; the two files do not "
-                f"belong together, re-save the dictionary"
-            )
-    dictionary = build(meta["method"], meta["d_in"], meta["n_latents"], **meta.get("hyperparams", {}))
+    dictionary = _build(meta, path / META)
+    _check_tensors(dictionary, tensors, weights)
     dictionary.load_state_dict(tensors)
     dictionary.to(device=device, dtype=getattr(torch, meta.get("dtype", "float32")))
-    dictionary.metadata = meta
     return dictionary.eval()
