@@ -104,3 +104,20 @@ def test_splicing_zeros_equals_zero_ablation_and_touches_only_kept_positions(tin
         with replace(loaded.model, "resid_post.1", lambda a: a.masked_fill(keep[..., None], 0.0)):
             edited = token_cross_entropy(loaded.model(input_ids=ids[:2]).logits, ids[:2])
     assert torch.equal(clean[:, :5], edited[:, :5]) and not torch.equal(clean[:, 5:], edited[:, 5:])
+
+
+def test_an_encoder_runs_end_to_end_with_the_splice_skipped(tiny_bert, tmp_path):
+    """BERT has no language-model head: harvest, training, reconstruction metrics, features and the report all
+    work, and eval.json says why there is no CE/KL (it used to crash at the splice, losing the metrics)."""
+    cfg = pipeline.resolve(load_config(None, [
+        f"out_dir={tmp_path}", "name=bert", f"model.name={tiny_bert / 'model'}", "model.dtype=float32",
+        f"data.source={tiny_bert / 'text.txt'}", "site=resid_post.1", "data.context_len=16", "data.train_tokens=3000",
+        "dictionary.n_latents=64", "dictionary.k=4", "train.batch_size=256", "train.buffer_tokens=1024", "train.epochs=2",
+        "eval.tokens=600", "eval.batch_contexts=8", "report.n_features=3",
+    ]))
+    report = pipeline.run_all(cfg, progress=False)
+    result = json.loads((cfg.run_dir / "eval.json").read_text())
+    assert 0 < result["fvu"] < 1 and result["l0"] <= 4 and result["complete"]
+    assert "ce_clean" not in result and "no language-model head" in result["splice"]["skipped"]
+    assert "no language-model head" in report.read_text()
+    assert json.loads((cfg.run_dir / "features" / "top_examples.json").read_text())

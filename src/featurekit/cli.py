@@ -3,9 +3,11 @@
     featurekit run     [--config FILE] [--set key=value ...]    the whole job
     featurekit harvest [--config FILE] [--set key=value ...]    activations → runs/NAME/activations
     featurekit train   [--config FILE] [--set key=value ...]    cache → runs/NAME/dictionary
-    featurekit train   --resume runs/NAME                       continue a killed run exactly
-    featurekit eval    runs/NAME                                held-out metrics → eval.json
-    featurekit report  runs/NAME                                → report.html
+    featurekit train   --resume RUN_DIR                         continue a killed run exactly
+    featurekit eval    RUN_DIR [--text SOURCE] [--set data.*=…]  held-out metrics → eval.json (other text → evals/LABEL/)
+    featurekit report  RUN_DIR                                  → report.html
+    featurekit clean   RUN_DIR                                  remove the activation cache and checkpoint of a finished run
+    featurekit config  [--methods]                              every config key with its default and meaning
     featurekit mlp-sparsity [--model M] [--layers L ...] [--k K ...]   loss cost of a top-k of the model's MLP neurons
     featurekit bench synthetic [--out DIR] [--quick] [--methods a,b] ...   every method on synthetic ground truth
     featurekit bench frontier  [--out DIR] [--methods a,b] [--ks 16,32] ... FVU/loss against L0 on the real model
@@ -19,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import FeaturekitError
 
 EPILOG = (
@@ -27,29 +30,55 @@ EPILOG = (
 )
 
 
+RUN_DIR_HELP = "a run folder written by `featurekit run` / `train` (runs/NAME, or wherever it was moved)"
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML or JSON config file (defaults: the main job)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value (repeatable)")
-    p.add_argument("--name", help="run name (shortcut for --set name=NAME)")
+                   help="override one config value (repeatable); `featurekit config` lists the keys")
+    p.add_argument("--name", help="run name (shortcut for --set name=NAME); the run goes to out_dir/NAME (default runs/NAME)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out_dir/NAME if its config differs (default: refuse; the same config continues it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurekit", description="Sparse dictionaries for neural network activations.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"featurekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="the whole job: harvest, train, evaluate, report", epilog=EPILOG)
+    p = sub.add_parser("run", help="the whole job: harvest, train, evaluate, report (a rerun continues from what is complete)",
+                       epilog=EPILOG)
     _config_args(p)
     p = sub.add_parser("harvest", help="harvest activations into the run's activation cache", epilog=EPILOG)
     _config_args(p)
     p = sub.add_parser("train", help="train a dictionary on the run's activation cache", epilog=EPILOG)
     _config_args(p)
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p = sub.add_parser("eval", help="evaluate the run's dictionary on held-out text (writes eval.json)")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (from step 0 if it stopped before the first)")
+    p = sub.add_parser("eval", help="evaluate the run's dictionary: held-out metrics, splice CE/KL, feature examples",
+                       description="Evaluate RUN_DIR's dictionary. Without options: on the held-out split of the run's own text, "
+                                   "written to RUN_DIR/eval.json and RUN_DIR/features/. With --text or --set data.*/eval.*/report.*: "
+                                   "on other text (or with other settings), written to RUN_DIR/evals/LABEL/ beside the run's own results.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--text", metavar="SOURCE", help="evaluate on this text source (as data.source: embedded name, .txt/.jsonl/"
+                                                    ".parquet path, folder of .txt files, hf:NAME)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a data.*, eval.* or report.* value for this evaluation (repeatable)")
+    p.add_argument("--split", choices=["test", "train", "all"],
+                   help="which documents of the text (default: test on the run's own text, all on other text)")
+    p.add_argument("--label", help="folder name under RUN_DIR/evals (default: the text's name and the split)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p = sub.add_parser("report", help="write the run's report.html")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("report", help="write the run's report.html from what the run holds (metrics, curves, features)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p = sub.add_parser("clean", help="free disk: remove a finished run's activation cache and checkpoint, keeping the results",
+                       description="Remove RUN_DIR/activations (the training activation cache) and RUN_DIR/checkpoint (the resumable "
+                                   "training state) once the dictionary is finished. The dictionary, eval.json, features/, "
+                                   "metrics.jsonl and report.html stay; a later `featurekit run` of the same config skips to "
+                                   "what is missing.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p = sub.add_parser("config", help="list every config key with its default and meaning, and the dictionary methods")
+    p.add_argument("--methods", action="store_true", help="only the dictionary methods")
     p = sub.add_parser("mlp-sparsity", help="CE/KL cost of keeping only k of the model's own MLP neurons (mlp_hidden) per token")
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local directory, .gguf file or Hub id")
     p.add_argument("--layers", type=int, nargs="+", help="blocks whose MLPs are sparsified together (default: the middle one)")
@@ -77,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except FeaturekitError as err:
         print(f"featurekit: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file featurekit had to read or write: name it and the cause
+        where = f" {err.filename}" if err.filename else ""
+        print(f"featurekit: error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
+        return 2
     finally:
         _leave_process_group(sync=done)
 
@@ -91,51 +124,96 @@ def _leave_process_group(sync: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from . import pipeline
-    from .config import load_config
-    from .report import write_report
-
     progress = not getattr(args, "quiet", False)
     if not progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    if args.command == "report":
-        print(f"report: {write_report(args.run_dir)}")
+    if args.command == "config":
+        from .config_help import describe
+
+        print(describe(methods_only=args.methods))
         return 0
     if args.command == "mlp-sparsity":
         return _mlp_sparsity(args, progress)
     if args.command == "itda-match":
         return _itda_match(args, progress)
-    if args.command == "eval":
-        result = pipeline.run_eval(pipeline.load_run_config(args.run_dir), progress=progress)
+    if args.command in ("eval", "report", "clean") or (args.command == "train" and args.resume):
+        return _on_run_dir(args, progress)
+    return _new_run(args, progress)
+
+
+def _on_run_dir(args: argparse.Namespace, progress: bool) -> int:
+    """Commands that work in an existing run folder: eval, report, clean, train --resume."""
+    from . import pipeline, rundir
+    from .report import write_report
+
+    run_dir = args.resume if args.command == "train" else args.run_dir
+    cfg = pipeline.load_run_config(run_dir)  # not a run folder: a clear error, nothing written
+    if args.command == "train" and (args.config or args.overrides or args.name or args.overwrite):
+        raise FeaturekitError("--resume continues a run with its own config.json; drop --config/--set/--name/--overwrite "
+                              "(to change settings, start a new run)")
+    with rundir.locked(run_dir, f"{args.command} {run_dir}"):
+        rundir.sweep(run_dir)
+        if args.command == "report":
+            print(f"report: {write_report(run_dir)}")
+        elif args.command == "clean":
+            freed = rundir.clean(run_dir)
+            for name, size in freed.items():
+                print(f"removed {run_dir / name} ({size / 2**20:.1f} MiB)")
+            print(f"freed {sum(freed.values()) / 2**20:.1f} MiB; kept the dictionary and the results" if freed else "nothing to remove")
+        elif args.command == "train":
+            if pipeline.dictionary_complete(cfg):
+                print(f"dictionary: {cfg.run_dir / 'dictionary'} (already finished)")
+                return 0
+            pipeline.run_train(cfg, resume=True, progress=progress)
+            if pipeline.distributed.is_main():
+                print(f"dictionary: {cfg.run_dir / 'dictionary'}")
+        else:
+            _eval(args, cfg, progress)
+    return 0
+
+
+def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
+    from . import pipeline
+
+    overrides = list(args.overrides) + ([f"data.source={args.text}"] if args.text else [])
+    if overrides or args.split or args.label:
+        cfg, split, out = pipeline.other_text(cfg, overrides, args.split, args.label)
+        result = pipeline.run_eval(cfg, progress=progress, split=split, out_dir=out)
         print(_summary(result))
-        return 0
-    if args.command == "train" and args.resume:
-        if args.config or args.overrides or args.name:
-            raise FeaturekitError("--resume continues a run with its own config.json; drop --config/--set/--name "
-                                  "(to change settings, start a new run)")
-        cfg = pipeline.load_run_config(args.resume)
-        pipeline.run_train(cfg, resume=True, progress=progress)
-        print(f"dictionary: {cfg.run_dir / 'dictionary'}")
-        return 0
+        print(f"results: {out / 'eval.json'}")
+    else:
+        result = pipeline.run_eval(cfg, progress=progress)
+        print(_summary(result))
+
+
+def _new_run(args: argparse.Namespace, progress: bool) -> int:
+    """run, harvest, train: a run folder from a config (a new one, or the same config continued)."""
+    from . import pipeline, rundir
+    from .config import load_config
+
     overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
     cfg = pipeline.resolve(load_config(args.config, overrides))
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    pipeline.save_config(cfg)
-    if args.command == "harvest":
-        cache = pipeline.run_harvest(cfg, progress=progress)
-        print(f"activation cache: {cache.dir} ({cache.n_tokens} tokens)")
-    elif args.command == "train":
-        pipeline.run_train(cfg, progress=progress)
-        if pipeline.distributed.is_main():  # under torchrun: once
-            print(f"dictionary: {cfg.run_dir / 'dictionary'}")
-    else:
-        report = pipeline.run_all(cfg, progress=progress)
-        if not pipeline.distributed.is_main():  # under torchrun rank 0 evaluates and reports
+    with rundir.locked(cfg.run_dir, args.command):
+        if args.command == "run":
+            report = pipeline.run_all(cfg, progress=progress, overwrite=args.overwrite)
+            if not pipeline.distributed.is_main():  # under torchrun rank 0 evaluates and reports
+                return 0
+            print(_summary(pipeline.read_json(cfg.run_dir / "eval.json")))
+            print(f"report: {report}")
             return 0
-        print(_summary(pipeline.read_json(cfg.run_dir / "eval.json")))
-        print(f"report: {report}")
+        pipeline.preflight(cfg)
+        pipeline.start(cfg, overwrite=args.overwrite)
+        if args.command == "harvest":
+            cache = pipeline.run_harvest(cfg, progress=progress)
+            print(f"activation cache: {cache.dir} ({cache.n_tokens} tokens)")
+        elif pipeline.dictionary_complete(cfg):
+            print(f"dictionary: {cfg.run_dir / 'dictionary'} (already finished for this config and text)")
+        else:  # the same config continues from its checkpoint
+            pipeline.run_train(cfg, resume=(cfg.run_dir / "checkpoint" / "state.json").is_file(), progress=progress)
+            if pipeline.distributed.is_main():  # under torchrun: once
+                print(f"dictionary: {cfg.run_dir / 'dictionary'}")
     return 0
 
 

@@ -33,6 +33,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "bbc"  #: embedded corpus name, local .txt/.jsonl/.parquet, or hf:NAME
+    #: what the held-out split holds out: documents (5 % of documents, by a hash of their text; a .txt file's documents
+    #: are separated by blank lines) | contexts (5 % of the packed contexts, at least one: for a source of few documents)
+    holdout: str = "documents"
     context_len: int = 128  #: tokens per packed context
     train_tokens: int = 600_000  #: activation tokens harvested for training (after exclusions)
     exclude_first: bool = True  #: drop position 0 of each context (attention sink, massive norm)
@@ -370,6 +373,7 @@ def validate(cfg: RunConfig) -> None:
 
     choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
                "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
+               "data.holdout": (cfg.data.holdout, ("documents", "contexts")),
                "dictionary.method": (cfg.dictionary.method, tuple(sorted(METHODS)))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

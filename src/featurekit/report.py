@@ -77,8 +77,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise FeaturekitError(f"run directory {run_dir} does not exist; pass the folder a training run wrote")
     config, config_note = _read_json(run_dir / "config.json")
-    named = config if isinstance(config, dict) else {}
-    name = str(named.get("name") or named.get("run_name") or run_dir.resolve().name)
+    name = run_dir.resolve().name  # the folder's own name: a run folder may be moved or renamed
     sections = [
         ("eval", "Evaluation", _eval_section(run_dir / "eval.json")),
         ("training", "Training curves", _curves_section(run_dir / "metrics.jsonl")),

@@ -40,7 +40,7 @@ from pathlib import Path
 from featurekit.errors import FeaturekitError
 
 TEST_FRACTION = 0.05
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "all")
 _TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 SOURCES: dict[str, dict[str, str]] = {
@@ -73,13 +73,13 @@ SOURCES: dict[str, dict[str, str]] = {
 
 
 def load_texts(source: str = "embedded", split: str = "train", *, max_docs: int | None = None) -> list[str]:
-    """Documents of `source` in `split` ("train" or "test"); see the module docstring.
+    """Documents of `source` in `split` ("train", the held-out "test", or "all"); see the module docstring.
 
     `max_docs` (optional) stops after that many documents of the split (Hub datasets are then
     streamed instead of downloaded whole). Raises FeaturekitError when nothing is left.
     """
     if split not in SPLITS:
-        raise FeaturekitError(f"unknown split {split!r}: use 'train' or the held-out 'test' split")
+        raise FeaturekitError(f"unknown split {split!r}: use 'train', the held-out 'test' split, or 'all'")
     if max_docs is not None and max_docs < 1:
         raise FeaturekitError(f"max_docs must be >= 1 (got {max_docs}); pass None for all documents")
     docs = _select(_raw_documents(source, max_docs is not None), split, max_docs)
@@ -96,12 +96,35 @@ def is_test_document(text: str) -> bool:
     return int(digest[:16], 16) / 2**64 < TEST_FRACTION
 
 
+def source_digest(source: str) -> str:
+    """sha256 of the content of `source`: every non-empty document of both splits, in order, each
+    length-prefixed. An edited file, an added or removed document or another order changes it.
+    A Hub dataset is identified by its `datasets` fingerprint (of the files it was built from)."""
+    h = hashlib.sha256()
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        datasets = _import_datasets(source)
+        try:
+            ds = datasets.load_dataset(name, config or None, split="train")
+        except Exception as exc:
+            raise FeaturekitError(f"could not load the Hub dataset {name!r} to identify it ({type(exc).__name__}: {exc}); "
+                                  "pass a local .jsonl/.parquet copy instead") from exc
+        h.update(f"hf:{ds._fingerprint}".encode())
+        return h.hexdigest()
+    for doc in _raw_documents(source, False):
+        data = doc.strip().encode("utf-8")
+        if data:
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()
+
+
 def _select(docs: Iterable[str], split: str, max_docs: int | None) -> list[str]:
     want_test = split == "test"
     out: list[str] = []
     for doc in docs:
         doc = doc.strip()
-        if doc and is_test_document(doc) == want_test:
+        if doc and (split == "all" or is_test_document(doc) == want_test):
             out.append(doc)
             if max_docs is not None and len(out) >= max_docs:
                 break

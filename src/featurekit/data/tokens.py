@@ -89,6 +89,30 @@ def token_mask(input_ids: torch.Tensor, tokenizer, exclude_first: bool = True,
     return mask
 
 
+def tokenize(tokenizer, texts: str | list[str], policy: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts as a run sees them, for Python users: `(input_ids, keep)`, one row per text, right-padded.
+
+    BOS goes in front where the tokenizer adds one (as `pack` does). `keep` (bool, like input_ids) marks
+    the tokens a run trains and evaluates on under `policy` (a dictionary file's `special_tokens`, e.g.
+    `sae.metadata["special_tokens"]`; default: position 0 and special tokens excluded). Padding is
+    never kept. A run also drops attention-sink tokens by norm once the activations exist:
+    `keep & ~featurekit.data.harvest.norm_outliers(acts, keep, policy["max_norm_multiple"])`.
+    Right padding leaves a causal model's activations at the real tokens unchanged."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise FeaturekitError("tokenize() needs at least one text")
+    policy = policy or {}
+    prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    rows = [prefix + ids for ids in _encode(texts, tokenizer)]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else separator_id(tokenizer)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+    real = torch.tensor([[i < len(r) for i in range(width)] for r in rows])
+    keep = token_mask(ids, tokenizer, exclude_first=policy.get("exclude_first", True),
+                      exclude_special=policy.get("exclude_special", True))
+    return ids, keep & real
+
+
 def adds_bos(tokenizer) -> bool:
     """True if the tokenizer puts its bos token in front of a text when special tokens are on."""
     bos = tokenizer.bos_token_id

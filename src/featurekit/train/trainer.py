@@ -11,6 +11,7 @@ deterministic batch stream past the steps already done and ends with the same we
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -157,6 +158,8 @@ class Trainer:
                 torch.set_num_threads(probe.threads())
                 began = time.perf_counter()
             row = self.train_step(batch, recon)  # synchronous on CPU (it reads the loss)
+            if not math.isfinite(row["loss"]):
+                raise self._diverged(f"the loss is {row['loss']}")
             if probe is not None:
                 probe.record(time.perf_counter() - began)
                 if probe.chosen is not None:
@@ -169,6 +172,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
                                 dead=f"{row['dead_fraction']:.3f}")
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                bad = [name for name, p in self.named.items() if not torch.isfinite(p).all()]
+                if bad:  # the loss was finite before this step's update, the weights are not after it
+                    raise self._diverged(f"{', '.join(bad)} hold NaN/Inf after the update")
                 self.save()
             bar.update(1)
         bar.close()
@@ -238,6 +244,15 @@ class Trainer:
         return row
 
     # -- helpers --------------------------------------------------------------------------------
+    def _diverged(self, what: str) -> FeaturekitError:
+        """Training stops at the first non-finite loss or weights: the last good checkpoint stays as it is."""
+        meta = read_checkpoint_meta(self.ckpt_dir) if distributed.writes() else None
+        kept = (f"the last good checkpoint (step {meta['step']}) is kept in {self.ckpt_dir}" if meta
+                else "no checkpoint had been written yet")
+        return FeaturekitError(f"training diverged at step {self.step} of {self.total_steps}: {what} (train.lr={self.cfg.lr}, "
+                               f"max_grad_norm={self.cfg.max_grad_norm}); nothing non-finite was saved and {kept}. Start again "
+                               f"with a lower train.lr or with train.max_grad_norm set (--overwrite, or a new --name)")
+
     def _log(self, row: dict) -> None:
         if not distributed.writes():
             return

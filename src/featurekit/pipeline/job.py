@@ -1,0 +1,48 @@
+"""The main job, `featurekit run`: harvest → train → evaluate → report, continuing from whatever is complete.
+
+A rerun of the same command (after a kill, or after it finished) redoes nothing that is done: a complete
+activation cache is not harvested again, training resumes from its checkpoint, a dictionary finished
+under this config and on this data (`dictionary_complete`) is not trained again, a complete evaluation
+of that dictionary (`eval_complete`) is not run again; the report is always rewritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import RunConfig
+from ..errors import note
+from ..report import write_report
+from ..train import distributed
+from .evaluation import eval_complete, run_eval
+from .setup import contexts, open_model, preflight, resolve, start
+from .training import dictionary_complete, run_harvest, run_train
+
+
+def run_all(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> Path:
+    """The main job (module docstring). `overwrite` replaces a run of another config in the same folder.
+    Returns the report's path."""
+    cfg = resolve(cfg)
+    preflight(cfg)
+    loaded = open_model(cfg)
+    contexts(loaded, cfg, "test", cfg.eval.tokens)  # a held-out split too short for one context fails now, not after training
+    start(cfg, overwrite)
+    if dictionary_complete(cfg, loaded):
+        note(f"{cfg.run_dir / 'dictionary'} is this config's finished dictionary on the same text and model: "
+             f"harvest and training skipped")
+    else:
+        if cfg.data.cache:
+            if distributed.init_from_env() and not distributed.is_main():  # torchrun: rank 0 harvests, the others wait
+                distributed.barrier()
+            else:
+                run_harvest(cfg, loaded, progress)
+                distributed.barrier()
+        resume = (cfg.run_dir / "checkpoint" / "state.json").is_file()
+        run_train(cfg, resume=resume, progress=progress, loaded=loaded)
+    if not distributed.is_main():
+        return cfg.run_dir / "report.html"
+    if eval_complete(cfg):
+        note(f"{cfg.run_dir / 'eval.json'} already scores this dictionary: evaluation skipped")
+    else:
+        run_eval(cfg, loaded, progress)
+    return write_report(cfg.run_dir)

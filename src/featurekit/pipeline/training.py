@@ -1,0 +1,291 @@
+"""Harvest and training: the activation cache, the trainer or fitter, and the saved dictionary.
+
+The cache's identity (`harvest_meta`) holds the data settings and content digests of the text, and (from
+the harvest) of the model's weights and tokenizer: a cache harvested from other text, weights or
+tokenizer is refused, never silently trained on. The saved dictionary records the same identity and a
+digest of the config (`dictionary_complete`), so a rerun of a finished run skips to what is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import RunConfig
+from ..data.cache import ActivationCache, write_cache
+from ..data.harvest import harvest
+from ..data.prefetch import Prefetcher, split_threads
+from ..data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
+from ..data.sources import source_digest
+from ..dictionaries import METHODS, Dictionary, build_from_config, read_meta, save
+from ..errors import FeaturekitError, warn
+from ..models.hooks import gradient_key
+from ..models.loading import LoadedModel
+from ..models.sites import site_dim
+from ..train import Trainer, distributed
+from ..train.fit import fit_stream
+from .setup import config_digest, contexts, dtype_name, harvest_sites, open_model, token_policy
+
+INIT_SAMPLE_TOKENS = 32_768
+TRANSCODER_SCALE_RULE = ("; target y (output_site): c_out = sqrt(d_out) / mean ||y|| on the same tokens (1 with normalize=none); "
+                         "folded: b_enc/c, W_dec*c/c_out, W_skip*c/c_out, b_dec/c_out, so the weights map raw x to raw y")
+
+
+# -- what identifies the training data ---------------------------------------------------------------
+def harvest_meta(cfg: RunConfig) -> dict:
+    """What identifies a training activation set without loading the model: the data settings and the
+    text's content digest (stored in the cache manifest, checked before training)."""
+    return {"model": cfg.model.name, "sites": harvest_sites(cfg), "source": cfg.data.source, "split": "train",
+            "context_len": cfg.data.context_len, "token_policy": token_policy(cfg), "tokens": cfg.data.train_tokens,
+            "harvest_batch": cfg.data.harvest_batch, **({"gradients": True} if cfg.data.gradients else {}),
+            **({"holdout": cfg.data.holdout} if cfg.data.holdout != "documents" else {}),
+            "text_digest": source_digest(cfg.data.source)}
+
+
+def loaded_identity(loaded: LoadedModel) -> dict:
+    """The digests of the loaded model's weights and tokenizer, and the dtype it runs in."""
+    from ..models.identity import model_digest, tokenizer_digest
+
+    return {"dtype": dtype_name(loaded.model.dtype), "model_digest": model_digest(loaded.model),
+            "tokenizer_digest": tokenizer_digest(loaded.tokenizer)}
+
+
+IDENTITY_KEYS = ("text_digest", "model_digest", "tokenizer_digest")
+_CHANGED = {"text_digest": "the text of {source}", "model_digest": "the weights of model {model}",
+            "tokenizer_digest": "the tokenizer of model {model}"}
+
+
+def mismatch(where: str, stored: dict, expected: dict) -> FeaturekitError | None:
+    """The error for data harvested under another identity (None when `stored` agrees with `expected`)."""
+    differs = sorted(k for k in expected if stored.get(k) != expected[k])
+    if not differs:
+        return None
+    changed = [_CHANGED[k].format(source=expected.get("source"), model=expected.get("model")) for k in differs if k in _CHANGED]
+    settings = [k for k in differs if k not in _CHANGED]
+    what = "; ".join(([f"{' and '.join(changed)} changed since"] if changed else [])
+                     + ([f"other settings ({', '.join(settings)})"] if settings else []))
+    return FeaturekitError(f"{where} was harvested from other data: {what}. Its activations are not this run's; start a new "
+                           f"run (--name NEW), or pass --overwrite to discard this run's results and harvest again")
+
+
+def run_digest(cfg: RunConfig, data_id: object) -> str:
+    """sha256 of everything that determines the training trajectory (checked when resuming)."""
+    blob = json.dumps({"train": dataclasses.asdict(cfg.train), "dictionary": dataclasses.asdict(cfg.dictionary),
+                       "site": cfg.site, "data": data_id, **({"output_site": cfg.output_site} if cfg.output_site else {})},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def dictionary_complete(cfg: RunConfig, loaded: LoadedModel | None = None) -> bool:
+    """Whether runs/NAME/dictionary is this config's finished dictionary, trained on this text (and, given
+    the loaded model, this model's weights and tokenizer): then a rerun need not harvest or train again."""
+    try:
+        meta = read_meta(cfg.run_dir / "dictionary")
+    except FeaturekitError:
+        return False
+    identity = meta.get("source", {}).get("identity", {})
+    expected = {"text_digest": source_digest(cfg.data.source), **(loaded_identity(loaded) if loaded is not None else {})}
+    expected.pop("dtype", None)
+    return (meta.get("provenance", {}).get("config_digest") == config_digest(cfg)
+            and all(identity.get(k) == v for k, v in expected.items()))
+
+
+# -- steps ------------------------------------------------------------------------------------------
+def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool = True) -> ActivationCache:
+    """Harvest the training activations into runs/NAME/activations (resumes an interrupted harvest; a cache
+    of other text, weights, tokenizer or settings is refused)."""
+    loaded = loaded or open_model(cfg)
+    meta = {**harvest_meta(cfg), **loaded_identity(loaded)}
+    folder = cfg.run_dir / "activations"
+    if (folder / "manifest.json").is_file():
+        error = mismatch(f"the activation cache in {folder}", ActivationCache(folder).meta, meta)
+        if error:
+            raise error
+    ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
+    stream = harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.data.harvest_batch, mask=mask, progress=progress,
+                     max_norm_multiple=cfg.data.max_norm_multiple, gradients=cfg.data.gradients)
+    return write_cache(folder, stream, meta, cfg.data.shard_tokens)
+
+
+def training_cache(cfg: RunConfig, cache_dir: Path | None = None) -> ActivationCache:
+    """The run's activation cache (or `cache_dir`), checked complete and harvested with this config's data
+    settings from the same text (the model's digests were checked by the harvest that wrote it)."""
+    cache = ActivationCache(cache_dir or cfg.run_dir / "activations")
+    if not cache.complete:
+        raise FeaturekitError(f"the activation cache in {cache.dir} is incomplete; run `featurekit harvest` to finish it")
+    error = mismatch(f"the activation cache in {cache.dir}", cache.meta, harvest_meta(cfg))
+    if error:
+        raise error
+    return cache
+
+
+def run_fit(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
+            cache_dir: Path | None = None) -> Dictionary:
+    """Fit a method with a `Dictionary.fitter` (ITDA, SNMF): `fitter.passes` (default 1) passes over the training
+    activations in stream order (the cache's shards in order, or a fresh harvest without `data.cache`), no shuffle
+    and no input scaling; steps, metrics.jsonl, checkpoints and `resume` as in `train.fit.fit_stream`."""
+    tc = cfg.train
+    resume = resumable(cfg, resume)
+    if cfg.data.cache:
+        cache = training_cache(cfg, cache_dir)
+        d, harvest_dtype, identity = cache.d(cfg.site), cache.meta.get("dtype"), cache.meta
+        data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
+
+        def read() -> Iterator:
+            return cache.iter_shards(sites=[cfg.site])
+    else:
+        loaded = loaded or open_model(cfg)
+        ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
+        d, harvest_dtype = site_dim(loaded.model, cfg.site), dtype_name(loaded.model.dtype)
+        data_id = identity = {**harvest_meta(cfg), **loaded_identity(loaded)}
+
+        def read() -> Iterator:
+            return harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=False,
+                           max_norm_multiple=cfg.data.max_norm_multiple)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    fitter = METHODS[cfg.dictionary.method].fitter.from_config(cfg.dictionary, d, seed=tc.seed, batch_size=tc.batch_size)
+    batches = itertools.chain.from_iterable(read() for _ in range(getattr(fitter, "passes", 1)))  # each pass read lazily
+    start = time.time()
+    summary = fit_stream(fitter, batches, cfg.site, cfg.run_dir, tc, digest=run_digest(cfg, data_id), resume=resume, progress=progress)
+    sae = fitter.finish()
+    save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start, identity)
+    return sae
+
+
+def resumable(cfg: RunConfig, resume: bool) -> bool:
+    """Resume only where a checkpoint exists: a run killed before its first checkpoint starts afresh."""
+    if resume and not (cfg.run_dir / "checkpoint" / "state.json").is_file():
+        warn(f"{cfg.run_dir} has no checkpoint yet (it stopped before its first one): training starts from step 0")
+        return False
+    return resume
+
+
+def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
+              cache_dir: Path | None = None) -> Dictionary:
+    """Train the dictionary; `resume` continues from the checkpoint.
+
+    `cache_dir` reads another run's activation cache (harvested with the same data settings; several
+    dictionaries trained on one harvest, as `bench frontier` does) instead of runs/NAME/activations.
+
+    With `data.cache` (the default) batches come from the run's activation cache, which must have
+    been harvested with this config. Without it they are streamed: every epoch harvests the training
+    contexts again straight into the shuffle buffer (nothing on disk; memory bounded by the buffer). A
+    background thread (`data.prefetch`) harvests and shuffles ahead while the trainer steps, holding up to
+    half a buffer of finished batches; the threads are split between the two (`split_threads`: one each on 2).
+    A streamed epoch is cut to ⌊0.99 · kept tokens / batch_size⌋ batches, the slack absorbing tokens
+    dropped as norm outliers. Resuming skips the batches already trained on (whole epochs unread).
+    Methods with a `Dictionary.fitter` (ITDA, SNMF) are fitted by `run_fit` instead.
+    """
+    if METHODS[cfg.dictionary.method].fitter is not None:
+        return run_fit(cfg, resume=resume, progress=progress, loaded=loaded, cache_dir=cache_dir)
+    tc = cfg.train
+    resume = resumable(cfg, resume)
+    with_grad = METHODS[cfg.dictionary.method].needs_gradient  # rows are then [activation | gradient]
+    # one shuffled row per token: [activation | gradient] (g-SAE) or [input | target] (transcoders)
+    sites = [cfg.site] + ([gradient_key(cfg.site)] if with_grad else []) + ([cfg.output_site] if cfg.output_site else [])
+    if cfg.data.cache:
+        cache = training_cache(cfg, cache_dir)
+        d, per_epoch, harvest_dtype = cache.d(cfg.site), batches_per_epoch(cache.n_tokens, tc.batch_size), cache.meta.get("dtype")
+        identity = cache.meta
+        d_out = cache.d(cfg.output_site) if cfg.output_site else None
+        data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
+
+        def stream(skip: int) -> Iterator[torch.Tensor]:
+            return iter_epochs(cache, sites, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed, skip_batches=skip)
+    else:
+        loaded = loaded or open_model(cfg)
+        ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
+        d, per_epoch = site_dim(loaded.model, cfg.site), int(0.99 * int(mask.sum())) // tc.batch_size
+        d_out = site_dim(loaded.model, cfg.output_site) if cfg.output_site else None
+        harvest_dtype = dtype_name(loaded.model.dtype)
+        data_id = identity = {**harvest_meta(cfg), **loaded_identity(loaded)}
+
+        # a producer thread harvests and shuffles the next batches while the trainer steps (data.prefetch module); its
+        # queue holds one shuffle-buffer burst + 1 batches, so emitting a burst never stalls the next harvest
+        producer_threads, consumer_threads = split_threads(tc.threads or torch.get_num_threads())
+        depth = max(1, tc.buffer_tokens // 2 // tc.batch_size) + 1
+
+        def stream(skip: int) -> Iterator[torch.Tensor]:
+            return Prefetcher(harvested(skip), depth=depth, threads=producer_threads)
+
+        def harvested(skip: int) -> Iterator[torch.Tensor]:
+            for epoch in range(skip // max(per_epoch, 1), tc.epochs):
+                batches = harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.data.harvest_batch, mask=mask,
+                                  progress=False, max_norm_multiple=cfg.data.max_norm_multiple, gradients=with_grad)
+                shuffled = ShuffleBuffer(batches, sites, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
+                first = skip % per_epoch if epoch == skip // per_epoch else 0
+                yield from itertools.islice(shuffled, first, per_epoch)
+
+    total_steps = tc.epochs * per_epoch
+    if total_steps == 0:
+        raise FeaturekitError(f"fewer training tokens than one batch of {tc.batch_size}; harvest more or lower train.batch_size")
+    if tc.warmup_steps > total_steps:
+        warn(f"train.warmup_steps={tc.warmup_steps} exceeds the run's {total_steps} steps: the learning rate never reaches "
+             f"train.lr={tc.lr}; lower train.warmup_steps or train longer")
+    sae = build_from_config(cfg.dictionary, d, seed=tc.seed, d_out=d_out)
+    widths = [d] + ([d] if with_grad else []) + ([d_out] if d_out else [])
+    threads = tc.threads or torch.get_num_threads()
+    if tc.threads or not cfg.data.cache:  # streamed: the trainer gets its share, the prefetch thread the rest
+        torch.set_num_threads(threads if cfg.data.cache else consumer_threads)
+    torch.manual_seed(tc.seed)
+    # under torchrun: data parallel, or this rank's latent shard (train.shard_latents); one process: unchanged
+    distributed.init_from_env()
+    sae = sae.to(distributed.train_device(tc.device))  # train.device: the GPU when there is one (batches follow)
+    sae, rank_dir = distributed.prepare(sae, tc, cfg.run_dir)
+    trainer = Trainer(sae, tc, rank_dir, total_steps, digest=run_digest(cfg, data_id))
+    if resume:
+        trainer.resume()
+    else:  # c and b_dec from the first shuffled batches: a sample of the whole set, not its first documents
+        sample = torch.cat(list(itertools.islice(stream(0), -(-INIT_SAMPLE_TOKENS // tc.batch_size))))[:INIT_SAMPLE_TOKENS]
+        trainer.init_from_data(*sample.to(sae.W_dec.device).split(widths, dim=1))
+    distributed.after_init(sae)
+    batches = distributed.rank_batches(stream(trainer.step), sae)
+    if len(widths) > 1:
+        batches = (tuple(b.split(widths, dim=1)) for b in batches)
+    start = time.time()
+    summary = trainer.fit(batches, progress=progress and distributed.is_main())
+    torch.set_num_threads(threads)
+    full = distributed.finish(sae)  # torchrun: the (gathered) dictionary on rank 0, None elsewhere
+    if full is not None:
+        save_dictionary(full, cfg, harvest_dtype, summary, time.time() - start, identity)
+    return full if full is not None else sae
+
+
+def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, summary: dict, seconds: float,
+                    identity: dict | None = None) -> Path:
+    """Save a folded copy (runs on raw activations) to runs/NAME/dictionary, with the digests of the data it was
+    trained on (`identity`: text, model weights, tokenizer) and of the config (`dictionary_complete` reads both)."""
+    out = copy.deepcopy(sae)
+    training_scale = float(out.input_scale)
+    extra = {"training_output_scale": float(out.output_scale)} if out.transcodes else {}
+    out.fold_input_scale()
+    if hasattr(out, "fold_decoder_norms"):
+        out.fold_decoder_norms()
+        extra["decoder_norms_folded"] = True
+    meta = {
+        "normalization": {"training_scale": training_scale, **extra,
+                          "rule": f"{cfg.train.normalize}: c = sqrt(d) / mean ||x|| on {INIT_SAMPLE_TOKENS} shuffled training tokens"
+                                  + (TRANSCODER_SCALE_RULE if out.transcodes else "")},
+        "source": {"model": cfg.model.name, "site": cfg.site, "d_model": sae.d_in, "harvest_dtype": harvest_dtype,
+                   "corpus": cfg.data.source, "context_len": cfg.data.context_len,
+                   **({"output_site": cfg.output_site} if cfg.output_site else {}),
+                   "identity": {k: (identity or {}).get(k) for k in IDENTITY_KEYS}},
+        "special_tokens": token_policy(cfg),
+        "provenance": {"featurekit_version": __version__, "tokens_seen": summary["tokens"], "steps": summary["steps"],
+                       "train_seconds": round(seconds, 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       **({"threads": summary["threads"]} if "threads" in summary else {}),
+                       **({"device": summary["device"]} if "device" in summary else {}),
+                       "config": dataclasses.asdict(cfg.train), "config_digest": config_digest(cfg)},
+    }
+    return save(out, cfg.run_dir / "dictionary", meta)
