@@ -275,3 +275,18 @@ def test_random_sigkills_during_run_then_reruns_end_as_one_uninterrupted_run(tin
         assert json.loads((tmp_path / name / "eval.json").read_text())["complete"]
         assert not [p for p in (tmp_path / name).rglob("*.tmp")]
     assert kills >= 3  # the schedule above did kill runs in flight
+
+
+def test_an_evaluation_that_overflows_is_an_error_not_a_nan_result(finished, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run = copy_run(finished, tmp_path / "nan")
+    weights = run / "dictionary" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["W_dec"] = tensors["W_dec"].abs() + 3e38  # finite weights whose reconstruction overflows float32
+    tensors["b_dec"] = tensors["b_dec"].abs() + 3e38
+    save_file(tensors, weights)
+    before = (run / "eval.json").read_bytes()
+    code, out, err = cli(capsys, "eval", run, "--quiet")
+    assert code == 2 and "non-finite" in err and "fvu" in err
+    assert (run / "eval.json").read_bytes() == before

@@ -1,6 +1,7 @@
 """The trainer learns (ground-truth recovery) and resumes exactly after SIGKILL."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -137,3 +138,31 @@ def test_a_torn_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, 
     assert fresh.step == 3
     for key, value in saved.items():
         assert torch.equal(fresh.sae.state_dict()[key], value), key
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A learning rate that blows the weights up: the run stops with a clear error at the first NaN/Inf loss or
+    weights; the checkpoint on disk is the last finite one, and nothing non-finite was written."""
+    from safetensors.torch import load_file
+
+    features = true_features(48, 24)
+    sae = TopKSAE(24, 96, seed=0, k=4)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=0, log_every=1, checkpoint_every=5, dead_tokens=4096)
+    trainer = Trainer(sae, cfg, tmp_path, total_steps=40)
+    trainer.init_from_data(sample(features, 4096, torch.Generator().manual_seed(9)))
+    stream = endless(features, 256)
+
+    def poisoned():  # after 12 good steps, the learning rate jumps to 1e38: the weights overflow
+        for i, batch in enumerate(stream):
+            if i == 12:
+                cfg.lr = 1e38
+            yield batch
+
+    with pytest.raises(FeaturekitError, match=r"diverged at step 1[3-5] of 40.*last good checkpoint \(step 10\)"):
+        trainer.fit(poisoned(), progress=False)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 10
+    tensors = load_file(tmp_path / "checkpoint" / state["tensors"])
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows)

@@ -9,6 +9,7 @@ scored: `eval_complete` tells a rerun whether there is anything left to do.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,11 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
               "dictionary_sha256": sha256_file(weights)}
     recon = reconstruction_eval(sae, eval_batches(), on_codes=feature_stats)
     recon.pop("density")
+    bad = [k for k, v in recon.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FeaturekitError(f"the evaluation of {cfg.run_dir / 'dictionary'} gave non-finite {', '.join(bad)} on {cfg.data.source!r}: "
+                              f"the model's activations overflow in {dtype_name(loaded.model.dtype)} (try model.dtype=float32) "
+                              f"or the text holds tokens the model cannot represent; nothing was written")
     result.update(recon)
     result["norm_outliers_excluded"] = int(mask.sum()) - recon["n_tokens"]
     if warnings:
