@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.embedded, pytest.mark.skipif(not HAVE_MODEL, reason="l
 TINY = [
     "--set", "site=resid_post.3", "--set", "data.train_tokens=6144", "--set", "dictionary.n_latents=256",
     "--set", "dictionary.k=16", "--set", "train.batch_size=512", "--set", "train.epochs=2", "--set", "train.log_every=2",
+    "--set", "train.threads=1",  # a fixed thread count: the thread probe's choice depends on the machine's load
     "--set", "eval.tokens=1024", "--set", "eval.splice_contexts=4", "--set", "report.n_features=4", "--quiet",
 ]
 

@@ -74,7 +74,10 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     data = read_json(path)
     if not isinstance(data, dict):
         raise FeaturekitError(f"{path} must hold a JSON object (a run's resolved config); the file is damaged")
-    cfg = from_dict(RunConfig, data)
+    try:
+        cfg = from_dict(RunConfig, data)
+    except FeaturekitError as err:
+        raise FeaturekitError(f"{path}: {err}") from err
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
     return cfg
 
