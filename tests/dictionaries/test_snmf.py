@@ -20,11 +20,11 @@ from featurekit.dictionaries.snmf import (
     objective,
     winner_take_all,
 )
-from featurekit.dictionaries.snmf_paper import fit_snmf_dense
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate.steering import feature_logit_effect, steer
 
 from ..test_pipeline import config
+from .snmf_reference import fit_snmf_dense
 
 
 def planted(n: int, d: int = 32, k: int = 16, m: int = 3, p: float = 0.1, seed: int = 0, draw: int | None = None):

@@ -12,7 +12,6 @@ from .matryoshka import MatryoshkaSAE
 from .mpsae import MPSAE
 from .relu import ReLUSAE
 from .snmf import SNMFDictionary, SNMFFitter, fit_snmf
-from .snmf_paper import fit_snmf_dense
 from .topafa import TopAFASAE
 from .topk import AbsTopKSAE, TopKSAE
 from .transcoder import SkipTranscoder, Transcoder
@@ -24,5 +23,5 @@ __all__ = [
     "load", "read_meta", "save", "JumpReLUSAE", "ReLUSAE", "TopAFASAE", "TopKSAE", "VariationalSAE",
     "GBASAE", "MPSAE", "SkipTranscoder", "Transcoder",
     "ITDADictionary", "ITDAFitter",
-    "SNMFDictionary", "SNMFFitter", "fit_snmf", "fit_snmf_dense",
+    "SNMFDictionary", "SNMFFitter", "fit_snmf",
 ]

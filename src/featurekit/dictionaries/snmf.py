@@ -22,7 +22,7 @@ The paper's iteration (code `NMFSemiNMF.fit`), in this orientation, ρ = 1e-6:
               (the semi-NMF rule of Ding, Li & Jordan 2010, with X⁺ = (|X|+X)/2, X⁻ = (|X|−X)/2)
   5. loss ‖X − G W‖²_F; keep the best pair; stop after `patience` iterations without an improvement
      larger than `tol`; restore the best pair.
-`snmf_paper.fit_snmf_dense` runs exactly this on an in-memory X (init "random": G ~ U(0,1) ≥ 1e-6, as the code's
+`tests/dictionaries/snmf_reference.py` (the tests' reference) runs this on an in-memory X (init "random": G ~ U(0,1) ≥ 1e-6, as the code's
 default; "svd" as the code's `init_svd`). Step 4 never increases the loss for fixed W (Ding et al.; tested);
 step 1 is the exact minimiser over W; the hard WTA of step 2 can increase it, which is why the code keeps
 the best pair. With s = 1 (no WTA) every iteration is non-increasing (tested).
@@ -312,7 +312,7 @@ class SNMFDictionary(Dictionary):
     """Features W_dec (k, d): signed, ⌈s·d⌉ neurons each, unit-norm rows; codes = nonnegative least squares.
 
     W_enc mirrors W_dec (the inference rule reads W_dec only: pre = (x − b_dec) W_decᵀ are the correlations
-    P that the NNLS solver starts from). Fitted by `SNMFFitter` (pipeline) or `fit_snmf_dense`, not by gradient.
+    P that the NNLS solver starts from). Fitted by `SNMFFitter` (pipeline) or `fit_snmf`, not by gradient.
     """
 
     method = "snmf"

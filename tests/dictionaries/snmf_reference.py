@@ -1,6 +1,7 @@
 """The paper's full-batch SNMF (Shafran, Geiger & Geva 2025; official code `factorization/seminmf.py`) on an
-in-memory matrix: the reference the streaming fitter in `snmf.py` is tested against (steps 1–5 of
-`snmf.py`'s module docstring). Memory grows with the number of tokens; the pipeline uses `snmf.SNMFFitter`."""
+in-memory matrix: the test reference the streaming fitter in `featurekit/dictionaries/snmf.py` is checked against
+(steps 1–5 of `snmf.py`'s module docstring). Memory grows with the number of tokens; featurekit fits with
+`snmf.SNMFFitter` / `snmf.fit_snmf`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import FeaturekitError
-from .snmf import RIDGE, SNMFDictionary, _check, active_neurons, multiplicative_g_step, objective, winner_take_all
+from featurekit.dictionaries.snmf import RIDGE, SNMFDictionary, _check, active_neurons, multiplicative_g_step, objective, winner_take_all
+from featurekit.errors import FeaturekitError
 
 
 @dataclass
