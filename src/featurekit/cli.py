@@ -219,7 +219,8 @@ def _new_run(args: argparse.Namespace, progress: bool) -> int:
 
 def _mlp_sparsity(args: argparse.Namespace, progress: bool) -> int:
     from ._io import atomic_write_json
-    from .evaluate.mlp_sparsity import DEFAULT_RULES, run_mlp_sparsity
+    from .bench.mlp_sparsity import run_mlp_sparsity
+    from .evaluate.mlp_topk import DEFAULT_RULES
 
     result = run_mlp_sparsity(args.model, args.layers, args.ks, args.rules or DEFAULT_RULES, args.source, args.contexts,
                               args.context_len, device=args.device, progress=progress)
@@ -324,7 +325,7 @@ def _itda_parser(sub: argparse._SubParsersAction) -> None:
 def _itda_match(args: argparse.Namespace, progress: bool) -> int:
     import torch
 
-    from .evaluate.itda_match import run_itda_match, write_itda_match
+    from .bench.itda_match import run_itda_match, write_itda_match
 
     torch.set_num_threads(args.threads)
     result = run_itda_match(args.model_a, args.layers_a, args.model_b, args.layers_b, source=args.source, docs=args.docs,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from featurekit.data.tokens import adds_bos, pack, separator_id, token_mask
+from featurekit.data.tokens import adds_bos, document_contexts, pack, separator_id, token_mask
 from featurekit.errors import FeaturekitError
 
 WORDS = "the cat sat on a mat and dog ran far away from home while sun shone".split()
@@ -124,3 +124,32 @@ def test_pack_then_mask_on_many_documents():
     mask = token_mask(rows, TOK)
     assert not mask[:, 0].any()
     assert (mask == ((rows != EOS) & (torch.arange(16) > 0))).all()
+
+
+def test_document_contexts_one_row_per_document_with_character_ends():
+    ids, present, ends = document_contexts(["the cat  sat", "dog", "sun sat on a mat"], TOK, 4)
+    assert ends.tolist() == [[3, 7, 12, -1], [3, -1, -1, -1], [3, 7, 10, 12]]  # the third document is cut at 4 tokens
+    assert present.tolist() == [[True, True, True, False], [True, False, False, False], [True] * 4]
+    assert ids[0, :3].tolist() == TOK("the cat sat", add_special_tokens=False)["input_ids"]
+    assert (ids[~present] == PAD).all()
+    ids, present, ends = document_contexts(["the cat  sat", ""], TOK_BOS, 3)  # BOS in front, as pack
+    assert ids[:, 0].tolist() == [BOS, BOS] and ends.tolist() == [[-1, 3, 7], [-1, -1, -1]]
+    assert present.tolist() == [[False, True, True], [False, False, False]]
+    assert not (present & token_mask(ids, TOK_BOS))[:, 0].any()
+
+
+def test_document_contexts_matches_the_tiny_models_tokenizer(tiny):
+    from featurekit.models import load_model
+
+    tokenizer = load_model(str(tiny / "model")).tokenizer
+    ids, present, ends = document_contexts(["the cat  sat", "dog"], tokenizer, 4)
+    assert ends.tolist() == [[3, 7, 12, -1], [3, -1, -1, -1]]
+    assert ids[0, :3].tolist() == tokenizer("the cat sat", add_special_tokens=False)["input_ids"]
+    assert (ids[~present] == tokenizer.pad_token_id).all()
+
+
+def test_document_contexts_bad_input():
+    for texts, tok, length, match in [("the cat", TOK, 4, "list of documents"), ([], TOK, 4, "at least one"),
+                                      (["the cat"], TOK_BOS, 1, "no room")]:
+        with pytest.raises(FeaturekitError, match=match):
+            document_contexts(texts, tok, length)

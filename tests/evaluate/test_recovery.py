@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from featurekit.evaluate.ground_truth import SyntheticConfig, SyntheticData, dataset_config
 from featurekit.evaluate.recovery import absorption, bidirectional_coverage, per_token_l0, recovery, score, similarity
-from featurekit.evaluate.synthetic import SyntheticConfig, SyntheticData, dataset_config
 
 
 def test_identity_permuted_and_rescaled_decoders_score_one():

@@ -1,7 +1,7 @@
 """`featurekit bench synthetic`: every registered method, trained at one budget on synthetic data with
 known features, scored against the ground truth.
 
-For each dataset (`default`, `hierarchical`, `bidirectional`; `evaluate.synthetic.dataset_config`)
+For each dataset (`default`, `hierarchical`, `bidirectional`; `evaluate.ground_truth.dataset_config`)
 and each method of the `METHODS` registry, the one `Trainer` trains a fresh dictionary on the same
 deterministic token stream with the same budget (tokens, batch size, learning rate, latents, seed);
 the dictionary is then scored on held-out tokens of that dataset with its inference rule
@@ -35,12 +35,12 @@ from ..data.batch import ActivationBatch
 from ..dictionaries import METHODS, Dictionary, build_from_config
 from ..errors import FeaturekitError
 from ..evaluate import metrics
+from ..evaluate.ground_truth import DATASETS, SyntheticData, dataset_config
 from ..evaluate.recovery import score
-from ..evaluate.synthetic import DATASETS, SyntheticData, dataset_config
 from ..train import Trainer
 from ..train.fit import fit_stream
 from .claims import evaluate_claims
-from .report import markdown, plot
+from .synthetic_tables import markdown, plot
 
 TRAIN_STREAM, HELDOUT_STREAM = 1, 2
 INIT_TOKENS = 8192

@@ -13,11 +13,15 @@ the SmolLM2 GGUF tokenizer: no). Documents are tokenised lazily, a few at a time
 Mask convention (`token_mask`): True where a token's activation is kept for training/evaluation
 sets. Position 0 is excluded by default (its residual stream is an outlier "attention sink" with a
 huge norm), and so is every special token (bos/eos/pad/... = `tokenizer.all_special_ids`).
+
+One context per document (`document_contexts`): for comparisons that name a token by the document and
+the character where it ends (e.g. across two tokenizers), each document's first tokens, right-padded,
+with the character end offset of every token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -111,6 +115,36 @@ def tokenize(tokenizer, texts: str | list[str], policy: dict | None = None) -> t
     keep = token_mask(ids, tokenizer, exclude_first=policy.get("exclude_first", True),
                       exclude_special=policy.get("exclude_special", True))
     return ids, keep & real
+
+
+def document_contexts(texts: Sequence[str], tokenizer, context_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One context per document: `(input_ids, present, char_ends)`, each (len(texts), context_len).
+
+    Row i holds the first tokens of texts[i] (BOS in front where the tokenizer adds one, as `pack`), cut at
+    `context_len` and right-padded (pad token, else the separator). `present` is True at the document's
+    tokens (not at BOS or padding); `char_ends[i, t]` is the character offset in texts[i] where token t
+    ends (-1 at BOS and padding). Needs a fast tokenizer (character offsets). Mask as for `pack`:
+    `present & token_mask(input_ids, tokenizer)`."""
+    if isinstance(texts, str):
+        raise FeaturekitError("document_contexts() takes a list of documents, not one string: wrap it as [text]")
+    texts = list(texts)
+    if not texts:
+        raise FeaturekitError("document_contexts() needs at least one document")
+    prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    if context_len <= len(prefix):
+        raise FeaturekitError(f"context_len={context_len} leaves no room for the document's tokens: use context_len >= {len(prefix) + 1}")
+    if getattr(tokenizer, "is_fast", True) is False:
+        raise FeaturekitError("document_contexts() needs a fast tokenizer (character offsets): "
+                              "load the model's tokenizer with use_fast=True")
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                    max_length=context_len - len(prefix), verbose=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else separator_id(tokenizer)
+    ids = torch.full((len(texts), context_len), pad, dtype=torch.long)
+    ends = torch.full((len(texts), context_len), -1, dtype=torch.long)
+    for i, (row, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        ids[i, :len(prefix) + len(row)] = torch.tensor(prefix + row, dtype=torch.long)
+        ends[i, len(prefix):len(prefix) + len(row)] = torch.tensor([end for _, end in offsets], dtype=torch.long)
+    return ids, ends >= 0, ends
 
 
 def adds_bos(tokenizer) -> bool:

@@ -39,7 +39,7 @@ units (the paper's GPT-2 layer-similarity runs use τ = 0.0004 with k = 40). Cho
   saved file's n_latents is the final size m ≤ the cap.
 Provenance: `atom_context`, `atom_position`, `atom_token` (int64 buffers, saved in model.safetensors) give
 each atom's source token; two dictionaries fitted on the same ordered stream are compared by these
-labels (Jaccard, `featurekit.evaluate.itda_match`). W_enc mirrors W_dec (tied, a buffer); nothing is
+labels (Jaccard, `featurekit.evaluate.layer_matching`). W_enc mirrors W_dec (tied, a buffer); nothing is
 trained by gradient, so every weight is a buffer.
 """
 

@@ -1,6 +1,6 @@
-"""Evaluation: pure metrics and evaluations that splice a dictionary into a model."""
+"""Evaluation: pure metrics and evaluations a user runs on a dictionary or a model (experiment drivers live in `bench`)."""
 
-from .mlp_sparsity import mlp_sparsity_eval, run_mlp_sparsity
+from .mlp_topk import mlp_sparsity_eval
 from .steering import feature_direction, feature_logit_effect, steer
 
-__all__ = ["feature_direction", "feature_logit_effect", "mlp_sparsity_eval", "run_mlp_sparsity", "steer"]
+__all__ = ["feature_direction", "feature_logit_effect", "mlp_sparsity_eval", "steer"]

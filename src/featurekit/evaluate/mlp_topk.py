@@ -22,6 +22,8 @@ positions t < T−1 (the prediction of token t+1). Zero-ablating the same neuron
 
 `l0` is the mean number of non-zero neurons per transformed token and layer after the rule (the
 statistical rules hit k only on average); `l0_clean` is the same count before it.
+
+`featurekit mlp-sparsity` (`featurekit.bench.mlp_sparsity`) runs this on held-out contexts of a text source.
 """
 
 from __future__ import annotations
@@ -141,31 +143,3 @@ def _at_positions(keep: torch.Tensor, fn: Edit, counter: list[int]) -> Edit:
 
     return edit
 
-
-def run_mlp_sparsity(
-    model: str = "smollm2-135m",
-    layers: Sequence[int] | None = None,
-    ks: Sequence[int] = (16, 64, 256, 1024),
-    rules: Sequence[str] = DEFAULT_RULES,
-    source: str = "bbc",
-    contexts: int = 8,
-    context_len: int = 128,
-    split: str = "test",
-    batch_contexts: int = 8,
-    max_norm_multiple: float | None = 50.0,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict:
-    """Load `model`, pack `contexts` contexts of `source` (held-out split), mask them as training data
-    is masked (not position 0, not special tokens) and run `mlp_sparsity_eval` (layers None → the
-    middle block). The result also records the model, source, contexts and context_len."""
-    from ..data.sources import load_texts
-    from ..data.tokens import pack, token_mask
-    from ..models.loading import load_model
-
-    loaded = load_model(model, device=device)
-    layers = [loaded.n_layers // 2] if layers is None else list(layers)
-    ids = pack(load_texts(source, split), loaded.tokenizer, context_len, max_contexts=contexts)
-    mask = token_mask(ids, loaded.tokenizer)
-    result = mlp_sparsity_eval(loaded.model, ids, mask, layers, ks, rules, batch_contexts, max_norm_multiple, progress)
-    return {"model": model, "source": source, "split": split, "contexts": len(ids), "context_len": context_len, **result}

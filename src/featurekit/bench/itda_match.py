@@ -1,27 +1,14 @@
-"""Comparing ITDA dictionaries by the tokens their atoms came from (Leask et al. 2025, §5; official code
-`layer_similarity.py` / `model_similarity.py`, read in the fork davidkaczer/itda), and the layer-matching experiment.
+"""`featurekit itda-match`: the ITDA layer-matching experiment (Leask et al. 2025, §5), on one model's
+layers in two text orders and across two models. The metrics (atom labels, Jaccard, matching score,
+chance, Spearman's ρ) are pure functions in `featurekit.evaluate.layer_matching`; this module harvests,
+fits and writes.
 
-Identity of an atom.  An ITDA atom is a real activation, so it is named by its source token. The paper's code
-names it by (prompt index, token index) in one fixed, ordered prompt stream and compares two dictionaries
-as sets of these labels:
-
-    J(D₀, D₁) = |L(D₀) ∩ L(D₁)| / |L(D₀) ∪ L(D₁)|          (1 when both are empty)
-
-Two dictionaries are comparable only when fitted on the same text. Across models with *different
-tokenizers* a (prompt, token index) pair names different text, so here (ours) an atom's label is
-(document index, character offset where its token ends) in the shared text: both tokenizations give the
-same label to a token that ends at the same character (a word, typically; a token with no counterpart
-simply never matches). Within one tokenizer this is the same identity as (prompt, token index). Token
-identity alone (the token id) is not used: it would call every occurrence of "the" the same atom.
-
-Layer matching (the paper's benchmark, after Kornblith et al. 2019).  With dictionaries D^a_i (layers i of
-run a) and D^b_j, S_ij = J(D^a_i, D^b_j); the score is the fraction of layers i with argmax_j S_ij = i
-(computed both ways, rows and columns, as the paper's loop over ordered model pairs). The paper compares
-five GPT-2 instances trained from different seeds on the same data, with one τ (0.0004) everywhere; with one
-model at hand we compare two fits of the same model on the same tokens in two orders (a permutation of the
-documents), with one τ: a layer's dictionary should be closer to the same layer's other-order dictionary
-than to any other layer's. Across two models (SmolLM2-135M vs Gemma-3-270M) there is no ground truth; S
-shows which layers correspond (summarised by Spearman's ρ between a layer and its best match).
+The experiment.  The paper compares five GPT-2 instances trained from different seeds on the same data,
+with one τ (0.0004) everywhere; with one model at hand we compare two fits of the same model on the same
+tokens in two orders (a permutation of the documents), with one τ: a layer's dictionary should be closer to
+the same layer's other-order dictionary than to any other layer's. Across two models (SmolLM2-135M vs
+Gemma-3-270M) there is no ground truth; S shows which layers correspond (summarised by Spearman's ρ between
+a layer and its best match).
 
 Sizes across models (ours).  Jaccard depends on the two set sizes, and τ means different sizes in
 different geometries: Gemma-3-270M's residual stream has one dimension holding ~80% of ‖x‖² and a mean
@@ -31,12 +18,13 @@ atoms where SmolLM2's keep 880–2,200 (measured on 160 BBC documents), and ever
 dictionary (`fit_to_size`) so every dictionary has the same number of atoms (± 10%); the paper's
 fixed-size comparisons crop dictionaries instead (the code's `crop_dict_size`: the first m atoms), which
 would put all atoms in the first documents. `chance_jaccard` is the Jaccard expected of random atom sets
-of the same sizes. Labels: tokens that split one character (byte-level pieces) share that character's label.
+of the same sizes.
 
 Data.  Each document is one context: its first `context_len` tokens (the tokenizer's own BOS when it adds
-one), right-padded; padding, special tokens, position 0 and norm outliers (`max_norm_multiple` × the
-batch median, as the pipeline) are excluded. Activations of every requested `resid_post` layer come from
-one forward pass per batch (`data.harvest.harvest`).
+one), right-padded (`data.tokens.document_contexts`, which also gives each token's character end offset);
+padding, special tokens, position 0 and norm outliers (`max_norm_multiple` × the batch median, as the
+pipeline) are excluded. Activations of every requested `resid_post` layer come from one forward pass per
+batch (`data.harvest.harvest`); with a cache folder they are kept as an activation cache (`data.cache`).
 """
 
 from __future__ import annotations
@@ -45,50 +33,24 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_write_json
+from .._io import atomic_write, atomic_write_json, atomic_write_text
+from ..data.batch import ActivationBatch
+from ..data.cache import write_cache
 from ..data.harvest import harvest
 from ..data.sources import load_texts
-from ..data.tokens import adds_bos, token_mask
+from ..data.tokens import document_contexts, token_mask
 from ..dictionaries.itda import ITDADictionary, ITDAFitter
 from ..errors import FeaturekitError
+from ..evaluate.layer_matching import chance_jaccard, compare, matching_score, rank_correlation
 
-
-def jaccard(a: Iterable[Hashable], b: Iterable[Hashable]) -> float:
-    """|a ∩ b| / |a ∪ b| of two label collections (as sets); 1.0 when both are empty."""
-    a, b = set(a), set(b)
-    union = len(a | b)
-    return len(a & b) / union if union else 1.0
-
-
-def jaccard_matrix(rows: Sequence[set], cols: Sequence[set]) -> torch.Tensor:
-    """S_ij = jaccard(rows[i], cols[j]) as a float64 (len(rows), len(cols)) tensor."""
-    return torch.tensor([[jaccard(r, c) for c in cols] for r in rows], dtype=torch.float64).reshape(len(rows), len(cols))
-
-
-def matching_score(sim: torch.Tensor) -> dict[str, Any]:
-    """For a square S: the fraction of rows i with argmax_j S_ij = i (`row_fraction`), the same for columns, and their mean."""
-    if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
-        raise FeaturekitError(f"layer matching needs a non-empty square similarity matrix, got shape {tuple(sim.shape)}")
-    diag = torch.arange(sim.shape[0])
-    rows = (sim.argmax(dim=1) == diag).double().mean().item()
-    cols = (sim.argmax(dim=0) == diag).double().mean().item()
-    return {"score": (rows + cols) / 2, "row_fraction": rows, "col_fraction": cols,
-            "row_argmax": sim.argmax(dim=1).tolist(), "col_argmax": sim.argmax(dim=0).tolist()}
-
-
-def char_labels(dictionary: ITDADictionary, ends: torch.Tensor) -> set[tuple[int, int]]:
-    """An atom's label (context index, character offset where its token ends), from the (N, T) table `ends`."""
-    ctx, pos = dictionary.atom_context, dictionary.atom_position
-    if (ctx < 0).any():
-        raise FeaturekitError("the dictionary has atoms without provenance (context -1); fit it with ITDAFitter")
-    return set(zip(ctx.tolist(), ends[ctx, pos].tolist()))
+CACHE_SHARD_TOKENS = 4096  #: tokens per shard of the activation cache
 
 
 @dataclass
@@ -101,65 +63,39 @@ class Harvested:
     context: torch.Tensor  # (n,)
     position: torch.Tensor  # (n,)
     token: torch.Tensor  # (n,)
-    ends: torch.Tensor  # (N, T) character end offset of each token in its document (-1: padding)
+    ends: torch.Tensor  # (N, T) character end offset of each token in its document (-1: BOS, padding)
     seconds: float
 
 
-def tokenize_documents(texts: Sequence[str], tokenizer: Any, context_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One right-padded context per document: (input_ids, attention mask, character end offsets), each (N, T)."""
-    bos = adds_bos(tokenizer)
-    ids = torch.full((len(texts), context_len), tokenizer.pad_token_id, dtype=torch.long)
-    ends = torch.full((len(texts), context_len), -1, dtype=torch.long)
-    for i, text in enumerate(texts):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                        max_length=context_len - int(bos), verbose=False)
-        row = ([tokenizer.bos_token_id] if bos else []) + enc["input_ids"]
-        offs = ([-1] if bos else []) + [end for _, end in enc["offset_mapping"]]
-        ids[i, :len(row)] = torch.tensor(row)
-        ends[i, :len(offs)] = torch.tensor(offs)
-    return ids, ends >= 0, ends
-
-
 def harvest_layers(loaded: Any, texts: Sequence[str], layers: Sequence[int], context_len: int = 128, batch_contexts: int = 8,
-                   max_norm_multiple: float | None = 50.0, progress: bool = False) -> Harvested:
-    """Activations at resid_post.L for every L in `layers`, one forward pass per batch of contexts."""
+                   max_norm_multiple: float | None = 50.0, progress: bool = False, cache: str | Path | None = None) -> Harvested:
+    """Activations (float32) at resid_post.L for every L in `layers`, one context per document, one forward pass per
+    batch of contexts. With `cache` (a folder) they are written there as an activation cache (`data.cache`; resumable)
+    and, once it is complete, read from it instead of running the model; `seconds` is the time of this call."""
     start = time.time()
-    ids, present, ends = tokenize_documents(texts, loaded.tokenizer, context_len)
+    ids, present, ends = document_contexts(texts, loaded.tokenizer, context_len)
     mask = present & token_mask(ids, loaded.tokenizer)
     sites = [f"resid_post.{layer}" for layer in layers]
-    parts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    ctx, pos, tok = [], [], []
-    for batch in harvest(loaded.model, ids, sites, batch_size=batch_contexts, mask=mask, progress=progress,
-                         max_norm_multiple=max_norm_multiple):
-        for s in sites:
-            parts[s].append(batch.acts[s].float())
-        ctx.append(batch.context_idx)
-        pos.append(batch.position)
-        tok.append(batch.token_ids)
-    if not ctx:
+    batches: Iterator[ActivationBatch] = (
+        ActivationBatch({s: b.acts[s].float() for s in sites}, b.token_ids, b.context_idx, b.position)
+        for b in harvest(loaded.model, ids, sites, batch_size=batch_contexts, mask=mask, progress=progress,
+                         max_norm_multiple=max_norm_multiple))
+    if cache is not None:
+        meta = {"model": loaded.name, "sites": sites, "documents": len(texts), "text_sha256": text_digest(texts),
+                "context_len": context_len, "batch_contexts": batch_contexts, "max_norm_multiple": max_norm_multiple}
+        batches = write_cache(cache, batches, meta, CACHE_SHARD_TOKENS).iter_shards()
+    parts = list(batches)
+    if not parts:
         raise FeaturekitError("no tokens to harvest: the documents are empty after the token mask")
-    return Harvested(name=loaded.name, layers=list(layers), acts={layer: torch.cat(parts[s]) for layer, s in zip(layers, sites)},
-                     context=torch.cat(ctx), position=torch.cat(pos), token=torch.cat(tok), ends=ends, seconds=time.time() - start)
+    return Harvested(name=loaded.name, layers=list(layers),
+                     acts={layer: torch.cat([b.acts[s] for b in parts]) for layer, s in zip(layers, sites)},
+                     context=torch.cat([b.context_idx for b in parts]), position=torch.cat([b.position for b in parts]),
+                     token=torch.cat([b.token_ids for b in parts]), ends=ends, seconds=time.time() - start)
 
 
-def cached_harvest(path: Path | None, make: Any) -> Harvested:
-    """`make()` unless `path` (a .safetensors file) already holds its result; the result is then written there."""
-    from safetensors.torch import load_file, save_file
-
-    from .._io import atomic_write
-
-    if path is not None and path.is_file():
-        t = load_file(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        return Harvested(name=meta["name"], layers=meta["layers"], acts={la: t[f"acts.{la}"] for la in meta["layers"]},
-                         context=t["context"], position=t["position"], token=t["token"], ends=t["ends"], seconds=meta["seconds"])
-    h = make()
-    if path is not None:
-        tensors = {f"acts.{la}": a.contiguous() for la, a in h.acts.items()}
-        tensors.update(context=h.context, position=h.position, token=h.token, ends=h.ends)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
-        atomic_write_json(path.with_suffix(".json"), {"name": h.name, "layers": h.layers, "seconds": h.seconds})
-    return h
+def text_digest(texts: Sequence[str]) -> str:
+    """sha256 of the documents (as a JSON list): an activation cache is reused only for the same text."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
 def fit_layers(h: Harvested, order: torch.Tensor | None, k: int, threshold: float, max_atoms: int | None,
@@ -220,35 +156,9 @@ def fit_layers_to_size(h: Harvested, k: int, target: int, threshold: float = 4e-
     return out, taus
 
 
-def chance_jaccard(m_a: int, m_b: int, n_a: int, n_b: int, shared: int) -> float:
-    """Expected Jaccard of random subsets of m_a of n_a labels and m_b of n_b labels, `shared` labels in common."""
-    inter = m_a * m_b * shared / max(n_a * n_b, 1)
-    return inter / max(m_a + m_b - inter, 1e-12)
-
-
-def compare(dicts_a: dict[int, ITDADictionary], ends_a: torch.Tensor, dicts_b: dict[int, ITDADictionary],
-            ends_b: torch.Tensor) -> torch.Tensor:
-    """S_ij = Jaccard of the char-end labels of layer i of a and layer j of b."""
-    rows = [char_labels(d, ends_a) for d in dicts_a.values()]
-    cols = [char_labels(d, ends_b) for d in dicts_b.values()]
-    return jaccard_matrix(rows, cols)
-
-
 def token_labels(h: Harvested) -> set[tuple[int, int]]:
     """The labels (context, character end) of all kept tokens of `h`."""
     return set(zip(h.context.tolist(), h.ends[h.context, h.position].tolist()))
-
-
-def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's ρ: the Pearson correlation of the ranks (tied values share their mean rank); 0 if a side is constant."""
-    def ranks(v: Sequence[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        r = (t[None, :] < t[:, None]).sum(1) + ((t[None, :] == t[:, None]).sum(1) + 1) / 2
-        return r - r.mean()
-
-    ra, rb = ranks(a), ranks(b)
-    denom = float(ra.norm() * rb.norm())
-    return float(ra @ rb) / denom if denom > 0 else 0.0
 
 
 def default_layers(n_layers: int, count: int = 10) -> list[int]:
@@ -265,8 +175,8 @@ def run_itda_match(model_a: str = "smollm2-135m", layers_a: Sequence[int] | None
     """The layer-matching experiment (module docstring): model_a fitted on the documents in two orders (fixed τ =
     `threshold`), and (with `model_b`) model_a against model_b on the same documents, every dictionary calibrated
     to `target_atoms` ± 10% (None: the fixed τ). Returns a JSON-ready dict. With `cache_dir` the harvested
-    activations are kept there (keyed by model, layers and text) and reused by later calls."""
-    from ..models import load_model  # evaluate may import models; imported here to keep the module light
+    activations are kept there (an activation cache per model, layers and text) and reused by later calls."""
+    from ..models import load_model  # imported here to keep the module light
 
     texts = load_texts(source, split)[:docs]
     if len(texts) < 2:
@@ -280,9 +190,9 @@ def run_itda_match(model_a: str = "smollm2-135m", layers_a: Sequence[int] | None
     def harvested(name: str, layers: Sequence[int] | None) -> tuple[Harvested, int]:
         loaded = load_model(name, device=device)
         layers = list(layers) if layers is not None else default_layers(loaded.n_layers)
-        key = json.dumps([name, layers, source, split, len(texts), context_len, loaded.n_layers])
-        path = Path(cache_dir) / f"acts-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors" if cache_dir else None
-        return cached_harvest(path, lambda: harvest_layers(loaded, texts, layers, context_len, progress=progress)), loaded.n_layers
+        key = json.dumps([name, layers, text_digest(texts), context_len, loaded.n_layers])
+        cache = Path(cache_dir) / f"acts-{hashlib.sha256(key.encode()).hexdigest()[:16]}" if cache_dir else None
+        return harvest_layers(loaded, texts, layers, context_len, progress=progress, cache=cache), loaded.n_layers
 
     ha, n_a = harvested(model_a, layers_a)
     start = time.time()
@@ -327,8 +237,6 @@ def run_itda_match(model_a: str = "smollm2-135m", layers_a: Sequence[int] | None
 
 def write_itda_match(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """result.json, result.md (Jaccard tables and scores) and heatmaps.png in `out_dir`."""
-    from .._io import atomic_write_json, atomic_write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": atomic_write_json(out / "result.json", result), "md": atomic_write_text(out / "result.md", to_markdown(result))}
@@ -377,8 +285,6 @@ def plot_heatmaps(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .._io import atomic_write
 
     blocks = [result[key] for key in ("order", "cross_model") if key in result]
     fig, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 4.6), squeeze=False)

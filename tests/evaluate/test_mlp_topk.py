@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from featurekit.errors import FeaturekitError
-from featurekit.evaluate.mlp_sparsity import RULES, _at_positions, mlp_sparsity_eval, sparsify
+from featurekit.evaluate.mlp_topk import RULES, _at_positions, mlp_sparsity_eval, sparsify
 from featurekit.models.hooks import capture, transform
 from featurekit.models.sites import site_dim
 

@@ -1,4 +1,4 @@
-"""Benchmark results as a markdown table with the claims, and as a plot (matplotlib, PNG + SVG)."""
+"""`bench synthetic`'s results as a markdown table with the claims, and as a plot (matplotlib, PNG + SVG)."""
 
 from __future__ import annotations
 

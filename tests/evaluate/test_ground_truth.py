@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from featurekit.dictionaries import TopKSAE
 from featurekit.errors import FeaturekitError
+from featurekit.evaluate.ground_truth import SyntheticConfig, SyntheticData, dataset_config, zipf_probabilities
 from featurekit.evaluate.recovery import recovery
-from featurekit.evaluate.synthetic import SyntheticConfig, SyntheticData, dataset_config, zipf_probabilities
 
 
 @st.composite
