@@ -54,7 +54,7 @@ def test_sparse_signed_path_matches_dense_values_and_gradients():
     fast, plain = AbsTopKSAE(12, 64, k=4, seed=1), AbsTopKSAE(12, 64, k=4, seed=1)
     dead = torch.rand(64, generator=torch.Generator().manual_seed(2)) < 0.5
     out = fast(x)
-    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at), signed=True)
+    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=out.pre_at, signed=True)
     (fvu_loss(x, out.x_hat) + aux).backward()
     pre = (x - plain.b_dec) @ plain.W_enc.T + plain.b_enc
     codes = abs_topk(pre, 4)

@@ -134,7 +134,7 @@ def test_sparse_training_path_matches_dense_values_and_gradients():
     dead = torch.rand(256, generator=torch.Generator().manual_seed(2)) < 0.5
     out = fast(x)
     assert not out.pre.requires_grad  # the sparse path ran
-    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at))
+    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=out.pre_at)
     (fvu_loss(x, out.x_hat) + aux).backward()
     pre = (x - plain.b_dec) @ plain.W_enc.T + plain.b_enc
     codes = plain_batch_topk(pre, 5)

@@ -112,7 +112,7 @@ def check_paths_agree(rows, d, width, k, sparse):
     dead = torch.rand(width, generator=torch.Generator().manual_seed(2)) < 0.5
     out = fast(x)
     assert out.pre.requires_grad is not sparse  # the path we meant to test ran
-    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at))
+    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=out.pre_at)
     (fvu_loss(x, out.x_hat) + aux).backward()
     pre, codes, x_hat = dense_reference(plain, x, k * rows / width)
     (fvu_loss(x, x_hat) + auxk_loss(x - x_hat, pre, plain.W_dec, dead, 3)).backward()

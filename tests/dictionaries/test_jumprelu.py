@@ -9,7 +9,7 @@ import torch
 import featurekit
 from featurekit.config import TrainConfig
 from featurekit.dictionaries import JumpReLUSAE, save
-from featurekit.dictionaries.jumprelu import _JumpReLUFn, _StepFn
+from featurekit.dictionaries.kernels import JumpReLUFn, StepFn
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate.metrics import fvu, l0
 from featurekit.evaluate.recovery import recovery
@@ -22,13 +22,13 @@ def test_pseudo_derivatives_by_hand():
     # ε = 0.1: (π − θ)/ε = (−5, 0.2, 10) → only the middle entry is inside the rectangle kernel
     pre = torch.tensor([[0.5, 1.02, 2.0]], requires_grad=True)
     theta = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
-    out = _JumpReLUFn.apply(pre, theta, 0.1)
+    out = JumpReLUFn.apply(pre, theta, 0.1)
     assert out.tolist() == [[0.0, 1.0199999809265137, 2.0]]
     out.sum().backward()
     assert pre.grad.tolist() == [[0.0, 1.0, 1.0]]  # H(π − θ): no estimator on π
     torch.testing.assert_close(theta.grad, torch.tensor([0.0, -10.0, 0.0]))  # −(θ/ε)·K
     pre.grad, theta.grad = None, None
-    step = _StepFn.apply(pre, theta, 0.1)
+    step = StepFn.apply(pre, theta, 0.1)
     assert step.tolist() == [[0.0, 1.0, 1.0]]
     step.sum().backward()
     assert pre.grad.abs().sum() == 0  # the L0 term trains only θ

@@ -63,7 +63,7 @@ def test_training_forward_matches_the_dense_loss_in_values_and_gradients(skewed)
     out = fast(x)
     assert out.pre.requires_grad is skewed  # the path we meant to test ran
     assert sorted(out.losses) == ["recon_prefix100", "recon_prefix16", "recon_prefix40"]
-    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at))
+    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=out.pre_at)
     (fvu_loss(x, out.x_hat) + sum(out.losses.values()) + aux).backward()  # what the trainer sums
     codes, levels, loss = plain_loss(plain, x, dead)
     loss.backward()

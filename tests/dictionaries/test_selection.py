@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import featurekit
 from featurekit.config import DictionaryConfig, TrainConfig, load_config, validate
 from featurekit.dictionaries import AbsTopKSAE, TopKSAE, build_from_config, save
+from featurekit.dictionaries.kernels.sparse import mask_to_sparse
 from featurekit.dictionaries.operators import (
     calibrated_multiplier,
     gaussian_multiplier,
@@ -20,7 +21,6 @@ from featurekit.dictionaries.operators import (
     statistical_topk,
     topk,
 )
-from featurekit.dictionaries.sparse import mask_to_sparse
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate.metrics import fvu, l0
 from featurekit.train import Trainer
@@ -155,7 +155,7 @@ def test_statistical_sparse_path_matches_dense_values_and_gradients(cls):
     fast, plain = cls(12, 64, k=4, selection="statistical", seed=1), cls(12, 64, k=4, selection="statistical", seed=1)
     dead = torch.rand(64, generator=torch.Generator().manual_seed(2)) < 0.5
     out = fast(x)
-    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at), signed=cls.signed)
+    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=out.pre_at, signed=cls.signed)
     (fvu_loss(x, out.x_hat) + aux).backward()
     pre = (x - plain.b_dec) @ plain.W_enc.T + plain.b_enc
     codes = statistical_topk(pre, 4, plain.multiplier, signed=cls.signed)  # the mask carries no gradient

@@ -26,7 +26,7 @@ def test_sparse_topk_matches_dense_values_and_gradients(n, d, F, k):
     dead = torch.rand(F, generator=torch.Generator().manual_seed(2)) < 0.5
 
     out = fast(x)
-    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at))
+    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=out.pre_at)
     loss_fast = fvu_loss(x, out.x_hat) + aux
     loss_fast.backward()
     x_hat, codes, pre = dense_forward(plain, x)
@@ -45,7 +45,7 @@ def test_exact_topk_keeps_no_preactivation_matrix_and_computes_aux_columns_on_de
     """Exact TopK frees its (N, F) pre-activations after the selection; `Output.top_pre` computes the
     requested latents' columns only and agrees with the masked top-k of the whole matrix."""
     from featurekit.dictionaries import AbsTopKSAE
-    from featurekit.dictionaries.selection import masked_topk
+    from featurekit.dictionaries.kernels import masked_topk
 
     torch.manual_seed(0)
     sae = (AbsTopKSAE if signed else TopKSAE)(24, 96, k=5, seed=3)
@@ -65,6 +65,6 @@ def test_exact_topk_keeps_no_preactivation_matrix_and_computes_aux_columns_on_de
         low = sae(x)
     idx, at = low.top_pre(7, among, signed)
     assert at.dtype == torch.bfloat16
-    exact = sae.pre_at(x, idx, low.pre, at)  # recomputed in fp32 at the chosen pairs
+    exact = low.pre_at(idx, at)  # recomputed in fp32 at the chosen pairs
     assert exact.dtype == torch.float32
     torch.testing.assert_close(exact, full.gather(-1, idx), rtol=1e-5, atol=1e-5)

@@ -130,7 +130,7 @@ def test_training_paths_match_the_plain_dense_formula(sparse, monkeypatch):
     dead = torch.rand(256, generator=torch.Generator().manual_seed(2)) < 0.5
     out = fast(x)
     assert out.pre.requires_grad != sparse  # the path under test ran
-    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at))
+    aux = auxk_loss(x - out.x_hat, out.top_pre, fast.W_dec, dead, 4, pre_at=out.pre_at)
     (fvu_loss(x, out.x_hat) + out.losses["afa"] + aux).backward()
     codes, x_hat, loss = plain_forward(plain, x, dead, 4)
     loss.backward()

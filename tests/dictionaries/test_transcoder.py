@@ -62,7 +62,7 @@ def test_sparse_forward_matches_the_dense_formula_values_and_gradients(cls):
                 tc.W_skip.normal_()
     dead = torch.rand(64, generator=torch.Generator().manual_seed(2)) < 0.5
     out = fast(x, y)
-    aux = auxk_loss(y - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=lambda i, at: fast.pre_at(x, i, out.pre, at))
+    aux = auxk_loss(y - out.x_hat, out.top_pre, fast.W_dec, dead, 3, pre_at=out.pre_at)
     (fvu_loss(y, out.x_hat) + aux).backward()
     pre = x @ plain.W_enc.T + plain.b_enc  # no input centring
     codes = topk(pre, 4)

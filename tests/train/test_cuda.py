@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from featurekit.dictionaries.gemm import plain_kernels
+from featurekit.dictionaries.kernels import plain_kernels
 from featurekit.train import distributed
 
 from .test_fast_paths import ARGS, _jumprelu_path, _train  # noqa: F401 (_jumprelu_path: the autouse fixture)

@@ -13,18 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.config import TrainConfig
-from featurekit.dictionaries import METHODS, batchtopk, certified, gemm, jumprelu, selection
-from featurekit.dictionaries.gemm import _mm_bias, _onednn_available, _onednn_linear, encoder_preact, plain_kernels
-from featurekit.dictionaries.selection import row_topk
-from featurekit.dictionaries.sparse import (
-    _pairs,
-    _pairs_at,
-    _weight_grad,
+from featurekit.dictionaries import METHODS
+from featurekit.dictionaries.kernels import KernelChoice, certified, forward, gemm, jumprelu, plain_kernels, selection
+from featurekit.dictionaries.kernels.gemm import encoder_preact, mm_bias, onednn_available, onednn_linear
+from featurekit.dictionaries.kernels.selection import row_topk
+from featurekit.dictionaries.kernels.sparse import (
     count_true,
     gather_1d,
     gather_linear,
     mask_to_sparse,
+    pairs,
+    pairs_at,
     sparse_decode,
+    weight_grad,
 )
 from featurekit.errors import FeaturekitError
 from featurekit.train import Trainer
@@ -108,8 +109,8 @@ def test_csr_weight_gradient_equals_the_dense_sum(n, rows, k, d, seed):
     idx = torch.randint(0, rows, (n, k), generator=gen)  # duplicates allowed
     grad, x = torch.randn(n, k, generator=gen), torch.randn(n, d, generator=gen)
     dense = torch.zeros(n, rows).scatter_add_(-1, idx, grad).T @ x
-    r, _, c, _ = _pairs(idx, None)
-    torch.testing.assert_close(_weight_grad(grad.flatten(), r, c, x, rows), dense, rtol=1e-5, atol=1e-5)
+    r, _, c, _ = pairs(idx, None)
+    torch.testing.assert_close(weight_grad(grad.flatten(), r, c, x, rows), dense, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
@@ -120,13 +121,13 @@ def test_encoder_preact_equals_addmm(n, f, d, seed):
     torch.testing.assert_close(encoder_preact(x, W, b), torch.addmm(b, x, W.T), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not _onednn_available(), reason="this torch build has no oneDNN linear")
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 50), f=st.integers(1, 70), d=st.integers(1, 20), seed=st.integers(0, 999))
 def test_both_cpu_gemm_backends_agree(n, f, d, seed):
     gen = torch.Generator().manual_seed(seed)
     x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
-    torch.testing.assert_close(_onednn_linear(x, W, b, torch.float32), _mm_bias(x, W, b, torch.float32), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(onednn_linear(x, W, b, torch.float32), mm_bias(x, W, b, torch.float32), rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=60, deadline=None)
@@ -160,10 +161,10 @@ def test_sddmm_recompute_equals_the_gathered_product(n, f, k, d, ragged, seed):
     x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
     idx = torch.randint(0, f, (n, k), generator=gen)
     keep = torch.rand(n, k, generator=gen) < 0.6 if ragged else None
-    rows, slots, cols, crow = _pairs(idx, keep)
+    rows, slots, cols, crow = pairs(idx, keep)
     expected = (x @ W.T + b).gather(-1, idx)
     expected = expected.flatten() if keep is None else expected[keep]
-    torch.testing.assert_close(_pairs_at(x, W, b, rows, cols, crow), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pairs_at(x, W, b, rows, cols, crow), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sddmm_value_of_a_pair_does_not_depend_on_the_other_pairs():
@@ -175,12 +176,12 @@ def test_sddmm_value_of_a_pair_does_not_depend_on_the_other_pairs():
     x, W, b = torch.randn(n, d, generator=gen), torch.randn(f, d, generator=gen), torch.randn(f, generator=gen)
     idx = torch.randint(0, f, (n, k), generator=gen)
     idx[1100:1300] = 0  # a block where one latent has more pairs than the block has rows: row-major form
-    rows, _, cols, crow = _pairs(idx, None)
-    whole = _pairs_at(x, W, b, rows, cols, crow).view(n, k)
+    rows, _, cols, crow = pairs(idx, None)
+    whole = pairs_at(x, W, b, rows, cols, crow).view(n, k)
     torch.testing.assert_close(whole, (x @ W.T + b).gather(-1, idx), rtol=1e-5, atol=1e-5)
     for part in (slice(1000, 1300), slice(2599, 2600), slice(0, 2)):
-        sub_rows, _, sub_cols, sub_crow = _pairs(idx[part].flip(-1), None)  # other order, other company
-        alone = _pairs_at(x[part], W, b, sub_rows, sub_cols, sub_crow).view(-1, k).flip(-1)
+        sub_rows, _, sub_cols, sub_crow = pairs(idx[part].flip(-1), None)  # other order, other company
+        alone = pairs_at(x[part], W, b, sub_rows, sub_cols, sub_crow).view(-1, k).flip(-1)
         assert torch.equal(alone, whole[part])
 
 
@@ -240,20 +241,20 @@ def test_sparse_decode_equals_the_dense_product(n, f, k, d, ragged, seed):
 def test_cpu_gemm_choice_is_probed_once_and_kept_in_the_cache(tmp_path, monkeypatch):
     """A repeated run takes the kernel of the first (bit-for-bit reproducible weights on one machine)."""
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
-    monkeypatch.setitem(gemm._state, "gemm", {})
     x, W, b = torch.randn(64, 576), torch.randn(2048, 576), torch.randn(2048)
-    first = gemm._cpu_gemm(x, W, b, torch.float32)
-    if not _onednn_available():
-        assert first is _mm_bias and not (tmp_path / "gemm_choice.json").exists()
+    first = gemm.cpu_gemm(x, W, b, torch.float32, KernelChoice())
+    if not onednn_available():
+        assert first is mm_bias and not (tmp_path / "gemm_choice.json").exists()
         return
     known = json.loads((tmp_path / "gemm_choice.json").read_text())
     (key, name), = known.items()
     assert gemm.GEMM_CHOICES[name] is first and "2048x576" in key
     other = next(n for n in gemm.GEMM_CHOICES if n != name)
     (tmp_path / "gemm_choice.json").write_text(json.dumps({key: other}))
-    monkeypatch.setitem(gemm._state, "gemm", {})  # a new process: reads the file, does not probe
-    assert gemm._cpu_gemm(x, W, b, torch.float32) is gemm.GEMM_CHOICES[other]
-    assert gemm._cpu_gemm(x, W[:8], b[:8], torch.float32) is _mm_bias  # small: no probe
+    fresh = KernelChoice()  # a new run: reads the file, does not probe
+    assert gemm.cpu_gemm(x, W, b, torch.float32, fresh) is gemm.GEMM_CHOICES[other]
+    assert gemm.cpu_gemm(x, W[:8], b[:8], torch.float32, fresh) is mm_bias  # small: no probe
+    assert fresh.as_dict()["encoder_gemm"] == "mm_bias" and fresh.as_dict()["answers"] == {key: other}
 
 
 @settings(max_examples=40, deadline=None)
@@ -331,10 +332,9 @@ def test_low_precision_dictionary_runs_on_cpu(method):
 @pytest.mark.parametrize("method", ["topk", "batchtopk"])
 def test_trained_through_the_certified_selection_matches_the_plain_path(method, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(gemm._state, "gemm", {})
     monkeypatch.setattr(gemm, "PROBE_MIN_WEIGHTS", 0)
 
-    def chosen(name, fp32, fast, *a):
+    def chosen(choice, name, fp32, fast, *a):
         calls.append(name)
         return True
 
@@ -347,9 +347,9 @@ def test_trained_through_the_certified_selection_matches_the_plain_path(method, 
 
     calls, recomputed = [], []
     monkeypatch.setattr(selection, "certified_chosen", chosen)
-    monkeypatch.setattr(batchtopk, "certified_chosen", chosen)
+    monkeypatch.setattr(forward, "certified_chosen", chosen)
     monkeypatch.setattr(selection, "certified_topk", counted(certified.certified_topk))
-    monkeypatch.setattr(batchtopk, "certified_batch_topk", counted(certified.certified_batch_topk))
+    monkeypatch.setattr(forward, "certified_batch_topk", counted(certified.certified_batch_topk))
     fast_losses, fast_state = _train(method, tmp_path / "fast")
     assert len(calls) >= STEPS and len(recomputed) == len(calls)
     assert None not in recomputed and sum(recomputed) < 0.5 * B * len(recomputed)  # certified, most rows not recomputed
@@ -400,20 +400,19 @@ def test_certified_batch_topk_is_the_exact_batch_selection(n, f, d, k, width, sc
 
 def test_selection_choice_is_probed_once_and_kept_beside_the_gemm_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
-    monkeypatch.setitem(gemm._state, "gemm", {})
     x, W, b = torch.randn(64, 576), torch.randn(2048, 576), torch.randn(2048)
-    values, idx = selection.topk_preact(x, W, b, 8)
+    values, idx = selection.topk_preact(x, W, b, 8, choice=KernelChoice())
     ref = torch.addmm(b, x, W.T).topk(8, dim=-1)
     assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
     known = json.loads((tmp_path / "gemm_choice.json").read_text())
     (key, answer), = ((k, v) for k, v in known.items() if "top-k selection k=8" in k)
     assert answer in ("fp32", "certified")
-    if _onednn_available():  # the fp32 candidate's own GEMM probe was recorded too, not overwritten
+    if onednn_available():  # the fp32 candidate's own GEMM probe was recorded too, not overwritten
         assert any("torch.float32 | 2048x576" in k for k in known)
     other = "fp32" if answer == "certified" else "certified"
     (tmp_path / "gemm_choice.json").write_text(json.dumps({**known, key: other}))
-    monkeypatch.setitem(gemm._state, "gemm", {})  # a new process: reads the file, does not probe
-    chosen = selection.certified_chosen("top-k selection", selection._fp32_topk, certified.certified_topk, x, W, b, 8, False)
+    fresh = KernelChoice()  # a new run: reads the file, does not probe
+    chosen = selection.certified_chosen(fresh, "top-k selection", selection.fp32_topk, certified.certified_topk, x, W, b, 8, False)
     assert chosen == (other == "certified")
 
 
@@ -433,7 +432,6 @@ def test_certified_topk_certifies_most_rows_and_its_answer_does_not_depend_on_th
 def test_aux_columns_are_computed_without_a_kernel_probe(tmp_path, monkeypatch):
     """The dead-latent count changes every step: a probe per count would time both kernels and grow the cache."""
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path))
-    monkeypatch.setitem(gemm._state, "gemm", {})
     x, W, b = torch.randn(64, 576), torch.randn(4096, 576), torch.randn(4096)
     for dead in (1900, 1950, 2000):
         among = torch.zeros(4096, dtype=torch.bool)
@@ -449,7 +447,6 @@ def test_aux_columns_are_computed_without_a_kernel_probe(tmp_path, monkeypatch):
 def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
     """A resumed process starts the candidate width afresh; the weights still match bit for bit."""
     monkeypatch.setenv("FEATUREKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(gemm._state, "gemm", {})
     monkeypatch.setattr(gemm, "PROBE_MIN_WEIGHTS", 0)
     monkeypatch.setattr(selection, "certified_chosen", lambda *a: True)
     monkeypatch.setattr(certified, "CERTIFIED_WIDTH", 1)  # narrow: many rows recomputed, the width grows during the run
@@ -458,8 +455,7 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
     recon = RECON_LOSSES["fvu"]
 
     def trainer(name):
-        monkeypatch.setattr(selection, "_widths", {})  # a fresh process
-        sae = METHODS["topk"](D, F, seed=0, k=K)
+        sae = METHODS["topk"](D, F, seed=0, k=K)  # a fresh process: its own kernel choice, widths afresh
         t = Trainer(sae, TrainConfig(batch_size=B, lr=3e-3, warmup_steps=2), tmp_path / name, len(data))
         return sae, t
 
@@ -467,7 +463,7 @@ def test_resume_through_the_certified_selection_repeats_the_uninterrupted_run(tm
     t.init_from_data(torch.cat(data[:2]))
     for x in data:
         t.train_step(x, recon)
-    assert selection._widths  # the width grew in the uninterrupted run
+    assert ref.kernel_choice.widths  # the width grew in the uninterrupted run
     first, t = trainer("run")
     t.init_from_data(torch.cat(data[:2]))
     for x in data[:4]:
@@ -583,13 +579,13 @@ def test_jumprelu_scan_of_the_live_pairs_equals_the_mask_form(n, f, p, rows, see
     live = pre > cut
     old, jumprelu._SCAN_ROWS = jumprelu._SCAN_ROWS, rows
     try:
-        found = jumprelu._above(pre, cut, n * f)
+        found = jumprelu.live_above(pre, cut, n * f)
         idx, keep = mask_to_sparse(live)
         assert torch.equal(found[0], idx) and torch.equal(found[1], keep)
         assert torch.equal(found[2], torch.where(keep, pre.gather(-1, idx), 0))
         total = int(live.sum())
-        assert jumprelu._above(pre, cut, total) is not None
-        assert total == 0 or jumprelu._above(pre, cut, total - 1) is None
+        assert jumprelu.live_above(pre, cut, total) is not None
+        assert total == 0 or jumprelu.live_above(pre, cut, total - 1) is None
     finally:
         jumprelu._SCAN_ROWS = old
 
@@ -603,15 +599,15 @@ def test_jumprelu_scan_declines_a_dense_batch_early_but_not_an_even_one(monkeypa
     cut = torch.zeros(f)
     even = -torch.ones(n, f)
     even[:, :5] = 1  # 5 live pairs in every row: 320 in all
-    assert jumprelu._above(even, cut, 320) is not None
+    assert jumprelu.live_above(even, cut, 320) is not None
     front = -torch.ones(n, f)
     front[:16, :10] = 1  # 160 live pairs, all in the first 16 rows: 2 × the share of a budget of 320 there
-    assert jumprelu._above(front, cut, 320) is None
-    assert jumprelu._above(front, cut, 1000) is not None  # within 1.5 × the share of a larger budget
+    assert jumprelu.live_above(front, cut, 320) is None
+    assert jumprelu.live_above(front, cut, 1000) is not None  # within 1.5 × the share of a larger budget
     calls = []
     real_nonzero = torch.Tensor.nonzero
     monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: calls.append(1) or real_nonzero(t, *a, **k))
-    assert jumprelu._above(front, cut, 320) is None and len(calls) == 4  # declined after 16 of the 64 rows
+    assert jumprelu.live_above(front, cut, 320) is None and len(calls) == 4  # declined after 16 of the 64 rows
 
 
 @settings(max_examples=40, deadline=None)

@@ -7,77 +7,93 @@ A dictionary maps an activation x (d values) to codes f (F values, mostly zero) 
 `W_dec` has shape (F, d); its rows are the feature directions. Every dictionary carries an
 `input_scale` c (a buffer): it was trained on c·x. `encode` and `decode` take and return raw
 activations; `fold_input_scale()` rewrites the biases so that c becomes 1 without changing any
-output (Conventions: `research/seed-methods-sae.md` §0.2: b_dec ← b_dec/c, b_enc ← b_enc/c,
-thresholds ← thresholds/c; codes then come out in raw units).
+output (b_dec ← b_dec/c, b_enc ← b_enc/c, thresholds ← thresholds/c; codes then come out in raw units).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import FeaturekitError
-from .gemm import autocast_dtype
-from .selection import columns_topk, masked_topk
-from .sparse import count_true, densify
+from . import kernels
+from .kernels import FastCodes, KernelChoice, count_true, densify, masked_topk
 
 
 class Output:
-    """What `Dictionary.forward` returns. `losses` holds named scalar terms summed into the loss.
+    """What `Dictionary.forward` returns: the reconstruction `x_hat`, the codes, the pre-activations and
+    `losses`, named scalar terms the trainer sums into the loss.
 
-    Codes come either dense (`codes`, (N, F)) or sparse: `idx` (N, m) latent indices and `values`
-    (N, m), zero where a slot is padding. The dense matrix of a sparse output is built only if
-    `codes` is read; the trainer's statistics (`fire_counts`, `l0`) use the sparse form, so a
-    training step of a sparse method never writes an (N, F) code matrix. `codes` may also be a
-    function that builds the dense codes when first read (JumpReLU's fused dense path, which passes
-    `fire_counts` and never needs the matrix itself).
+    One name per concept:
+    * `pre`: π (N, F), the pre-activations, where the forward keeps them (None otherwise).
+    * `codes`: the dense (N, F) codes; `idx`, `values` (N, m): their sparse form (latent indices, and the
+      codes there, 0 in padding), where the forward made one. A sparse form is densified only if `codes` is
+      read: the trainer's statistics (`fire_counts`, `l0`) use it, so a training step of a sparse method
+      never writes an (N, F) code matrix.
+    * `top_pre(k, among, signed)` → (idx, pair_pre): aux-k's candidates, each token's k largest π among the
+      latents in `among`, without grad.
+    * `pre_at(idx, pair_pre=None)`: π at the (token, latent) pairs `idx`, with gradient; `pair_pre`, the same
+      values without grad where known (from `top_pre`), spares recomputing them.
+    A fast forward passes `fast`, the `kernels.FastCodes` its kernels filled: the sparse codes, or a function
+    building dense ones, precomputed firing counts, and the accessors of π that need no (N, F) matrix."""
 
-    `pre` (N, F) are the pre-activations, for the aux-k losses and statistics. A method that need
-    not keep them (exact TopK: the matrix is 512 MiB at 4,096 tokens × 32,768 latents) passes
-    `pre_topk` instead, a function (k, among, signed) → (indices, values) computing each token's top
-    k among a set of latents on demand (`selection.columns_topk`); `top_pre` answers from either."""
-
-    def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | Callable[[], torch.Tensor] | None = None, pre: torch.Tensor | None = None,
-                 losses: dict[str, torch.Tensor] | None = None, idx: torch.Tensor | None = None,
-                 values: torch.Tensor | None = None, n_latents: int | None = None, fire_counts: torch.Tensor | None = None,
-                 pre_topk: Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]] | None = None):
-        if codes is None and (idx is None or values is None or n_latents is None):
-            raise ValueError("Output needs dense codes or idx, values and n_latents")
-        self.x_hat, self.pre, self.idx, self.values, self.n_latents = x_hat, pre, idx, values, n_latents
-        self._codes_fn, codes = (codes, None) if callable(codes) else (None, codes)
-        self._codes, self._fire_counts, self._pre_topk = codes, fire_counts, pre_topk
+    def __init__(self, x_hat: torch.Tensor, codes: torch.Tensor | None = None, pre: torch.Tensor | None = None,
+                 losses: dict[str, torch.Tensor] | None = None, fast: FastCodes | None = None):
+        if codes is None and (fast is None or (fast.values is None and fast.dense is None)):
+            raise ValueError("Output needs dense codes or kernels.FastCodes holding codes")
+        self.x_hat, self.pre, self.fast, self._codes = x_hat, pre, fast, codes
+        self._fire_counts = None if fast is None else fast.fire_counts
         self.losses: dict[str, torch.Tensor] = {} if losses is None else losses
+
+    @property
+    def idx(self) -> torch.Tensor | None:
+        return None if self.fast is None else self.fast.idx
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.fast is None else self.fast.values
+
+    @property
+    def _sparse(self) -> bool:
+        """The codes exist in sparse form only."""
+        return self._codes is None and self.fast.dense is None
 
     @property
     def has_pre(self) -> bool:
         """True when `top_pre` can answer (the pre-activations are kept or can be computed)."""
-        return self.pre is not None or self._pre_topk is not None
+        return self.pre is not None or (self.fast is not None and self.fast.top_pre is not None)
 
     def top_pre(self, k: int, among: torch.Tensor, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, values) (N, k), no grad: each token's k largest pre-activations among the latents
-        in `among` (F,) bool, ranked by |pre| when `signed`."""
+        """(idx, pair_pre) (N, k), no grad: each token's k largest pre-activations among the latents in
+        `among` (F,) bool, ranked by |π| when `signed`."""
         if self.pre is not None:
             return masked_topk(self.pre.reshape(-1, self.pre.shape[-1]), k, among, signed)
-        if self._pre_topk is None:
+        if self.fast is None or self.fast.top_pre is None:
             raise ValueError("this output keeps no pre-activations")
-        return self._pre_topk(k, among, signed)
+        return self.fast.top_pre(k, among, signed)
+
+    def pre_at(self, idx: torch.Tensor, pair_pre: torch.Tensor | None = None) -> torch.Tensor:
+        """π at columns idx (N, m) with its gradient (the aux-k losses' values): through the kernels where the
+        forward was fast, else gathered from `pre` (which then carries its graph)."""
+        if self.fast is not None and self.fast.pre_at is not None:
+            return self.fast.pre_at(idx, pair_pre)
+        return self.pre.gather(-1, idx)
 
     @property
     def codes(self) -> torch.Tensor:
         if self._codes is None:
-            self._codes = self._codes_fn() if self._codes_fn is not None else densify(self.idx, self.values, self.n_latents)
+            self._codes = self.fast.dense() if self.fast.dense is not None else densify(self.idx, self.values, self.fast.n_latents)
         return self._codes
 
     @torch.no_grad()
     def fire_counts(self) -> torch.Tensor:
         """(F,) number of tokens of the batch on which each latent is non-zero (computed once)."""
         if self._fire_counts is None:
-            if self._codes is None and self._codes_fn is None:
+            if self._sparse:
                 fired = self.values.detach() != 0
-                self._fire_counts = torch.bincount(self.idx[fired], minlength=self.n_latents)
+                self._fire_counts = torch.bincount(self.idx[fired], minlength=self.fast.n_latents)
             else:
                 codes = self.codes.detach()
                 self._fire_counts = count_true((codes != 0).reshape(-1, codes.shape[-1]), 0).long()
@@ -92,7 +108,7 @@ class Output:
     @torch.no_grad()
     def nonzero_values(self) -> torch.Tensor:
         """The non-zero codes of the batch, flattened."""
-        v = self.values.detach() if self._codes is None and self._codes_fn is None else self.codes.detach()
+        v = self.values.detach() if self._sparse else self.codes.detach()
         return v[v != 0]
 
 
@@ -132,6 +148,8 @@ class Dictionary(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("input_scale", torch.ones(()))
+        #: this dictionary's per-machine kernel choices (`kernels.kernel_choices(self)` lists them)
+        self.kernel_choice = KernelChoice()
 
     # -- the method-specific part ---------------------------------------------------------
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -173,6 +191,11 @@ class Dictionary(nn.Module):
         """π = (x·c − b_dec) W_encᵀ + b_enc, on already-scaled input."""
         return (x_scaled - self.b_dec) @ self.W_enc.T + self.b_enc
 
+    @property
+    def encoder(self) -> kernels.Encoder:
+        """`pre_activation` as the kernels take it: π = (x − b_dec) W_encᵀ + b_enc, with this dictionary's kernel choices."""
+        return kernels.Encoder(self.W_enc, self.b_enc, self.b_dec, self.kernel_choice)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations (..., d) → codes (..., F) in raw units (divided by c), in the dictionary's dtype."""
         x = self._check_input(x)
@@ -187,30 +210,20 @@ class Dictionary(nn.Module):
         x = self._check_input(x)
         pre = self.pre_activation(x)
         codes = self.activation(pre)
-        out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+        return self.output(x, codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+
+    def sparse_output(self, x: torch.Tensor, picked: kernels.Picked, act=None) -> Output:
+        """The sparse forward from a selection: codes = act(π at the picked pairs), x̂ = Σ codes · W_dec[idx] + b_dec
+        (`kernels.sparse_forward`: the same values and gradients as the dense formula), and the method's losses."""
+        x_hat, fast = kernels.sparse_forward(x, self.encoder, picked, self.W_dec, act)
+        return self.output(x, x_hat + self.b_dec, pre=picked.pre, fast=fast)
+
+    def output(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor | None = None, pre: torch.Tensor | None = None,
+               fast: FastCodes | None = None) -> Output:
+        """The forward's `Output`, with the method's `extra_losses`."""
+        out = Output(x_hat, codes=codes, pre=pre, fast=fast)
         out.losses.update(self.extra_losses(x, out))
         return out
-
-    def columns_pre_topk(self, inputs: torch.Tensor) -> Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]:
-        """`Output.top_pre` for a forward that keeps no (N, F) matrix: pre-activations inputs W_encᵀ + b_enc
-        (`inputs` = what the encoder multiplies, e.g. x·c − b_dec, no grad) for the requested latents' columns
-        only, in the precision of the forward (a bf16 autocast is captured; `gather_linear` then recomputes
-        the chosen values exactly)."""
-        device, low = inputs.device.type, autocast_dtype(inputs.device)
-
-        def pre_topk(k: int, among: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
-                return columns_topk(inputs, self.W_enc.detach(), self.b_enc.detach(), k, among, signed)
-
-        return pre_topk
-
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
-        """Pre-activations at columns `idx` (N, k) with gradient, given `pre` from `forward(x)` (or None
-        when the output keeps none) and `at`, the same values without grad when known (`Output.top_pre`).
-
-        Used by the aux-k loss. The default gathers from a dense `pre` that carries its graph.
-        """
-        return pre.gather(-1, idx)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Raw in, raw out: decode(encode(x)) (transcoders: the prediction of y, skip path included)."""

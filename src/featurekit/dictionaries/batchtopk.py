@@ -17,12 +17,9 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .base import Output
-from .certified import certified_batch_topk
-from .gemm import encoder_preact
-from .operators import abs_threshold, batch_abs_topk, batch_topk, batch_topk_sparse, threshold
-from .selection import certified_chosen, with_width
-from .sparse import gather_linear, sparse_decode
+from .operators import abs_threshold, batch_abs_topk, batch_topk, threshold
 from .topk import TopKSAE
 
 
@@ -40,41 +37,16 @@ class BatchTopKSAE(TopKSAE):
         return abs_threshold(pre, self.theta) if self.signed else threshold(pre, self.theta)
 
     def forward(self, x: torch.Tensor) -> Output:
-        """Training forward: batch selection. Through the sparse kernels over each row's picks (non-kept
-        slots weigh 0) when the selection is exact in sparse form, else densely; same values and gradients
-        either way (tests/dictionaries/test_batchtopk.py). In fp32 on CPU the selection goes through
-        `certified_batch_topk` (a bf16 product, exact fp32 values for the entries that can reach the cut)
-        where a one-time probe finds it faster; it keeps no (N, F) matrix (aux-k computes what it needs)."""
+        """Training forward: the batch's B·k largest π, through the sparse kernels over each token's picks
+        (`kernels.batch_topk`), or densely where a token would keep more than half of the latents; the same
+        values and gradients either way (tests/dictionaries/test_batchtopk.py)."""
         x = self._check_input(x)
-        centered = x - self.b_dec
-        with torch.no_grad():
-            found, pre, pre_topk = None, None, None
-            if certified_chosen("batch top-k selection", _fp32_batch, certified_batch_topk, centered, self.W_enc, self.b_enc,
-                                self.k, self.signed):
-                found = with_width("batchtopk", certified_batch_topk, centered, self.W_enc, self.b_enc, self.k, self.signed)
-            if found is None:
-                sparse, pre = _fp32_batch(centered, self.W_enc, self.b_enc, self.k, self.signed)
-                at = None
-            else:
-                idx, keep, at = found
-                sparse = idx, keep
-                pre_topk = self.columns_pre_topk(centered.detach())
-        if sparse is None:
-            pre = centered @ self.W_enc.T + self.b_enc  # with its graph
+        picked = kernels.batch_topk(x, self.encoder, self.k, self.signed)
+        if picked is None:
+            pre = self.pre_activation(x)
             codes = batch_abs_topk(pre, self.k) if self.signed else batch_topk(pre, self.k)
-            out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
-        else:
-            idx, keep = sparse
-            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, keep=keep, at=at)
-            x_hat = sparse_decode(idx, values, self.W_dec, keep=keep) + self.b_dec
-            out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre, pre_topk=pre_topk)
-        out.losses.update(self.extra_losses(x, out))
-        return out
-
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
-        if pre is not None and pre.requires_grad:  # the dense fallback kept the graph
-            return pre.gather(-1, idx)
-        return super().pre_at(x, idx, pre, at)
+            return self.output(x, codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+        return self.sparse_output(x, picked)
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
@@ -109,10 +81,3 @@ class BatchAbsTopKSAE(BatchTopKSAE):
 
     method = "batchabstopk"
     signed = True
-
-
-def _fp32_batch(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, signed: bool):
-    """The selection through the whole product: (`batch_topk_sparse`'s answer, the (N, F) product). The
-    probe times it against `certified_batch_topk`."""
-    pre = encoder_preact(x, W, b)
-    return batch_topk_sparse(pre.abs() if signed else pre, k), pre

@@ -11,8 +11,7 @@ with affinities P = ReLU(π), π = (x − b_dec) W_encᵀ + b_enc, and x̂ = (S 
 
 Both let the number of latents per token vary (adaptive computation); the batch mean is k. The
 operators follow from the paper's abstract (its definitions of the constraints); the rest is
-recorded as ours because the paper's method sections could not be read (research/seed-methods-sae.md
-§6, tagged [ours] there):
+recorded as ours because the paper's method sections could not be read:
 * FC capacity: one uniform m = k·B/F per batch (the paper sets per-feature capacities from a Zipf
   fit, per its reviewers; not done here). A fractional m spends exactly round(k·B) slots: each latent
   takes ⌊m⌋ tokens, the latents with the strongest next candidate one more.
@@ -32,11 +31,10 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .base import Output
 from .batchtopk import BatchTopKSAE
-from .gemm import encoder_preact
 from .operators import feature_choice_mask, threshold
-from .sparse import gather_linear, sparse_decode
 from .topk import TopKSAE
 
 
@@ -63,27 +61,16 @@ class FeatureChoiceSAE(TopKSAE):
         kernels' temporaries; FC rows vary, ~4.5k at most on our synthetic data); densely otherwise.
         Same values and gradients either way (tests/dictionaries/test_choice.py)."""
         x = self._check_input(x)
-        centered = x - self.b_dec
         with torch.no_grad():
-            pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            mask = feature_choice_mask(pre.relu(), self.capacity(x.shape[0]))
+            pre = self.encoder.pre(x)  # π
+            mask = feature_choice_mask(pre.relu(), self.capacity(x.shape[0]))  # each latent's m best tokens
             width = int(mask.sum(-1).max()) if mask.numel() else 0
         if 0 < width <= min(8 * self.k, self.n_latents // 2):
             idx = mask.to(pre.dtype).topk(width, dim=-1, sorted=False).indices  # every kept latent of the row, then padding
-            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec) * mask.gather(-1, idx)
-            out = Output(x_hat=sparse_decode(idx, values, self.W_dec) + self.b_dec,
-                         idx=idx, values=values, n_latents=self.n_latents, pre=pre)
-        else:
-            pre = centered @ self.W_enc.T + self.b_enc  # with its graph
-            codes = pre * mask
-            out = Output(x_hat=codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
-        out.losses.update(self.extra_losses(x, out))
-        return out
-
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
-        if pre is not None and pre.requires_grad:  # the dense path kept the graph
-            return pre.gather(-1, idx)
-        return super().pre_at(x, idx, pre, at)
+            return self.sparse_output(x, kernels.Picked(idx, keep=mask.gather(-1, idx), pre=pre))
+        pre = self.pre_activation(x)
+        codes = pre * mask
+        return self.output(x, codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from ..errors import FeaturekitError
+from . import kernels
 from .base import Output
-from .gemm import encoder_preact
-from .sparse import gather_linear, sparse_decode
 from .topk import TopKSAE
 
 
@@ -57,16 +56,11 @@ class GradientSAE(TopKSAE):
         if grad.shape != x.shape:
             raise FeaturekitError(f"g-SAE gradient has shape {tuple(grad.shape)} but the activations {tuple(x.shape)}; "
                                   "harvest with data.gradients=true so each token carries its own gradient")
-        centered = x - self.b_dec
         with torch.no_grad():
-            pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            score = pre.relu() * (1 + self.beta * self.gradient_scores(grad))
+            pre = self.encoder.pre(x)                                           # π
+            score = pre.relu() * (1 + self.beta * self.gradient_scores(grad))  # z ⊙ (1 + β a)
             idx = score.topk(self.k, dim=-1, sorted=False).indices
-        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec).relu()
-        x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-        out = Output(x_hat=x_hat, idx=idx, values=values, n_latents=self.n_latents, pre=pre)
-        out.losses.update(self.extra_losses(x, out))
-        return out
+        return self.sparse_output(x, kernels.Picked(idx, pre=pre), act=torch.relu)
 
     @torch.no_grad()
     def encode_with_gradient(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

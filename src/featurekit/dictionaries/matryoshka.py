@@ -3,8 +3,8 @@ Features with Matryoshka Sparse Autoencoders", ICML 2025, arXiv 2503.17547; the 
 paper names is dictionary_learning `trainers/matryoshka_batch_top_k.py`).
 
 The latents are ordered and split into nested prefixes of widths m_1 < m_2 < … < m_n = F (the
-paper's set of nested dictionary sizes). Selection is BatchTopK over the whole dictionary (§2 of
-research/seed-methods-sae.md, `batchtopk.py`), Z = the codes; every prefix must reconstruct x alone:
+paper's set of nested dictionary sizes). Selection is BatchTopK over the whole dictionary (Bussmann,
+Leask & Nanda 2024, `batchtopk.py`), Z = the codes; every prefix must reconstruct x alone:
 
     x̂_i = Z[:, :m_i] W_dec[:m_i] + b_dec,         L = Σ_i recon(x, x̂_i)  + α·aux-k
 
@@ -35,11 +35,10 @@ import torch.nn.functional as F
 
 from ..errors import FeaturekitError
 from ..train.losses import fvu_loss, squared_error_loss
+from . import kernels
 from .base import Output
 from .batchtopk import BatchTopKSAE
-from .gemm import encoder_preact
-from .operators import batch_topk, batch_topk_sparse
-from .sparse import densify, gather_linear
+from .operators import batch_topk
 
 
 def default_prefixes(n_latents: int) -> list[int]:
@@ -92,26 +91,23 @@ class MatryoshkaSAE(BatchTopKSAE):
     def forward(self, x: torch.Tensor) -> Output:
         """BatchTopK selection (sparse kernels when exact, else dense) and every prefix's reconstruction."""
         x = self._check_input(x)
-        centered = x - self.b_dec
-        with torch.no_grad():
-            pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            sparse = batch_topk_sparse(pre, self.k)
-        if sparse is None:
-            pre = centered @ self.W_enc.T + self.b_enc  # with its graph
-            codes = batch_topk(pre, self.k)
+        pre = self.encoder.pre(x)  # π, no grad
+        sparse = kernels.batch_topk_sparse(pre, self.k)  # Z: the batch's B·k largest
+        if sparse is None:  # some token keeps more than half of the latents: the dense formula
+            pre = self.pre_activation(x)
+            codes, fast = batch_topk(pre, self.k), None
             bounds = [0, *self.prefixes]
             partial = torch.stack([codes[:, a:b] @ self.W_dec[a:b] for a, b in zip(bounds, bounds[1:])], dim=1)
         else:
-            idx, keep = sparse
-            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec) * keep
-            partial = grouped_decode(idx, values, self.W_dec, self.prefixes, keep)
-            codes = densify(idx, values, self.n_latents)
+            picked = kernels.Picked(*sparse, pre=pre)
+            values, fast = kernels.sparse_codes(x, self.encoder, picked)
+            codes = None
+            partial = grouped_decode(picked.idx, values, self.W_dec, self.prefixes, picked.keep)
         levels = partial.cumsum(dim=1) + self.b_dec  # (B, n, d): x̂ of every prefix
-        out = Output(x_hat=levels[:, -1], codes=codes, pre=pre)
+        out = self.output(x, levels[:, -1], codes=codes, pre=pre, fast=fast)
         recon = fvu_loss if self.recon_loss == "fvu" else squared_error_loss
         for i, width in enumerate(self.prefixes[:-1]):
             out.losses[f"recon_prefix{width}"] = recon(x, levels[:, i])
-        out.losses.update(self.extra_losses(x, out))
         return out
 
     def reconstruct_prefix(self, x: torch.Tensor, width: int) -> torch.Tensor:

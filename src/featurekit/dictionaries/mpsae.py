@@ -46,8 +46,8 @@ from typing import Any
 import torch
 
 from ..errors import FeaturekitError
+from . import kernels
 from .base import Dictionary, Output
-from .sparse import sparse_decode
 
 
 class MPSAE(Dictionary):
@@ -143,7 +143,7 @@ class MPSAE(Dictionary):
         x = self._check_input(x)
         r0 = x - self.b_dec
         idx, values, residual = self.pursuit(r0, self.k, self.residual_threshold)
-        x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
+        x_hat = kernels.sparse_decode(idx, values, self.W_dec) + self.b_dec
         with torch.no_grad():
             pre = r0 @ self.W_dec.T
         out = Output(x_hat=x_hat, codes=self._codes(idx, values.detach()), pre=pre)

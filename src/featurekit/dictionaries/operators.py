@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import row_topk
+from .kernels import batch_topk_sparse
 
 
 def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -35,43 +35,6 @@ def topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 def relu(pre: torch.Tensor) -> torch.Tensor:
     """f = max(pre, 0)."""
     return pre.relu()
-
-
-def batch_topk_sparse(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The B·k largest entries of `scores` (B, F), those > 0 kept (so `scores` and ReLU(`scores`) select
-    alike), in sparse form, exactly, without a top-k over all B·F entries — or None when the sparse form
-    would be wider than F/2 per row.
-
-    Each row's c = min(4k, F) largest scores are candidates (`row_topk`), and t is the B·k-th largest
-    candidate: t is at most the true B·k-th largest score (the candidates are a subset), so every pick
-    is ≥ t. A row whose c candidates are all ≥ t may own more picks than it offered: those rows alone
-    (usually a few) count their entries ≥ t and offer that many candidates. The B·k largest of all
-    candidates are then the answer. Only the row top-k touches the whole (B, F) matrix. Returns
-    (idx, keep): columns (B, m), m = the largest number kept in a row, and a bool mask of the kept
-    slots (score > 0; the rest is padding: other columns, weighed 0).
-    """
-    rows, width = scores.shape
-    total = min(k * rows, scores.numel())
-    c = min(4 * k, width)
-    cand, cols = row_topk(scores, c)
-    top = cand.flatten().topk(total, sorted=False)
-    t = top.values.min()
-    full = (cand >= t).all(-1).nonzero().flatten() if c < width else cand.new_zeros(0, dtype=torch.long)
-    if full.numel():  # rows that may own more picks: offer every entry ≥ t
-        wide = int((scores[full] >= t).sum(-1).max())
-        more, more_cols = row_topk(scores[full], wide)
-        cand = torch.cat([cand, cand.new_full((rows, wide - c), float("-inf"))], 1).index_copy_(0, full, more)
-        cols = torch.cat([cols, cols.new_zeros(rows, wide - c)], 1).index_copy_(0, full, more_cols)
-        c = wide
-        top = cand.flatten().topk(total, sorted=False)
-    chosen = torch.zeros(rows * c, dtype=torch.bool, device=cand.device).index_fill_(0, top.indices, True)
-    keep = chosen.view(rows, c) & (cand > 0)
-    counts = keep.sum(-1)
-    m = max(int(counts.max()) if counts.numel() else 0, 1)
-    if m > width // 2:
-        return None
-    order = keep.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[:, :m]  # kept slots first
-    return cols.gather(-1, order), keep.gather(-1, order)
 
 
 def _batch_select(pre: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -156,7 +119,8 @@ def feature_choice(pre: torch.Tensor, m: float) -> torch.Tensor:
 def threshold(pre: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
     """Per-token JumpReLU-style rule: f = ReLU(pre) · 1[pre > θ] (θ a scalar or per-latent vector).
 
-    The inference form of batch-coupled rules (research/seed-methods-sae.md §0.7)."""
+    The inference form of batch-coupled rules (BatchTopK, Feature/Mutual Choice): a token's code then does
+    not depend on its batch (as BatchTopK's global threshold, Bussmann, Leask & Nanda 2024)."""
     return pre.relu() * (pre > theta)
 
 
@@ -235,7 +199,7 @@ def calibrated_multiplier(scores: torch.Tensor, k: int) -> float:
     std, mean = torch.std_mean(scores, dim=-1, keepdim=True, correction=0)
     z = ((scores - mean) / std.clamp_min(torch.finfo(scores.dtype).tiny)).flatten()
     below, above = z.kthvalue(n_total - target).values, z.kthvalue(n_total - target + 1).values  # (B·k+1)-th and B·k-th largest
-    return float((below + above) / 2)  # midway: rounding in mean + c·std cannot move an entry across
+    return float((below + above) / 2)  # midway: rounding in mean + c·std moves an entry across only if the two are within rounding
 
 
 def lazy_topk(act: torch.Tensor, k: int) -> torch.Tensor:

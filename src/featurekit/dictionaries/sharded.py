@@ -32,9 +32,8 @@ import torch.distributed as dist
 
 from ..errors import FeaturekitError
 from ..train import distributed as D
+from . import kernels
 from .base import Dictionary, Output
-from .gemm import encoder_preact
-from .sparse import gather_linear, sparse_decode
 from .topk import TopKSAE
 
 
@@ -114,7 +113,7 @@ class ShardedTopKSAE(Dictionary):
 
     def _decode_partial(self, idx: torch.Tensor, values: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
         """Σ over ranks of each rank's decoded latents, b_dec added once (rank 0's share)."""
-        partial = sparse_decode(idx, values, self.W_dec)
+        partial = kernels.sparse_decode(idx, values, self.W_dec)
         if self.rank == 0:
             partial = partial + b_dec
         return D.all_reduce_sum(partial)
@@ -123,13 +122,10 @@ class ShardedTopKSAE(Dictionary):
         """Training forward (x in the training scale); every rank must call it with the same x."""
         self._attach()
         x = self._check_input(x)
-        centered = x - self.b_dec
-        with torch.no_grad():
-            pre = encoder_preact(centered, self.W_enc, self.b_enc)
-            idx, mine = self._select(pre)
-        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec).relu() * mine
-        x_hat = self._decode_partial(idx, values, self.b_dec)
-        out = _ShardOutput(x_hat=x_hat, pre=pre, idx=idx, values=values, n_latents=self.n_latents)
+        pre = self.encoder.pre(x)  # local π
+        idx, mine = self._select(pre)
+        values, fast = kernels.sparse_codes(x, self.encoder, kernels.Picked(idx, keep=mine, pre=pre), act=torch.relu)
+        out = _ShardOutput(self._decode_partial(idx, values, self.b_dec), pre=pre, fast=fast)
         out.losses.update(self.extra_losses(x, out))
         return out
 
@@ -145,9 +141,6 @@ class ShardedTopKSAE(Dictionary):
         if self.rank == 0:
             partial = partial + self.b_dec / self.input_scale
         return D.all_reduce_sum(partial)
-
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
 
     def inference_rule(self) -> dict[str, Any]:
         return {"activation": "topk", "k": self.k}

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 from ..errors import FeaturekitError
+from . import kernels
 from .base import Dictionary, Output
 from .operators import top_afa, top_afa_select
-from .sparse import densify, gather_linear, sparse_decode
 
 #: the sparse kernels run when the widest row keeps at most this fraction of the latents
 SPARSE_MAX_FRACTION = 0.25
@@ -90,30 +90,24 @@ class TopAFASAE(Dictionary):
         target = centered.detach().norm(dim=-1)
         with torch.no_grad():
             pre = centered @ self.W_enc.T + self.b_enc
-        idx, keep, _ = self._select(centered, pre)
+        idx, keep, _ = self._select(centered, pre)  # each token's first k* latents
         if idx.shape[-1] <= SPARSE_MAX_FRACTION * self.n_latents:
-            values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec).relu() * keep
-            x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-            codes, norm = densify(idx, values, self.n_latents), values.norm(dim=-1)
+            x_hat, fast = kernels.sparse_forward(x, self.encoder, kernels.Picked(idx, keep, pre=pre), self.W_dec, act=torch.relu)
+            out = self.output(x, x_hat + self.b_dec, pre=pre, fast=fast)
+            norm = fast.values.norm(dim=-1)
         else:
             pre = centered @ self.W_enc.T + self.b_enc  # with its graph
             mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, keep)
             codes = pre.relu() * mask
-            x_hat, norm = codes @ self.W_dec + self.b_dec, codes.norm(dim=-1)
-        out = Output(x_hat=x_hat, codes=codes, pre=pre)
+            out = self.output(x, codes @ self.W_dec + self.b_dec, codes=codes, pre=pre)
+            norm = codes.norm(dim=-1)
         out.losses["afa"] = self.afa_loss(x, norm, target)
-        out.losses.update(self.extra_losses(x, out))
         return out
 
     def afa_loss(self, x: torch.Tensor, code_norm: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """λ_AFA · d · Σ (‖f‖ − ‖x − b_dec‖)² / Σ ‖x − x̄‖² (see the module docstring)."""
         variance = (x.detach().float() - x.detach().float().mean(0)).pow(2).sum().clamp_min(1e-12)
         return self.afa_coefficient * self.d_in * (code_norm.float() - target.float()).pow(2).sum() / variance
-
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
-        if pre is not None and pre.requires_grad:  # the dense path kept the graph
-            return pre.gather(-1, idx)
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
 
     def inference_rule(self) -> dict[str, Any]:
         return {"activation": "top_afa", "pre": "relu((x*c - b_dec) W_enc^T)", "target": "norm(x*c - b_dec)",

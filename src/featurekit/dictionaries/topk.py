@@ -29,11 +29,9 @@ from typing import Any
 import torch
 
 from ..errors import FeaturekitError
+from . import kernels
 from .base import Dictionary, Output
-from .gemm import encoder_preact
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
-from .selection import topk_preact
-from .sparse import gather_linear, mask_to_sparse, sparse_decode
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
@@ -61,26 +59,15 @@ class TopKSAE(Dictionary):
         return topk(pre, self.k)
 
     def forward(self, x: torch.Tensor) -> Output:
-        """Training forward with sparse kernels (same values and gradients as the dense formula)."""
+        """Training forward: the selection picks each token's latents from π, the sparse kernels give the
+        dense formula's values and gradients (f = ReLU(π) at the picks, x̂ = f W_dec + b_dec)."""
         x = self._check_input(x)
-        centered = x - self.b_dec
-        at = pre = pre_topk = None
-        with torch.no_grad():
-            if self.selection == "exact":  # no (N, F) matrix outlives the selection; aux-k computes what it needs
-                at, idx = topk_preact(centered, self.W_enc, self.b_enc, self.k, self.signed)
-                keep, codes = None, None
-                pre_topk = self.columns_pre_topk(centered.detach())
-            else:  # a varying count per token: kept columns padded to the batch's largest count
-                pre = encoder_preact(centered, self.W_enc, self.b_enc)
-                codes = self.activation(pre)
-                idx, keep = mask_to_sparse(codes != 0)
-        values = gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
-        values = values if self.signed else values.relu()
-        values = values if keep is None else values * keep
-        x_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec
-        out = Output(x_hat=x_hat, codes=codes, pre=pre, idx=idx, values=values, n_latents=self.n_latents, pre_topk=pre_topk)
-        out.losses.update(self.extra_losses(x, out))
-        return out
+        if self.selection == "exact":  # TopK_k(π); no (N, F) matrix outlives it (aux-k computes what it needs)
+            picked = kernels.topk(x, self.encoder, self.k, self.signed)
+        else:  # the statistical rule: a varying count per token, padded to the batch's largest count
+            pre = self.encoder.pre(x)
+            picked = kernels.from_mask(self.activation(pre) != 0, pre)
+        return self.sparse_output(x, picked, act=None if self.signed else torch.relu)
 
     @torch.no_grad()
     def after_step(self, out: Output) -> None:
@@ -93,9 +80,6 @@ class TopKSAE(Dictionary):
         else:
             self.multiplier.mul_(self.threshold_decay).add_((1 - self.threshold_decay) * batch_c)
         self.multiplier_updates += 1
-
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, shift=self.b_dec, at=at)
 
     def inference_rule(self) -> dict[str, Any]:
         if self.selection != "exact":

@@ -51,10 +51,9 @@ import torch
 from torch import nn
 
 from ..errors import FeaturekitError
+from . import kernels
 from .base import Dictionary, Output
 from .operators import topk
-from .selection import topk_preact
-from .sparse import gather_linear, sparse_decode
 
 
 class Transcoder(Dictionary):
@@ -83,6 +82,11 @@ class Transcoder(Dictionary):
     def pre_activation(self, x_scaled: torch.Tensor) -> torch.Tensor:
         return x_scaled @ self.W_enc.T + self.b_enc
 
+    @property
+    def encoder(self) -> kernels.Encoder:
+        """π = x W_encᵀ + b_enc (no input centring) for the kernels."""
+        return kernels.Encoder(self.W_enc, self.b_enc, None, self.kernel_choice)
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk(pre, self.k)
 
@@ -98,16 +102,9 @@ class Transcoder(Dictionary):
         """Training forward on x·c_in (y is not needed: the trainer reads it through `target`);
         sparse kernels, same values and gradients as the dense formula."""
         x = self._check_input(x)
-        with torch.no_grad():  # as TopK: no (N, F) matrix outlives the selection
-            at, idx = topk_preact(x, self.W_enc, self.b_enc, self.k)
-        values = gather_linear(x, self.W_enc, self.b_enc, idx, at=at).relu()
-        y_hat = sparse_decode(idx, values, self.W_dec) + self.b_dec + self.skip(x)
-        out = Output(x_hat=y_hat, idx=idx, values=values, n_latents=self.n_latents, pre_topk=self.columns_pre_topk(x.detach()))
-        out.losses.update(self.extra_losses(x, out))
-        return out
-
-    def pre_at(self, x: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None, at: torch.Tensor | None = None) -> torch.Tensor:
-        return gather_linear(x, self.W_enc, self.b_enc, idx, pre, at=at)
+        picked = kernels.topk(x, self.encoder, self.k)  # as TopK: no (N, F) matrix outlives the selection
+        y_hat, fast = kernels.sparse_forward(x, self.encoder, picked, self.W_dec, act=torch.relu)
+        return self.output(x, y_hat + self.b_dec + self.skip(x), fast=fast)
 
     @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor, target: torch.Tensor) -> None:

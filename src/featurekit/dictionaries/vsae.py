@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from ..errors import FeaturekitError
+from . import kernels
 from .base import Dictionary, Output
 from .operators import topk
-from .sparse import sparse_decode
 
 LOGVAR_MIN, LOGVAR_MAX, LOGVAR_INIT = -6.0, 2.0, -2.0
 
@@ -93,10 +93,10 @@ class VariationalSAE(Dictionary):
         with torch.no_grad():
             idx = z.abs().topk(self.k, dim=-1, sorted=False).indices
         values = z.gather(-1, idx)
-        out = Output(x_hat=sparse_decode(idx, values, self.W_dec) + self.b_dec, idx=idx, values=values, n_latents=self.n_latents, pre=z)
+        x_hat = kernels.sparse_decode(idx, values, self.W_dec) + self.b_dec
+        out = self.output(x, x_hat, pre=z, fast=kernels.FastCodes(self.n_latents, idx=idx, values=values))
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(-1).mean()
         out.losses["kl"] = self.kl_coefficient * self.sparsity_scale * kl
-        out.losses.update(self.extra_losses(x, out))
         return out
 
     def inference_rule(self) -> dict[str, Any]:

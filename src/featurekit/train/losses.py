@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..dictionaries.selection import masked_topk
+from ..dictionaries.kernels import masked_topk
 from .distributed import centered_sum_sq
 
 
@@ -48,19 +48,19 @@ def auxk_loss(
         L_aux = ‖e − ê‖² / ‖e − mean_batch(e)‖²
 
     Returns 0 when no latent is dead. The trainer multiplies by auxk_coef (default 1/32).
-    `pre` is the (N, F) matrix π, or a function (k, among, signed) → (indices, values) giving each
+    `pre` is the (N, F) matrix π, or a function (k, among, signed) → (idx, pair_pre) giving each
     token's top k among a set of latents without it (`Output.top_pre`).
-    `pre_at(idx, at)` gives the pre-activations at idx with their gradient, `at` being their values
-    without grad (default: gather from the tensor `pre`).
+    `pre_at(idx, pair_pre)` gives the pre-activations at idx with their gradient, `pair_pre` being their
+    values without grad (`Output.pre_at`; default: gather from the tensor `pre`).
     `signed` (AbsTopK): dead latents are ranked by |π| and keep their sign (no ReLU).
     """
     n_dead = int(dead.sum())
     if n_dead == 0 or k_aux <= 0:
         return residual.new_zeros(())
     k = min(k_aux, n_dead)
-    indices, at = pre(k, dead, signed) if callable(pre) else masked_topk(pre, k, dead, signed)
+    indices, pair_pre = pre(k, dead, signed) if callable(pre) else masked_topk(pre, k, dead, signed)
     if pre_at is not None:
-        values = pre_at(indices, at)
+        values = pre_at(indices, pair_pre)
     elif callable(pre):
         raise ValueError("auxk_loss: a `pre` function needs `pre_at` for the values' gradient")
     else:
@@ -113,7 +113,7 @@ def aux_zipf_loss(
     Autoencoders", arXiv 2411.02124) names the loss — it "generalises aux_k_loss to mitigate dead
     and underutilised features", with a Zipf fit of the feature densities as the expected usage —
     but its formula could not be checked against the paper text (no code was released). This is
-    our reconstruction (research/seed-methods-sae.md §6.2):
+    our reconstruction:
 
         ρ_j   = firing density of latent j (an EMA over training batches)
         ρ̂_j   = Zipf fit of ρ at latent j's rank (`zipf_expected_density`)
@@ -121,7 +121,7 @@ def aux_zipf_loss(
         L     = auxk_loss(residual, π, W_dec, mask=U, k_aux)
 
     i.e. the top-k_aux underutilised latents of each token reconstruct the stop-gradient residual
-    (normalised MSE, §0.6). τ = 0.1 by default (ours). Returns 0 when U is empty.
+    (normalised MSE, as `auxk_loss`). τ = 0.1 by default (ours). Returns 0 when U is empty.
     """
     underused = density.to(residual.device).float() < tau * zipf_expected_density(density).to(residual.device)
     return auxk_loss(residual, pre, W_dec, underused, k_aux, pre_at=pre_at, signed=signed)

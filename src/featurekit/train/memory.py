@@ -3,15 +3,16 @@
 A training step allocates the same large temporaries every step (the (batch × latents) pre-activation
 matrix is 128 MiB at 4,096 × 8,192 in fp32). glibc serves blocks above its mmap threshold (≤ 32 MiB)
 with fresh `mmap`s and unmaps them on free, so every step pays the kernel's page faults and zeroing
-for them again: ≈ 35 ms per 128 MiB more than reusing a block on machine B of BENCHMARKS.md; a TopK step
-at 8,192 latents went from 532 to 489 ms with the setting.
+for them again, where reusing a heap block costs nothing (the saving is measured in BENCHMARKS.md,
+"Numbers formerly in code comments").
 `keep_freed_memory()` tells glibc to serve every block from its heap and never give freed heap memory
 back (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = ∞), as the jemalloc/tcmalloc preloads recommended for
 PyTorch on CPU would. The process's resident memory then stays at its peak instead of shrinking
 between steps; the peak itself does not grow (tests/train/test_memory.py).
 
-The trainer calls it when `train.keep_freed_memory` is true (the default); the setting is
-process-wide and stays for the life of the process.
+The `featurekit` command calls it for a training run when `train.keep_freed_memory` is true (the default);
+the setting is process-wide and stays for the life of the process, so the library never applies it on its
+own: a Python user who wants it calls `keep_freed_memory()`. `_done` caches the outcome (it can run once).
 """
 
 from __future__ import annotations

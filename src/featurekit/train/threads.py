@@ -1,7 +1,7 @@
 """The torch thread count of a CPU training run, chosen by timing the run's own first steps.
 
 Whether more threads help depends on the machine and on the moment: a 2-vCPU VM may give two real cores
-(2 threads ≈ 1.8× one on the harness's TopK step, BENCHMARKS.md) or two hyperthreads of a core that a
+(2 threads nearly twice as fast as one on the harness's TopK step, BENCHMARKS.md) or two hyperthreads of a core that a
 neighbour also loads, where a second thread slows many ops down. So with `train.threads` unset, a CPU run
 takes its thread count from a probe: the candidates are 1, 2, 4, … up to torch's setting, each runs one
 warm-up step (first-call kernel probes, allocation) and then `ROUNDS` timed steps, taken in turns so that a

@@ -1,6 +1,6 @@
 """The one gradient trainer for every dictionary method.
 
-Per step (research/seed-methods-sae.md §0.9): scale the batch by c, forward, reconstruction loss
+Per step: scale the batch by c, forward, reconstruction loss
 (+ method terms + aux-k for dead latents), backward, project decoder gradients onto the tangent of
 the unit sphere (unit-norm methods), optional clipping, Adam step, renormalise decoder rows, update
 the dead-latent counters. Checkpoints every `checkpoint_every` steps hold everything needed to
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_write_text
 from ..config import TrainConfig
 from ..dictionaries import Dictionary
-from ..dictionaries.gemm import plain_active
+from ..dictionaries.kernels import plain_active
 from ..errors import FeaturekitError
 from . import distributed
 from .checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
@@ -209,13 +209,13 @@ class Trainer:
         if sae.uses_auxk and cfg.auxk_coef > 0:
             dead = self.dead.dead.to(x.device)
             losses["aux"] = cfg.auxk_coef * auxk_loss(
-                target - out.x_hat, out.top_pre, sae.W_dec, dead, self.k_aux, pre_at=lambda idx, at: sae.pre_at(x, idx, out.pre, at),
+                target - out.x_hat, out.top_pre, sae.W_dec, dead, self.k_aux, pre_at=out.pre_at,
                 signed=sae.signed,
             )
         if cfg.aux_zipf_coef > 0 and out.has_pre and not torch.isnan(self.dead.density).any():
             losses["aux_zipf"] = cfg.aux_zipf_coef * aux_zipf_loss(
                 target - out.x_hat, out.top_pre, sae.W_dec, self.dead.density.to(x.device), self.k_aux, tau=cfg.aux_zipf_tau,
-                pre_at=lambda idx, at: sae.pre_at(x, idx, out.pre, at), signed=sae.signed,
+                pre_at=out.pre_at, signed=sae.signed,
             )
         loss = sum(losses.values())
         loss.backward()

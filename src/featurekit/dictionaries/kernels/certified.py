@@ -1,7 +1,7 @@
 """Exact fp32 top-k selections found through a bf16 product (CPUs with fast bf16: AMX, AVX-512 BF16).
 
-bf16 runs the (N × F × d) encoder GEMM several times faster than fp32 (AMX: ≈ 1,200 against ≈ 175
-GFLOP/s), but its values are rounded. With x̃ = [x, 1], W̃_j = [W_j, b_j] and x̂, Ŵ_j their bf16 roundings,
+bf16 runs the (N × F × d) encoder GEMM several times faster than fp32 on such CPUs (BENCHMARKS.md), but
+its values are rounded. With x̃ = [x, 1], W̃_j = [W_j, b_j] and x̂, Ŵ_j their bf16 roundings,
 the GEMM accumulates x̂·Ŵ_j in fp32 to q_j and rounds it to p̂_j. Then |q_j − p̂_j| ≤ r|p̂_j|,
 r = 2u/(1 − 2u) (u = 2⁻⁸; truncation included), and q_j lies within
 
@@ -14,7 +14,7 @@ matter are ≥ the floor L − r|L| − M, and an entry can only reach the floor
 p ↦ p + r|p| + M at the floor. The columns are split into groups (column j in group j mod G); only the
 groups whose maximum is ≥ t are opened, only their entries ≥ t get exact fp32 values (one SDDMM over
 those pairs), and the selection is made among those. The comparisons run on the bf16 bit patterns as
-int16 (≈ 4× faster than bf16 arithmetic on CPU), in order for t > 0. The assumption: the bf16 GEMM
+int16 (faster than bf16 arithmetic on CPU), in order for t > 0. The assumption: the bf16 GEMM
 accumulates in fp32 (MKL, oneDNN and torch's fallbacks do).
 
 * `certified_topk(x, W, b, k)`: each row's top k (L: the k-th largest maximum of groups of groups).
@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from .sparse import _narrow_int, _pairs, _pairs_at, count_true, offsets, pairs_to_sparse
+from .sparse import count_true, narrow_int, offsets, pairs, pairs_at, pairs_to_sparse
 
 #: bf16's unit roundoff (8 significant bits, round to nearest) and fp32's
 _U16, _U32 = 2.0**-8, 2.0**-24
@@ -64,7 +64,7 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         n = x.shape[0]
         counts = torch.bincount(rows, minlength=n)
         crow = offsets(counts)
-        exact = _pairs_at(x, W, b, rows, cols, crow)
+        exact = pairs_at(x, W, b, rows, cols, crow)
         # each row's candidates in a table (N, m) of slots, padding -inf (a recomputed row has none)
         m = max(int(counts.max()) if n else 0, k)
         slot = torch.arange(rows.numel(), device=x.device) - crow[rows]
@@ -78,10 +78,10 @@ def certified_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, si
         redo = bad.nonzero().squeeze(1)
         if redo.numel():  # selected by an fp32 product; valued by the same SDDMM as the certified rows (a pair's
             pre = torch.addmm(b, x[redo], W.T)  # SDDMM value does not depend on the other pairs: bit for bit)
-            redo_idx = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices.to(_narrow_int(F)).sort(dim=-1).values.long()
-            redo_rows, _, redo_cols, redo_crow = _pairs(redo_idx, None)
+            redo_idx = (pre.abs() if signed else pre).topk(k, dim=-1, sorted=False).indices.to(narrow_int(F)).sort(dim=-1).values.long()
+            redo_rows, _, redo_cols, redo_crow = pairs(redo_idx, None)
             idx[redo] = redo_idx
-            values[redo] = _pairs_at(x[redo], W, b, redo_rows, redo_cols, redo_crow).view(-1, k)
+            values[redo] = pairs_at(x[redo], W, b, redo_rows, redo_cols, redo_crow).view(-1, k)
         # one canonical form whichever way a row went and whatever the width: columns in increasing order, so
         # a resumed run (whose width starts afresh) repeats an uninterrupted one bit for bit
         return values, idx, int(redo.numel())
@@ -121,10 +121,10 @@ def certified_batch_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: i
             pre = torch.addmm(b, x[redo], W.T)
             more_rows, more_cols = ((pre.abs() if signed else pre) >= floor - margin[redo, None]).nonzero(as_tuple=True)
             rows, cols = torch.cat([rows, redo[more_rows]]), torch.cat([cols, more_cols])
-            order = rows.to(_narrow_int(n)).argsort(stable=True)  # grouped by row again, each row in column order
+            order = rows.to(narrow_int(n)).argsort(stable=True)  # grouped by row again, each row in column order
             rows, cols = rows[order], cols[order]
         crow = offsets(torch.bincount(rows, minlength=n))
-        exact = _pairs_at(x, W, b, rows, cols, crow)
+        exact = pairs_at(x, W, b, rows, cols, crow)
         score = exact.abs() if signed else exact
         chosen = torch.zeros(cols.numel(), dtype=torch.bool, device=x.device)
         chosen[score.topk(min(total, score.numel()), sorted=False).indices] = True
@@ -238,7 +238,7 @@ def _bf16_weights(W: torch.Tensor, b: torch.Tensor, size: int = 1) -> tuple[torc
     """[W, b] in bf16 (F, d + 1), its rows permuted for groups of `size` (row g·size + s at s·(F / size) + g;
     `size` divides F), and over its rows the largest ‖Ŵ_j − W̃_j‖, ‖W̃_j‖ and ‖Ŵ_j‖ (W̃ = [W, b], Ŵ its bf16
     rounding). Done in blocks of ≥ 256 rows that stay in cache: as whole-matrix passes the conversions,
-    difference and norms read W from memory 5 times (117 against 41 ms at 32,768 × 576)."""
+    difference and norms would read W from memory 5 times."""
     F, d = W.shape
     groups = F // size
     norm = torch.linalg.vector_norm

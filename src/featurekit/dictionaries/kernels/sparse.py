@@ -1,27 +1,21 @@
 """Sparse kernels for dictionaries whose codes have k ≪ F non-zeros per token.
 
-The dense path costs four (N × F × d) matmuls per training step beyond the encoder's forward:
-the decoder forward, its two backward products and the encoder's weight gradient. With k
-non-zeros per row, all four only need N × k × d work:
+The dense path costs four (N × F × d) matmuls per training step beyond the encoder's forward: the
+decoder forward, its two backward products and the encoder's weight gradient. With k non-zeros per row,
+all four only need N × k × d work:
 
-* `gather_linear(x, W, b, idx, pre, shift, at=)` returns the pre-activations ((x − shift) Wᵀ + b) at `idx`
-  (N, k), taken from their already computed values `at` (or from a whole `pre`; no grad), and
-  back-propagates sparsely:
-  ∂W[idx[n,j]] += g[n,j]·(x[n] − shift), ∂b[idx[n,j]] += g[n,j], ∂shift = −∂b W (one (F,) vector:
-  no (N, d) gradient for x − shift when x needs none).
-* `count_true(mask, dim)`: counts of a bool matrix as chunked byte sums (no conversion pass).
-
+* `gather_linear(x, W, b, idx, pre, shift, pair_pre=)` returns the pre-activations ((x − shift) Wᵀ + b) at
+  `idx` (N, k), taken from their already computed values `pair_pre` (or from a whole `pre`; no grad), and
+  back-propagates sparsely: ∂W[idx[n,j]] += g[n,j]·(x[n] − shift), ∂b[idx[n,j]] += g[n,j], ∂shift = −∂b W
+  (one (F,) vector: no (N, d) gradient for x − shift when x needs none). The encoder's weight gradient is
+  one CSR (F × N) @ x (N × d) product over the N·k selected pairs.
 * `sparse_decode(idx, values, W_dec)` = Σ_j values[n,j]·W_dec[idx[n,j]]: one CSR product on CPU
   (`embedding_bag` elsewhere), backward over the pairs.
+* `pairs` / `pairs_at`: a sparse form's (token, latent) pairs, and x Wᵀ + b computed exactly at them (SDDMM).
+* `count_true(mask, dim)`: counts of a bool matrix as chunked byte sums (no conversion pass).
 
-The selections that feed these kernels are in `selection.py` (`row_topk`, `topk_preact`) and
-`certified.py` (the exact fp32 selections through a bf16 product).
-
-The encoder's weight gradient is one CSR (F × N) @ x (N × d) product over the N·k selected pairs.
-All of it gives the same results and gradients as the dense formulas up to fp32 summation order
-(tests/dictionaries/test_sparse.py); `gemm.plain_kernels()` switches every kernel to the straightforward
-dense autograd formulas, which the tests train against. The encoder product itself (`encoder_preact`) and
-the per-machine kernel choices are in `gemm.py`.
+All of it gives the same results and gradients as the dense formulas of `reference.py` up to fp32
+summation order (tests/dictionaries/test_sparse.py); inside `plain_kernels()` the kernels run those formulas.
 """
 
 from __future__ import annotations
@@ -31,13 +25,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .gemm import plain_active
+from . import reference
+from .reference import densify_with_grad, plain_active
 
 
 def count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Σ of a 2-D bool `mask` along `dim` (0 or -1), int32. Counted as bytes in chunks of 128 (a uint8
-    sum cannot overflow there), then the chunk counts in int32: one vectorised byte pass. `mask.sum(dim,
-    dtype=torch.int32)` converts every entry first; at 4,096 × 8,192 it takes 62–75 ms on CPU against 3–4."""
+    sum cannot overflow there), then the chunk counts in int32: one vectorised byte pass, where
+    `mask.sum(dim, dtype=torch.int32)` first converts every entry, a far slower pass on CPU."""
     m8 = mask.view(torch.uint8)
     if dim != 0:
         m8 = m8.T  # the last dimension's chunks are read in place below (no transposed copy)
@@ -60,7 +55,7 @@ def offsets(counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The (token, latent) pairs of a sparse form, flat and grouped by token: (rows, slots, cols, crow),
     crow[n]..crow[n+1] being token n's pairs. With `keep`, only the kept slots (a ragged form: padding
     costs nothing in the kernels); without, all N·m slots in order (slots None: pair p is slot p)."""
@@ -72,19 +67,18 @@ def _pairs(idx: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, 
     return rows, slots, idx[rows, slots], offsets(keep.sum(-1))
 
 
-def _pairs_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor,
+def pairs_at(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor,
               crow: torch.Tensor) -> torch.Tensor:
     """(x Wᵀ + b) at the pairs (rows, cols) (P,), computed exactly in x's dtype: sampled dense-dense
     products (SDDMM) over the pairs (no (P, d) gather of encoder rows). On CPU in blocks of 1,024 rows,
     each as the transposed product (latents × rows, pairs sorted by latent): the rows stay in cache and
-    W is read in order (1.3–1.6× faster at 4,096 × 8,192–32,768 than one row-major SDDMM, whose W
-    rows are read at random). Each pair's value is one dot product of its own two rows, whichever way
-    (bit for bit: it does not depend on the other pairs)."""
+    W is read in order, where a row-major SDDMM reads W's rows at random. Each pair's value is one dot
+    product of its own two rows, whichever way (bit for bit: it does not depend on the other pairs)."""
     if x.device.type != "cpu":
         dots = _sddmm(crow, cols, x, W)
     else:
         dots = x.new_empty(cols.numel())
-        key, F = _narrow_int(W.shape[0]), W.shape[0]
+        key, F = narrow_int(W.shape[0]), W.shape[0]
         for start in range(0, x.shape[0], _SDDMM_ROWS):
             stop = min(start + _SDDMM_ROWS, x.shape[0])
             lo, hi = int(crow[start]), int(crow[stop])
@@ -115,13 +109,13 @@ def _sddmm(crow: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, c: torch.Ten
         return torch.sparse.sampled_addmm(pattern, a, c.T, beta=0.0).values()
 
 
-def _weight_grad(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+def weight_grad(grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Σ_p grad[p] · x[rows[p]] into row cols[p] (P pairs): one CSR (n_rows × N) @ x (N × d) product."""
-    order = cols.to(_narrow_int(n_rows)).argsort(stable=True)  # the same order; narrow keys sort 2–5× faster on CPU
+    order = cols.to(narrow_int(n_rows)).argsort(stable=True)  # the same order; narrow keys sort faster on CPU
     return _csr_mm(offsets(torch.bincount(cols, minlength=n_rows)), rows[order], grad[order], x)
 
 
-def _narrow_int(bound: int) -> torch.dtype:
+def narrow_int(bound: int) -> torch.dtype:
     """The narrowest integer dtype holding 0 … bound − 1 among int16, int32 and int64."""
     return torch.int16 if bound <= 1 << 15 else torch.int32 if bound <= 1 << 31 else torch.int64
 
@@ -129,7 +123,7 @@ def _narrow_int(bound: int) -> torch.dtype:
 def _csr_mm(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """The CSR matrix (crow, cols, values) (R × dense rows) @ `dense`. Written by addmm with β = 0 into a
     fresh buffer (documented to ignore its contents): `S @ dense` would first zero-fill the output and copy
-    it (≈ 25 % slower on CPU)."""
+    it, two extra passes."""
     with warnings.catch_warnings():  # "CSR support is in beta": used as documented, as a read-only operand
         warnings.simplefilter("ignore")
         S = torch.sparse_csr_tensor(crow, cols, values, (crow.numel() - 1, dense.shape[0]), check_invariants=False)
@@ -139,12 +133,12 @@ def _csr_mm(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, dense:
 
 class _GatherLinear(torch.autograd.Function):
     """(x Wᵀ + b) at P (token, latent) pairs: `known` (P,) when the values are at hand, else computed
-    exactly (`_pairs_at`); backward over the pairs only."""
+    exactly (`pairs_at`); backward over the pairs only."""
 
     @staticmethod
     def forward(ctx, x, W, b, rows, cols, crow, known):
         ctx.save_for_backward(x, W, rows, cols, crow)
-        return _pairs_at(x, W, b, rows, cols, crow) if known is None else known
+        return pairs_at(x, W, b, rows, cols, crow) if known is None else known
 
     @staticmethod
     def backward(ctx, grad):
@@ -152,7 +146,7 @@ class _GatherLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_W = grad_b = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_W = _weight_grad(grad.to(x.dtype), rows, cols, x, W.shape[0])
+            grad_W = weight_grad(grad.to(x.dtype), rows, cols, x, W.shape[0])
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
         if ctx.needs_input_grad[0]:
@@ -161,22 +155,21 @@ class _GatherLinear(torch.autograd.Function):
 
 
 def gather_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor | None = None,
-                  shift: torch.Tensor | None = None, keep: torch.Tensor | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+                  shift: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                  pair_pre: torch.Tensor | None = None) -> torch.Tensor:
     """((x − shift) Wᵀ + b) at columns idx (N, m), with a sparse backward. The forward values come from
-    `at` (N, m), the same values computed without grad, or from `pre` (N, F), the whole product computed
+    `pair_pre` (N, m), the same values computed without grad, or from `pre` (N, F), the whole product computed
     without grad; when neither is given or they are in a lower precision than x (a bf16 selection),
     they are computed exactly at the pairs. `shift` (d,) (a dictionary's b_dec) gets its gradient through
     one (F,) vector, −(Σ_n scatter of the value gradients) W, instead of the (N, d) gradient of x − shift,
     which would cost an N·k·d `embedding_bag` pass when x itself needs no gradient (the training
     forward). With `keep` (N, m) only the kept slots are computed (ragged); the others are 0."""
     if plain_active():
-        x = x if shift is None else x - shift
-        values = (x @ W.T + b).gather(-1, idx)
-        return values if keep is None else values * keep
-    rows, slots, cols, crow = _pairs(idx, keep)
-    if at is not None and at.dtype == x.dtype:
-        known = at.detach().reshape(-1).clone() if keep is None else at.detach()[rows, slots]
-    elif at is None and pre is not None and pre.dtype == x.dtype:
+        return reference.gather_linear(x, W, b, idx, shift, keep)
+    rows, slots, cols, crow = pairs(idx, keep)
+    if pair_pre is not None and pair_pre.dtype == x.dtype:
+        known = pair_pre.detach().reshape(-1).clone() if keep is None else pair_pre.detach()[rows, slots]
+    elif pair_pre is None and pre is not None and pre.dtype == x.dtype:
         known = pre.detach()[rows, cols]
     else:
         known = None
@@ -207,19 +200,18 @@ class _Gather1d(torch.autograd.Function):
 
 def gather_1d(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """v[idx] for a vector v (F,) and an integer index of any shape, its gradient summed back into v by
-    `index_add_` (autograd's indexing backward accumulates through `index_put_`: 9.5 → 1.3 ms on CPU for
-    4,096 × 300 indices into 8,192). The plain path indexes as autograd does."""
+    `index_add_` (autograd's indexing backward accumulates through `index_put_`, several times slower on
+    CPU). The plain path indexes as autograd does."""
     return v[idx] if plain_active() else _Gather1d.apply(v, idx)
 
 
 def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_j values[n, j] · W_dec[idx[n, j]] → (N, d); with `keep`, over the kept slots only (ragged bags).
-    On CPU one CSR (N × F) @ W_dec product (MKL), backward `_weight_grad` and a sampled product
-    (`_SparseDecode`: ≈ 45 against `embedding_bag`'s 55 ms a step at 4,096 × 8,192, k 32); elsewhere
-    `embedding_bag`."""
+    On CPU one CSR (N × F) @ W_dec product (MKL), backward `weight_grad` and a sampled product
+    (`_SparseDecode`, faster than `embedding_bag` there); elsewhere `embedding_bag`."""
     if plain_active():
-        return densify_with_grad(idx, values if keep is None else values * keep, W_dec.shape[0]) @ W_dec
-    rows, slots, cols, crow = _pairs(idx, keep)
+        return reference.sparse_decode(idx, values, W_dec, keep)
+    rows, slots, cols, crow = pairs(idx, keep)
     flat = values.reshape(-1) if keep is None else values[rows, slots]
     if W_dec.device.type == "cpu" and values.dtype == W_dec.dtype and W_dec.dtype in (torch.float32, torch.float64):  # MKL's types
         return _SparseDecode.apply(flat, W_dec, rows, cols, crow)
@@ -228,8 +220,8 @@ def sparse_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, 
 
 class _SparseDecode(torch.autograd.Function):
     """Σ_p values[p] · W_dec[cols[p]] into row rows[p] (pairs grouped by row, `crow`): forward one CSR @
-    dense product; backward ∂W_dec through `_weight_grad`, ∂values[p] = grad[rows[p]] · W_dec[cols[p]]
-    through `_pairs_at`."""
+    dense product; backward ∂W_dec through `weight_grad`, ∂values[p] = grad[rows[p]] · W_dec[cols[p]]
+    through `pairs_at`."""
 
     @staticmethod
     def forward(ctx, values, W_dec, rows, cols, crow):
@@ -242,16 +234,10 @@ class _SparseDecode(torch.autograd.Function):
         grad = grad.contiguous()
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_values = _pairs_at(grad, W_dec, None, rows, cols, crow)
+            grad_values = pairs_at(grad, W_dec, None, rows, cols, crow)
         if ctx.needs_input_grad[1]:
-            grad_W = _weight_grad(values, rows, cols, grad, W_dec.shape[0])
+            grad_W = weight_grad(values, rows, cols, grad, W_dec.shape[0])
         return grad_values, grad_W, None, None, None
-
-
-def densify_with_grad(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
-    """Dense (N, F) codes from the sparse form, differentiable in `values` (the plain path). Summed, so
-    padding slots (value 0, possibly repeating a real column) never overwrite a code."""
-    return torch.zeros(idx.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter_add(-1, idx, values)
 
 
 def densify(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
