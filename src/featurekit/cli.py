@@ -12,6 +12,7 @@
     featurekit bench synthetic [--out DIR] [--quick] [--methods a,b] ...   every method on synthetic ground truth
     featurekit bench frontier  [--out DIR] [--methods a,b] [--ks 16,32] ... FVU/loss against L0 on the real model
     featurekit itda-match [--model-a M] [--model-b M] [--out DIR] ...   ITDA layer matching (Jaccard of atom labels)
+    featurekit export neuronpedia RUN_DIR [--out DIR] [--features a-b,...]   the feature store as Neuronpedia batch JSON
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _bench_parser(sub)
     _itda_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -138,6 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _mlp_sparsity(args, progress)
     if args.command == "itda-match":
         return _itda_match(args, progress)
+    if args.command == "export":
+        return _export(args)
     if args.command in ("eval", "report", "clean") or (args.command == "train" and args.resume):
         return _on_run_dir(args, progress)
     return _new_run(args, progress)
@@ -335,6 +339,46 @@ def _itda_match(args: argparse.Namespace, progress: bool) -> int:
     paths = write_itda_match(result, args.out)
     print(f"layer-matching score (two text orders): {result['order']['score']:.3f}")
     print(f"results: {paths['md']}")
+    return 0
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    """`featurekit export FORMAT RUN_DIR`: the feature store in other tools' formats."""
+    export = sub.add_parser("export", help="write the run's feature store in another tool's format (neuronpedia)")
+    formats = export.add_subparsers(dest="format", required=True)
+    p = formats.add_parser(
+        "neuronpedia", help="the feature store as Neuronpedia / SAEDashboard batch JSON",
+        description="Write RUN_DIR/features.sqlite as the JSON files SAEDashboard's neuronpedia-runner writes and "
+                    "Neuronpedia imports: batch-N.json (per feature: activation examples with per-token values, logit "
+                    "effects, activation histogram, density; top group first, then the quantile bands from the highest), "
+                    "skipped_indexes.json (dead or unselected features) and run_settings.json. Fields the store holds "
+                    "nothing for (neuron alignment, correlations, the logit histogram) are empty lists; what is "
+                    "approximated is listed in docs/neuronpedia.md. Build the store first with `featurekit features RUN_DIR`.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder holding features.sqlite")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/exports/neuronpedia); earlier batch files there are replaced")
+    p.add_argument("--features", metavar="IDS", help="only these features, e.g. 0-99,120,130-140 (default: every live feature)")
+    p.add_argument("--batch-size", type=int, default=128, help="features per batch-N.json (default 128, as SAEDashboard)")
+    p.add_argument("--model-id", help="Neuronpedia model id (default: the store's model name, lowercased, e.g. gpt2-small)")
+    p.add_argument("--layer", type=int, help="layer number (default: the site's layer)")
+    p.add_argument("--sae-set", help="Neuronpedia SAE set name (default featurekit-METHOD-SITEKIND, e.g. featurekit-topk-resid-post)")
+    p.add_argument("--sae-id-suffix", help="suffix of the Neuronpedia source id (LAYER-SET__SUFFIX); default none")
+    p.add_argument("--dataset", help="dataset name recorded per feature (default: the store's text sources)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import rundir
+    from .features.export import export_neuronpedia, parse_features
+    from .features.store import FeatureStore
+
+    store = FeatureStore(args.run_dir)  # no store: a clear error, nothing written
+    out = args.out or args.run_dir / "exports" / "neuronpedia"
+    features = parse_features(args.features, store.n_latents) if args.features else None
+    with rundir.locked(args.run_dir, f"export neuronpedia {args.run_dir}"):
+        files = export_neuronpedia(store, out, features=features, batch_size=args.batch_size, model_id=args.model_id,
+                                   layer=args.layer, sae_set=args.sae_set, sae_id_suffix=args.sae_id_suffix,
+                                   dataset=args.dataset)
+    batches = [f for f in files if f.name.startswith("batch-")]
+    print(f"neuronpedia export: {len(batches)} batch file(s) and {len(files) - len(batches)} metadata file(s) in {out}")
     return 0
 
 
