@@ -73,7 +73,7 @@ def main() -> None:
             return time.perf_counter() - t0
 
     print(f"# overlap benchmark {time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}; {cfg.model.name} "
-          f"{loaded.model.dtype} {cfg.site}; {cfg.dictionary.method} n={cfg.dictionary.n_latents} k={cfg.dictionary.k}; "
+          f"{loaded.model.dtype} {cfg.site}; {cfg.dictionary.method} n={cfg.dictionary.n_latents} k={cfg.dictionary.params.k}; "
           f"{steps} steps × {tc.batch_size} tokens; buffer {tc.buffer_tokens}, queue depth {depth}")
     print("| thread budget | producer/consumer threads | H s | T s | seq s | pre s | H+T | max(H,T) | speed-up seq/pre |")
     print("|---|---|---|---|---|---|---|---|---|")

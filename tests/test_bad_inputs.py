@@ -420,7 +420,7 @@ OVERRIDES = [  # (id, --set value, words)
     ("section-typo", "trian.lr=1e-3", "did you mean train?"),
     ("value-not-section", "site.layer=3", "site must be str"),
     ("bad-yaml-value", "train.lr=[1,", "not valid YAML"),
-    ("prefix-nan", "dictionary.prefixes=[64, .nan]", "dictionary.prefixes[1] must be int"),
+    ("key-of-another-method", "dictionary.prefixes=[64, .nan]", "unknown config key(s) dictionary.prefixes"),
     ("python-tag", "train.lr=!!python/name:os.system", "never runs code"),
 ]
 RUN_CONFIGS = [  # (id, config.json bytes or edit, words): `featurekit eval RUN_DIR` and `train --resume RUN_DIR`

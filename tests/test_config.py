@@ -115,11 +115,17 @@ def test_override_into_a_value_or_with_bad_yaml_is_refused(tmp_path):
 
 
 def float_keys(cls, where=""):
-    """Every float-typed key of the config dataclass tree (float or float | None)."""
+    """Every float-typed key of the config dataclass tree (float or float | None); the dictionary section's
+    own keys are those of the default method (topk)."""
+    from featurekit.config import DictionaryConfig
+    from featurekit.dictionaries import METHODS
+
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if cls is DictionaryConfig and f.name == "params":
+            yield from float_keys(METHODS[DictionaryConfig.method].Params, where)
+        elif dataclasses.is_dataclass(hint):
             yield from float_keys(hint, f"{where}{f.name}.")
         elif float in (typing.get_args(hint) or (hint,)):
             yield where + f.name

@@ -9,16 +9,20 @@ import torch
 import featurekit
 from featurekit import pipeline
 from featurekit.config import load_config
+from featurekit.dictionaries.registry import param_names
 from featurekit.errors import FeaturekitError
 
 from .tiny import WORDS
 
 
 def config(tiny, tmp_path, *extra):
+    """The tiny run's config; k = 4 for the methods that take a k (another method refuses the key)."""
+    method = next((e.split("=", 1)[1] for e in extra if e.startswith("dictionary.method=")), "topk")
+    k = ["dictionary.k=4"] if "k" in param_names(method) else []
     return pipeline.resolve(load_config(None, [
         f"out_dir={tmp_path}", f"model.name={tiny / 'model'}", "model.dtype=float32", f"data.source={tiny / 'text.txt'}",
         "site=resid_post.1", "data.context_len=16", "data.train_tokens=4000", "data.shard_tokens=1000",
-        "dictionary.n_latents=64", "dictionary.k=4", "train.batch_size=256", "train.buffer_tokens=1024",
+        "dictionary.n_latents=64", *k, "train.batch_size=256", "train.buffer_tokens=1024",
         "train.epochs=2", "train.log_every=5", "eval.tokens=600", "eval.splice_contexts=8", "eval.batch_contexts=8",
         "report.n_features=3", *extra,
     ]))
@@ -28,7 +32,7 @@ def config(tiny, tmp_path, *extra):
                                           (True, "abstopk"), (True, "gsae"), (False, "gsae")])
 def test_tiny_model_end_to_end(tiny, tmp_path, cache, method):
     cfg = config(tiny, tmp_path, f"data.cache={str(cache).lower()}", "name=r", f"dictionary.method={method}",
-                 "dictionary.l1_coefficient=0.05", f"data.gradients={str(method == 'gsae').lower()}")
+                 *(["dictionary.l1_coefficient=0.05"] if method == "relu" else []), f"data.gradients={str(method == 'gsae').lower()}")
     report = pipeline.run_all(cfg, progress=False)
     run = cfg.run_dir
     assert report == run / "report.html" and report.is_file()

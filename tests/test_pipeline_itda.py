@@ -14,7 +14,7 @@ from .test_pipeline import config
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_itda_end_to_end(tiny, tmp_path, cache):
-    cfg = config(tiny, tmp_path, "name=itda", "dictionary.method=itda", "dictionary.itda_threshold=0.002",
+    cfg = config(tiny, tmp_path, "name=itda", "dictionary.method=itda", "dictionary.threshold=0.002",
                  f"data.cache={str(cache).lower()}", "dictionary.n_latents=1024")
     report = pipeline.run_all(cfg, progress=False)
     run = cfg.run_dir
@@ -38,7 +38,7 @@ def test_itda_end_to_end(tiny, tmp_path, cache):
 
 
 def test_itda_run_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
-    base = ("dictionary.method=itda", "dictionary.itda_threshold=0.002", "dictionary.n_latents=1024", "train.checkpoint_every=3")
+    base = ("dictionary.method=itda", "dictionary.threshold=0.002", "dictionary.n_latents=1024", "train.checkpoint_every=3")
     ref = config(tiny, tmp_path, "name=ref", *base)
     pipeline.run_all(ref, progress=False)
     cfg = config(tiny, tmp_path, "name=res", *base)

@@ -5,6 +5,8 @@
     featurekit train   [--config FILE] [--set key=value ...]    cache → runs/NAME/dictionary
     featurekit train   --resume RUN_DIR                         continue a killed run exactly
     featurekit eval    RUN_DIR [--text SOURCE] [--set data.*=…]  held-out metrics → eval.json (other text → evals/LABEL/)
+    featurekit features RUN_DIR [--text SOURCE]                 every latent's statistics and examples → features.sqlite
+    featurekit serve   RUN_DIR [RUN_DIR ...] [--port N] [--host H]   the explorer: browse features, try a text, steer (web app)
     featurekit report  RUN_DIR                                  → report.html
     featurekit clean   RUN_DIR                                  remove the activation cache and checkpoint of a finished run
     featurekit config  [--methods]                              every config key with its default and meaning
@@ -70,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which documents of the text (default: test on the run's own text, all on other text)")
     p.add_argument("--label", help="folder name under RUN_DIR/evals (default: the text's name and the split)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("features", help="build the run's feature store (every latent's statistics, examples, logit effects)",
+                       description="Build RUN_DIR/features.sqlite: for every latent its firing statistics, histogram, top and "
+                                   "activation-quantile examples, top tokens, co-firing features, logit effects and decoder "
+                                   "neighbours, from features.tokens tokens (the held-out split, then training text). `featurekit "
+                                   "run` builds it as its last step; `featurekit serve RUN_DIR` browses it. Under torchrun the "
+                                   "processes share the tokens.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--text", metavar="SOURCE", help="build it from this text source (all its documents) instead")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a features.* value (e.g. features.tokens=500000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("report", help="write the run's report.html from what the run holds (metrics, curves, features)")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
     p = sub.add_parser("clean", help="free disk: remove a finished run's activation cache and checkpoint, keeping the results",
@@ -91,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="also write the result to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("serve", help="the explorer: a local web app over runs' feature stores (feature pages, search, try a text, steer)",
+                       description="Serve RUN_DIR's feature store (and those of further runs, side by side) as a web app on "
+                                   "http://127.0.0.1:PORT/: run overview, feature list and search (by token, id, explanation), "
+                                   "feature pages, and live model calls (the features on each token of a text; steering). "
+                                   "Read-only: nothing is written into a run folder. Ctrl-C stops it.")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several: switch between them")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port, printed at start)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; another address prints a warning: "
+                        "anyone who can reach it can browse the runs and run the model)")
     _bench_parser(sub)
     _itda_parser(sub)
     _export_parser(sub)
@@ -132,17 +155,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     if args.command == "config":
-        from .config_help import describe
+        from .config.help import describe
 
         print(describe(methods_only=args.methods))
         return 0
     if args.command == "mlp-sparsity":
         return _mlp_sparsity(args, progress)
+    if args.command == "serve":
+        from .app.server import serve
+
+        return serve(args.run_dirs, host=args.host, port=args.port)
     if args.command == "itda-match":
         return _itda_match(args, progress)
     if args.command == "export":
         return _export(args)
-    if args.command in ("eval", "report", "clean") or (args.command == "train" and args.resume):
+    if args.command in ("eval", "report", "clean", "features") or (args.command == "train" and args.resume):
         return _on_run_dir(args, progress)
     return _new_run(args, progress)
 
@@ -157,6 +184,8 @@ def _on_run_dir(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "train" and (args.config or args.overrides or args.name or args.overwrite):
         raise FeaturekitError("--resume continues a run with its own config.json; drop --config/--set/--name/--overwrite "
                               "(to change settings, start a new run)")
+    if args.command == "train":
+        _memory_policy(cfg)
     with rundir.locked(run_dir, f"{args.command} {run_dir}"):
         rundir.sweep(run_dir)
         if args.command == "report":
@@ -166,6 +195,8 @@ def _on_run_dir(args: argparse.Namespace, progress: bool) -> int:
             for name, size in freed.items():
                 print(f"removed {run_dir / name} ({size / 2**20:.1f} MiB)")
             print(f"freed {sum(freed.values()) / 2**20:.1f} MiB; kept the dictionary and the results" if freed else "nothing to remove")
+        elif args.command == "features":
+            _features(args, cfg, progress)
         elif args.command == "train":
             if pipeline.dictionary_complete(cfg):
                 print(f"dictionary: {cfg.run_dir / 'dictionary'} (already finished)")
@@ -176,6 +207,43 @@ def _on_run_dir(args: argparse.Namespace, progress: bool) -> int:
         else:
             _eval(args, cfg, progress)
     return 0
+
+
+def _features(args: argparse.Namespace, cfg, progress: bool) -> None:
+    from . import pipeline
+    from .config import load_config
+
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("features.")]
+    if bad:
+        raise FeaturekitError(f"featurekit features may change only features.* settings, not {', '.join(bad)}")
+    if args.overrides:
+        new = load_config(cfg.run_dir / "config.json", args.overrides)
+        cfg.features = new.features
+    pipeline.distributed.init_from_env()
+    path = pipeline.run_features(cfg, progress=progress, text=args.text)
+    if path is not None:
+        print(f"feature store: {path}")
+        print(f"browse it: featurekit serve {cfg.run_dir}")
+
+
+def _featurekit_command() -> str:
+    """How the user can call featurekit again: `featurekit` when that is on PATH, else the path this one ran as
+    (e.g. `.venv/bin/featurekit` under make)."""
+    import shutil
+
+    me = Path(sys.argv[0])
+    if me.name != "featurekit" or (shutil.which("featurekit") and Path(shutil.which("featurekit")).resolve() == me.resolve()):
+        return "featurekit"
+    return str(me)
+
+
+def _memory_policy(cfg) -> None:
+    """train.keep_freed_memory: glibc keeps freed memory for the next step (train/memory.py). Process-wide, so the
+    command applies it for a run it trains, and the library never does on its own."""
+    if cfg.train.keep_freed_memory:
+        from .train.memory import keep_freed_memory
+
+        keep_freed_memory()
 
 
 def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
@@ -199,6 +267,8 @@ def _new_run(args: argparse.Namespace, progress: bool) -> int:
 
     overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
     cfg = pipeline.resolve(load_config(args.config, overrides))
+    if args.command in ("run", "train"):
+        _memory_policy(cfg)
     with rundir.locked(cfg.run_dir, args.command):
         if args.command == "run":
             report = pipeline.run_all(cfg, progress=progress, overwrite=args.overwrite)
@@ -206,6 +276,7 @@ def _new_run(args: argparse.Namespace, progress: bool) -> int:
                 return 0
             print(_summary(pipeline.read_json(cfg.run_dir / "eval.json")))
             print(f"report: {report}")
+            print(f"explore it: {_featurekit_command()} serve {cfg.run_dir}")
             return 0
         pipeline.preflight(cfg)
         pipeline.start(cfg, overwrite=args.overwrite)

@@ -54,7 +54,7 @@ table{border-collapse:collapse;background:#fff;min-width:60%}td,th{border:1px so
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.desc{color:#6b7280;font-size:12px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:12px}
 .chart{width:100%;height:auto;background:#fff;border:1px solid #e5e7eb;border-radius:6px}
-.chart .ct{font-size:12px;font-weight:600;text-anchor:middle;fill:#111827}.chart .al{font-size:10px;text-anchor:middle;fill:#4b5563}
+.chart .ct{font-size:12px;font-weight:600;text-anchor:middle;fill:#111827}.chart .ctl{text-anchor:start}.chart .al{font-size:10px;text-anchor:middle;fill:#4b5563}
 .chart .tx{font-size:9px;text-anchor:middle;fill:#6b7280}.chart .ty{font-size:9px;text-anchor:end;fill:#6b7280}
 .chart .gl{stroke:#eef0f3;stroke-width:1}.chart .pf{fill:none;stroke:#d1d5db}.chart .lv{font-size:9px;text-anchor:end;fill:#2563eb}
 .chart .bl{font-size:9px;text-anchor:start;fill:#4b5563}.chart .mk{stroke:#dc2626;stroke-dasharray:3 3}.chart .ml{font-size:9px;text-anchor:end;fill:#dc2626}

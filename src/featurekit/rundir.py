@@ -99,7 +99,7 @@ def _holder(text: str) -> str:
 def sweep(run_dir: Path) -> list[Path]:
     """Remove the stale temporary files of killed writes (module docstring); returns what went."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.is_dir() or rank() != 0:  # torchrun: rank 0 alone, before anyone writes
         return []
     removed = []
     for path in sorted(run_dir.rglob(".*")):
@@ -143,8 +143,9 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
     return keys
 
 
-def check_config(run_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
-    """Refuse a run folder that holds another config's run, unless `overwrite` (which empties it)."""
+def check_config(run_dir: Path, config: dict[str, Any], overwrite: bool, normalize: Any = None) -> None:
+    """Refuse a run folder that holds another config's run, unless `overwrite` (which empties it).
+    `normalize(old)` brings the stored config to the current form (defaults of keys added since, format v1)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return
@@ -153,6 +154,7 @@ def check_config(run_dir: Path, config: dict[str, Any], overwrite: bool) -> None
         return
     try:
         old = read_json(path)
+        old = normalize(old) if normalize else old
     except (OSError, ValueError) as err:
         raise FeaturekitError(f"{path} is unreadable ({err}); pass --overwrite to start this run afresh") from err
     diff = differing_keys(old if isinstance(old, dict) else {}, config)

@@ -88,7 +88,7 @@ def test_fit_to_size_calibrates_the_threshold():
     for target in (100, 400):
         d, tau, fits = fit_to_size(x, (ar, ar, ar), k=4, target=target, threshold=1e-2)
         assert abs(d.n_latents - target) <= 0.1 * target and fits <= 10
-        assert d.itda_threshold == pytest.approx(tau)
+        assert d.threshold == pytest.approx(tau)
 
 
 def test_cli_itda_match(tiny, tmp_path, capsys):

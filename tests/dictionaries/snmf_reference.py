@@ -62,7 +62,7 @@ def fit_snmf_dense(x: torch.Tensor, n_latents: int, *, sparsity: float = 0.01, m
                 break
     if best_w is None:
         raise FeaturekitError("the SNMF fit produced no finite loss; check the activations for NaN/Inf")
-    dictionary = SNMFDictionary(d, k, snmf_sparsity=sparsity, snmf_nnls_iters=nnls_iters)
+    dictionary = SNMFDictionary(d, k, sparsity=sparsity, nnls_iters=nnls_iters)
     norms = best_w.norm(dim=1)
     dictionary.set_features(best_w)
     return DenseFit(dictionary, best_g * norms, losses, best_iter)

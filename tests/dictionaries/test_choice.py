@@ -261,6 +261,6 @@ def test_built_from_the_config():
         sae = build_from_config(cfg.dictionary, 16, seed=0)
         assert sae.method == method and sae.k == 5 and sae.threshold_decay == 0.9 and sae.n_latents == 64
         assert cfg.train.aux_zipf_coef == 0.03
-    assert isinstance(build_from_config(DictionaryConfig(method="featurechoice", n_latents=32), 8), FeatureChoiceSAE)
+    assert isinstance(build_from_config(DictionaryConfig.of("featurechoice", 32), 8), FeatureChoiceSAE)
     with pytest.raises(FeaturekitError, match="aux_zipf"):
         validate(load_config(overrides=["train.aux_zipf_tau=0"]))

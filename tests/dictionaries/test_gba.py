@@ -17,17 +17,17 @@ from featurekit.train.losses import squared_error_loss
 
 from ..train.synthetic import sample, true_features
 
-FAST = {"gba_rate_down": 0.05, "gba_rate_up": 0.05, "gba_every": 5}  # our defaults, pinned here (the paper: 0.01, 50 steps)
+FAST = {"rate_down": 0.05, "rate_up": 0.05, "every": 5}  # our defaults, pinned here (the paper: 0.01, 50 steps)
 
 
 def test_targets_are_geometric_and_groups_are_equal_blocks():
     torch.testing.assert_close(target_frequencies(3, 0.1, 0.001), torch.tensor([0.1, 0.01, 0.001], dtype=torch.float64))
     assert target_frequencies(1, 0.05, 0.001).tolist() == [0.05]
-    sae = GBASAE(4, 10, gba_groups=3, gba_freq_high=0.1, gba_freq_low=0.001)
+    sae = GBASAE(4, 10, groups=3, freq_high=0.1, freq_low=0.001)
     assert sae.group.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     torch.testing.assert_close(sae.target_freq[[0, 4, 9]], torch.tensor([0.1, 0.01, 0.001]))
     with pytest.raises(FeaturekitError):
-        GBASAE(4, 10, gba_eps=0.01, gba_freq_low=0.001)
+        GBASAE(4, 10, eps=0.01, freq_low=0.001)
 
 
 def window(sae, pre):
@@ -37,8 +37,8 @@ def window(sae, pre):
 
 def test_update_rule_by_hand():
     # two groups of two neurons, targets 0.5 and 0.25; one window of 1 step with 4 tokens
-    sae = GBASAE(3, 4, gba_groups=2, gba_freq_high=0.5, gba_freq_low=0.25, gba_rate_down=0.1, gba_rate_up=0.5, gba_every=1,
-                 gba_eps=0.1)
+    sae = GBASAE(3, 4, groups=2, freq_high=0.5, freq_low=0.25, rate_down=0.1, rate_up=0.5, every=1,
+                 eps=0.1)
     with torch.no_grad():
         sae.b_enc.copy_(torch.tensor([-1.0, -0.2, -0.3, -2.0]))
     pre = torch.tensor([[3.0, 1.0, 0.5, -1.0],
@@ -53,13 +53,13 @@ def test_update_rule_by_hand():
     torch.testing.assert_close(sae.b_enc, torch.tensor([-1.3, -0.2, -0.3, -1.75]))
     assert int(sae.window_steps) == 0 and int(sae.window_tokens) == 0  # a new window started
     # the raise is capped at 0, the lower clamp applies when set
-    sae.gba_bias_min = -1.35
+    sae.bias_min = -1.35
     with torch.no_grad():
         sae.b_enc.copy_(torch.tensor([-1.3, -0.2, -0.3, -0.1]))
     window(sae, pre)
     torch.testing.assert_close(sae.b_enc, torch.tensor([-1.35, -0.2, -0.3, 0.0]))
     # two-sided (ours): every neuron below its target is raised, here neuron 1 (p = 1/4 < 0.5) too
-    sae.gba_two_sided, sae.gba_bias_min = True, None
+    sae.two_sided, sae.bias_min = True, None
     with torch.no_grad():
         sae.b_enc.copy_(torch.tensor([-1.0, -0.2, -0.3, -2.0]))
     window(sae, pre)
@@ -68,8 +68,8 @@ def test_update_rule_by_hand():
 
 
 def test_biases_change_only_at_the_window_end_never_by_gradient(tmp_path):
-    sae = build_from_config(DictionaryConfig(method="gba", n_latents=32, gba_groups=2, gba_every=3, gba_rate_down=0.05), 8, seed=1)
-    assert sae.gba_every == 3 and sae.gba_groups == 2 and sae.gba_activation == "jumprelu"
+    sae = build_from_config(DictionaryConfig.of("gba", 32, groups=2, every=3, rate_down=0.05), 8, seed=1)
+    assert sae.every == 3 and sae.groups == 2 and sae.activation_name == "jumprelu"
     assert "b_enc" not in dict(sae.named_parameters()) and not sae.b_enc.requires_grad
     features = true_features(16, 8)
     trainer = Trainer(sae, TrainConfig(lr=1e-2, warmup_steps=1, log_every=100, checkpoint_every=100), tmp_path, 7)
@@ -106,7 +106,7 @@ def test_frequencies_track_the_targets(tmp_path):
     features = true_features(48, 24)
     # two-sided controller (ours), 4 groups 0.1 → 0.01: group means at 0.72–1.11 × target, per-neuron
     # median 0.98–1.0, L0 4.46–4.48 for Σ targets 4.27
-    sae, freq, _, sparse_l0, _ = train(tmp_path / "two", features, gba_groups=4, gba_freq_low=0.01, gba_two_sided=True)
+    sae, freq, _, sparse_l0, _ = train(tmp_path / "two", features, groups=4, freq_low=0.01, two_sided=True)
     ratio = freq / sae.target_freq
     group_means = torch.stack([ratio[sae.group == g].mean() for g in range(4)])
     assert ((group_means > 0.6) & (group_means < 1.3)).all()
@@ -126,16 +126,16 @@ def test_recovery_at_the_feature_frequency_and_neuron_resonance(tmp_path):
     48 features above 0.9, FVU 0.099 / 0.116, L0 1.85, no dead latent (init seeds 1 / 2). Target 4× too
     high (0.2): MMCS 0.796 / 0.798, 7 / 7 features (seeds 1 / 3) — the neuron-resonance effect."""
     features = true_features(48, 24)
-    _, freq, error, _, best = train(tmp_path / "f", features, gba_groups=1, gba_freq_high=0.05)
+    _, freq, error, _, best = train(tmp_path / "f", features, groups=1, freq_high=0.05)
     assert float(best.mean()) > 0.97 and (best > 0.9).float().mean() > 0.9
     assert error < 0.2 and (freq > 0).all()
-    _, _, _, _, best = train(tmp_path / "4f", features, gba_groups=1, gba_freq_high=0.2)
+    _, _, _, _, best = train(tmp_path / "4f", features, groups=1, freq_high=0.2)
     assert float(best.mean()) < 0.9 and (best > 0.9).float().mean() < 0.5
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "relu"])
 def test_fold_and_file_round_trip(tmp_path, activation):
-    sae = GBASAE(8, 32, gba_groups=4, gba_activation=activation, gba_two_sided=True, seed=0)
+    sae = GBASAE(8, 32, groups=4, activation=activation, two_sided=True, seed=0)
     with torch.no_grad():
         sae.b_enc.uniform_(-2.0, 0.0)
         sae.b_dec.normal_()
@@ -147,8 +147,8 @@ def test_fold_and_file_round_trip(tmp_path, activation):
     torch.testing.assert_close(sae.encode(x), expected, rtol=1e-5, atol=1e-5)
     save(sae, tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "featurekit.json").read_text())
-    assert meta["inference_rule"]["activation"] == activation and meta["hyperparams"]["gba_two_sided"] is True
+    assert meta["inference_rule"]["activation"] == activation and meta["hyperparams"]["two_sided"] is True
     loaded = featurekit.load(tmp_path / "d")
-    assert loaded.gba_groups == 4 and loaded.gba_activation == activation
+    assert loaded.groups == 4 and loaded.activation_name == activation
     torch.testing.assert_close(loaded.encode(x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loaded.reconstruct(x), expected_x_hat, rtol=1e-5, atol=1e-5)

@@ -181,7 +181,7 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.atom_labels() == sae.atom_labels() and torch.equal(loaded.atom_token, sae.atom_token)
     meta = loaded.metadata
     assert meta["method"] == "itda" and meta["inference_rule"]["activation"] == "matching_pursuit"
-    assert meta["hyperparams"] == {"k": 5, "itda_threshold": 1e-3}
+    assert meta["hyperparams"] == {"k": 5, "threshold": 1e-3}
     assert meta["atoms"]["count"] == sae.n_latents and meta["atoms"]["first"][0] == [0, 0, 0]
     x = torch.randn(50, 16, generator=g)
     torch.testing.assert_close(loaded.encode(x), sae.encode(x))

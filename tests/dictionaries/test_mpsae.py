@@ -89,7 +89,7 @@ def test_the_fast_pursuit_matches_the_plain_dense_loop_in_values_and_gradients()
 
 
 def test_no_encoder_weights_are_trained_and_w_enc_mirrors_the_decoder(tmp_path):
-    sae = build_from_config(DictionaryConfig(method="mpsae", n_latents=32, k=3, residual_threshold=0.2, revive_coef=0.05), 8, seed=0)
+    sae = build_from_config(DictionaryConfig.of("mpsae", 32, k=3, residual_threshold=0.2, revive_coef=0.05), 8, seed=0)
     assert (sae.k, sae.residual_threshold, sae.revive_coef) == (3, 0.2, 0.05)
     assert sorted(n for n, _ in sae.named_parameters()) == ["W_dec", "b_dec"]
     features = true_features(16, 8)

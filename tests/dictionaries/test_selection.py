@@ -99,7 +99,9 @@ def test_calibration_fixes_the_count_on_heavy_tailed_rows(dist, k, seed):
     calibration, held_out = draw.sample((ROWS, n)), draw.sample((ROWS, n))
     gaussian_counts = kept_count(held_out > statistical_threshold(held_out, k))
     c = calibrated_multiplier(calibration, k)
-    assert float(kept_count(calibration > statistical_threshold(calibration, k, c)).sum()) == k * ROWS  # exact on its own batch
+    # exact on its own batch, up to one entry: when the B·k-th and (B·k+1)-th largest z lie within float32 rounding of each
+    # other, mean + c·std can land on the wrong side of one of them (hypothesis found such a draw: 4,095 of 4,096)
+    assert abs(float(kept_count(calibration > statistical_threshold(calibration, k, c)).sum()) - k * ROWS) <= 1
     counts = kept_count(held_out > statistical_threshold(held_out, k, c))
     tolerance = 5 * math.sqrt(2) * float(counts.std()) / math.sqrt(ROWS) + 1  # calibration batch and held-out batch
     assert abs(float(counts.mean()) - k) <= tolerance
@@ -216,7 +218,7 @@ def test_statistical_file_records_the_rule_and_folds(tmp_path, cls):
 
 def test_exact_selection_files_are_unchanged_and_config_checks_the_option():
     assert TopKSAE(8, 32, k=3).hyperparams() == {"k": 3} and "multiplier" not in TopKSAE(8, 32, k=3).state_dict()
-    sae = build_from_config(DictionaryConfig(method="topk", n_latents=32, k=3, selection="statistical_gaussian"), d_in=8)
+    sae = build_from_config(DictionaryConfig.of("topk", 32, k=3, selection="statistical_gaussian"), d_in=8)
     assert sae.selection == "statistical_gaussian" and abs(float(sae.multiplier) - gaussian_multiplier(3, 32)) < 1e-6
     out = sae(torch.randn(16, 8))
     sae.after_step(out)  # the paper's fixed Gaussian c is never recalibrated

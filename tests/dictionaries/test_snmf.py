@@ -13,7 +13,6 @@ from featurekit import pipeline
 from featurekit.dictionaries.snmf import (
     SNMFDictionary,
     SNMFFitter,
-    fit_snmf,
     least_squares_init,
     multiplicative_g_step,
     nnls,
@@ -22,6 +21,7 @@ from featurekit.dictionaries.snmf import (
 )
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate.steering import feature_logit_effect, steer
+from featurekit.train.fit import fit_snmf
 
 from ..test_pipeline import config
 from .snmf_reference import fit_snmf_dense
@@ -110,7 +110,7 @@ def test_nnls_solves_the_nonnegative_least_squares_problem():
 
 
 def test_encode_is_per_token_and_equals_the_nnls_solution():
-    dictionary = SNMFDictionary(24, 12, snmf_sparsity=0.25, snmf_nnls_iters=200, seed=0)
+    dictionary = SNMFDictionary(24, 12, sparsity=0.25, nnls_iters=200, seed=0)
     x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3))
     codes = dictionary.encode(x)
     w = dictionary.W_dec.detach()
@@ -122,9 +122,9 @@ def test_encode_is_per_token_and_equals_the_nnls_solution():
 
 
 def test_bad_hyperparameters_are_clear_errors():
-    with pytest.raises(FeaturekitError, match="snmf_sparsity"):
-        SNMFDictionary(8, 4, snmf_sparsity=0.0)
-    with pytest.raises(FeaturekitError, match="snmf_decay"):
+    with pytest.raises(FeaturekitError, match="sparsity"):
+        SNMFDictionary(8, 4, sparsity=0.0)
+    with pytest.raises(FeaturekitError, match="decay"):
         SNMFFitter(8, 4, decay=1.0)
     with pytest.raises(FeaturekitError, match="once per pass"):
         fit_snmf(iter([torch.randn(10, 8)]), 4)
@@ -227,7 +227,7 @@ def test_save_load_round_trip(tmp_path):
     dictionary = fit_snmf(x, 16, sparsity=3 / 32, passes=2, chunk_tokens=200, nnls_iters=40, seed=0)
     featurekit.save(dictionary, tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "featurekit.json").read_text())
-    assert meta["method"] == "snmf" and meta["hyperparams"] == {"snmf_sparsity": 3 / 32, "snmf_nnls_iters": 40}
+    assert meta["method"] == "snmf" and meta["hyperparams"] == {"sparsity": 3 / 32, "nnls_iters": 40}
     assert meta["inference_rule"]["activation"] == "nnls" and meta["inference_rule"]["iters"] == 40
     loaded = featurekit.load(tmp_path / "d")
     assert isinstance(loaded, SNMFDictionary)
@@ -240,8 +240,8 @@ def test_save_load_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def snmf_run(tiny, tmp_path_factory):
     cfg = config(tiny, tmp_path_factory.mktemp("snmf"), "name=s", "site=mlp_hidden.1", "dictionary.method=snmf",
-                 "dictionary.n_latents=32", "dictionary.snmf_sparsity=0.1", "dictionary.snmf_passes=2",
-                 "dictionary.snmf_decay=0.9", "train.log_every=2")
+                 "dictionary.n_latents=32", "dictionary.sparsity=0.1", "dictionary.passes=2",
+                 "dictionary.decay=0.9", "train.log_every=2")
     report = pipeline.run_all(cfg, progress=False)
     return cfg, report
 
@@ -264,7 +264,7 @@ def test_tiny_model_pipeline_fits_evaluates_and_reports_snmf(snmf_run):
 
 def test_snmf_fits_from_a_streamed_harvest_without_a_cache(tiny, tmp_path):
     cfg = config(tiny, tmp_path, "name=nc", "site=mlp_hidden.1", "dictionary.method=snmf", "dictionary.n_latents=32",
-                 "dictionary.snmf_sparsity=0.1", "dictionary.snmf_passes=2", "data.cache=false", "train.log_every=1")
+                 "dictionary.sparsity=0.1", "dictionary.passes=2", "data.cache=false", "train.log_every=1")
     cfg.run_dir.mkdir(parents=True)
     sae = pipeline.run_train(cfg, progress=False)
     assert not (cfg.run_dir / "activations").exists() and sae.method == "snmf"

@@ -163,7 +163,7 @@ def test_trains_and_per_token_k_tracks_the_number_of_true_features(tmp_path):
 
 
 def test_file_round_trip_with_folded_scale_and_config(tmp_path):
-    sae = build_from_config(DictionaryConfig(method="topafa", n_latents=64, afa_coefficient=0.05), d_in=12, seed=3)
+    sae = build_from_config(DictionaryConfig.of("topafa", 64, afa_coefficient=0.05), d_in=12, seed=3)
     assert isinstance(sae, TopAFASAE) and sae.afa_coefficient == 0.05
     with torch.no_grad():
         sae.input_scale.fill_(0.3)

@@ -138,7 +138,7 @@ def test_learns_ground_truth_with_more_dead_latents_than_topk(tmp_path):
 
 
 def test_file_round_trip_with_folded_scale_and_config(tmp_path):
-    cfg = DictionaryConfig(method="vsae", n_latents=48, k=5, kl_coefficient=0.2, learned_variance=True)
+    cfg = DictionaryConfig.of("vsae", 48, k=5, kl_coefficient=0.2, learned_variance=True)
     sae = build_from_config(cfg, d_in=10, seed=4)
     assert isinstance(sae, VariationalSAE) and (sae.k, sae.kl_coefficient, sae.learned_variance) == (5, 0.2, True)
     with torch.no_grad():
@@ -158,6 +158,6 @@ def test_file_round_trip_with_folded_scale_and_config(tmp_path):
     assert not loaded.training
     torch.testing.assert_close(loaded.encode(x), codes, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loaded.reconstruct(x), x_hat, rtol=1e-5, atol=1e-5)
-    fixed = build_from_config(DictionaryConfig(method="vsae", n_latents=48, k=5, learned_variance=False), d_in=10, seed=4)
+    fixed = build_from_config(DictionaryConfig.of("vsae", 48, k=5, learned_variance=False), d_in=10, seed=4)
     save(fixed, tmp_path / "f")
     assert "W_var" not in featurekit.load(tmp_path / "f").state_dict()

@@ -11,7 +11,7 @@ import torch
 
 from featurekit.config import TrainConfig
 from featurekit.dictionaries import TopKSAE, save
-from featurekit.dictionaries.sharded import ShardedTopKSAE
+from featurekit.train.sharded import ShardedTopKSAE
 from featurekit.train import Trainer
 from featurekit.train import distributed as D
 from featurekit.train.losses import fvu_loss

@@ -28,11 +28,12 @@ def test_a_device_featurekit_cannot_train_on_is_refused(spec):
 
 
 def test_the_config_check_names_a_bad_device_before_any_work():
-    from featurekit.config import load_config, validate
+    from featurekit.config import load_config
+    from featurekit.pipeline import resolve  # every command resolves its config before any work
 
     with pytest.raises(FeaturekitError, match=r"train\.device='tpu'"):
-        validate(load_config(None, ["train.device=tpu"]))
-    validate(load_config(None, ["train.device=cpu"]))
+        resolve(load_config(None, ["train.device=tpu"]))
+    resolve(load_config(None, ["train.device=cpu"]))
 
 
 def test_batches_follow_the_dictionary_to_its_device():

@@ -23,6 +23,9 @@ from featurekit.train import Trainer
 from featurekit.train.trainer import RECON_LOSSES
 
 steps, keep = int(sys.argv[1]), sys.argv[2] == "1"
+if keep:  # what the featurekit command does for train.keep_freed_memory
+    from featurekit.train.memory import keep_freed_memory
+    keep_freed_memory()
 sae = METHODS["topk"](64, 4096, k=16, seed=0)
 gen = torch.Generator().manual_seed(0)
 with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ import common  # noqa: E402
 import featurekit  # noqa: E402
 from featurekit.config import TrainConfig  # noqa: E402
 from featurekit.dictionaries.fileformat import METHODS  # noqa: E402
+from featurekit.train.memory import keep_freed_memory  # noqa: E402
 from featurekit.train.trainer import Trainer  # noqa: E402
 
 
@@ -33,6 +34,8 @@ def main() -> None:
     sae = METHODS[args.arch](d, args.n_latents, seed=args.seed, **params).to(args.device)
     cfg = TrainConfig(batch_size=args.batch, lr=args.lr, log_every=1, threads=args.threads, seed=args.seed,
                       precision=args.precision, device=args.device)
+    if cfg.keep_freed_memory:  # as the featurekit command does for a training run
+        keep_freed_memory()
     with tempfile.TemporaryDirectory(prefix="fk-bench-") as tmp:
         trainer = Trainer(sae, cfg, Path(tmp) / "run", total_steps=common.total_steps(args))
         trainer.init_from_data(pool[: args.batch])  # input scale + b_dec (geometric median): before timing

@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import pipeline
 from .._io import atomic_write, atomic_write_json, atomic_write_text, read_json
-from ..config import RunConfig
+from ..config import DictionaryConfig, RunConfig
 from ..data.harvest import harvest
 from ..dictionaries import METHODS
 from ..errors import FeaturekitError
@@ -38,7 +38,7 @@ from ..evaluate.splice import reconstruction_eval, splice_eval
 PENALTY_SWEEPS: dict[str, tuple[str, list[float]]] = {
     "relu": ("l1_coefficient", [2.0, 5.0, 12.0]),
     "jumprelu": ("l0_coefficient", [1.0, 3.0, 10.0]),
-    "gba": ("gba_freq_high", [0.025, 0.05, 0.1]),
+    "gba": ("freq_high", [0.025, 0.05, 0.1]),
     "mpsae": ("k", [8, 16, 32]),
     "topafa": ("afa_coefficient", [1 / 64]),
 }
@@ -84,8 +84,11 @@ def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, An
     cfg.dictionary.n_latents = fc.latents
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = fc.epochs, fc.batch_size, fc.lr
     cfg.train.seed, cfg.train.threads = fc.seed, fc.threads
-    for key, value in (overrides or {}).items():
-        setattr(cfg.dictionary, key, value)
+    overrides = dict(overrides or {})
+    if "method" in overrides:  # the method's own keys start from its defaults
+        cfg.dictionary = DictionaryConfig(overrides.pop("method"), fc.latents)
+    for key, value in overrides.items():
+        setattr(cfg.dictionary.params, key, value)
     return pipeline.resolve(cfg)
 
 

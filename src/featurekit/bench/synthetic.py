@@ -33,6 +33,7 @@ from .._io import atomic_write_json, atomic_write_text
 from ..config import DictionaryConfig, TrainConfig
 from ..data.batch import ActivationBatch
 from ..dictionaries import METHODS, Dictionary, build_from_config
+from ..dictionaries.registry import param_names
 from ..errors import FeaturekitError
 from ..evaluate import metrics
 from ..evaluate.ground_truth import DATASETS, SyntheticData, dataset_config
@@ -46,7 +47,7 @@ TRAIN_STREAM, HELDOUT_STREAM = 1, 2
 INIT_TOKENS = 8192
 SITE = "synthetic"  #: the site name the fitters' ActivationBatches carry
 
-#: Per-method settings (DictionaryConfig fields), measured at the default sizes on the default dataset.
+#: Per-method settings (the method's Params fields), measured at the default sizes on the default dataset.
 #: relu, jumprelu: the penalty that gives L0 ≈ the true k (jumprelu with its own ε and θ_init defaults,
 #: which since the centred encoder and the firing-rate b_enc init train θ in short runs: L0 3.5, MMCS 0.94).
 #: vsae: β = 0.01 (β = 1 switched every code off: L0 0.004, FVU 1.0). gba: 4 groups with target
@@ -58,8 +59,8 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "relu": {"l1_coefficient": 4.0},
     "jumprelu": {"l0_coefficient": 1.5},
     "vsae": {"kl_coefficient": 0.01},
-    "gba": {"gba_groups": 4, "gba_freq_high": 0.08, "gba_freq_low": 0.01, "gba_every": 5},
-    "snmf": {"snmf_sparsity": 1.0},
+    "gba": {"groups": 4, "freq_high": 0.08, "freq_low": 0.01, "every": 5},
+    "snmf": {"sparsity": 1.0},
 }
 
 
@@ -187,14 +188,15 @@ def train(method: str, data: SyntheticData, cfg: BenchConfig) -> Dictionary:
     Trainer, or, for methods with a `Dictionary.fitter` (ITDA, SNMF), by `train.fit.fit_stream` over the
     same `tokens` (each of the fitter's passes reads them again, in order)."""
     torch.manual_seed(cfg.seed)
-    dcfg = DictionaryConfig(method=method, n_latents=cfg.latents, k=cfg.k, **METHOD_SETTINGS.get(method, {}))
+    own = {"k": cfg.k} if "k" in param_names(method) else {}  # the methods with a k get the true k
+    dcfg = DictionaryConfig.of(method, cfg.latents, **own, **METHOD_SETTINGS.get(method, {}))
     steps = cfg.tokens // cfg.batch_size
     tc = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=max(1, steps // 50),
                      dead_tokens=max(cfg.batch_size, cfg.tokens // 8), log_every=10 ** 9, checkpoint_every=10 ** 9, seed=cfg.seed)
     with tempfile.TemporaryDirectory(prefix="featurekit-bench-") as tmp:
         if METHODS[method].fitter is not None:
             fitter = METHODS[method].fitter.from_config(dcfg, cfg.d, seed=cfg.seed, batch_size=cfg.batch_size)
-            passes = (_activation_batches(data, cfg.batch_size, steps) for _ in range(getattr(fitter, "passes", 1)))
+            passes = (_activation_batches(data, cfg.batch_size, steps) for _ in range(fitter.passes))
             fit_stream(fitter, itertools.chain.from_iterable(passes), SITE, Path(tmp), tc, progress=False)
             return fitter.finish()
         sae = build_from_config(dcfg, cfg.d, seed=cfg.seed)

@@ -36,6 +36,8 @@ class Output:
       latents in `among`, without grad.
     * `pre_at(idx, pair_pre=None)`: π at the (token, latent) pairs `idx`, with gradient; `pair_pre`, the same
       values without grad where known (from `top_pre`), spares recomputing them.
+    * `partial`: named further reconstructions the trainer scores with the same reconstruction loss as
+      `x_hat` (Matryoshka: each nested prefix's x̂), so the method need not know how the loss is computed.
     A fast forward passes `fast`, the `kernels.FastCodes` its kernels filled: the sparse codes, or a function
     building dense ones, precomputed firing counts, and the accessors of π that need no (N, F) matrix."""
 
@@ -46,6 +48,7 @@ class Output:
         self.x_hat, self.pre, self.fast, self._codes = x_hat, pre, fast, codes
         self._fire_counts = None if fast is None else fast.fire_counts
         self.losses: dict[str, torch.Tensor] = {} if losses is None else losses
+        self.partial: dict[str, torch.Tensor] = {}
 
     @property
     def idx(self) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ Initialisation, unit-norm decoder and aux-k as for TopK.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,9 +21,23 @@ import torch
 from . import kernels
 from .base import Output
 from .operators import abs_threshold, batch_abs_topk, batch_topk, threshold
+from .registry import check_decay, check_k, register
 from .topk import TopKSAE
 
 
+@dataclass
+class BatchTopKParams:
+    """BatchTopK, batch AbsTopK, Feature Choice and Mutual Choice: a budget of B·k over a batch of B tokens."""
+
+    k: int = 32  #: mean latents per token over a batch (the batch keeps its B·k best token–latent pairs)
+    threshold_decay: float = 0.99  #: EMA factor of the per-token inference threshold(s) tracked during training
+
+    def check(self, n_latents: int) -> None:
+        check_k(self.k, n_latents)
+        check_decay(self.threshold_decay)
+
+
+@register(BatchTopKParams)
 class BatchTopKSAE(TopKSAE):
     method = "batchtopk"
 
@@ -75,6 +90,7 @@ class BatchTopKSAE(TopKSAE):
         return {"k": self.k, "threshold_decay": self.threshold_decay}
 
 
+@register(BatchTopKParams)
 class BatchAbsTopKSAE(BatchTopKSAE):
     """Batch AbsTopK ("BatchAbsoluteK" of the AbsTopK authors' code): the B·k largest |π| of the
     batch keep their sign; at inference f = π · 1[|π| > θ] with θ tracked as for BatchTopK."""

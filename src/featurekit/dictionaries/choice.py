@@ -33,11 +33,13 @@ import torch
 
 from . import kernels
 from .base import Output
-from .batchtopk import BatchTopKSAE
+from .batchtopk import BatchTopKParams, BatchTopKSAE
 from .operators import feature_choice_mask, threshold
+from .registry import register
 from .topk import TopKSAE
 
 
+@register(BatchTopKParams)
 class FeatureChoiceSAE(TopKSAE):
     method = "featurechoice"
 
@@ -95,6 +97,7 @@ class FeatureChoiceSAE(TopKSAE):
         return {"k": self.k, "threshold_decay": self.threshold_decay}
 
 
+@register(BatchTopKParams)
 class MutualChoiceSAE(BatchTopKSAE):
     """Mutual Choice: the B·k largest affinities of the batch (`operators.mutual_choice`, which is
     `batch_topk`), trained and run exactly as BatchTopK (global inference threshold θ)."""

@@ -23,6 +23,7 @@ the built dictionary's state (names and shapes) and for NaN/infinity, before any
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -38,20 +39,7 @@ from safetensors.torch import load_file, save_file
 from .._io import FileError, atomic_write, atomic_write_json, read_json, write_error, writing
 from ..errors import FeaturekitError
 from .base import Dictionary
-from .batchtopk import BatchAbsTopKSAE, BatchTopKSAE
-from .choice import FeatureChoiceSAE, MutualChoiceSAE
-from .gba import GBASAE
-from .gsae import GradientSAE
-from .itda import ITDADictionary
-from .jumprelu import JumpReLUSAE
-from .matryoshka import MatryoshkaSAE
-from .mpsae import MPSAE
-from .relu import ReLUSAE
-from .snmf import SNMFDictionary
-from .topafa import TopAFASAE
-from .topk import AbsTopKSAE, TopKSAE
-from .transcoder import SkipTranscoder, Transcoder
-from .vsae import VariationalSAE
+from .registry import METHODS, method_class
 
 FORMAT = "featurekit.dictionary"
 FORMAT_VERSION = 1
@@ -64,29 +52,20 @@ INFINITE_OK = {
     "multiplier",  # statistical TopK: −inf keeps every latent (k ≥ n_latents)
 }
 
-METHODS: dict[str, type[Dictionary]] = {
-    cls.method: cls for cls in (TopKSAE, BatchTopKSAE, AbsTopKSAE, BatchAbsTopKSAE, JumpReLUSAE, ReLUSAE, GradientSAE,
-                            MatryoshkaSAE, FeatureChoiceSAE, MutualChoiceSAE,
-                            TopAFASAE, VariationalSAE, MPSAE, GBASAE,
-                            Transcoder, SkipTranscoder, ITDADictionary, SNMFDictionary)
-}
 
 
 def build(method: str, d_in: int, n_latents: int, **hyperparams: Any) -> Dictionary:
-    """Construct a dictionary by method name."""
-    if method not in METHODS:
-        raise FeaturekitError(f"unknown dictionary method {method!r}; choose one of {sorted(METHODS)}")
-    return METHODS[method](d_in, n_latents, **hyperparams)
+    """Construct a dictionary by method name (the registry, `registry.METHODS`)."""
+    return method_class(method)(d_in, n_latents, **hyperparams)
 
 
 def build_from_config(cfg: Any, d_in: int, seed: int | None = None, d_out: int | None = None) -> Dictionary:
-    """Construct from a `DictionaryConfig`: its fields that the method's constructor takes are passed on
-    (and `d_out`, the output width, to methods that predict another site: transcoders)."""
-    if cfg.method not in METHODS:
-        raise FeaturekitError(f"unknown dictionary method {cfg.method!r}; choose one of {sorted(METHODS)}")
-    cls = METHODS[cfg.method]
+    """Construct from a `DictionaryConfig` (method, n_latents and the method's Params): the Params fields the
+    constructor takes are passed on (fitter-only ones, e.g. SNMF's passes, are not), and `d_out`, the
+    output width, to methods that predict another site (transcoders)."""
+    cls = method_class(cfg.method)
     accepted = inspect.signature(cls.__init__).parameters
-    params = {k: v for k, v in vars(cfg).items() if k in accepted and k not in ("d_in", "n_latents")}
+    params = {k: v for k, v in dataclasses.asdict(cfg.params).items() if k in accepted}
     if d_out is not None:
         if "d_out" not in accepted:
             raise FeaturekitError(f"method {cfg.method!r} reconstructs its input; it takes no output width d_out")
@@ -186,6 +165,9 @@ def check_meta(meta: Any, meta_path: Path) -> None:
     method = meta.get("method")
     if method not in METHODS:
         raise bad("method", f"is {method!r}, not one of {sorted(METHODS)}" if method is not None else "is missing")
+    legacy = METHODS[method].legacy_names  # format v1 files name some hyper-parameters by their old config keys
+    if isinstance(meta.get("hyperparams"), dict) and legacy:
+        meta["hyperparams"] = {legacy.get(k, k): v for k, v in meta["hyperparams"].items()}
     for field in ("d_in", "n_latents", *(("d_out",) if "d_out" in meta else ())):
         value = meta.get(field)
         if type(value) is not int or value < 1:

@@ -22,6 +22,7 @@ Initialisation, unit-norm decoder and aux-k as for TopK.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +30,22 @@ import torch
 from ..errors import FeaturekitError
 from . import kernels
 from .base import Output
+from .registry import check_k, register
 from .topk import TopKSAE
 
 
+@dataclass
+class GSAEParams:
+    k: int = 32  #: latents kept per token
+    beta: float = 1.0  #: weight of the gradient term in the selection score (0 = TopK); needs data.gradients=true
+
+    def check(self, n_latents: int) -> None:
+        check_k(self.k, n_latents)
+        if self.beta < 0:
+            raise FeaturekitError(f"dictionary.beta must be >= 0 (0 is TopK), got {self.beta}")
+
+
+@register(GSAEParams)
 class GradientSAE(TopKSAE):
     method = "gsae"
     needs_gradient = True

@@ -4,10 +4,11 @@ The dictionary is a set of *real activations*: m atoms d_j = x_j/‖x_j‖, each
 one token of the fitting stream, labelled with where it came from (context index, position, token id).
 Sources: the official code github.com/pleask/itda, read in its fork davidkaczer/itda (`train.py` and
 `dl_train.py`: class ITDA, `mp_encode`, `ITDATrainer.update` / `MultiLayerITDATrainer.update`;
-`layer_similarity.py`: `get_similarity_measure`, GPT2_MODELS settings); the paper's text only through our
-spec notes (`research/seed-methods-other.md` §3), which we did not re-read against the PDF.
+`layer_similarity.py`: `get_similarity_measure`, GPT2_MODELS settings); the paper (Leask et al. 2025,
+"Inference-Time Decomposition of Activations") only through secondary notes, not re-read
+against the PDF.
 
-Encoder = matching pursuit over the atoms, k steps (spec §3.2 "paper Algorithm 2"; code `mp_encode`):
+Encoder = matching pursuit over the atoms, k steps (the paper's Algorithm 2; code `mp_encode`):
 
     r⁰ = x,  a = 0
     for t = 1..k:   c = r^{t−1} Dᵀ;   j = argmax_j |c_j|;   a_j += c_j;   r^t = r^{t−1} − c_j d_j
@@ -20,12 +21,12 @@ Encoder = matching pursuit over the atoms, k steps (spec §3.2 "paper Algorithm 
   then c ← c − c_j G_j per step (B·m work instead of a B·m·d matmul). Used while m ≤ `GRAM_MAX_ATOMS`
   (G is m² floats), the direct form (recompute r Dᵀ) beyond; both give the same codes (tested).
 
-Fitting (`ITDAFitter`; spec §3.3, code `ITDATrainer.update`): stream the activations in
+Fitting (`ITDAFitter`; code `ITDATrainer.update`): stream the activations in
 order; a token whose MP reconstruction error exceeds τ becomes a new atom. The error is the code's
 
     e(x) = ‖x/‖x‖ − x̂/‖x̂‖‖² / d  = 2(1 − cos(x, x̂)) / d          (x̂ = 0 gives 1/d)
 
-i.e. a threshold on the cosine between x and its reconstruction; τ = `itda_threshold` is in the code's
+i.e. a threshold on the cosine between x and its reconstruction; τ = `threshold` is in the code's
 units (the paper's GPT-2 layer-similarity runs use τ = 0.0004 with k = 40). Choices of ours, documented:
 * Tokens are judged in chunks against the dictionary as it stood at the chunk's start (the code: one
   batch of prompts per update). A chunk holds min(`chunk_tokens`, max(1, m)) tokens, so the dictionary
@@ -33,7 +34,7 @@ units (the paper's GPT-2 layer-similarity runs use τ = 0.0004 with k = 40). Cho
   seeds the empty dictionary with d "most frequent" rows of the first batch and then judges a whole
   first batch against them.
 * Within a chunk, a candidate identical in direction (cos ≥ 1 − 1e-6) to an earlier candidate is dropped
-  (the spec's "remove duplicate atoms"; the code read has no such step); tokens with ‖x‖ = 0 are never added.
+  (the paper's "remove duplicate atoms"; the code read has no such step); tokens with ‖x‖ = 0 are never added.
 * The dictionary size is capped at `max_atoms` (= config `dictionary.n_latents`): once full the fit stops
   taking atoms, like the code's `max_dict_size`/`crop_dict_size` (the paper crops to fixed sizes). The
   saved file's n_latents is the final size m ≤ the cap.
@@ -46,12 +47,14 @@ trained by gradient, so every weight is a buffer.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import FeaturekitError
 from .base import Dictionary, Output
+from .registry import register
 
 #: Use the Gram-matrix pursuit while the dictionary has at most this many atoms (G takes m² floats: 256 MB at 8192).
 GRAM_MAX_ATOMS = 8192
@@ -127,6 +130,8 @@ class ITDAFitter:
     everything needed to continue (atoms, labels, tokens seen).
     """
 
+    passes = 1  # one ordered pass: a token is judged against the atoms chosen before it
+
     def __init__(self, d_in: int, k: int, threshold: float, max_atoms: int | None = None, chunk_tokens: int = 1024,
                  dtype: torch.dtype = torch.float32):
         if not 0 < threshold < 1 / d_in:
@@ -144,8 +149,8 @@ class ITDAFitter:
 
     @classmethod
     def from_config(cls, cfg: Any, d_in: int, *, seed: int | None = None, batch_size: int = 1024) -> ITDAFitter:
-        """From a `DictionaryConfig`: k, τ = itda_threshold, the cap n_latents; chunks of ≤ batch_size tokens (seed unused)."""
-        return cls(d_in, cfg.k, cfg.itda_threshold, max_atoms=cfg.n_latents, chunk_tokens=batch_size)
+        """From a `DictionaryConfig`: k, τ = threshold, the cap n_latents; chunks of ≤ batch_size tokens (seed unused)."""
+        return cls(d_in, cfg.params.k, cfg.params.threshold, max_atoms=cfg.n_latents, chunk_tokens=batch_size)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -243,12 +248,19 @@ class ITDAFitter:
         """The fitted dictionary (n_latents = the number of atoms; k defaults to the fit's k)."""
         if self.n_atoms == 0:
             raise FeaturekitError("the ITDA fit has no atoms: the stream was empty (or every token had norm 0)")
-        d = ITDADictionary(self.d_in, self.n_atoms, k=k or self.k, itda_threshold=self.threshold)
+        d = ITDADictionary(self.d_in, self.n_atoms, k=k or self.k, threshold=self.threshold)
         lab = self.labels
         d.set_atoms(self.atoms.float(), lab[:, 0], lab[:, 1], lab[:, 2])
         return d
 
 
+@dataclass
+class ITDAParams:
+    k: int = 32  #: matching-pursuit steps per token (n_latents caps the dictionary's size)
+    threshold: float = 4e-4  #: add a token when ‖x/‖x‖ − x̂/‖x̂‖‖²/d exceeds this (needs < 1/d)
+
+
+@register(ITDAParams, legacy={"itda_threshold": "threshold"})
 class ITDADictionary(Dictionary):
     """A dictionary of unit-normalised real activations (W_dec rows) with per-atom provenance; MP encoder."""
 
@@ -256,7 +268,7 @@ class ITDADictionary(Dictionary):
     signed = True
     fitter = ITDAFitter  # built from the ordered activation stream (pipeline.run_fit), not by the gradient trainer
 
-    def __init__(self, d_in: int, n_latents: int, k: int = 32, itda_threshold: float = 4e-4, seed: int | None = None):
+    def __init__(self, d_in: int, n_latents: int, k: int = 32, threshold: float = 4e-4, seed: int | None = None):
         super().__init__(d_in, n_latents)
         del self.W_enc, self.b_enc, self.W_dec, self.b_dec  # nothing is trained: all weights are buffers
         self.register_buffer("W_dec", torch.zeros(n_latents, d_in))
@@ -266,7 +278,7 @@ class ITDADictionary(Dictionary):
         for name in ("atom_context", "atom_position", "atom_token"):
             self.register_buffer(name, torch.full((n_latents,), -1, dtype=torch.long))
         self.k = k
-        self.itda_threshold = float(itda_threshold)
+        self.threshold = float(threshold)
         self._gram_key: tuple | None = None
         self._gram: torch.Tensor | None = None
 
@@ -341,7 +353,7 @@ class ITDADictionary(Dictionary):
                 "offset": "none (b_dec = 0: x̂ = codes · W_dec)", "signed": True}
 
     def hyperparams(self) -> dict[str, Any]:
-        return {"k": self.k, "itda_threshold": self.itda_threshold}
+        return {"k": self.k, "threshold": self.threshold}
 
     def file_metadata(self) -> dict[str, Any]:
         ctx = self.atom_context

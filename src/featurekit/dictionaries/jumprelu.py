@@ -21,8 +21,8 @@ tokens, lr 3e-3, the test's setup), MMCS true→learned over live latents at λ 
 before these changes 0.62 / 0.64 (FVU 0.41 / 0.57); each change below removed alone 0.69 / 0.72
 (1), 0.84 / 0.90 (2), 0.92 / 0.96 (3); all three 0.96 / 0.97 (FVU 0.13 / 0.21).
 
-1. The encoder input is centred on b_dec, π = (x − b_dec) W_encᵀ + b_enc (the paper [as read in
-   the spec; memory] and dictionary_learning use W_enc x + b_enc; SAELens's default
+1. The encoder input is centred on b_dec, π = (x − b_dec) W_encᵀ + b_enc (the paper, from secondary
+   notes, and dictionary_learning use W_enc x + b_enc; SAELens's default
    `apply_b_dec_to_input=True` centres, as every other featurekit method). On data with a large
    mean (LLM residual streams carry one) the uncentred π_j is dominated by ⟨e_j, mean⟩: at init half
    the latents fire on every token with π far above θ, where the kernel is zero, so neither the L0
@@ -36,7 +36,7 @@ before these changes 0.62 / 0.64 (FVU 0.41 / 0.57); each change below removed al
    with a kernel gradient that only a few tokens per batch feed, while the dictionary trains on dense
    codes and blends features. Rates 0.01–0.1 measured alike (MMCS 0.96–0.98 at λ = 0.2).
    `init_firing_rate=None` keeps the paper's b_enc = 0.
-3. ε = θ_init = 0.1 in the training scale (E‖x‖ = √d, spec §0.2 N1). The paper's 0.001 is for
+3. ε = θ_init = 0.1 in the training scale (E‖x‖ = √d, our normalisation). The paper's 0.001 is for
    E‖x‖² = 1 (N2), i.e. 0.001·√d here (0.024 at d = 576, 0.005 at d = 24). With 1 and 2 in place,
    ε from 0.03 to 0.3 measured alike; ε = θ_init = 0.005 weakens λ's hold on L0 at small batches
    (λ = 1: L0 1.9 instead of 1.25; few tokens fall in the kernel window), and θ_init ≥ 0.3 (a large
@@ -53,6 +53,7 @@ Anthropic's variant does, switched latents off: λ = 0.2 half of them dead, λ =
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,11 +63,29 @@ from . import kernels
 from .base import Dictionary, Output
 from .kernels import JumpReLUFn, StepFn
 from .operators import jumprelu
+from .registry import register
 
 #: latents per chunk in the data-dependent b_enc init (bounds the sample × chunk pre-activation block)
 _INIT_CHUNK = 1024
 
 
+@dataclass
+class JumpReLUParams:
+    l0_coefficient: float = 1.0  #: λ of the L0 penalty (sweep it for a target L0)
+    #: ε of the straight-through estimator (training scale E‖x‖ = √d; the paper's 0.001 is at E‖x‖² = 1)
+    bandwidth: float = 0.1
+    threshold_init: float = 0.1  #: initial θ (training scale)
+    init_firing_rate: float | None = 0.1  #: b_enc init so each latent fires on this share of the init sample; null → b_enc = 0
+
+    def check(self, n_latents: int) -> None:
+        if self.bandwidth <= 0 or self.threshold_init < 0 or self.l0_coefficient < 0:
+            raise FeaturekitError(f"JumpReLU needs dictionary.bandwidth > 0, threshold_init ≥ 0 and l0_coefficient ≥ 0, got "
+                                  f"{self.bandwidth}, {self.threshold_init}, {self.l0_coefficient}")
+        if self.init_firing_rate is not None and not 0 < self.init_firing_rate < 1:
+            raise FeaturekitError(f"dictionary.init_firing_rate must lie in (0, 1) or be null, got {self.init_firing_rate}")
+
+
+@register(JumpReLUParams)
 class JumpReLUSAE(Dictionary):
     method = "jumprelu"
     recon_loss = "squared_error"

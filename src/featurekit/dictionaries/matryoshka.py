@@ -8,8 +8,9 @@ Leask & Nanda 2024, `batchtopk.py`), Z = the codes; every prefix must reconstruc
 
     x̂_i = Z[:, :m_i] W_dec[:m_i] + b_dec,         L = Σ_i recon(x, x̂_i)  + α·aux-k
 
-recon is the trainer's reconstruction loss (batch FVU); the trainer adds the full level x̂_n
-itself, the inner levels come back in `Output.losses` as `recon_prefix{m_i}` (logged per level).
+recon is the trainer's reconstruction loss (batch FVU); the forward returns the full level x̂_n as
+x_hat and the inner levels in `Output.partial` as `recon_prefix{m_i}`, which the trainer scores with
+the same loss (logged per level).
 No gradient is stopped between levels (as the official code). Aux-k uses the residual of the full
 reconstruction (official code). x̂_i are computed incrementally: one sparse decode of the kept
 latents into per-(token, group) partial sums, then a cumulative sum over groups (`grouped_decode`).
@@ -28,17 +29,18 @@ Choices of ours, recorded in the file's hyperparams/inference_rule:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import FeaturekitError
-from ..train.losses import fvu_loss, squared_error_loss
 from . import kernels
 from .base import Output
 from .batchtopk import BatchTopKSAE
 from .operators import batch_topk
+from .registry import check_decay, check_k, register
 
 
 def default_prefixes(n_latents: int) -> list[int]:
@@ -80,6 +82,20 @@ def grouped_decode(idx: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
     return out.view(rows, n, -1)
 
 
+@dataclass
+class MatryoshkaParams:
+    k: int = 32  #: mean latents per token over a batch (BatchTopK)
+    #: nested widths m_1 < … < F (F appended if missing); null → F/16, F/8, F/4, F/2, F
+    prefixes: list[int] | None = None
+    threshold_decay: float = 0.99  #: EMA factor of the inference threshold
+
+    def check(self, n_latents: int) -> None:
+        check_k(self.k, n_latents)
+        check_decay(self.threshold_decay)
+        resolve_prefixes(self.prefixes, n_latents)
+
+
+@register(MatryoshkaParams)
 class MatryoshkaSAE(BatchTopKSAE):
     method = "matryoshka"
 
@@ -105,9 +121,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             partial = grouped_decode(picked.idx, values, self.W_dec, self.prefixes, picked.keep)
         levels = partial.cumsum(dim=1) + self.b_dec  # (B, n, d): x̂ of every prefix
         out = self.output(x, levels[:, -1], codes=codes, pre=pre, fast=fast)
-        recon = fvu_loss if self.recon_loss == "fvu" else squared_error_loss
-        for i, width in enumerate(self.prefixes[:-1]):
-            out.losses[f"recon_prefix{width}"] = recon(x, levels[:, i])
+        out.partial = {f"recon_prefix{width}": levels[:, i] for i, width in enumerate(self.prefixes[:-1])}  # scored like x̂
         return out
 
     def reconstruct_prefix(self, x: torch.Tensor, width: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ With unit-norm atoms d_j (the rows of W_dec), per token:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,8 +49,20 @@ import torch
 from ..errors import FeaturekitError
 from . import kernels
 from .base import Dictionary, Output
+from .registry import check_k, register
 
 
+@dataclass
+class MPSAEParams:
+    k: int = 32  #: matching-pursuit steps per token
+    residual_threshold: float | None = None  #: stop a token once ‖r‖ ≤ this × ‖x − b_dec‖; null runs all k steps
+    revive_coef: float = 0.01  #: λ of the revive term pulling atoms unused in the batch towards the residual; 0 = off
+
+    def check(self, n_latents: int) -> None:
+        check_k(self.k, n_latents)
+
+
+@register(MPSAEParams)
 class MPSAE(Dictionary):
     method = "mpsae"
     signed = True

@@ -64,7 +64,7 @@ def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def abs_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """AbsTopK (Zhu, Khalili & Zhu 2025, arXiv 2510.00404, §8.2 of the spec): keep each row's k
+    """AbsTopK (Zhu, Khalili & Zhu 2025, arXiv 2510.00404): keep each row's k
     largest-magnitude entries WITH their sign (the hard-thresholding operator H_k), zero the rest."""
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
@@ -137,14 +137,14 @@ def jumprelu(pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 # -- statistical top-k (Spark Transformer) and the lazy-neuron top-k ----------------------------
 #
-# Statistical top-k (You et al. 2025, "Spark Transformer", arXiv 2506.06644; spec §13). Paper: a
+# Statistical top-k (You et al. 2025, "Spark Transformer", arXiv 2506.06644). Paper: a
 # linear-time, sort-free replacement of top-k: per row, θ = mean + c·std of its n entries with
 # c = Φ⁻¹(1 − k/n) (Φ the standard normal CDF), so about k entries exceed θ when the row is
 # Gaussian; the differentiable form is the soft threshold max(x − θ, 0). The std is the population
 # std (÷n), as in the authors' public implementation of the same operator in Gemma 3n
-# (transformers `Gemma3nTextMLP._gaussian_topk`). Ours: the hard form ReLU(x)·1[x > θ] (the spec
-# prefers it for SAEs: no shrinkage), the |x| form for signed maps, and the heavy-tail calibration
-# `calibrated_multiplier` (c fitted on data instead of the Gaussian quantile; spec §13 notes the
+# (transformers `Gemma3nTextMLP._gaussian_topk`). Ours: the hard form ReLU(x)·1[x > θ] (kept values
+# are not shrunk, which suits SAEs), the |x| form for signed maps, and the heavy-tail calibration
+# `calibrated_multiplier` (c fitted on data instead of the Gaussian quantile; the paper notes the
 # Gaussian c keeps ~5× too many entries on Laplace/Student-t rows).
 
 

@@ -13,14 +13,22 @@ constraint) and enter the penalty, so the penalty cannot be gamed by growing dec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .base import Dictionary, Output
 from .operators import relu
+from .registry import register
 
 
+@dataclass
+class ReLUParams:
+    l1_coefficient: float = 5.0  #: λ of the decoder-norm-weighted L1 penalty (training scale: mean input norm √d)
+
+
+@register(ReLUParams)
 class ReLUSAE(Dictionary):
     method = "relu"
     unit_norm_decoder = False

@@ -35,7 +35,7 @@ nonnegative least-squares solution with the features fixed,
 the subproblem the G-step iterates on (its fixed points satisfy this problem's KKT conditions). It is
 solved by projected gradient with Nesterov momentum and per-token adaptive restart (FISTA: Beck &
 Teboulle 2009; restart: O'Donoghue & Candès 2015) from the clamped ridge least-squares point, step
-1/λ_max(Q), `snmf_nnls_iters` iterations. Tokens do not interact (no batch coupling); codes have exact
+1/λ_max(Q), `nnls_iters` iterations. Tokens do not interact (no batch coupling); codes have exact
 zeros, so L0 counts the features in use. On SmolLM2-135M mlp_hidden.6 (k = 256) 20 iterations get
 within 1e-4 FVU of the converged solution; the default is 30.
 
@@ -44,16 +44,16 @@ online alternating least squares in the style of online dictionary learning (Mai
 each chunk X_c of `train.batch_size` tokens, at step t,
 
     G_c = g(X_c)                                               G-step: the inference rule above
-    β = min(snmf_decay, t/(t+1)),  C ← βC + (1−β) G_cᵀG_c,  B ← βB + (1−β) G_cᵀX_c
+    β = min(decay, t/(t+1)),  C ← βC + (1−β) G_cᵀG_c,  B ← βB + (1−β) G_cᵀX_c
     W ← WTA((C + ρ·mean(diag C)·I)⁻¹ B)                        F-step (step 1) on the discounted
                                                                statistics of all chunks seen, then step 2
     W_j ← W_j/‖W_j‖, C ← DCD, B ← DB with D = diag(‖W_j‖)       step 3 moved to W (G is not kept); C, B
                                                                rescaled so they describe the same fit
 Memory is W, B (k × d) and C (k × k), whatever the number of tokens; the ordered stream is read
-`snmf_passes` times. Differences from the paper, by design: the G-step solves each chunk's NNLS to
+`passes` times. Differences from the paper, by design: the G-step solves each chunk's NNLS to
 convergence from scratch instead of one warm-started multiplicative step; the F-step uses discounted
 statistics instead of all tokens at the current G; no best-pair tracking or early stopping (a fixed
-number of passes). With snmf_decay = 0 and a single chunk holding every token, each step is one exact
+number of passes). With decay = 0 and a single chunk holding every token, each step is one exact
 alternating minimisation step (the full-batch reference of the tests). Measured on SmolLM2-135M
 mlp_hidden.6 (30k tokens, k = 256, one thread, wall clock on a loaded 2-core machine): the paper's
 algorithm, 100 iterations in 780 s, reaches FVU 0.745 with its own G (0.674 on held-out tokens with the
@@ -63,8 +63,8 @@ default is 0.8. The codes are not sparse: NNLS uses many small coefficients (L0 
 mlp_hidden.6; half of a token's code energy sits in ≈ 12 features). The ridge is relative (ρ times the
 mean of diag C): with the paper's unit-norm G columns diag(GᵀG) = 1, so this is the paper's ρ.
 Choices of ours: features start as the WTA of random tokens of the first chunk (the code's k-means init
-also starts from data; per research/seed-methods-other.md the authors' notebook finds the inits alike, not
-re-checked here); a feature with no statistics
+also starts from data; secondary notes on the authors' notebook report the inits alike, not re-checked
+here); a feature with no statistics
 keeps its row (one that stops firing keeps its direction: its rows of C and B decay together); a
 feature that has not fired on `dead_tokens` (default `DEAD_TOKENS`) consecutive tokens is re-seeded with
 the WTA of the residual of one of the chunk's worst-reconstructed tokens, and its statistics are reset.
@@ -72,17 +72,15 @@ the WTA of the residual of one of the chunk's worst-reconstructed tokens, and it
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import FeaturekitError
 from .base import Dictionary
+from .registry import register
 
 #: ρ of the F-step (relative to the mean of diag GᵀG, which the paper's scale fix makes 1).
 RIDGE = 1e-6
@@ -170,7 +168,7 @@ class SNMFFitter:
                  passes: int = 3, seed: int = 0, dead_tokens: int = DEAD_TOKENS):
         _check(d_in, n_latents, sparsity, nnls_iters)
         if not 0 <= decay < 1 or passes < 1:
-            raise FeaturekitError(f"SNMF needs 0 <= snmf_decay < 1 and snmf_passes >= 1, got {decay} and {passes}")
+            raise FeaturekitError(f"SNMF needs 0 <= decay < 1 and passes >= 1, got {decay} and {passes}")
         self.d_in, self.n_latents, self.sparsity, self.nnls_iters = d_in, n_latents, sparsity, nnls_iters
         self.decay, self.passes, self.seed, self.dead_tokens = decay, passes, seed, dead_tokens
         self.m = active_neurons(sparsity, d_in)
@@ -182,8 +180,9 @@ class SNMFFitter:
 
     @classmethod
     def from_config(cls, cfg: Any, d_in: int, *, seed: int | None = None, batch_size: int = 4096) -> SNMFFitter:
-        """From a `DictionaryConfig` (n_latents, snmf_*); chunks are the driver's steps of batch_size tokens."""
-        return cls(d_in, cfg.n_latents, cfg.snmf_sparsity, cfg.snmf_nnls_iters, cfg.snmf_decay, cfg.snmf_passes, seed or 0)
+        """From a `DictionaryConfig` (n_latents and SNMFParams); chunks are the driver's steps of batch_size tokens."""
+        p = cfg.params
+        return cls(d_in, cfg.n_latents, p.sparsity, p.nnls_iters, p.decay, p.passes, seed or 0)
 
     def state(self) -> dict[str, torch.Tensor]:
         if self.w is None:
@@ -264,64 +263,35 @@ class SNMFFitter:
     def finish(self) -> SNMFDictionary:
         if self.w is None:
             raise FeaturekitError("the SNMF fit saw no tokens: the activation stream was empty")
-        dictionary = SNMFDictionary(self.d_in, self.n_latents, snmf_sparsity=self.sparsity, snmf_nnls_iters=self.nnls_iters)
+        dictionary = SNMFDictionary(self.d_in, self.n_latents, sparsity=self.sparsity, nnls_iters=self.nnls_iters)
         dictionary.set_features(self.w)
         return dictionary
 
 
-def fit_snmf(data: torch.Tensor | Iterable[torch.Tensor] | Callable[[], Iterable[Any]], n_latents: int, *,
-             sparsity: float = 0.01, nnls_iters: int = 30, decay: float = 0.8, passes: int = 3, chunk_tokens: int = 4096,
-             seed: int = 0, dead_tokens: int = DEAD_TOKENS, run_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = False, checkpoint_every: int = 50, log_every: int = 10) -> SNMFDictionary:
-    """Fit SNMF by the streaming fitter (module docstring) and return the dictionary.
-
-    `data`: an (n, d) tensor, a list of (n_i, d) tensors, or a callable returning a fresh iterable of
-    tensors or `ActivationBatch`es (read once per pass; e.g. `lambda: cache.iter_shards(sites=[site])`
-    for an `ActivationCache`: the batch's only site is used). With `run_dir` the fit keeps
-    `run_dir/checkpoint` and `run_dir/metrics.jsonl` (`train.fit.fit_stream`), and `resume=True` continues
-    a killed fit from its last checkpoint to the same result.
-    """
-    from ..train.fit import fit_stream  # train imports dictionaries: import it when called
-
-    if callable(data):
-        read = data
-    elif torch.is_tensor(data) or isinstance(data, (list, tuple)):
-        read = (lambda: [data]) if torch.is_tensor(data) else (lambda: data)
-    else:
-        raise FeaturekitError("fit_snmf reads the data once per pass: pass a tensor, a list of tensors or a callable "
-                              "returning a fresh iterable (e.g. lambda: cache.iter_shards(sites=[site])), not an iterator")
-    stream = (_as_batch(b) for _ in range(passes) for b in read())
-    first = next(stream, None)
-    if first is None:
-        raise FeaturekitError("fit_snmf got no activations")
-    stream = itertools.chain([first], stream)
-    fitter = SNMFFitter(first.acts["x"].shape[-1], n_latents, sparsity, nnls_iters, decay, passes, seed, dead_tokens)
-    if run_dir is None:
-        for batch in stream:  # chunked within each batch, as fit_stream does
-            for chunk in _chunks(batch.acts["x"], chunk_tokens):
-                fitter.update(chunk)
-    else:
-        tc = SimpleNamespace(batch_size=chunk_tokens, log_every=log_every, checkpoint_every=checkpoint_every)
-        fit_stream(fitter, stream, "x", Path(run_dir), tc, resume=resume, progress=progress,
-                   digest=f"snmf:{fitter.d_in}:{n_latents}:{sparsity}:{nnls_iters}:{decay}:{passes}:{chunk_tokens}:{seed}:{dead_tokens}")
-    return fitter.finish()
-
-
 # -- the dictionary -------------------------------------------------------------------------------------
+@dataclass
+class SNMFParams:
+    sparsity: float = 0.01  #: share of neurons kept per feature, ⌈s·d⌉ (n_latents = the rank; chunks = train.batch_size); 1 = dense
+    nnls_iters: int = 30  #: FISTA iterations of the nonnegative least-squares codes, in the fit and at inference
+    decay: float = 0.8  #: β, per-chunk discount of the fit's statistics (memory ≈ 1/(1−β) chunks)
+    passes: int = 3  #: passes over the training tokens (read in order)
+
+
+@register(SNMFParams, legacy={"snmf_sparsity": "sparsity", "snmf_nnls_iters": "nnls_iters", "snmf_decay": "decay", "snmf_passes": "passes"})
 class SNMFDictionary(Dictionary):
     """Features W_dec (k, d): signed, ⌈s·d⌉ neurons each, unit-norm rows; codes = nonnegative least squares.
 
     W_enc mirrors W_dec (the inference rule reads W_dec only: pre = (x − b_dec) W_decᵀ are the correlations
-    P that the NNLS solver starts from). Fitted by `SNMFFitter` (pipeline) or `fit_snmf`, not by gradient.
+    P that the NNLS solver starts from). Fitted by `SNMFFitter` (pipeline) or `train.fit.fit_snmf`, not by gradient.
     """
 
     method = "snmf"
     fitter = SNMFFitter
 
-    def __init__(self, d_in: int, n_latents: int, snmf_sparsity: float = 0.01, snmf_nnls_iters: int = 30, seed: int | None = None):
+    def __init__(self, d_in: int, n_latents: int, sparsity: float = 0.01, nnls_iters: int = 30, seed: int | None = None):
         super().__init__(d_in, n_latents)
-        _check(d_in, n_latents, snmf_sparsity, snmf_nnls_iters)
-        self.sparsity, self.nnls_iters = float(snmf_sparsity), int(snmf_nnls_iters)
+        _check(d_in, n_latents, sparsity, nnls_iters)
+        self.sparsity, self.nnls_iters = float(sparsity), int(nnls_iters)
         self._gram_cache: tuple | None = None
         with torch.no_grad():  # random features of ⌈s·d⌉ neurons (the fitters replace them)
             self.init_tied(seed)
@@ -359,7 +329,7 @@ class SNMFDictionary(Dictionary):
                 "iters": self.nnls_iters, "init": "clamped ridge least squares", "ridge": RIDGE}
 
     def hyperparams(self) -> dict[str, Any]:
-        return {"snmf_sparsity": self.sparsity, "snmf_nnls_iters": self.nnls_iters}
+        return {"sparsity": self.sparsity, "nnls_iters": self.nnls_iters}
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -369,24 +339,6 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 def _check(d_in: int, n_latents: int, sparsity: float, nnls_iters: int) -> None:
     if not 0 < sparsity <= 1:
-        raise FeaturekitError(f"snmf_sparsity is the fraction of neurons kept per feature and must lie in (0, 1], got {sparsity}")
+        raise FeaturekitError(f"sparsity is the fraction of neurons kept per feature and must lie in (0, 1], got {sparsity}")
     if nnls_iters < 1 or n_latents < 1 or d_in < 1:
-        raise FeaturekitError(f"SNMF needs snmf_nnls_iters, n_latents and d_in >= 1, got {nnls_iters}, {n_latents}, {d_in}")
-
-
-def _as_batch(item: Any) -> Any:
-    """A tensor, or an ActivationBatch with one site, as an object with acts["x"] and index tensors."""
-    if torch.is_tensor(item):
-        x = item
-    else:
-        if len(item.acts) != 1:
-            raise FeaturekitError(f"fit_snmf needs batches with one site, got {sorted(item.acts)}; "
-                                  f"pass lambda: cache.iter_shards(sites=[site])")
-        (x,) = item.acts.values()
-    zeros = torch.zeros(x.shape[0], dtype=torch.long)
-    return SimpleNamespace(acts={"x": x}, context_idx=zeros, position=zeros, token_ids=zeros)
-
-
-def _chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, x.shape[0], size):
-        yield x[i:i + size]
+        raise FeaturekitError(f"SNMF needs nnls_iters, n_latents and d_in >= 1, got {nnls_iters}, {n_latents}, {d_in}")

@@ -37,6 +37,7 @@ recovery of the features themselves (MMCS as at init), where TopK with a small k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,11 +46,18 @@ from ..errors import FeaturekitError
 from . import kernels
 from .base import Dictionary, Output
 from .operators import top_afa, top_afa_select
+from .registry import register
 
 #: the sparse kernels run when the widest row keeps at most this fraction of the latents
 SPARSE_MAX_FRACTION = 0.25
 
 
+@dataclass
+class TopAFAParams:
+    afa_coefficient: float = 1 / 64  #: λ_AFA of the norm-matching loss (‖f‖ ≈ ‖x − b_dec‖); the authors' code sweeps 1/128…1/16
+
+
+@register(TopAFAParams)
 class TopAFASAE(Dictionary):
     method = "topafa"
     uses_auxk = True

@@ -24,6 +24,7 @@ The lazy-neuron Top-k (Li et al. 2023, TopK after the ReLU) selects what "exact"
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,10 +33,28 @@ from ..errors import FeaturekitError
 from . import kernels
 from .base import Dictionary, Output
 from .operators import abs_topk, calibrated_multiplier, gaussian_multiplier, statistical_topk, topk
+from .registry import check_decay, check_k, register
 
 SELECTIONS = ("exact", "statistical", "statistical_gaussian")
 
 
+@dataclass
+class TopKParams:
+    """TopK and AbsTopK."""
+
+    k: int = 32  #: latents kept per token
+    #: per-token rule: exact | statistical (Spark's mean + c·std, c calibrated to keep k) | statistical_gaussian (c fixed)
+    selection: str = "exact"
+    threshold_decay: float = 0.99  #: statistical selection: EMA factor of c
+
+    def check(self, n_latents: int) -> None:
+        check_k(self.k, n_latents)
+        if self.selection not in SELECTIONS:
+            raise FeaturekitError(f"dictionary.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
+        check_decay(self.threshold_decay)
+
+
+@register(TopKParams)
 class TopKSAE(Dictionary):
     method = "topk"
     uses_auxk = True
@@ -94,6 +113,7 @@ class TopKSAE(Dictionary):
         return {"k": self.k}
 
 
+@register(TopKParams)
 class AbsTopKSAE(TopKSAE):
     """AbsTopK (Zhu, Khalili & Zhu 2025, "Rethinking Sparse Autoencoders for Bidirectional Features",
     arXiv 2510.00404): the k largest-magnitude pre-activations keep their sign, so one latent can

@@ -15,7 +15,7 @@ Sources.
   `sae_training/sparse_autoencoder.py`). The paper's transcoders are ReLU + L1 (the code's loss:
   MSE divided by ‖y‖ per token + λ‖f‖₁, ghost grads), with the input centred by a learned b_dec and
   a separate output bias b_dec_out, decoder rows normalised to unit norm at init (kept so during
-  training per the spec, not re-checked). That ReLU + L1 variant is not implemented here.
+  training, from secondary notes, not re-checked). That ReLU + L1 variant is not implemented here.
 * This module follows the TopK transcoders of EleutherAI `sparsify` (`sparse_coder.py`, `trainer.py`),
   which Paulo, Shabalin & Belrose, "Transcoders Beat Sparse Autoencoders for Interpretability"
   (arXiv 2501.18823) train and extend with the skip connection: TopK selection (ReLU then top-k),
@@ -45,6 +45,7 @@ Without a target (trained on x alone) a transcoder autoencodes, as in sparsify.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,8 +55,18 @@ from ..errors import FeaturekitError
 from . import kernels
 from .base import Dictionary, Output
 from .operators import topk
+from .registry import check_k, register
 
 
+@dataclass
+class TranscoderParams:
+    k: int = 32  #: latents kept per token
+
+    def check(self, n_latents: int) -> None:
+        check_k(self.k, n_latents)
+
+
+@register(TranscoderParams)
 class Transcoder(Dictionary):
     method = "transcoder"
     transcodes = True
@@ -144,6 +155,7 @@ class Transcoder(Dictionary):
         return {"k": self.k, "d_out": self.d_out}
 
 
+@register(TranscoderParams)
 class SkipTranscoder(Transcoder):
     """Transcoder + a linear skip path W_skip x (Paulo, Shabalin & Belrose 2025; sparsify
     `skip_connection=True`): W_skip (d_out × d_in) starts at zero and is trained with the rest."""

@@ -34,6 +34,7 @@ continue training only an unfolded dictionary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,10 +44,22 @@ from ..errors import FeaturekitError
 from . import kernels
 from .base import Dictionary, Output
 from .operators import topk
+from .registry import check_k, register
 
 LOGVAR_MIN, LOGVAR_MAX, LOGVAR_INIT = -6.0, 2.0, -2.0
 
 
+@dataclass
+class VSAEParams:
+    k: int = 32  #: latents kept per token (TopK over the sampled codes' means)
+    kl_coefficient: float = 0.01  #: β of the KL term to N(0, I) (training scale, ramped; ≥ 0.1 collapsed on synthetic data)
+    learned_variance: bool = True  #: the encoder learns log σ² (false: σ = 1)
+
+    def check(self, n_latents: int) -> None:
+        check_k(self.k, n_latents)
+
+
+@register(VSAEParams)
 class VariationalSAE(Dictionary):
     method = "vsae"
     unit_norm_decoder = False

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure, documented functions (conventions: DESIGN.md §3).
+"""Evaluation metrics as pure, documented functions (conventions: the README's "Metric conventions").
 
     FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²      over the whole evaluation set (x̄ its mean, not zero, not per batch)
     explained variance = 1 − FVU

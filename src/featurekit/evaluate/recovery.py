@@ -152,7 +152,7 @@ def score(data, x: torch.Tensor, true_codes: torch.Tensor, codes: torch.Tensor, 
           signed: bool = False, threshold: float = 0.9) -> dict:
     """Every score for one dictionary on held-out synthetic tokens of `data` (a `SyntheticData`).
 
-    FVU and L0 follow `metrics` (DESIGN.md §3); dead fraction = latents with no non-zero code on these
+    FVU and L0 follow `metrics` (the README's metric conventions); dead fraction = latents with no non-zero code on these
     tokens. Hierarchy and bidirectional scores appear when the data has parents / bidirectional features.
     """
     live = (codes != 0).any(dim=0)

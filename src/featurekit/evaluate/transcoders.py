@@ -14,7 +14,7 @@ the input site must be computed before the output site in the forward pass. `kee
 restricts the replacement to those positions (None: every position); elsewhere the model's own
 MLP output stays.
 
-Scores as `splice.splice_eval` (DESIGN.md §3): CE at the kept positions t < T−1,
+Scores as `splice.splice_eval` (the README's metric conventions): CE at the kept positions t < T−1,
 loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean) where zero-ablation sets the same
 MLP outputs to 0 at the same positions, and KL(clean ‖ spliced) per scored position.
 """

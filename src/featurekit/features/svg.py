@@ -58,10 +58,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 def _frame(title: str, xlabel: str, ylabel: str, body: list[str], title_x: float | None = None) -> str:
     """The <svg> element: title (centred, or left-aligned at ``title_x``), axis labels, plot frame."""
     px, py = LEFT + (W - LEFT - RIGHT) / 2, TOP + (H - TOP - BOTTOM) / 2
-    anchor = ' style="text-anchor:start"' if title_x is not None else ""
+    anchor = " ctl" if title_x is not None else ""  # a class (.chart .ctl{text-anchor:start}), not a style attribute: CSP-safe
     head = (f'<svg class="chart" viewBox="0 0 {W} {H}" xmlns="http://www.w3.org/2000/svg" role="img" '
             f'aria-label="{escape(title, quote=True)}">'
-            f'<text x="{W / 2 if title_x is None else title_x}" y="16" class="ct"{anchor}>{escape(title)}</text>'
+            f'<text x="{W / 2 if title_x is None else title_x}" y="16" class="ct{anchor}">{escape(title)}</text>'
             f'<text x="{px}" y="{H - 6}" class="al">{escape(xlabel)}</text>'
             f'<text x="12" y="{py}" class="al" transform="rotate(-90 12 {py})">{escape(ylabel)}</text>'
             f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" class="pf"/>')

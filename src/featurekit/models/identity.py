@@ -4,8 +4,8 @@
 name order (tied weights once). The bytes are read through a uint8 view of the tensor (no float
 conversion, no copy for a contiguous CPU tensor; bf16 works although numpy has no bf16), cut into
 fixed 16 MiB chunks whose sha256s are computed in a thread pool (hashlib releases the GIL) and
-combined in order, so the digest does not depend on the thread count. SmolLM2-135M: ~0.11 s in bf16,
-~0.22 s in float32 on 2 cores with SHA extensions (one thread: 0.2 s and 0.4 s).
+combined in order, so the digest does not depend on the thread count (its cost for the embedded model:
+BENCHMARKS.md, "Run identity digests").
 
 ``tokenizer_digest(tokenizer)`` hashes what decides the token ids: a fast tokenizer's serialised
 pipeline (``backend_tokenizer.to_str()`` without its padding/truncation state, which every call with

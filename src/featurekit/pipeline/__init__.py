@@ -6,7 +6,8 @@
     RUN_DIR/metrics.jsonl        training curves
     RUN_DIR/dictionary/          model.safetensors + featurekit.json
     RUN_DIR/eval.json            held-out metrics
-    RUN_DIR/features/            density.json, top_examples.json
+    RUN_DIR/features/            density.json, top_examples.json (the report's sample)
+    RUN_DIR/features.sqlite      the feature store: every latent (`featurekit serve` reads it)
     RUN_DIR/evals/LABEL/         evaluations on other text (eval.json, features/)
     RUN_DIR/report.html          the report
 
@@ -19,6 +20,7 @@ cache identity, trainer, the saved dictionary), `evaluation`, `job` (the main jo
 from .._io import read_json
 from ..train import distributed
 from .evaluation import eval_complete, other_text, run_eval
+from .features import run_features, store_complete
 from .job import run_all
 from .setup import (
     check_text,
@@ -50,6 +52,6 @@ from .training import (
 __all__ = [
     "INIT_SAMPLE_TOKENS", "check_text", "config_digest", "contexts", "dictionary_complete", "distributed", "dtype_name",
     "eval_complete", "harvest_meta", "harvest_sites", "held_out_contexts", "load_run_config", "open_model", "other_text",
-    "preflight", "read_json", "resolve", "run_all", "run_digest", "run_eval", "run_fit", "run_harvest", "run_train",
-    "save_config", "save_dictionary", "start", "token_policy", "training_cache",
+    "preflight", "read_json", "resolve", "run_all", "run_digest", "run_eval", "run_features", "run_fit", "run_harvest", "run_train",
+    "save_config", "save_dictionary", "start", "store_complete", "token_policy", "training_cache",
 ]

@@ -42,10 +42,11 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     weights = cfg.run_dir / "dictionary" / "model.safetensors"
     sae = load(cfg.run_dir / "dictionary", device=next(loaded.model.parameters()).device)
     source = sae.metadata.get("source", {})
-    if (source.get("site"), source.get("output_site"), source.get("model")) != (cfg.site, cfg.output_site, cfg.model.name):
+    if (source.get("site"), source.get("output_site")) != (cfg.site, cfg.output_site) or not _same_model(source, cfg, loaded):
         raise FeaturekitError(f"the dictionary in {cfg.run_dir / 'dictionary'} was trained on {source.get('site')} "
                               f"(output {source.get('output_site')}) of {source.get('model')}, but the config asks for {cfg.site} "
                               f"(output {cfg.output_site}) of {cfg.model.name}; evaluate it with the config it was trained with")
+    plan = evaluations(cfg, loaded)
     ids, mask = contexts(loaded, cfg, split, cfg.eval.tokens)
     warnings = [w for w in [eval_split_warning(cfg, split, ids, mask)] if w]
     for w in warnings:
@@ -64,7 +65,7 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
 
     result = {"site": cfg.site, **({"output_site": cfg.output_site} if cfg.output_site else {}), "model": cfg.model.name,
               "dtype": dtype_name(loaded.model.dtype), "source": cfg.data.source, "split": split, "token_policy": token_policy(cfg),
-              "dictionary_sha256": sha256_file(weights)}
+              "dictionary_sha256": sha256_file(weights), "evaluations": plan}
     recon = reconstruction_eval(sae, eval_batches(), on_codes=feature_stats)
     recon.pop("density")
     bad = [k for k, v in recon.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -77,7 +78,11 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     if warnings:
         result["warnings"] = warnings
     atomic_write_json(out / "eval.json", result)  # the reconstruction metrics are kept whatever happens next
-    result.update(_splice(cfg, loaded, sae, ids, mask, progress))
+    if "splice" in plan:
+        result.update(_splice(cfg, loaded, sae, ids, mask, progress))
+    else:
+        result["splice"] = {"skipped": f"{cfg.model.name} has no language-model head (an encoder such as BERT): there is no "
+                                       f"next-token loss to splice into, so CE, loss recovered and KL are not computed"}
     atomic_write_json(out / "eval.json", result)
 
     @torch.no_grad()
@@ -88,18 +93,36 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     latents = choose_latents(stats, cfg.report.n_features, seed=cfg.train.seed)
     examples = build_examples(stats, latents, ids, lambda t: loaded.tokenizer.decode([t]), activation_fn)
     write_features(out / "features", stats, examples)
-    if parse_site(cfg.site).kind == "attn_z":  # attention-output dictionary: attribute features to heads
+    if "heads" in plan:
         atomic_write_json(out / "features" / "heads.json", head_summary(sae.W_dec, n_heads(loaded.model), stats.density()))
     result["complete"] = True
     atomic_write_json(out / "eval.json", result)
     return result
 
 
+def _same_model(source: dict, cfg: RunConfig, loaded: LoadedModel) -> bool:
+    """Whether the loaded model is the one the dictionary was trained on: by the digest of its weights where the
+    file records one for the dtype the model runs in now; otherwise (files written before the digests, or
+    another dtype) by name, a moved local folder matching by its folder name."""
+    from ..models.identity import model_digest
+
+    recorded = source.get("identity", {}).get("model_digest")
+    if recorded and source.get("harvest_dtype") == dtype_name(loaded.model.dtype):  # the digest is of the weights in that dtype
+        return recorded == model_digest(loaded.model)
+    name = str(source.get("model"))
+    return name == cfg.model.name or (Path(name).name == Path(cfg.model.name).name and Path(cfg.model.name).exists())
+
+
+def evaluations(cfg: RunConfig, loaded: LoadedModel) -> list[str]:
+    """The evaluations a run's dictionary gets, decided here only: the reconstruction metrics and the feature
+    examples always; the splice into the model where it predicts tokens (a transcoder's output site is
+    replaced by its prediction); per-head attribution for a dictionary of per-head attention outputs."""
+    plan = ["reconstruction"] + (["splice"] if has_lm_head(loaded.model) else []) + ["features"]
+    return plan + (["heads"] if parse_site(cfg.site).kind == "attn_z" else [])
+
+
 def _splice(cfg: RunConfig, loaded: LoadedModel, sae, ids: torch.Tensor, mask: torch.Tensor, progress: bool) -> dict:
-    """CE / KL with the dictionary spliced in, or why there are none (a model without a language-model head)."""
-    if not has_lm_head(loaded.model):
-        return {"splice": {"skipped": f"{cfg.model.name} has no language-model head (an encoder such as BERT): there is no "
-                                      f"next-token loss to splice into, so CE, loss recovered and KL are not computed"}}
+    """CE / KL with the dictionary spliced in (a transcoder: its output site replaced by its prediction)."""
     n_splice = min(cfg.eval.splice_contexts, len(ids))
     if cfg.output_site:  # the output site replaced by the prediction from the input site of the same forward pass
         return transcoder_splice_eval(loaded.model, [(cfg.site, cfg.output_site, sae)], ids[:n_splice], mask[:n_splice],

@@ -1,9 +1,11 @@
-"""The main job, `featurekit run`: harvest → train → evaluate → report, continuing from whatever is complete.
+"""The main job, `featurekit run`: harvest → train → evaluate → feature store → report, continuing from whatever
+is complete.
 
 A rerun of the same command (after a kill, or after it finished) redoes nothing that is done: a complete
 activation cache is not harvested again, training resumes from its checkpoint, a dictionary finished
 under this config and on this data (`dictionary_complete`) is not trained again, a complete evaluation
-of that dictionary (`eval_complete`) is not run again; the report is always rewritten.
+of that dictionary (`eval_complete`) is not run again, nor a complete feature store of it (`store_complete`);
+the report is always rewritten.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..errors import note
 from ..report import write_report
 from ..train import distributed
 from .evaluation import eval_complete, run_eval
+from .features import run_features, store_complete
 from .setup import contexts, open_model, preflight, resolve, start
 from .training import dictionary_complete, run_harvest, run_train
 
@@ -45,4 +48,8 @@ def run_all(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> P
         note(f"{cfg.run_dir / 'eval.json'} already scores this dictionary: evaluation skipped")
     else:
         run_eval(cfg, loaded, progress)
+    if store_complete(cfg):
+        note(f"{cfg.run_dir / 'features.sqlite'} already describes this dictionary: feature store skipped")
+    else:
+        run_features(cfg, loaded, progress, shard=False)  # the other ranks have left: rank 0 builds it alone
     return write_report(cfg.run_dir)

@@ -26,6 +26,7 @@ from ..errors import FeaturekitError
 from ..models import load_model
 from ..models.loading import LoadedModel
 from ..models.sites import parse_site, site_dim
+from ..train.distributed import train_device
 
 MIN_EVAL_TOKENS = 4096  # fewer held-out tokens than this: the metrics are noisy, and the run says so
 DOCUMENTS_HELP = ("a .txt file's documents are separated by blank lines; a folder holds one document per .txt file; "
@@ -37,6 +38,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     and text paths become absolute, so the run folder works from any current folder."""
     cfg = copy.deepcopy(cfg)
     validate(cfg)
+    train_device(cfg.train.device)  # a device that is not there fails now, not after the harvest
     site = parse_site(cfg.site)  # bad syntax fails before anything is written
     if METHODS[cfg.dictionary.method].transcodes and cfg.output_site is None:
         if site.kind != "mlp_in":
@@ -84,7 +86,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 def config_digest(cfg: RunConfig) -> str:
     """sha256 of everything in the config that shapes the dictionary (not where the run lies, not eval or report)."""
-    data = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "out_dir", "eval", "report")}
+    data = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "out_dir", "eval", "report", "features")}
     return hashlib.sha256(repr(sorted(_flat(data).items())).encode()).hexdigest()
 
 
@@ -133,7 +135,7 @@ def start(cfg: RunConfig, overwrite: bool = False) -> None:
     Under torchrun only rank 0 touches the folder."""
     if rundir.rank() != 0:
         return
-    rundir.check_config(cfg.run_dir, cfg.to_dict(), overwrite)
+    rundir.check_config(cfg.run_dir, cfg.to_dict(), overwrite, normalize=lambda old: from_dict(RunConfig, old).to_dict())
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     rundir.sweep(cfg.run_dir)
     save_config(cfg)

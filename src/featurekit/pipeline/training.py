@@ -15,6 +15,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from ..data.prefetch import Prefetcher, split_threads
 from ..data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
 from ..data.sources import source_digest
 from ..dictionaries import METHODS, Dictionary, build_from_config, read_meta, save
+from ..dictionaries.kernels import kernel_choices
+from ..dictionaries.protocols import FoldsDecoderNorms
 from ..errors import FeaturekitError, warn
 from ..models.hooks import gradient_key
 from ..models.loading import LoadedModel
@@ -129,37 +132,73 @@ def training_cache(cfg: RunConfig, cache_dir: Path | None = None) -> ActivationC
     return cache
 
 
-def run_fit(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
-            cache_dir: Path | None = None) -> Dictionary:
-    """Fit a method with a `Dictionary.fitter` (ITDA, SNMF): `fitter.passes` (default 1) passes over the training
-    activations in stream order (the cache's shards in order, or a fresh harvest without `data.cache`), no shuffle
-    and no input scaling; steps, metrics.jsonl, checkpoints and `resume` as in `train.fit.fit_stream`."""
-    tc = cfg.train
-    resume = resumable(cfg, resume)
+@dataclass
+class TrainingData:
+    """Where a run's training activations come from — the activation cache (`data.cache`, the default) or
+    the model, harvested again on every pass (streamed: nothing on disk) — and what identifies them.
+
+    `d`, `d_out`: the widths at `site` and `output_site`; `dtype`: the harvest dtype; `identity`: the text,
+    model and tokenizer digests (recorded in the dictionary); `data_id`: what a checkpoint's digest binds
+    (the cache's shard digests, or the harvest's identity)."""
+
+    cfg: RunConfig
+    d: int
+    d_out: int | None
+    dtype: str | None
+    identity: dict
+    data_id: object
+    cache: ActivationCache | None = None
+    loaded: LoadedModel | None = None
+    ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def ordered(self, sites: list[str], gradients: bool = False) -> Iterator:
+        """One pass over the training activations in stream order (the cache's shards, or a fresh harvest)."""
+        if self.cache is not None:
+            return self.cache.iter_shards(sites=sites)
+        cfg = self.cfg
+        return harvest(self.loaded.model, self.ids, sites, batch_size=cfg.data.harvest_batch, mask=self.mask, progress=False,
+                       max_norm_multiple=cfg.data.max_norm_multiple, gradients=gradients)
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Whole batches per epoch. A streamed epoch is cut to ⌊0.99 · kept tokens / batch_size⌋ batches, the
+        slack absorbing tokens dropped as norm outliers (their number is known only once harvested)."""
+        if self.cache is not None:
+            return batches_per_epoch(self.cache.n_tokens, batch_size)
+        return int(0.99 * int(self.mask.sum())) // batch_size
+
+
+def training_data(cfg: RunConfig, loaded: LoadedModel | None = None, cache_dir: Path | None = None) -> TrainingData:
+    """The run's training activations (`TrainingData`): its cache (or `cache_dir`, another run's cache of the same
+    data settings), checked; or, without `data.cache`, the model and the packed training contexts."""
     if cfg.data.cache:
         cache = training_cache(cfg, cache_dir)
-        d, harvest_dtype, identity = cache.d(cfg.site), cache.meta.get("dtype"), cache.meta
-        data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
+        return TrainingData(cfg, cache.d(cfg.site), cache.d(cfg.output_site) if cfg.output_site else None, cache.meta.get("dtype"),
+                            cache.meta, [shard["sha256"] for shard in cache.manifest["shards"]], cache=cache)
+    loaded = loaded or open_model(cfg)
+    ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
+    identity = {**harvest_meta(cfg), **loaded_identity(loaded)}
+    return TrainingData(cfg, site_dim(loaded.model, cfg.site), site_dim(loaded.model, cfg.output_site) if cfg.output_site else None,
+                        dtype_name(loaded.model.dtype), identity, identity, loaded=loaded, ids=ids, mask=mask)
 
-        def read() -> Iterator:
-            return cache.iter_shards(sites=[cfg.site])
-    else:
-        loaded = loaded or open_model(cfg)
-        ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
-        d, harvest_dtype = site_dim(loaded.model, cfg.site), dtype_name(loaded.model.dtype)
-        data_id = identity = {**harvest_meta(cfg), **loaded_identity(loaded)}
 
-        def read() -> Iterator:
-            return harvest(loaded.model, ids, [cfg.site], batch_size=cfg.data.harvest_batch, mask=mask, progress=False,
-                           max_norm_multiple=cfg.data.max_norm_multiple)
+def run_fit(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
+            cache_dir: Path | None = None) -> Dictionary:
+    """Fit a method with a `Dictionary.fitter` (ITDA, SNMF): `fitter.passes` passes over the training activations
+    in stream order, no shuffle and no input scaling; steps, metrics.jsonl, checkpoints and `resume` as in
+    `train.fit.fit_stream`."""
+    tc = cfg.train
+    resume = resumable(cfg, resume)
+    data = training_data(cfg, loaded, cache_dir)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    fitter = METHODS[cfg.dictionary.method].fitter.from_config(cfg.dictionary, d, seed=tc.seed, batch_size=tc.batch_size)
-    batches = itertools.chain.from_iterable(read() for _ in range(getattr(fitter, "passes", 1)))  # each pass read lazily
+    fitter = METHODS[cfg.dictionary.method].fitter.from_config(cfg.dictionary, data.d, seed=tc.seed, batch_size=tc.batch_size)
+    batches = itertools.chain.from_iterable(data.ordered([cfg.site]) for _ in range(fitter.passes))  # each pass read lazily
     start = time.time()
-    summary = fit_stream(fitter, batches, cfg.site, cfg.run_dir, tc, digest=run_digest(cfg, data_id), resume=resume, progress=progress)
+    summary = fit_stream(fitter, batches, cfg.site, cfg.run_dir, tc, digest=run_digest(cfg, data.data_id), resume=resume,
+                         progress=progress)
     sae = fitter.finish()
-    save_dictionary(sae, cfg, harvest_dtype, summary, time.time() - start, identity)
+    save_dictionary(sae, cfg, data.dtype, summary, time.time() - start, data.identity)
     return sae
 
 
@@ -171,21 +210,36 @@ def resumable(cfg: RunConfig, resume: bool) -> bool:
     return resume
 
 
+def shuffled_batches(data: TrainingData, sites: list[str], skip: int, gradients: bool, producer_threads: int) -> Iterator[torch.Tensor]:
+    """The trainer's batches from batch number `skip` on: token-level shuffled rows [site | extras] of
+    `train.epochs` epochs. From the cache: `iter_epochs`. Streamed: every epoch harvests the training
+    contexts again into a shuffle buffer, in a background thread (`data.prefetch`) that runs ahead of the
+    trainer by half a buffer of batches (whole epochs before `skip` are not harvested)."""
+    tc = data.cfg.train
+    if data.cache is not None:
+        return iter_epochs(data.cache, sites, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed, skip_batches=skip)
+    per_epoch = data.batches_per_epoch(tc.batch_size)
+
+    def harvested() -> Iterator[torch.Tensor]:
+        for epoch in range(skip // max(per_epoch, 1), tc.epochs):
+            shuffled = ShuffleBuffer(data.ordered(harvest_sites(data.cfg), gradients), sites, tc.buffer_tokens, tc.batch_size,
+                                     tc.seed + epoch)
+            first = skip % per_epoch if epoch == skip // per_epoch else 0
+            yield from itertools.islice(shuffled, first, per_epoch)
+
+    # the queue holds one shuffle-buffer burst + 1 batches, so emitting a burst never stalls the next harvest
+    return Prefetcher(harvested(), depth=max(1, tc.buffer_tokens // 2 // tc.batch_size) + 1, threads=producer_threads)
+
+
 def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loaded: LoadedModel | None = None,
               cache_dir: Path | None = None) -> Dictionary:
-    """Train the dictionary; `resume` continues from the checkpoint.
+    """Train the dictionary; `resume` continues from the checkpoint (`resumable`).
 
     `cache_dir` reads another run's activation cache (harvested with the same data settings; several
     dictionaries trained on one harvest, as `bench frontier` does) instead of runs/NAME/activations.
-
-    With `data.cache` (the default) batches come from the run's activation cache, which must have
-    been harvested with this config. Without it they are streamed: every epoch harvests the training
-    contexts again straight into the shuffle buffer (nothing on disk; memory bounded by the buffer). A
-    background thread (`data.prefetch`) harvests and shuffles ahead while the trainer steps, holding up to
-    half a buffer of finished batches; the threads are split between the two (`split_threads`: one each on 2).
-    A streamed epoch is cut to ⌊0.99 · kept tokens / batch_size⌋ batches, the slack absorbing tokens
-    dropped as norm outliers. Resuming skips the batches already trained on (whole epochs unread).
-    Methods with a `Dictionary.fitter` (ITDA, SNMF) are fitted by `run_fit` instead.
+    Batches come from `shuffled_batches` (the cache, or streamed from the model without `data.cache`;
+    then the threads are split between the harvesting thread and the trainer, `split_threads`: one each
+    on 2). Methods with a `Dictionary.fitter` (ITDA, SNMF) are fitted by `run_fit` instead.
     """
     if METHODS[cfg.dictionary.method].fitter is not None:
         return run_fit(cfg, resume=resume, progress=progress, loaded=loaded, cache_dir=cache_dir)
@@ -194,56 +248,29 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     with_grad = METHODS[cfg.dictionary.method].needs_gradient  # rows are then [activation | gradient]
     # one shuffled row per token: [activation | gradient] (g-SAE) or [input | target] (transcoders)
     sites = [cfg.site] + ([gradient_key(cfg.site)] if with_grad else []) + ([cfg.output_site] if cfg.output_site else [])
-    if cfg.data.cache:
-        cache = training_cache(cfg, cache_dir)
-        d, per_epoch, harvest_dtype = cache.d(cfg.site), batches_per_epoch(cache.n_tokens, tc.batch_size), cache.meta.get("dtype")
-        identity = cache.meta
-        d_out = cache.d(cfg.output_site) if cfg.output_site else None
-        data_id = [shard["sha256"] for shard in cache.manifest["shards"]]
-
-        def stream(skip: int) -> Iterator[torch.Tensor]:
-            return iter_epochs(cache, sites, tc.epochs, tc.buffer_tokens, tc.batch_size, tc.seed, skip_batches=skip)
-    else:
-        loaded = loaded or open_model(cfg)
-        ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
-        d, per_epoch = site_dim(loaded.model, cfg.site), int(0.99 * int(mask.sum())) // tc.batch_size
-        d_out = site_dim(loaded.model, cfg.output_site) if cfg.output_site else None
-        harvest_dtype = dtype_name(loaded.model.dtype)
-        data_id = identity = {**harvest_meta(cfg), **loaded_identity(loaded)}
-
-        # a producer thread harvests and shuffles the next batches while the trainer steps (data.prefetch module); its
-        # queue holds one shuffle-buffer burst + 1 batches, so emitting a burst never stalls the next harvest
-        producer_threads, consumer_threads = split_threads(tc.threads or torch.get_num_threads())
-        depth = max(1, tc.buffer_tokens // 2 // tc.batch_size) + 1
-
-        def stream(skip: int) -> Iterator[torch.Tensor]:
-            return Prefetcher(harvested(skip), depth=depth, threads=producer_threads)
-
-        def harvested(skip: int) -> Iterator[torch.Tensor]:
-            for epoch in range(skip // max(per_epoch, 1), tc.epochs):
-                batches = harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.data.harvest_batch, mask=mask,
-                                  progress=False, max_norm_multiple=cfg.data.max_norm_multiple, gradients=with_grad)
-                shuffled = ShuffleBuffer(batches, sites, tc.buffer_tokens, tc.batch_size, tc.seed + epoch)
-                first = skip % per_epoch if epoch == skip // per_epoch else 0
-                yield from itertools.islice(shuffled, first, per_epoch)
-
-    total_steps = tc.epochs * per_epoch
+    data = training_data(cfg, loaded, cache_dir)
+    total_steps = tc.epochs * data.batches_per_epoch(tc.batch_size)
     if total_steps == 0:
         raise FeaturekitError(f"fewer training tokens than one batch of {tc.batch_size}; harvest more or lower train.batch_size")
     if tc.warmup_steps > total_steps:
         warn(f"train.warmup_steps={tc.warmup_steps} exceeds the run's {total_steps} steps: the learning rate never reaches "
              f"train.lr={tc.lr}; lower train.warmup_steps or train longer")
-    sae = build_from_config(cfg.dictionary, d, seed=tc.seed, d_out=d_out)
-    widths = [d] + ([d] if with_grad else []) + ([d_out] if d_out else [])
+    sae = build_from_config(cfg.dictionary, data.d, seed=tc.seed, d_out=data.d_out)
+    widths = [data.d] + ([data.d] if with_grad else []) + ([data.d_out] if data.d_out else [])
     threads = tc.threads or torch.get_num_threads()
+    producer_threads, consumer_threads = split_threads(threads)
     if tc.threads or not cfg.data.cache:  # streamed: the trainer gets its share, the prefetch thread the rest
         torch.set_num_threads(threads if cfg.data.cache else consumer_threads)
+
+    def stream(skip: int) -> Iterator[torch.Tensor]:
+        return shuffled_batches(data, sites, skip, with_grad, producer_threads)
+
     torch.manual_seed(tc.seed)
     # under torchrun: data parallel, or this rank's latent shard (train.shard_latents); one process: unchanged
     distributed.init_from_env()
     sae = sae.to(distributed.train_device(tc.device))  # train.device: the GPU when there is one (batches follow)
     sae, rank_dir = distributed.prepare(sae, tc, cfg.run_dir)
-    trainer = Trainer(sae, tc, rank_dir, total_steps, digest=run_digest(cfg, data_id))
+    trainer = Trainer(sae, tc, rank_dir, total_steps, digest=run_digest(cfg, data.data_id))
     if resume:
         trainer.resume()
     else:  # c and b_dec from the first shuffled batches: a sample of the whole set, not its first documents
@@ -258,7 +285,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
     torch.set_num_threads(threads)
     full = distributed.finish(sae)  # torchrun: the (gathered) dictionary on rank 0, None elsewhere
     if full is not None:
-        save_dictionary(full, cfg, harvest_dtype, summary, time.time() - start, identity)
+        save_dictionary(full, cfg, data.dtype, summary, time.time() - start, data.identity)
     return full if full is not None else sae
 
 
@@ -270,7 +297,7 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
     training_scale = float(out.input_scale)
     extra = {"training_output_scale": float(out.output_scale)} if out.transcodes else {}
     out.fold_input_scale()
-    if hasattr(out, "fold_decoder_norms"):
+    if isinstance(out, FoldsDecoderNorms):
         out.fold_decoder_norms()
         extra["decoder_norms_folded"] = True
     meta = {
@@ -286,6 +313,7 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
                        "train_seconds": round(seconds, 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        **({"threads": summary["threads"]} if "threads" in summary else {}),
                        **({"device": summary["device"]} if "device" in summary else {}),
+                       "kernels": kernel_choices(sae),  # the per-machine kernel choices the training took
                        "config": dataclasses.asdict(cfg.train), "config_digest": config_digest(cfg)},
     }
     return save(out, cfg.run_dir / "dictionary", meta)

@@ -9,7 +9,7 @@ Two layouts, both driven by the one `Trainer`:
   and `GradSync` averages the gradients at the end of every backward pass. The dead-latent counters
   see the global batch (`batch_sum`). So N ranks on B/N rows each make the same update as one
   process on B rows, up to fp32 summation order. Only rank 0 writes files (`writes()`).
-* **Latent sharded** (`featurekit.dictionaries.sharded.ShardedTopKSAE`): every rank sees the whole
+* **Latent sharded** (`featurekit.train.sharded.ShardedTopKSAE`): every rank sees the whole
   batch and holds a contiguous slice of the latents; the global top-k is taken across ranks.
 
 Not launched by torchrun (no RANK/WORLD_SIZE in the environment), everything here is a no-op and
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dictionaries.protocols import Gathers
 from ..errors import FeaturekitError
 
 _DATA_PARALLEL = False
@@ -326,6 +327,25 @@ def all_gather_cat(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 # -- the pipeline's entry points (featurekit train / run under torchrun) ----------------------------
+def gather_objects(obj: object) -> list[object] | None:
+    """Every rank's `obj` on rank 0, in rank order (None on the other ranks); [obj] in one process. The objects
+    travel between this job's own processes (torch's object collectives), never from a file."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def prepare(sae: nn.Module, cfg, run_dir) -> tuple[nn.Module, object]:
     """The dictionary and run folder this rank trains with. One process: both as given. Data parallel:
     the same dictionary (rank 0's weights, gradient averaging), the same folder (only rank 0 writes).
@@ -337,7 +357,7 @@ def prepare(sae: nn.Module, cfg, run_dir) -> tuple[nn.Module, object]:
         if cfg.max_grad_norm:
             raise FeaturekitError("train.max_grad_norm is not supported with train.shard_latents (the clipping norm would be "
                                   "each shard's, not the dictionary's); unset one of them")
-        from ..dictionaries.sharded import ShardedTopKSAE
+        from .sharded import ShardedTopKSAE  # it uses this module's collectives
 
         return ShardedTopKSAE.from_dictionary(sae), run_dir if is_main() else run_dir / "shards" / f"rank{rank()}"
     enable_data_parallel(True)
@@ -383,6 +403,6 @@ def finish(sae: nn.Module) -> nn.Module | None:
             getattr(sae, name).remove()
             setattr(sae, name, None)
     enable_data_parallel(False)
-    if hasattr(sae, "gather"):
+    if isinstance(sae, Gathers):
         return sae.gather()
     return sae if is_main() else None

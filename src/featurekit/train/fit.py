@@ -12,17 +12,20 @@ a fresh start deletes an older checkpoint and log. The pass ends with the stream
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .._io import atomic_write_text
+from ..dictionaries.snmf import DEAD_TOKENS, SNMFDictionary, SNMFFitter
 from ..errors import FeaturekitError
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 
@@ -103,3 +106,62 @@ def _truncate_log(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# -- SNMF from tensors or a cache, without the pipeline ---------------------------------------------------
+def fit_snmf(data: torch.Tensor | Iterable[torch.Tensor] | Callable[[], Iterable[Any]], n_latents: int, *,
+             sparsity: float = 0.01, nnls_iters: int = 30, decay: float = 0.8, passes: int = 3, chunk_tokens: int = 4096,
+             seed: int = 0, dead_tokens: int = DEAD_TOKENS, run_dir: str | Path | None = None, resume: bool = False,
+             progress: bool = False, checkpoint_every: int = 50, log_every: int = 10) -> SNMFDictionary:
+    """Fit SNMF by the streaming fitter (`dictionaries/snmf.py`) and return the dictionary.
+
+    `data`: an (n, d) tensor, a list of (n_i, d) tensors, or a callable returning a fresh iterable of
+    tensors or `ActivationBatch`es (read once per pass; e.g. `lambda: cache.iter_shards(sites=[site])`
+    for an `ActivationCache`: the batch's only site is used). With `run_dir` the fit keeps
+    `run_dir/checkpoint` and `run_dir/metrics.jsonl` (`fit_stream`), and `resume=True` continues
+    a killed fit from its last checkpoint to the same result.
+    """
+    if callable(data):
+        read = data
+    elif torch.is_tensor(data) or isinstance(data, (list, tuple)):
+        read = (lambda: [data]) if torch.is_tensor(data) else (lambda: data)
+    else:
+        raise FeaturekitError("fit_snmf reads the data once per pass: pass a tensor, a list of tensors or a callable "
+                              "returning a fresh iterable (e.g. lambda: cache.iter_shards(sites=[site])), not an iterator")
+    stream = (_as_batch(b) for _ in range(passes) for b in read())
+    first = next(stream, None)
+    if first is None:
+        raise FeaturekitError("fit_snmf got no activations")
+    stream = itertools.chain([first], stream)
+    fitter = SNMFFitter(first.acts["x"].shape[-1], n_latents, sparsity, nnls_iters, decay, passes, seed, dead_tokens)
+    if run_dir is None:
+        for batch in stream:  # chunked within each batch, as fit_stream does
+            for chunk in _chunks(batch.acts["x"], chunk_tokens):
+                fitter.update(chunk)
+    else:
+        tc = SimpleNamespace(batch_size=chunk_tokens, log_every=log_every, checkpoint_every=checkpoint_every)
+        fit_stream(fitter, stream, "x", Path(run_dir), tc, resume=resume, progress=progress,
+                   digest=f"snmf:{fitter.d_in}:{n_latents}:{sparsity}:{nnls_iters}:{decay}:{passes}:{chunk_tokens}:{seed}:{dead_tokens}")
+    return fitter.finish()
+
+
+
+
+def _as_batch(item: Any) -> Any:
+    """A tensor, or an ActivationBatch with one site, as an object with acts["x"] and index tensors."""
+    if torch.is_tensor(item):
+        x = item
+    else:
+        if len(item.acts) != 1:
+            raise FeaturekitError(f"fit_snmf needs batches with one site, got {sorted(item.acts)}; "
+                                  f"pass lambda: cache.iter_shards(sites=[site])")
+        (x,) = item.acts.values()
+    zeros = torch.zeros(x.shape[0], dtype=torch.long)
+    return SimpleNamespace(acts={"x": x}, context_idx=zeros, position=zeros, token_ids=zeros)
+
+
+
+
+def _chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, x.shape[0], size):
+        yield x[i:i + size]

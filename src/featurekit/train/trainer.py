@@ -24,13 +24,13 @@ from .._io import atomic_write_text
 from ..config import TrainConfig
 from ..dictionaries import Dictionary
 from ..dictionaries.kernels import plain_active
+from ..dictionaries.protocols import RampedPenalty
 from ..errors import FeaturekitError
 from . import distributed
 from .checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
 from .dead import DeadLatentTracker
 from .init import geometric_median, mean_norm_scale
 from .losses import aux_zipf_loss, auxk_loss, fvu_loss, squared_error_loss
-from .memory import keep_freed_memory
 from .schedule import lr_factor
 from .threads import ThreadProbe
 
@@ -49,8 +49,6 @@ class Trainer:
     def __init__(self, dictionary: Dictionary, cfg: TrainConfig, run_dir: Path, total_steps: int, digest: str = ""):
         self.sae, self.cfg, self.run_dir, self.total_steps = dictionary, cfg, Path(run_dir), total_steps
         self.digest = digest
-        if cfg.keep_freed_memory:
-            keep_freed_memory()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.named = dict(dictionary.named_parameters())
         # fused Adam (one kernel for all parameters) unless the plain reference path is asked for
@@ -196,7 +194,7 @@ class Trainer:
         factor = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_fraction)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * factor
-        if hasattr(sae, "sparsity_scale"):  # penalty methods: λ ramps linearly from 0
+        if isinstance(sae, RampedPenalty):  # penalty methods: λ ramps linearly from 0
             ramp = max(1, int(cfg.sparsity_warmup_fraction * self.total_steps))
             sae.sparsity_scale = min(1.0, (self.step + 1) / ramp)
         # the last step's gradients go before the forward: the memory they free takes this step's temporaries
@@ -205,7 +203,8 @@ class Trainer:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = sae(x, *extra)
         target = sae.target(x, *extra)  # x, or a transcoder's y·c_out
-        losses = {"recon": recon(target, out.x_hat), **out.losses}
+        losses = {"recon": recon(target, out.x_hat), **{name: recon(target, x_hat) for name, x_hat in out.partial.items()},
+                  **out.losses}
         if sae.uses_auxk and cfg.auxk_coef > 0:
             dead = self.dead.dead.to(x.device)
             losses["aux"] = cfg.auxk_coef * auxk_loss(

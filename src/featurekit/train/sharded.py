@@ -30,11 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..dictionaries import kernels
+from ..dictionaries.base import Dictionary, Output
+from ..dictionaries.topk import TopKSAE
 from ..errors import FeaturekitError
-from ..train import distributed as D
-from . import kernels
-from .base import Dictionary, Output
-from .topk import TopKSAE
+from . import distributed as D
 
 
 class _ShardOutput(Output):
