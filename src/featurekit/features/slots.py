@@ -32,9 +32,19 @@ def uniform_key(key: Tensor, salt: Tensor | int) -> Tensor:
     return ((x >> 39) & 0xFFFFFF).float() / float(1 << 24)  # bits 39..62 (the last xor leaves bit 63 clear)
 
 
+def sortable(scores: Tensor) -> Tensor:
+    """An int64 per float32 score that sorts like the float (−0.0 after +0.0 aside; NaN is never offered)."""
+    bits = scores.float().contiguous().view(torch.int32).long()
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # negative floats: larger magnitude → smaller
+
+
 class TopSlots:
     """The k entries with the largest score per group (module docstring). Empty slots have key −1 and
-    score −inf. `value` is a float carried along (the activation); all state is on the CPU."""
+    score −inf. `value` is a float carried along (the activation); all state is on the CPU.
+
+    Offered entries that can still enter (score ≥ the group's k-th score, a floor that only rises) wait in
+    a buffer and are merged in one sort when the buffer is large, or when the result is read: the merge
+    costs O(G·k) whatever the number of entries, so it is paid once per many batches."""
 
     def __init__(self, n_groups: int, k: int) -> None:
         if n_groups < 1 or k < 1:
@@ -43,19 +53,31 @@ class TopSlots:
         self.score = torch.full((n_groups, k), float("-inf"))
         self.key = torch.full((n_groups, k), _EMPTY, dtype=torch.long)
         self.value = torch.zeros(n_groups, k)
+        self.pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self.pending_size = 0
 
     def floor(self) -> Tensor:
-        """(G,) the score an entry must reach to enter its group now: the k-th score, −inf while a slot is free."""
+        """(G,) the score an entry must reach to enter its group: the k-th score, −inf while a slot is free
+        (a lower bound while entries wait in the buffer)."""
         return self.score[:, -1]
 
     def offer(self, groups: Tensor, scores: Tensor, keys: Tensor, values: Tensor) -> None:
         """Offer entries (1-D tensors of one length); those that rank among their group's k best are kept."""
         groups, scores, keys, values = groups.long().cpu(), scores.float().cpu(), keys.long().cpu(), values.float().cpu()
-        floor = self.floor()[groups]
-        keep = scores >= floor  # ties with the k-th are kept here; the exact merge below resolves them by key
+        keep = scores >= self.floor()[groups]  # ties with the k-th are kept here; the merge resolves them by key
         if not bool(keep.any()):
             return
-        groups, scores, keys, values = groups[keep], scores[keep], keys[keep], values[keep]
+        self.pending.append((groups[keep], scores[keep], keys[keep], values[keep]))
+        self.pending_size += int(keep.sum())
+        if self.pending_size >= max(self.n_groups * self.k // 2, 1 << 16):
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the waiting entries into the slots: one sort of (group, −score, key), the first k of each group."""
+        if not self.pending:
+            return
+        groups, scores, keys, values = (torch.cat(t) for t in zip(*self.pending))
+        self.pending, self.pending_size = [], 0
         touched = torch.zeros(self.n_groups, dtype=torch.bool)
         touched[groups] = True
         old_g, old_s = ((self.key >= 0) & touched[:, None]).nonzero(as_tuple=True)
@@ -64,8 +86,8 @@ class TopSlots:
         key = torch.cat([self.key[old_g, old_s], keys])
         v = torch.cat([self.value[old_g, old_s], values])
         order = torch.sort(key, stable=True).indices  # minor: key ascending
-        order = order[torch.sort(s[order], descending=True, stable=True).indices]  # then score descending
-        order = order[torch.sort(g[order], stable=True).indices]  # major: group
+        major = (g[order] << 32) - sortable(s[order])  # group ascending, then score descending (sortable fits in 32 bits)
+        order = order[torch.sort(major, stable=True).indices]
         g, s, key, v = g[order], s[order], key[order], v[order]
         first = torch.ones_like(g, dtype=torch.bool)
         first[1:] = (g[1:] != g[:-1]) | (key[1:] != key[:-1])  # an entry offered twice counts once
@@ -82,15 +104,19 @@ class TopSlots:
         """Add every entry of `other` (same shape): the result is the selection of the union."""
         if (other.n_groups, other.k) != (self.n_groups, self.k):
             raise FeaturekitError(f"cannot merge TopSlots of shape {(other.n_groups, other.k)} into {(self.n_groups, self.k)}")
+        other.flush()
         g, s = (other.key >= 0).nonzero(as_tuple=True)
         self.offer(g, other.score[g, s], other.key[g, s], other.value[g, s])
+        self.flush()
 
     def entries(self, group: int) -> list[tuple[float, int, float]]:
         """(score, key, value) of a group's kept entries, best first."""
+        self.flush()
         keep = self.key[group] >= 0
         return list(zip(self.score[group][keep].tolist(), self.key[group][keep].tolist(), self.value[group][keep].tolist()))
 
     def state(self) -> dict[str, Tensor]:
+        self.flush()
         return {"score": self.score, "key": self.key, "value": self.value}
 
     @classmethod

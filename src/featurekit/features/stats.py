@@ -235,19 +235,14 @@ class FeatureStatistics:
         return bands
 
     def top_tokens(self, n: int = 10) -> dict[int, list[tuple[int, int, float]]]:
-        """latent → its n most frequent tokens as (token id, count, mean value)."""
+        """latent → its n most frequent tokens as (token id, count, mean value); ties by token id."""
         self.tokens.consolidate()
-        latent = self.tokens.keys // self.vocab_size
-        token = self.tokens.keys % self.vocab_size
-        order = torch.sort(self.tokens.counts, descending=True, stable=True).indices
-        order = order[torch.sort(latent[order], stable=True).indices]
+        keys, counts, sums = self.tokens.keys, self.tokens.counts, self.tokens.sums
+        rows = _first_per_row(keys // self.vocab_size, counts, n)
         out: dict[int, list] = {}
-        for idx in order.tolist():
-            lat = int(latent[idx])
-            row = out.setdefault(lat, [])
-            if len(row) < n:
-                count = int(self.tokens.counts[idx])
-                row.append((int(token[idx]), count, float(self.tokens.sums[idx]) / count))
+        for lat, tok, count, total in zip((keys[rows] // self.vocab_size).tolist(), (keys[rows] % self.vocab_size).tolist(),
+                                          counts[rows].tolist(), sums[rows].tolist()):
+            out.setdefault(lat, []).append((tok, count, total / count))
         return out
 
     def cofiring(self, n: int = 10, min_count: int = 2) -> dict[int, list[tuple[int, float, int]]]:
@@ -258,13 +253,10 @@ class FeatureStatistics:
         keep = count >= min_count
         a, b, count = a[keep], b[keep], count[keep]
         jaccard = count.double() / (self.cofire_fires[a] + self.cofire_fires[b] - count).clamp_min(1).double()
-        order = torch.sort(jaccard, descending=True, stable=True).indices
-        order = order[torch.sort(a[order], stable=True).indices]
+        rows = _first_per_row(a, jaccard, n)
         out: dict[int, list] = {}
-        for idx in order.tolist():
-            row = out.setdefault(int(a[idx]), [])
-            if len(row) < n:
-                row.append((int(b[idx]), round(float(jaccard[idx]), 4), int(count[idx])))
+        for lat, other, jac, c in zip(a[rows].tolist(), b[rows].tolist(), jaccard[rows].tolist(), count[rows].tolist()):
+            out.setdefault(lat, []).append((other, round(jac, 4), c))
         return out
 
     def histogram(self, latent: int) -> dict[str, list[int]]:
@@ -275,3 +267,12 @@ def cofire_rate_for(tokens: int, budget: int) -> float:
     """The share of tokens sampled for co-firing so that about `budget` tokens are counted."""
     return 1.0 if tokens <= budget else max(budget / tokens, 1e-6)
 
+
+def _first_per_row(rows: Tensor, score: Tensor, n: int) -> Tensor:
+    """Indices of each row's n largest scores (ties: the earlier index), grouped by row, best first."""
+    order = torch.sort(score, descending=True, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]
+    sorted_rows = rows[order]
+    per_row = torch.bincount(sorted_rows) if sorted_rows.numel() else torch.zeros(0, dtype=torch.long)
+    rank = torch.arange(sorted_rows.numel()) - (torch.cumsum(per_row, 0) - per_row)[sorted_rows]
+    return order[rank < n]
