@@ -1,0 +1,338 @@
+"""The explorer's web server: Starlette routes over the served runs, run by uvicorn (`serve`).
+
+Routes (a run is addressed by its name or index, `runs.py`):
+
+    /                               the runs side by side (one run: its overview)
+    /r/RUN/                         run overview: method, sites, metrics, training curves, density histogram, config
+    /r/RUN/features?sort=&order=&page=&live=     the feature list (50 a page)
+    /r/RUN/search?q=&by=auto|token|id|explanation
+    /r/RUN/f/ID                     the feature page
+    /r/RUN/api/features/ID          the same data as JSON
+    /r/RUN/try   (GET ?text=, POST)  features on each token of a text (the model runs live)
+    /r/RUN/steer (GET, POST)        greedy continuation with features added, beside the plain one
+    /static/NAME                    the stylesheet and script (package data)
+
+Every response carries a Content-Security-Policy (scripts and styles from /static only, no inline script or
+style), nosniff, no-referrer and frame-ancestors 'none'. Request bodies above `MAX_BODY` and query strings
+above `MAX_QUERY` bytes are refused with 413/414; errors are pages with a message, never a traceback (the
+server's log gets it). Nothing is ever written into a run folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import ipaddress
+import json
+import socket
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from ..errors import FeaturekitError
+from ..features.store import FeatureStore
+from . import live, queries, views
+from .runs import Run, Runs
+
+MAX_BODY = 64 * 1024
+MAX_QUERY = 8 * 1024
+DEFAULT_PORT = 8765
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
+                    "x-frame-options": "DENY", "cross-origin-opener-policy": "same-origin"}
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
+
+
+class Explorer:
+    """The served runs, the live models, and the page handlers."""
+
+    def __init__(self, runs: Runs) -> None:
+        self.runs = runs
+        self.models = live.Models()
+        files = resources.files("featurekit.app") / "static"
+        self.static = {f.name: (f.read_bytes(), STATIC_TYPES[Path(f.name).suffix])
+                       for f in files.iterdir() if Path(f.name).suffix in STATIC_TYPES}
+
+    def run(self, request: Request) -> Run:
+        run = self.runs.get(request.path_params["run"])
+        if run is None:
+            raise queries.NotFound(f"no run {request.path_params['run']!r} is served here: the runs are "
+                                   f"{', '.join(r.name for r in self.runs)}")
+        return run
+
+    def page(self, template: str, request: Request, run: Run | None = None, status: int = 200, **context: Any) -> HTMLResponse:
+        text = views.render(template, runs=list(self.runs), run=run, path=request.url.path, q=context.pop("q", ""),
+                            section=context.pop("section", ""), **context)
+        return HTMLResponse(text, status_code=status, headers={"cache-control": "no-store"})
+
+    # -- pages -------------------------------------------------------------------------------------------------
+    async def index(self, request: Request) -> Response:
+        if len(self.runs) == 1:
+            return RedirectResponse(views.url("r", self.runs.runs[0].name, ""), status_code=307)
+        return self.page("index.html", request, section="runs")
+
+    async def overview(self, request: Request) -> Response:
+        run = self.run(request)
+
+        def build() -> dict:
+            return {"curves": views.curves(run.metrics()), "density": views.density_histogram(run.densities()),
+                    "n_live": run.n_live(), "config_text": json.dumps(run.config, indent=2, ensure_ascii=False)}
+
+        return self.page("overview.html", request, run, section="overview", **await run_in_threadpool(build))
+
+    async def features(self, request: Request) -> Response:
+        run = self.run(request)
+        p = request.query_params
+        data = await run_in_threadpool(queries.feature_list, run, p.get("sort", "density"), p.get("order", "desc") != "asc",
+                                       _int(p.get("page", "1"), "page"), p.get("live", "1") != "0")
+        return self.page("features.html", request, run, section="features", data=data, sorts=queries.SORT_LABELS)
+
+    async def search(self, request: Request) -> Response:
+        run = self.run(request)
+        q, by = request.query_params.get("q", ""), request.query_params.get("by", "auto")
+        data = await run_in_threadpool(queries.search, run, q, by)
+        if "redirect" in data:
+            return RedirectResponse(views.url("r", run.name, "f", data["redirect"]), status_code=303)
+        return self.page("search.html", request, run, section="features", data=data, q=q, kinds=queries.SEARCH_KINDS)
+
+    async def feature(self, request: Request) -> Response:
+        run = self.run(request)
+        feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        page = await run_in_threadpool(queries.feature_page, run, feature)
+        others = await run_in_threadpool(self.nearest_in_other_runs, run, feature)
+        return self.page("feature.html", request, run, section="features", f=page, others=others,
+                         hist=views.act_histogram(page["hist"], run.meta.get("hist_edges") or [], page["density"]),
+                         fid=feature)
+
+    async def feature_json(self, request: Request) -> Response:
+        run = self.run(request)
+        page = await run_in_threadpool(queries.feature_page, run, _int(request.path_params["feature"], "feature id", True))
+        page.pop("groups", None)
+        return JSONResponse(page)
+
+    def nearest_in_other_runs(self, run: Run, feature: int) -> list[dict]:
+        """For every other run on the same model and decoder site: its features nearest by decoder cosine."""
+        out = []
+        for other in self.runs.peers(run):
+            try:
+                near = self.runs.nearest(run, feature, other)
+            except (FeaturekitError, OSError) as err:
+                out.append({"run": other, "error": str(err), "rows": []})
+                continue
+            summaries = other.query(FeatureStore.summaries, [f for f, _ in near])
+            out.append({"run": other, "error": None, "rows": [{"id": f, "cos": c, **summaries.get(f, {})} for f, c in near]})
+        return out
+
+    async def try_text(self, request: Request) -> Response:
+        run = self.run(request)
+        form = await _form(request)
+        text = form.get("text", "")
+        result = await run_in_threadpool(live.text_codes, self.models, run, text) if text else None
+        summaries = {}
+        if result is not None:
+            ids = {f for row in result.per_token for f, _ in row} | {f for f, *_ in result.on_text}
+            summaries = await run_in_threadpool(run.query, FeatureStore.summaries, ids)
+        return self.page("try.html", request, run, section="try", text=text, result=result, summaries=summaries,
+                         limits=live, loaded=self.models.loaded(run))
+
+    async def steer(self, request: Request) -> Response:
+        run = self.run(request)
+        form = await _form(request)
+        rows = [(form.get(f"f{i}", ""), form.get(f"s{i}", "1")) for i in range(live.MAX_STEER_FEATURES + 4)
+                if f"f{i}" in form or f"s{i}" in form]
+        prompt = form.get("prompt", "")
+        new_tokens = _int(form.get("n", "24"), "new tokens")
+        result = None
+        if prompt and any(f.strip() for f, _ in rows):
+            features = live.parse_steering(rows, run.n_latents)
+            result = await run_in_threadpool(live.steer_text, self.models, run, prompt, features, new_tokens)
+        rows = (rows + [("", "1")] * live.MAX_STEER_FEATURES)[:live.MAX_STEER_FEATURES]
+        return self.page("steer.html", request, run, section="steer", prompt=prompt, rows=rows, n=new_tokens, result=result,
+                         limits=live, loaded=self.models.loaded(run))
+
+    async def static_file(self, request: Request) -> Response:
+        entry = self.static.get(request.path_params["name"])
+        if entry is None:
+            raise queries.NotFound(f"no file {request.path_params['name']!r} here")
+        return Response(entry[0], media_type=entry[1], headers={"cache-control": "max-age=300"})
+
+    # -- errors ---------------------------------------------------------------------------------------------------
+    def error(self, request: Request, status: int, message: str) -> HTMLResponse:
+        titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Input too large",
+                  414: "Address too long", 500: "Server error"}
+        run = self.runs.get(request.path_params.get("run", "")) if "run" in request.path_params else None
+        try:
+            return self.page("error.html", request, run, status=status, status_title=titles.get(status, "Error"),
+                             code=status, message=message)
+        except Exception:  # noqa: BLE001 — the error page itself failed: a bare one, still escaped
+            traceback.print_exc(file=sys.stderr)
+            return HTMLResponse(f"<!DOCTYPE html><title>{status}</title><h1>{status}</h1><p>{html.escape(message)}</p>",
+                                status_code=status)
+
+    def guarded(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """The endpoint with its errors as pages: NotFound 404, BadRequest 400 (TooLarge 413), another
+        FeaturekitError 500 with its message, anything else 500 with a generic message (traceback to the log)."""
+        @functools.wraps(endpoint)
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except queries.NotFound as err:
+                return self.error(request, 404, str(err))
+            except live.TooLarge as err:
+                return self.error(request, 413, str(err))
+            except queries.BadRequest as err:
+                return self.error(request, 400, str(err))
+            except FeaturekitError as err:
+                return self.error(request, 500, str(err))
+            except Exception as err:  # noqa: BLE001 — a page, not a traceback; the log keeps it
+                traceback.print_exc(file=sys.stderr)
+                return self.error(request, 500, f"the server failed on this request ({type(err).__name__}); its log has the details")
+        return wrapped
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {404: f"nothing is served at {request.url.path}", 405: f"{request.method} is not allowed here"}
+        return self.error(request, exc.status_code, message.get(exc.status_code, exc.detail))
+
+
+def _int(text: str, what: str, not_found: bool = False) -> int:
+    if not text.strip().isdigit() or len(text) > 12:
+        raise (queries.NotFound if not_found else queries.BadRequest)(f"{what} must be a whole number ≥ 0, not {text[:40]!r}")
+    return int(text)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The query parameters, and for a POST its url-encoded body on top (the body's size is bounded by `Guard`)."""
+    values = dict(request.query_params)
+    if request.method == "POST":
+        body = await request.body()
+        try:
+            values.update(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=64))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise queries.BadRequest(f"the form could not be read ({err})") from None
+    return values
+
+
+class Guard:
+    """ASGI wrapper: refuses bodies above `max_body` (413) and query strings above `max_query` (414), and adds the
+    security headers to every response, error pages included."""
+
+    def __init__(self, app: Any, explorer: Explorer, max_body: int = MAX_BODY, max_query: int = MAX_QUERY) -> None:
+        self.app, self.explorer, self.max_body, self.max_query = app, explorer, max_body, max_query
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    headers[key] = value
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        too_long = None
+        if len(scope.get("query_string", b"")) > self.max_query:
+            too_long = (414, f"the address's query is longer than {self.max_query // 1024} KiB")
+        elif not length.isdigit() or int(length) > self.max_body:
+            too_long = (413, f"the request body is larger than {self.max_body // 1024} KiB: send a shorter text")
+        if too_long:
+            request = Request(scope)
+            response = self.explorer.error(request, *too_long)
+            response.headers["connection"] = "close"
+            await response(scope, receive, send_secured)
+            return
+        received = 0
+
+        async def bounded_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise live.TooLarge(f"the request body is larger than {self.max_body // 1024} KiB: send a shorter text")
+            return message
+
+        await self.app(scope, bounded_receive, send_secured)
+
+
+def create_app(runs: Runs, host: str = "127.0.0.1") -> Guard:
+    """The ASGI application serving `runs` (wrapped in `Guard`). Requests must name a loopback host when `host` is
+    one (no DNS rebinding from a web page)."""
+    ex = Explorer(runs)
+    g = ex.guarded
+    routes = [
+        Route("/", g(ex.index)),
+        Route("/static/{name}", g(ex.static_file)),
+        Route("/r/{run}/", g(ex.overview)),
+        Route("/r/{run}/features", g(ex.features)),
+        Route("/r/{run}/search", g(ex.search)),
+        Route("/r/{run}/f/{feature}", g(ex.feature)),
+        Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),
+        Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),
+        Route("/r/{run}/steer", g(ex.steer), methods=["GET", "POST"]),
+    ]
+    hosts = ["127.0.0.1", "localhost", host] if _loopback(host) else ["*"]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: ex.http_error},
+                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
+    return Guard(app, ex)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT, log: Callable[[str], None] = print) -> int:
+    """Serve the runs in `paths` until interrupted; prints the address first (`--port 0`: any free port)."""
+    import uvicorn
+
+    runs = Runs(paths)
+    if not _loopback(host):
+        print(f"featurekit serve: warning: listening on {host}, not on loopback: anyone who can reach this machine on port "
+              f"{port} can browse these runs and make the server run the model", file=sys.stderr, flush=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise FeaturekitError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port "
+                              f"(--port 0 picks a free one)") from None
+    sock.listen(128)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    for run in runs:
+        sites = f"{run.site} → {run.output_site}" if run.output_site else run.site
+        log(f"  {run.name}: {run.path} ({run.method}, {run.n_latents:,} features at {sites})")
+    log(f"featurekit explorer: http://{shown}:{bound}/  (Ctrl-C stops it)")
+    sys.stdout.flush()
+    config = uvicorn.Config(create_app(runs, host), log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                            limit_concurrency=64, h11_max_incomplete_event_size=MAX_QUERY + 8 * 1024)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        runs.close()
+    return 0

@@ -1,0 +1,120 @@
+"""The explorer's test bed: a tiny random Llama whose tokenizer keeps HTML-injection strings and mixed scripts as
+whole tokens, a text full of them, five tiny runs over it (TopK, AbsTopK — signed, on the same site: the
+cross-run neighbours —, a transcoder, SNMF, ITDA), and `featurekit serve` over them as a real subprocess on an
+ephemeral loopback port."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+XSS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "</span><b>bold</b>", "{{7*7}}", "&amp;lt;"]
+WORDS = "the a cat dog sat ran on under mat home far big small red green bird fish tree river day night".split()
+SCRIPTS = ["Привет", "日本語", "مرحبا", "שלום", "🙂", "e\u0301te", "Ελλάδα"]
+VOCAB = ["[UNK]", "<pad>", "<bos>", "<eos>", " "] + XSS + WORDS + SCRIPTS
+
+
+def write_xss_tiny(root: Path) -> Path:
+    """root/model (random Llama, word-level tokenizer over VOCAB: every string of XSS and SCRIPTS is one token,
+    spaces are tokens, so decoded contexts read exactly as the text) and root/text.txt."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(re.escape(x) for x in XSS) + r"|\S+|\s"), behavior="isolated")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         bos_token_id=2, eos_token_id=3, pad_token_id=1))
+    model.save_pretrained(root / "model")
+    hf_tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    pool = WORDS * 3 + XSS + SCRIPTS
+    paragraphs = [" ".join(rng.choice(pool) for _ in range(rng.randint(15, 40))) for _ in range(400)]
+    (root / "text.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    return root
+
+
+RUNS = {  # name → config overrides
+    "topk": ["site=resid_post.1", "dictionary.method=topk", "dictionary.k=4"],
+    "abstopk": ["site=resid_post.1", "dictionary.method=abstopk", "dictionary.k=4"],
+    "transcoder": ["site=mlp_in.1", "dictionary.method=transcoder", "dictionary.k=4", "train.lr=1e-2"],
+    "snmf": ["site=mlp_hidden.1", "dictionary.method=snmf", "dictionary.n_latents=32", "dictionary.sparsity=0.1",
+             "dictionary.passes=2"],
+    "itda": ["site=resid_post.1", "dictionary.method=itda", "dictionary.k=4", "dictionary.threshold=0.002", "dictionary.n_latents=256"],
+}
+
+
+@pytest.fixture(scope="session")
+def xss_tiny(tmp_path_factory) -> Path:
+    return write_xss_tiny(tmp_path_factory.mktemp("xss_tiny"))
+
+
+@pytest.fixture(scope="session")
+def app_runs(xss_tiny, tmp_path_factory) -> dict[str, Path]:
+    """name → run folder, every run complete with its feature store."""
+    from featurekit import pipeline
+    from featurekit.config import load_config
+
+    out = tmp_path_factory.mktemp("app_runs")
+    runs = {}
+    for name, extra in RUNS.items():
+        cfg = pipeline.resolve(load_config(None, [
+            f"out_dir={out}", f"name={name}", f"model.name={xss_tiny / 'model'}", "model.dtype=float32",
+            f"data.source={xss_tiny / 'text.txt'}", "data.context_len=32", "data.train_tokens=4000", "data.shard_tokens=2000",
+            "dictionary.n_latents=64", "train.batch_size=256", "train.buffer_tokens=1024", "train.epochs=2", "train.log_every=5",
+            "eval.tokens=600", "eval.splice_contexts=8", "eval.batch_contexts=8", "report.n_features=3",
+            "features.tokens=3000", "features.top_n=5", "train.threads=1", *extra]))
+        pipeline.run_all(cfg, progress=False)
+        runs[name] = cfg.run_dir
+    return runs
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """path → (size, mtime_ns) of everything under `folder`."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, runs: dict[str, Path], before: dict, log: list[str]) -> None:
+        self.proc, self.url, self.runs, self.before, self.log = proc, url, runs, before, log
+
+
+@pytest.fixture(scope="session")
+def server(app_runs) -> Server:
+    """`python -m featurekit serve` over every run of `app_runs`, on a free loopback port."""
+    before = {name: snapshot(path) for name, path in app_runs.items()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "featurekit", "serve", *map(str, app_runs.values()), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url, lines, deadline = None, [], time.monotonic() + 90
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+        url = found.group(1) if found else None
+    if url is None:
+        proc.kill()
+        pytest.fail("featurekit serve did not start:\n" + "".join(lines))
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # keep the pipe drained
+    yield Server(proc, url, app_runs, before, lines)
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
