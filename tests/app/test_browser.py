@@ -143,7 +143,7 @@ def test_switch_runs(page):
     p.wait_for_url(re.compile(rf"/r/abstopk/f/{fid}$"))
     assert p.locator("text=Most negative activations").count() + p.locator("text=never fired").count() >= 1
     page.goto("/")
-    assert p.locator("table.grid tbody tr").count() == 5
+    assert p.locator("table.grid tbody tr").count() == 6
     page.check_clean()
 
 

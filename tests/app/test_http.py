@@ -51,7 +51,7 @@ def assert_secure(headers: dict) -> None:
     assert "frame-ancestors 'none'" in csp and headers.get("x-content-type-options") == "nosniff"
 
 
-@pytest.mark.parametrize("name", ["topk", "abstopk", "transcoder", "snmf", "itda"])
+@pytest.mark.parametrize("name", ["topk", "abstopk", "transcoder", "snmf", "attn", "itda"])
 def test_every_page_of_every_method(server, name):
     f = live_feature(server.runs[name])
     pages = {
@@ -88,6 +88,8 @@ def test_method_specific_sections(server):
     assert "Most negative activations" in text and "Negative codes" in text  # signed: both tails
     _, _, text = request(server, f"/r/transcoder/f/{live_feature(server.runs['transcoder'])}")
     assert "mlp_in.1" in text and "mlp_out.1" in text  # input and output sites
+    _, _, text = request(server, f"/r/attn/f/{live_feature(server.runs['attn'])}")
+    assert "Attention heads" in text and "head 3" in text  # attn_z: the decoder norm's share per head
     _, _, text = request(server, "/r/topk/f/0")
     assert "Nearest in <a href=\"/r/abstopk/\">abstopk</a>" in text and "Nearest in <a href=\"/r/itda/\">itda</a>" in text
     assert "/r/abstopk/f/" in text and "Nearest in <a href=\"/r/snmf/" not in text  # other site: no cosine

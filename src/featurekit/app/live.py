@@ -19,6 +19,7 @@ import torch
 from ..data.harvest import norm_outliers
 from ..data.tokens import tokenize
 from ..evaluate.steering import steer
+from ..features.store import FeatureStore
 from ..models.hooks import capture_activations
 from ..models.loading import LoadedModel, has_lm_head
 from ..pipeline import load_run_config, open_model
@@ -40,14 +41,16 @@ class TooLarge(BadRequest):
 
 @dataclass
 class TextCodes:
-    """The features on each token of a text: `tokens` (texts), `kept` (the run's token policy keeps it),
-    `per_token[i]`: [(feature, value)] strongest first, `on_text`: [(feature, max |value|, tokens fired,
-    value on every token)] for the features strongest anywhere in the text."""
+    """The features on each token of a text, ranked by how strongly each fires relative to its own largest
+    activation over the store (|value| / peak: a dense feature's routine value does not outrank a rare feature at
+    its maximum). `tokens` (texts), `kept` (the run's token policy keeps it), `per_token[i]`: [(feature, value,
+    relative)] strongest first; `on_text`: [(feature, value of largest |value|, relative, tokens fired, value on
+    every token)] for the features strongest anywhere in the text."""
 
     tokens: list[str]
     kept: list[bool]
-    per_token: list[list[tuple[int, float]]]
-    on_text: list[tuple[int, float, int, list[float]]]
+    per_token: list[list[tuple[int, float, float]]]
+    on_text: list[tuple[int, float, float, int, list[float]]]
     site: str
 
 
@@ -124,15 +127,17 @@ def text_codes(models: Models, run: Run, text: str) -> TextCodes:
         device = next(sae.parameters(), torch.empty(0)).device
         codes = sae.encode(acts.to(device)).float().cpu()  # (T, F)
     codes[~kept] = 0  # the run's token policy: BOS, special tokens and attention sinks have no codes
-    strength = codes.abs()
+    peaks = run.cached("peaks", lambda: torch.tensor([float("inf") if p is None or p <= 0 else p for p in run.query(FeatureStore.peaks)]))
+    relative = codes.abs() / peaks  # a feature dead in the store ranks last (its peak is inf)
+    relative[(codes != 0) & (relative == 0)] = 1e-12
     k = min(PER_TOKEN, codes.shape[1])
-    top_v, top_i = strength.topk(k, dim=1)
-    per_token = [[(int(f), float(codes[t, f])) for f, v in zip(top_i[t], top_v[t]) if v > 0] for t in range(len(ids))]
-    peak = strength.max(dim=0).values
-    fired = (strength > 0).sum(dim=0)
-    n = min(ON_TEXT, int((peak > 0).sum()))
-    best = peak.topk(n).indices.tolist() if n else []
-    on_text = [(f, float(peak[f]), int(fired[f]), [round(float(v), 5) for v in codes[:, f]]) for f in best]
+    top_r, top_i = relative.topk(k, dim=1)
+    per_token = [[(int(f), float(codes[t, f]), float(r)) for f, r in zip(top_i[t], top_r[t]) if r > 0] for t in range(len(ids))]
+    best_r, at = relative.max(dim=0)
+    fired = (codes != 0).sum(dim=0)
+    n = min(ON_TEXT, int((best_r > 0).sum()))
+    best = best_r.topk(n).indices.tolist() if n else []
+    on_text = [(f, float(codes[at[f], f]), float(best_r[f]), int(fired[f]), [round(float(v), 5) for v in codes[:, f]]) for f in best]
     return TextCodes(_token_texts(loaded, ids.tolist()), kept.tolist(), per_token, on_text, run.site)
 
 

@@ -34,7 +34,7 @@ def feature_list(run: Run, sort: str = "density", descending: bool = True, page:
 
     def read(store: FeatureStore) -> list[dict]:
         rows = store.list_features(sort, descending, (page - 1) * PAGE_SIZE, PAGE_SIZE, live_only)
-        summaries = store.summaries(r["id"] for r in rows)
+        summaries = store.summaries((r["id"] for r in rows), n_tokens=5)
         return [{**r, **summaries.get(r["id"], {})} for r in rows]
 
     return {"rows": run.query(read), "total": total, "page": page, "pages": pages, "sort": sort,

@@ -145,7 +145,7 @@ class Explorer:
         result = await run_in_threadpool(live.text_codes, self.models, run, text) if text else None
         summaries = {}
         if result is not None:
-            ids = {f for row in result.per_token for f, _ in row} | {f for f, *_ in result.on_text}
+            ids = {f for row in result.per_token for f, *_ in row} | {f for f, *_ in result.on_text}
             summaries = await run_in_threadpool(run.query, FeatureStore.summaries, ids)
         return self.page("try.html", request, run, section="try", text=text, result=result, summaries=summaries,
                          limits=live, loaded=self.models.loaded(run))

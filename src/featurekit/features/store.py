@@ -59,11 +59,19 @@ INDEXES = """
 CREATE INDEX features_by_density ON features (density);
 CREATE INDEX features_by_max ON features (max);
 CREATE INDEX features_by_fires ON features (fires);
+CREATE INDEX features_by_min ON features (min);
+CREATE INDEX features_live_by_id ON features (id) WHERE fires > 0;
 CREATE INDEX tokens_by_text ON tokens (text);
+CREATE INDEX tokens_by_folded ON tokens (lower(trim(text)));
 CREATE INDEX token_features_by_count ON token_features (token, count);
 CREATE INDEX explanations_by_score ON explanations (score);
 """
 SORTS = {"density": "density", "max": "max", "fires": "fires", "id": "id", "min": "min"}
+#: per sort column, the condition on that column alone that keeps exactly the live features (fires > 0): a
+#: page's ids then come from the column's index, without reading the features table's large rows
+LIVE = {"density": "density > 0", "max": "max IS NOT NULL", "min": "min IS NOT NULL", "fires": "fires > 0"}
+COLUMNS = ("id", "fires", "density", "mean", "max", "min")
+TIE_SCAN = 1000  # search by token: rows read per token, so that ties at the cut are broken by share
 
 
 def pack_acts(positions: Iterable[int], values: Iterable[float]) -> bytes:
@@ -194,31 +202,94 @@ class FeatureStore:
         """A page of features with their summary statistics, sorted by `sort` (density, max, fires, min, id)."""
         if sort not in SORTS:
             raise FeaturekitError(f"cannot sort features by {sort!r}; use one of {sorted(SORTS)}")
-        where = "WHERE fires > 0" if live_only else ""
-        rows = self.db.execute(f"SELECT id, fires, density, mean, max, min FROM features {where} "
-                               f"ORDER BY {SORTS[sort]} {'DESC' if descending else 'ASC'}, id LIMIT ? OFFSET ?",
-                               (int(limit), int(offset))).fetchall()
-        return [dict(zip(("id", "fires", "density", "mean", "max", "min"), r)) for r in rows]
+        order, limit, offset = ("DESC" if descending else "ASC"), int(limit), int(offset)
+        # the page's ids from an index alone (ties in the sort's direction: the index's own order), then its rows by id
+        if sort == "id" and not live_only:  # every latent has a row: ids 0 … n_latents − 1
+            ids = [self.n_latents - 1 - i if descending else i for i in range(offset, min(offset + limit, self.n_latents))]
+        else:
+            where = ("fires > 0" if sort == "id" else LIVE[sort]) if live_only else "1"  # id: the partial index features_live_by_id
+            ties = "" if sort == "id" else f", id {order}"
+            ids = [r[0] for r in self.db.execute(f"SELECT id FROM features WHERE {where} ORDER BY {SORTS[sort]} {order}{ties} "
+                                                 f"LIMIT ? OFFSET ?", (limit, offset))]
+        rows = {r[0]: r for r in self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM features WHERE id IN ({','.join('?' * len(ids))})",
+                                                 ids)}
+        return [dict(zip(COLUMNS, rows[i])) for i in ids]
 
     def count_features(self, live_only: bool = False) -> int:
         return self.db.execute(f"SELECT COUNT(*) FROM features {'WHERE fires > 0' if live_only else ''}").fetchone()[0]
 
     def search_token(self, text: str, limit: int = 50) -> list[dict]:
-        """Features that fire most often on tokens whose text is `text` (exactly, then ignoring case and spaces)."""
+        """Features that fire on tokens whose text is `text` (exactly; else ignoring ASCII case and surrounding spaces;
+        the counts of several matching tokens add up): most often first; ties by `share`, the part of the feature's
+        firings that are on these tokens (count / fires: a feature about the token before one that fires everywhere),
+        then id. Each: id, count, mean (its mean activation on the tokens), share, density."""
         ids = [r[0] for r in self.db.execute("SELECT id FROM tokens WHERE text = ?", (text,))]
-        if not ids:
+        if not ids:  # the expression index tokens_by_folded answers this (a store built without it: a scan)
             ids = [r[0] for r in self.db.execute("SELECT id FROM tokens WHERE lower(trim(text)) = lower(trim(?))", (text,))]
         if not ids:
             return []
-        rows = self.db.execute(
-            f"SELECT tf.feature, SUM(tf.count), SUM(tf.count * tf.mean) / SUM(tf.count), f.density FROM token_features tf "
-            f"JOIN features f ON f.id = tf.feature WHERE tf.token IN ({','.join('?' * len(ids))}) GROUP BY tf.feature "
-            f"ORDER BY SUM(tf.count) DESC, tf.feature LIMIT ?", (*ids, int(limit))).fetchall()
-        return [{"id": f, "count": c, "mean": m, "density": d} for f, c, m, d in rows]
+        limit = int(limit)
+        scan = max(limit, TIE_SCAN)
+        # each token's `scan` most frequent features in index order (token, count, feature). One token: they hold the
+        # answer (ties at the cut beyond `scan` rows are not all seen). Several: their totals over all the tokens are
+        # exact, and so is the answer when the `limit`-th total exceeds the sum of each full list's last count (no
+        # feature outside every list can count as much); otherwise every feature of the tokens is counted.
+        per_token = [self.db.execute("SELECT feature, count, count * mean FROM token_features WHERE token = ? "
+                                     "ORDER BY count DESC, feature DESC LIMIT ?", (t, scan)).fetchall() for t in ids]
+        if len(ids) == 1:
+            totals = {f: (c, w / c) for f, c, w in per_token[0]}
+        else:
+            totals = self._token_totals(ids, sorted({f for rows in per_token for f, *_ in rows}))
+        counts = sorted((c for c, _ in totals.values()), reverse=True)
+        if len(ids) > 1 and len(counts) >= limit and counts[limit - 1] <= sum(r[-1][1] for r in per_token if len(r) == scan):
+            every = [r[0] for r in self.db.execute(f"SELECT DISTINCT feature FROM token_features WHERE token IN "
+                                                   f"({','.join('?' * len(ids))})", ids)]
+            totals = self._token_totals(ids, every)
+            counts = sorted((c for c, _ in totals.values()), reverse=True)
+        if not counts:
+            return []
+        cut = counts[min(limit, len(counts)) - 1]
+        kept = [f for f, (c, _) in totals.items() if c >= cut]
+        fires: dict[int, tuple[int, float]] = {}
+        for start in range(0, len(kept), 900):
+            chunk = kept[start:start + 900]
+            fires.update((f, (n, d)) for f, n, d in self.db.execute(
+                f"SELECT id, fires, density FROM features WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        share = {f: totals[f][0] / max(fires.get(f, (0, 0))[0], totals[f][0], 1) for f in kept}
+        ranked = sorted(kept, key=lambda f: (-totals[f][0], -share[f], f))[:limit]
+        return [{"id": f, "count": totals[f][0], "mean": totals[f][1], "share": share[f], "density": fires.get(f, (0, None))[1]}
+                for f in ranked]
+
+    def _token_totals(self, tokens: list[int], features: list[int]) -> dict[int, tuple[int, float]]:
+        """feature → (count summed over `tokens`, count-weighted mean) for the given features."""
+        out: dict[int, list[float]] = {}
+        step = max(1, 900 - len(tokens))  # SQLite's bound-parameter limit
+        for start in range(0, len(features), step):
+            chunk = features[start:start + step]
+            for f, c, s in self.db.execute(
+                    f"SELECT feature, count, count * mean FROM token_features WHERE token IN ({','.join('?' * len(tokens))}) "
+                    f"AND feature IN ({','.join('?' * len(chunk))})", (*tokens, *chunk)):
+                acc = out.setdefault(f, [0, 0.0])
+                acc[0] += c
+                acc[1] += s
+        return {f: (int(c), s / c) for f, (c, s) in out.items()}
 
     def densities(self) -> list[float]:
-        """Every feature's density, by id (the run's density histogram)."""
-        return [r[0] for r in self.db.execute("SELECT density FROM features ORDER BY id")]
+        """Every feature's density, by id (the run's density histogram); read from the density index alone."""
+        out = [0.0] * self.n_latents
+        for f, d in self.db.execute("SELECT id, density FROM features INDEXED BY features_by_density WHERE density >= 0"):
+            out[f] = d
+        return out
+
+    def peaks(self) -> list[float | None]:
+        """Every feature's largest |activation| over the store's tokens, by id (None: it never fired); read from the
+        max and min indexes."""
+        out: list[float | None] = [None] * self.n_latents
+        for f, v in self.db.execute("SELECT id, max FROM features WHERE max IS NOT NULL"):
+            out[f] = abs(v)
+        for f, v in self.db.execute("SELECT id, min FROM features WHERE min IS NOT NULL"):
+            out[f] = max(out[f] or 0.0, abs(v))
+        return out
 
     def summaries(self, ids: Iterable[int], n_tokens: int = 3) -> dict[int, dict]:
         """id → {density, max, min, tokens (texts of its `n_tokens` most frequent tokens), explanation (the best

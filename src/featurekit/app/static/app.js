@@ -58,7 +58,7 @@
         const step = Math.max(1, Math.min(levels, Math.ceil(levels * Math.abs(a) / peak)));
         t.classList.add((a > 0 ? "p" : "n") + step);
       }
-      t.dataset.shade = "#" + row.dataset.f + " = " + a;
+      t.dataset.shade = "#" + row.dataset.f + " = " + (a === 0 ? "0" : Number(a.toPrecision(4)));
     });
   }
 
