@@ -7,7 +7,7 @@ latents, 10 logit effects each way and 10 decoder neighbours; a Zipfian token di
 vocabulary; 5 % of the latents dead — then times, through the same functions the app's pages call
 (`featurekit.app.queries`):
 
-    feature page     queries.feature_page(run, id)             random live ids
+    feature page     queries.feature_page(run, id)             random live ids (and with its HTML rendered)
     search by token  queries.search(run, text, "token")        frequent and rare tokens, exact and case-folded
     search by id     queries.search(run, "12345", "auto")
     list page        queries.feature_list(run, sort, desc, page)   first, middle and last pages, every sort
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurekit.app import queries
+from featurekit.app import queries, views
 from featurekit.app.runs import Run
 from featurekit.features.stats import BINS, bin_edges
 from featurekit.features.store import FILENAME, INDEXES, SCHEMA_VERSION, StoreWriter, pack_acts, pack_ids
@@ -166,6 +166,14 @@ def main() -> None:
           f"{len(live):,} live)")
     queries.feature_page(run, live[0])  # first touch: page cache
     results.append(report("feature page", timed(queries.feature_page, [(run, rng.choice(live)) for _ in range(n)])))
+
+    def rendered(f: int) -> str:  # what the server does for /r/RUN/f/ID, less the other runs' nearest features
+        page = queries.feature_page(run, f)
+        return views.render("feature.html", runs=[run], run=run, path="/", q="", section="features", f=page, others=[],
+                            hist=views.act_histogram(page["hist"], run.meta["hist_edges"], page["density"]), fid=f)
+
+    rendered(live[0])
+    results.append(report("feature page, query + HTML", timed(rendered, [(rng.choice(live),) for _ in range(n)])))
     frequent = [f" tok{t}" for t in range(1, 60) if t % 3]
     rare = [f" tok{t}" for t in rng.sample(range(10_000, VOCAB), 200) if t % 3]
     results.append(report("search by token (frequent, exact)",

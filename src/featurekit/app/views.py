@@ -8,6 +8,7 @@ so the Content-Security-Policy can forbid them; each token carries its value in 
 
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ WINDOW_LEFT, WINDOW_RIGHT = 24, 8  # tokens shown around an example's peak befor
 CURVES = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
 LOG_CURVES = {"loss", "fvu"}
 
-_env = jinja2.Environment(loader=jinja2.PackageLoader("featurekit.app", "templates"), autoescape=True,
+_env = jinja2.Environment(loader=jinja2.PackageLoader("featurekit.app", "templates"), autoescape=True, auto_reload=False,
                           undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
@@ -32,6 +33,7 @@ def render(template: str, **context: Any) -> str:
     return _env.get_template(template).render(**context)
 
 
+@functools.lru_cache(maxsize=65536)
 def visible(token: str) -> str:
     """A token's text with whitespace and control characters shown: newline ⏎, tab ⇥, others as \\xNN."""
     token = token.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "␍").replace("\t", "⇥")
@@ -77,11 +79,21 @@ def tokens_html(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
         parts.append('<span class="more">…</span>')
     for i, tok in enumerate(tokens):
         v = acts[i] if i < len(acts) else 0.0
-        cls = ["t", level(v, scale)] + (["pk"] if i == peak else []) + (["far"] if not lo <= i <= hi else [])
-        parts.append(f'<span class="{" ".join(c for c in cls if c)}" data-v="{v:.4g}">{escape(visible(tok))}</span>')
+        far = "" if lo <= i <= hi else " far"
+        text = _escaped(tok)
+        if v == 0 and i != peak:  # most tokens: no shade
+            parts.append(f'<span class="t{far}" data-v="0">{text}</span>')
+        else:
+            shade = level(v, scale)
+            parts.append(f'<span class="t{" " + shade if shade else ""}{" pk" if i == peak else ""}{far}" data-v="{v:.4g}">{text}</span>')
     if hi < len(tokens) - 1:
         parts.append('<span class="more">…</span>')
     return Markup("".join(parts))
+
+
+@functools.lru_cache(maxsize=65536)
+def _escaped(token: str) -> str:
+    return str(escape(visible(token)))
 
 
 def url(*segments: Any, **params: Any) -> str:
