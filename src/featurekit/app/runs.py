@@ -90,8 +90,8 @@ class Run:
         return self.cached("densities", lambda: self.query(FeatureStore.densities))
 
     def has_explanations(self) -> bool:
-        return self.cached("explained", lambda: self.query(lambda store: bool(store.db.execute(
-            "SELECT 1 FROM explanations LIMIT 1").fetchall())))
+        """Not cached: `featurekit explain` adds explanations to a store in place, also while it is served."""
+        return self.query(lambda store: bool(store.db.execute("SELECT 1 FROM explanations LIMIT 1").fetchall()))
 
     def n_live(self) -> int:
         return self.cached("n_live", lambda: self.query(FeatureStore.count_features, live_only=True))
