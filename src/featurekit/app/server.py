@@ -288,7 +288,7 @@ def create_app(runs: Runs, host: str = "127.0.0.1") -> Guard:
         Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),
         Route("/r/{run}/steer", g(ex.steer), methods=["GET", "POST"]),
     ]
-    hosts = ["127.0.0.1", "localhost", host] if _loopback(host) else ["*"]
+    hosts = ["127.0.0.1", "localhost", host] if _loopback(host) and ":" not in host else ["*"]  # IPv6: Starlette reads "[::1]" badly
     app = Starlette(routes=routes, exception_handlers={HTTPException: ex.http_error},
                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
     return Guard(app, ex)
