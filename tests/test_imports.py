@@ -29,7 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir"},
     "bench": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "pipeline"},
     "app": {"models", "data", "dictionaries", "config", "evaluate", "features", "pipeline", "report", "rundir"},
-    "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app"},
+    # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it
+    "autointerp": {"models", "data", "dictionaries", "config", "features", "pipeline", "rundir"},
+    "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app",
+            "autointerp"},
     "__main__": {"cli"},
     "__init__": {"data", "dictionaries"},  # the top-level package: featurekit.load, featurekit.tokenize
 }

@@ -15,6 +15,10 @@ field holds and what featurekit approximates):
                                logits_hist_data_bar_*: [] (the store holds nothing they could be filled from)}]}
     skipped_indexes.json  {model_id, layer, sae_set, log_sparsity, skipped_indexes}: dead or unselected features
     run_settings.json     the settings this export stands for, and featurekit's provenance
+    explanations.json     only when the store holds explanations (`featurekit explain`): the batch format has no
+                          field for them, so they go beside it as Neuronpedia explanation records
+                          [{modelId, layer: "LAYER-SAE_SET", index, description, typeName, explanationModelName,
+                          score, scores}]
 
 Activations come in the format's order: the top group first (`bin_min` = `bin_contains` = -1, `bin_max`
 the feature's maximum), then one group per activation-quantile band, highest band first. The format's
@@ -152,6 +156,21 @@ def feature_entry(store: FeatureStore, feature: int, *, n_prompts: int, n_tokens
             "activations": activations, "vector": []}
 
 
+def explanation_records(store: FeatureStore, features: list[int], model_id: str, source: str) -> list[dict]:
+    """The store's explanations of `features` as Neuronpedia explanation records (explainer columns look like
+    EXPLAINER@JUDGE: typeName featurekit-EXPLAINER, explanationModelName JUDGE)."""
+    wanted = set(features)
+    rows = store.db.execute("SELECT feature, explainer, text, score, details FROM explanations ORDER BY feature, explainer").fetchall()
+    out = []
+    for f, explainer, text, score, details in rows:
+        if f not in wanted:
+            continue
+        kind, _, judge = explainer.partition("@")
+        out.append({"modelId": model_id, "layer": source, "index": str(f), "description": text, "typeName": f"featurekit-{kind}",
+                    "explanationModelName": judge or None, "score": score, "scores": json.loads(details) if details else None})
+    return out
+
+
 def export_neuronpedia(store: FeatureStore, out_dir: str | os.PathLike, *, features: Iterable[int] | None = None,
                        batch_size: int = BATCH_SIZE, model_id: str | None = None, layer: int | None = None,
                        sae_set: str | None = None, sae_id_suffix: str | None = None, dataset: str | None = None) -> list[Path]:
@@ -194,6 +213,11 @@ def export_neuronpedia(store: FeatureStore, out_dir: str | os.PathLike, *, featu
                        "n_tokens": n_tokens, "features_exported": len(exported), "features_skipped": len(skipped),
                        "hist_bins": "the store's log-spaced bins (8 per decade), not 50 equal-width bins",
                        "quantile_groups": "equal-count bands of a uniform sample, not equal-width intervals of [0, max]"}}))
+    notes = explanation_records(store, exported, model_id, f"{layer}-{sae_set}" + (f"__{sae_id_suffix}" if sae_id_suffix else ""))
+    if notes:
+        written.append(atomic_write_json(out / "explanations.json", notes))
+    else:
+        (out / "explanations.json").unlink(missing_ok=True)
     for stale in out.iterdir():
         m = BATCH_FILE.match(stale.name)
         if m and int(m.group(1)) >= len(batches):

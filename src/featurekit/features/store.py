@@ -20,7 +20,9 @@ Schema (version `SCHEMA_VERSION`; a file of a newer version, or not a feature st
     explanations(feature, explainer, text, score, details)   written by autointerp
 
 A build writes a new file beside the old one and renames it over (`write_store`): a killed build leaves
-the old store (or none), never half of one. Readers open the file read-only.
+the old store (or none), never half of one. Readers open the file read-only. The one change made in place:
+autointerp's explanations (`write_explanations`, one SQLite transaction: all the rows or none). A rebuilt
+store starts without explanations; `featurekit explain` writes them again from its artefacts (no judge calls).
 """
 
 from __future__ import annotations
@@ -150,6 +152,31 @@ class StoreWriter:
             self.db.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def write_explanations(path: str | os.PathLike, rows: Iterable[tuple]) -> int:
+    """Insert (or replace, by feature and explainer) rows (feature, explainer, text, score, details) into the
+    explanations table of the complete store at `path` (a run folder or the file), in one transaction; `details`
+    is a JSON-able value or None. Returns the number of rows written."""
+    store = FeatureStore(path)  # refuses what is not a complete store of a schema this featurekit reads
+    file = store.path
+    store.close()
+    rows = [(int(f), str(e), str(t), None if s is None else float(s), None if d is None else json.dumps(d, allow_nan=False))
+            for f, e, t, s, d in rows]
+    db = sqlite3.connect(file, timeout=30.0, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as err:
+        raise FeaturekitError(f"cannot write explanations into {file} ({err}): is it writable, and not being rebuilt?") from err
+    finally:
+        db.close()
+    return len(rows)
 
 
 # -- reading --------------------------------------------------------------------------------------------
