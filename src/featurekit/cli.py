@@ -488,6 +488,11 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorers", default="detection,fuzzing,surprisal,embedding,intruder",
                    help="comma-separated subset of detection, fuzzing, surprisal, embedding, intruder (default: all)")
     p.add_argument("--shuffled", action="store_true", help="also score each explanation on another unit (the chance level)")
+    p.add_argument("--controls", action="store_true",
+                   help="the measurement with its controls: --n-features features, as many MLP neurons of the site's layer "
+                        "(or --layer) and random directions, and shuffled explanations, with the same judge and settings; "
+                        "the table goes to RUN_DIR/autointerp/comparison.md")
+    p.add_argument("--layer", type=int, help="the layer of the MLP-neuron control (default: the site's layer)")
     p.add_argument("--surprisal-model", help="causal LM of the surprisal scorer (default: the judge's model if it runs in "
                                              "this process, else smollm2-135m)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -498,6 +503,7 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-store", action="store_true", help="do not write the explanations into the feature store")
     p.add_argument("--overwrite", action="store_true", help="redo stages whose artefacts were made with other settings")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="where in-process judge and surprisal models run: cpu (default), cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -528,10 +534,20 @@ def _explain(args: argparse.Namespace, progress: bool) -> int:
     if body is not None and not isinstance(body, dict):
         raise FeaturekitError("--judge-body must be a JSON object")
     judge = make_judge(args.judge, model=args.judge_model, api_key_env=args.api_key_env, concurrency=args.concurrency,
-                       timeout=args.timeout, retries=args.retries, logprobs=not args.no_logprobs, extra_body=body)
+                       timeout=args.timeout, retries=args.retries, logprobs=not args.no_logprobs, extra_body=body,
+                       device=args.device)
+    if args.controls:
+        from .autointerp.compare import markdown, measure
+
+        if args.features or args.out or args.cache or args.units != "features":
+            raise FeaturekitError("--controls picks its own units and folders: drop --features, --units, --out and --cache")
+        table = measure(args.run_dir, n_units=args.n_features, layer=args.layer, judge=judge, settings=settings,
+                        surprisal_model=args.surprisal_model, progress=progress, overwrite=args.overwrite, device=args.device)
+        print(markdown(table), end="")
+        return 0
     summary = explain_run(args.run_dir, units=args.units, ids=ids, n_units=args.n_features, judge=judge, out=args.out,
                           cache=args.cache, settings=settings, surprisal_model=args.surprisal_model,
-                          write_to_store=not args.no_store, progress=progress, overwrite=args.overwrite)
+                          write_to_store=not args.no_store, progress=progress, overwrite=args.overwrite, device=args.device)
     print(_explain_report(summary))
     return 0
 

@@ -55,7 +55,7 @@ class Explain:
     """One `explain_run` invocation's state: the run's model and store, the units, the judge, the folders."""
 
     def __init__(self, run_dir: Path, out: Path, units_kind: str, settings: Settings, judge: Any, cache: ReplayCache | None,
-                 surprisal_model: str | None, progress: bool, overwrite: bool) -> None:
+                 surprisal_model: str | None, progress: bool, overwrite: bool, device: str = "cpu") -> None:
         from .. import pipeline
 
         self.run_dir, self.out, self.kind, self.s = Path(run_dir), Path(out), units_kind, settings
@@ -63,7 +63,7 @@ class Explain:
         self.store = FeatureStore(self.run_dir)
         self.asker = Asker(judge, cache)
         self.judge = judge
-        self.surprisal_model, self.progress, self.overwrite = surprisal_model, progress, overwrite
+        self.surprisal_model, self.progress, self.overwrite, self.device = surprisal_model, progress, overwrite, device
         self._loaded = self._units = self._embedder = self._lm = self._pool = self._tiles = None
         self.identity: dict = {}
         self.density: float | None = None
@@ -106,7 +106,7 @@ class Explain:
             if self.surprisal_model is None and isinstance(self.judge, HFJudge):
                 self._lm = LocalLM(self.judge.name, loaded=self.judge.loaded)
             else:
-                self._lm = LocalLM(self.surprisal_model or "smollm2-135m")
+                self._lm = LocalLM(self.surprisal_model or "smollm2-135m", device=self.device)
         return self._lm
 
     # -- stages --------------------------------------------------------------------------------------------
@@ -252,22 +252,23 @@ def derangement(units: list[int], seed: int) -> dict[int, int]:
 def explain_run(run_dir: str | Path, *, units: str = "features", ids: list[int] | None = None, n_units: int = 32,
                 judge: Any = None, out: str | Path | None = None, cache: str | Path | None = None, settings: Settings | None = None,
                 surprisal_model: str | None = None, write_to_store: bool = True, progress: bool = True,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, device: str = "cpu") -> dict:
     """Run (or resume) autointerp on a run's units (module docstring); returns the summary (also in OUT/summary.json).
     `judge`: a judge object or a spec for `make_judge` (default: the embedded SmolLM2). `cache`: the replay cache's
-    folder (default OUT/cache; False: none)."""
+    folder (default OUT/cache; False: none). `device`: where in-process models (a judge given as a spec, the
+    surprisal scorer's LM) run."""
     s = settings or Settings()
     s.check()
     run_dir = Path(run_dir)
     if units != "features" and units != "random" and not units.startswith("mlp_hidden."):
         raise FeaturekitError(f"--units {units!r}: use features, mlp_hidden.L (the model's MLP neurons at layer L) or random")
     out = Path(out) if out else run_dir / "autointerp" / units
-    judge = make_judge(judge) if judge is None or isinstance(judge, str) else judge
+    judge = make_judge(judge, device=device) if judge is None or isinstance(judge, str) else judge
     replay = None if cache is False else ReplayCache(Path(cache) if cache else out / "cache")
     started = time.time()
     with rundir.locked(out, f"explain {run_dir}"):
         sweep(out)
-        job = Explain(run_dir, out, units, s, judge, replay, surprisal_model, progress, overwrite)
+        job = Explain(run_dir, out, units, s, judge, replay, surprisal_model, progress, overwrite, device)
         job.identity = json.loads(json.dumps(job.examples_identity()))
         settings_file = out / "settings.json"
         if settings_file.is_file() and json.loads(settings_file.read_text()) != json.loads(json.dumps(job.identity)):
