@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .. import rundir
 from .._io import atomic_write, atomic_write_json
 from ..errors import FeaturekitError
 from ..features.store import FeatureStore
+from ..models.sites import site_dim
 from . import examples as ex
 from . import explainers, prompts, scorers
 from .aggregate import summarise_run, write_store
@@ -249,6 +251,49 @@ def derangement(units: list[int], seed: int) -> dict[int, int]:
             return dict(zip(units, perm))
 
 
+def check_settings(out: Path, identity: dict, overwrite: bool) -> None:
+    """OUT/settings.json records what the examples depend on: other settings are refused, or with `overwrite` every
+    stage's artefacts go (the replay cache stays)."""
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != identity:
+            if not overwrite:
+                keys = rundir.differing_keys(old, identity)
+                raise FeaturekitError(f"{out} holds autointerp results of another store or settings ({', '.join(keys)} differ): "
+                                      f"pass --overwrite to redo them (the replay cache is kept), or --out for another folder")
+            for name in ("examples", "explanations", "scores", "pool.json", "pool.safetensors", "pool_tiles.safetensors", "summary.json"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+    atomic_write_json(path, identity)
+
+
+def score_all(job: Explain, records: dict[int, dict], judge: Any) -> dict:
+    """Every explainer's explanations, their scores (and the shuffled control's), and the intruder test."""
+    s, out = job.s, job.out
+    results: dict[str, Any] = {"explanations": {}, "scores": {}}
+    for explainer in s.explainers:
+        expl = job.explain(explainer, records)
+        results["explanations"][explainer] = expl
+        texts = {u: e["explanation"] for u, e in expl.items() if e["explanation"]}
+        variants = [("", texts)]
+        if s.shuffled:
+            perm = derangement(sorted(texts), s.seed)
+            variants.append(("~shuffled", {u: texts[perm[u]] for u in texts}))
+        for suffix, given in variants:
+            for scorer in (x for x in s.scorers if x != "intruder"):
+                folder = stage(out / "scores" / f"{explainer}@{judge.label}{suffix}" / scorer,
+                               {**job.scorer_identity(scorer), "shuffled": bool(suffix)}, job.overwrite, f"{scorer} scores")
+                results["scores"][(explainer + suffix, scorer)] = job.score(folder, scorer, records, given)
+    if "intruder" in s.scorers:
+        folder = stage(out / "scores" / f"intruder@{judge.label}", job.scorer_identity("intruder"), job.overwrite, "intruder scores")
+        results["intruder"] = job.score(folder, "intruder", records, {u: None for u, r in records.items() if not r["skipped"]})
+    return results
+
+
 def explain_run(run_dir: str | Path, *, units: str = "features", ids: list[int] | None = None, n_units: int = 32,
                 judge: Any = None, out: str | Path | None = None, cache: str | Path | None = None, settings: Settings | None = None,
                 surprisal_model: str | None = None, write_to_store: bool = True, progress: bool = True,
@@ -269,57 +314,28 @@ def explain_run(run_dir: str | Path, *, units: str = "features", ids: list[int] 
     with rundir.locked(out, f"explain {run_dir}"):
         sweep(out)
         job = Explain(run_dir, out, units, s, judge, replay, surprisal_model, progress, overwrite, device)
-        job.identity = json.loads(json.dumps(job.examples_identity()))
-        settings_file = out / "settings.json"
-        if settings_file.is_file() and json.loads(settings_file.read_text()) != json.loads(json.dumps(job.identity)):
-            if not overwrite:
-                keys = rundir.differing_keys(json.loads(settings_file.read_text()), json.loads(json.dumps(job.identity)))
-                raise FeaturekitError(f"{out} holds autointerp results of another store or settings ({', '.join(keys)} differ): "
-                                      f"pass --overwrite to redo them (the replay cache is kept), or --out for another folder")
-            for name in ("examples", "explanations", "scores", "pool.json", "pool.safetensors", "pool_tiles.safetensors", "summary.json"):
-                path = out / name
-                if path.is_dir():
-                    import shutil
-
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-        atomic_write_json(settings_file, job.identity)
-        if units == "features":
-            job.n_total = job.store.n_latents
-        elif units == "random":
-            job.n_total = max([n_units] + [i + 1 for i in ids or []])
-        else:
-            from ..models.sites import site_dim
-
-            job.n_total = site_dim(job.loaded().model, units)
-        chosen = choose_units(units, job.store, job.n_total, ids, n_units, s.seed)
-        records = job.build_examples(chosen)
-        results: dict[str, Any] = {"explanations": {}, "scores": {}}
-        for explainer in s.explainers:
-            expl = job.explain(explainer, records)
-            results["explanations"][explainer] = expl
-            texts = {u: e["explanation"] for u, e in expl.items() if e["explanation"]}
-            variants = [("", texts)]
-            if s.shuffled:
-                perm = derangement(sorted(texts), s.seed)
-                variants.append(("~shuffled", {u: texts[perm[u]] for u in texts}))
-            for suffix, given in variants:
-                for scorer in (x for x in s.scorers if x != "intruder"):
-                    folder = stage(out / "scores" / f"{explainer}@{judge.label}{suffix}" / scorer,
-                                   {**job.scorer_identity(scorer), "shuffled": bool(suffix)}, overwrite, f"{scorer} scores")
-                    results["scores"][(explainer + suffix, scorer)] = job.score(folder, scorer, records, given)
-        if "intruder" in s.scorers:
-            folder = stage(out / "scores" / f"intruder@{judge.label}", job.scorer_identity("intruder"), overwrite, "intruder scores")
-            results["intruder"] = job.score(folder, "intruder", records, {u: None for u, r in records.items() if not r["skipped"]})
-        summary = summarise_run(units, chosen, records, results, s, job.asker.identity, judge.label)
-        atomic_write_json(out / "summary.json", summary)
-        with open(out / "runs.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 3),
-                                 "units": len(chosen), "judge": job.asker.identity, "requests": job.asker.stats.as_json(),
-                                 "retries": getattr(judge, "retried", 0)}) + "\n")
-        if write_to_store and units == "features":
-            with rundir.locked(run_dir, f"explain {run_dir} (writing explanations into the feature store)"):
-                write_store(job.store.path, results, summary, judge.label)
-        summary["requests"] = job.asker.stats.as_json()
-        return summary
+        try:
+            job.identity = json.loads(json.dumps(job.examples_identity()))
+            check_settings(out, job.identity, overwrite)
+            if units == "features":
+                job.n_total = job.store.n_latents
+            elif units == "random":
+                job.n_total = max([n_units] + [i + 1 for i in ids or []])
+            else:
+                job.n_total = site_dim(job.loaded().model, units)
+            chosen = choose_units(units, job.store, job.n_total, ids, n_units, s.seed)
+            records = job.build_examples(chosen)
+            results = score_all(job, records, judge)
+            summary = summarise_run(units, chosen, records, results, s, job.asker.identity, judge.label)
+            atomic_write_json(out / "summary.json", summary)
+            with open(out / "runs.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 3),
+                                     "units": len(chosen), "judge": job.asker.identity, "requests": job.asker.stats.as_json(),
+                                     "retries": getattr(judge, "retried", 0)}) + "\n")
+            if write_to_store and units == "features":
+                with rundir.locked(run_dir, f"explain {run_dir} (writing explanations into the feature store)"):
+                    write_store(job.store.path, results, summary, judge.label)
+        finally:
+            job.store.close()
+    summary["requests"] = job.asker.stats.as_json()
+    return summary
