@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from featurekit import pipeline
 from featurekit.autointerp import explain_run
-from featurekit.autointerp.examples import ExampleSettings
+from featurekit.autointerp.examples import ExampleSettings, split
 from featurekit.autointerp.hf import HFJudge
 from featurekit.dictionaries import load
 from featurekit.models.hooks import capture_activations
@@ -125,3 +125,15 @@ def test_controls_are_thresholded_at_their_quantile(ai_run, constant, tmp_path, 
     rec = json.loads((out / "examples" / f"{s['ids'][0]:07d}.json").read_text())
     assert rec["explain"] and all(w["source"] == "pool" and w["value"] > 0 for w in rec["explain"] + rec["test"])
     assert len(rec["promoted"]) == 10
+
+
+def test_split_keeps_explanation_and_test_apart_and_drops_repeats():
+    def w(kind, context, tokens, peak=1):
+        return {"kind": kind, "source": "store", "context": context, "start": 0, "peak": peak, "tokens": tokens, "acts": []}
+
+    top = [w("top", 0, ["a", "b"]), w("top", 1, ["c", "d"]), w("top", 2, ["a", "b"]), w("top", 3, ["e", "f"]),
+           w("top", 4, ["g", "h"])]
+    bands = {"band4": [w("band4", 5, ["c", "d"]), w("band4", 6, ["i", "j"])], "band0": [w("band0", 7, ["k", "l"])]}
+    explain, test = split({"top": top, **bands}, ExampleSettings(n_explain=3, n_test=10))
+    assert [x["context"] for x in explain] == [0, 4]  # ranks 0, 2, 4; rank 2 repeats rank 0's text
+    assert [x["context"] for x in test] == [1, 6, 7, 3]  # in turn: top, band4 (5 repeats 1), band0, then the rest

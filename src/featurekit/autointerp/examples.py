@@ -7,7 +7,8 @@ delphi's windows; shifted to stay inside the context).
   the five activation-quantile bands; a control's from the pool, chosen the same way. The explanation set is
   the top examples at even ranks (0, 2, 4, …, `n_explain` of them: OpenAI's neuron-explainer explains from top
   activations); the test set takes the other top examples and the band samples in turn (top, band4 … band0),
-  so scoring covers weak activations too (delphi's quantile sampling). No window is in both.
+  so scoring covers weak activations too (delphi's quantile sampling). No window is in both, and a window
+  repeated in the corpus (the same tokens around the same position) counts once.
 - **Non-activating** (from the pool, the unit silent on every token of the window):
   `random` — random pool windows; `neighbour` — windows around the strongest activations of the unit's
   neighbours (decoder-cosine neighbours and co-firing partners from the store; for controls the most similar
@@ -30,6 +31,7 @@ import torch
 from .text import plain
 
 N_BANDS = 5
+VERSION = 1  #: part of the examples' identity (settings.json): a change of these rules never mixes with old examples
 
 
 @dataclass
@@ -103,20 +105,28 @@ def _pool_window(pool: Any, acts: torch.Tensor, row: int, position: int, s: Exam
             "value": float(acts[row, position]), "kind": kind, "source": "pool", **extra}
 
 
+def _same(w: dict) -> tuple:
+    """Windows with the same tokens and peak are one example (a corpus may hold a text twice)."""
+    return tuple(w["tokens"]), w["peak"]
+
+
 def split(activating: dict[str, list[dict]], s: ExampleSettings) -> tuple[list[dict], list[dict]]:
-    """(explanation set, test set) from windows by kind (module docstring)."""
+    """(explanation set, test set) from windows by kind (module docstring); repeated windows are dropped."""
     top = activating.get("top", [])
-    explain = top[0::2][:s.n_explain]
-    taken = {(w["source"], w["context"], w["start"] + w["peak"]) for w in explain}
-    groups = [top[1::2] + top[2 * s.n_explain:]] + [activating.get(f"band{b}", []) for b in reversed(range(N_BANDS))]
+    explain: list[dict] = []
+    for w in top[0::2]:
+        if len(explain) < s.n_explain and _same(w) not in {_same(x) for x in explain}:
+            explain.append(w)
+    taken = {_same(w) for w in explain}
+    chosen = {id(w) for w in explain}
+    groups = [[w for w in top if id(w) not in chosen]] + [list(activating.get(f"band{b}", [])) for b in reversed(range(N_BANDS))]
     test: list[dict] = []
     while len(test) < s.n_test and any(groups):
         for g in groups:
             while g:
                 w = g.pop(0)
-                key = (w["source"], w["context"], w["start"] + w["peak"])
-                if key not in taken:
-                    taken.add(key)
+                if _same(w) not in taken:
+                    taken.add(_same(w))
                     test.append(w)
                     break
             if len(test) == s.n_test:

@@ -119,7 +119,8 @@ class Explain:
             density = float(torch.tensor(live).median()) if live else 0.01
         self.density = density
         return {"store": {k: self.store.meta.get(k) for k in ("dictionary_sha256", "built", "n_latents", "site", "model")},
-                "units": self.kind, "examples": dataclasses.asdict(self.s.examples), "pool_contexts": self.s.pool_contexts,
+                "units": self.kind, "examples": dataclasses.asdict(self.s.examples), "rules": ex.VERSION,
+                "pool_contexts": self.s.pool_contexts,
                 "density": density, "seed": self.s.seed}
 
     def neighbours(self, unit: int, among: list[int]) -> list[int]:
