@@ -153,6 +153,30 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_leaves
     assert code == 0, err
 
 
+def test_a_writer_refused_while_the_holder_writes_its_name_still_names_it(tmp_path):
+    """The holder takes the lock and then writes who it is; a second writer that comes in between must wait
+    for the name rather than report "holder unknown" (CI caught that window once)."""
+    import fcntl
+    import threading
+    run = tmp_path / "r"
+    run.mkdir()
+    fh = open(run / rundir.LOCK, "a+", encoding="utf-8")
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    def write_name():
+        time.sleep(0.3)
+        fh.write(json.dumps({"pid": 4242, "host": "h", "command": "train x", "started": "now"}) + "\n")
+        fh.flush()
+    writer = threading.Thread(target=write_name)
+    writer.start()
+    try:
+        with pytest.raises(rundir.FeaturekitError, match=r"pid 4242 on h, `featurekit train x`"):
+            with rundir.locked(run, "eval"):
+                pass
+    finally:
+        writer.join()
+        fh.close()
+
+
 def test_two_concurrent_trainings_of_one_run_one_is_refused(tiny, tmp_path):
     """Two real `featurekit train` processes started together on one run name: one trains, the other is
     refused at once (before this lock both exited 0 with interleaved metrics)."""

@@ -71,8 +71,7 @@ def locked(run_dir: Path, command: str) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = _holder(fh.read())
+            holder = _read_holder(fh)
             raise FeaturekitError(f"the run folder {run_dir} is in use by another featurekit process ({holder}); wait "
                                   f"for it to finish or stop it, or use another --name") from None
         fh.seek(0)
@@ -86,6 +85,18 @@ def locked(run_dir: Path, command: str) -> Iterator[None]:
             (run_dir / LOCK).unlink(missing_ok=True)
             run_dir.rmdir()
         fh.close()  # closing the descriptor releases the lock
+
+
+def _read_holder(fh: Any) -> str:
+    """The lock holder's description; it writes it just after taking the lock, so a reader that comes in
+    between (an empty or half-written file) looks again for up to a second."""
+    for _ in range(20):
+        fh.seek(0)
+        holder = _holder(fh.read())
+        if holder != "holder unknown":
+            return holder
+        time.sleep(0.05)
+    return holder
 
 
 def _holder(text: str) -> str:
