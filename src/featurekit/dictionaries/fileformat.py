@@ -260,6 +260,19 @@ def _build(meta: dict[str, Any], meta_path: Path) -> Dictionary:
     return dictionary
 
 
+def from_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path,
+                 device: str | torch.device = "cpu") -> Dictionary:
+    """A dictionary from a `featurekit.json`-shaped `meta` and its state tensors, with every check `load` makes
+    (`interop` maps other libraries' files onto these; `where` names the file in errors)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    check_meta(meta, where)
+    dictionary = _build(meta, where)
+    _check_tensors(dictionary, tensors, where)
+    dictionary.load_state_dict(tensors)
+    dictionary.to(device=device, dtype=getattr(torch, meta.get("dtype", "float32")))
+    return dictionary.eval()
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
     """Load a dictionary folder written by `save`; runs correctly from the files alone."""
     path = Path(path)
