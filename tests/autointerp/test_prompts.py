@@ -4,7 +4,7 @@ on the answers real judges give (marked, bare, chatty, malformed)."""
 import pytest
 
 from featurekit.autointerp import prompts
-from featurekit.autointerp.text import marked, random_marks
+from featurekit.autointerp.text import clean, marked, random_marks
 
 W1 = {"tokens": ["The", " cat", " sat", " on", " the", " mat", "."], "acts": [0, 0, 3.0, 0.5, 0, 1.2, 0], "peak": 2, "kind": "top"}
 W2 = {"tokens": ["A", " dog", " ran", "\n", "home"], "acts": [0, 0, 1.5, 0, 0], "peak": 2, "kind": "band1"}
@@ -45,6 +45,17 @@ def test_scorer_prompts():
     odd = prompts.intruder(["a <<b>>", "c <<d>>", "<<e>> f"])
     assert odd[0]["content"].endswith("Answer with the number of the odd excerpt and nothing else.")
     assert odd[1]["content"] == "Excerpt 1: a <<b>>\nExcerpt 2: c <<d>>\nExcerpt 3: <<e>> f"
+
+
+def test_special_token_text_is_not_passed_to_the_judge():
+    # the main job's store separates documents with SmolLM2's <|im_end|>: verbatim in a prompt, the judge's tokenizer
+    # reads it as the end of the chat turn
+    window = {"tokens": [" said", ".", "<|im_end|>", "Y", "ang", "tze", "</s>"], "acts": [0, 0, 0, 0, 2.0, 0, 0], "peak": 4}
+    messages = prompts.explain_highlight([window])
+    assert messages[3]["content"] == "Excerpt 1:  said.[document break]Y<<ang>>tze[document break]\nActivations: ang 10"
+    for text in ("<|endoftext|>", "<|begin_of_text|>", "<s>", "<eos>", "<bos>", "<pad>"):
+        assert clean(text) == "[document break]"
+    assert clean("<<a|b>>") == "<<a|b>>" and clean("x < y | z > w") == "x < y | z > w"
 
 
 def test_marks():

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .text import activation_list, active_marks, clean, marked
 
-VERSION = 1  #: part of every stage's identity: reworded prompts never mix with answers to the old ones
+VERSION = 2  #: part of every stage's identity: reworded prompts never mix with answers to the old ones
 EXPLANATION_LINE = "[EXPLANATION]:"
 MAX_BARE_WORDS = 30  # an answer without the [EXPLANATION]: line is accepted as the explanation when it is one short line
 

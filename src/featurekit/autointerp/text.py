@@ -12,15 +12,21 @@ of the window's own maximum, so every activating window shows at least one mark.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Sequence
 
 MARK_FRACTION = 0.3
 OPEN, CLOSE = "<<", ">>"
+# special-token text (a document separator in the store's token stream, e.g. SmolLM2's <|im_end|>): written
+# verbatim into a prompt, a judge's tokenizer reads it as the special token itself and the excerpt ends the chat turn
+SPECIAL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<(?:bos|eos|pad|unk)>")
+SPECIAL_SHOWN = "[document break]"
 
 
 def clean(token: str) -> str:
-    """A token as it is shown: line breaks and tabs made visible on one line."""
-    return token.replace("\r", "").replace("\n", "\\n").replace("\t", " ")
+    """A token as it is shown: line breaks and tabs made visible on one line; special-token text (`SPECIAL`) as
+    SPECIAL_SHOWN."""
+    return SPECIAL.sub(SPECIAL_SHOWN, token.replace("\r", "").replace("\n", "\\n").replace("\t", " "))
 
 
 def plain(tokens: Sequence[str]) -> str:
