@@ -71,3 +71,16 @@ def test_a_loaded_foreign_dictionary_saves_as_featurekit_and_reloads_identically
     assert again.metadata["provenance"]["imported_from"]["architecture"] == "jumprelu"
     x = load_file(folder / "expected.safetensors")["x"]
     assert torch.equal(again.encode(x), sae.encode(x))
+
+
+DICTIONARY_LEARNING = {"autoencoder": "relu", "autoencoder_new": "relu", "topk": "topk", "batchtopk": "batchtopk",
+                       "matryoshka": "matryoshka", "jumprelu": "jumprelu"}
+
+
+@pytest.mark.parametrize("name", sorted(DICTIONARY_LEARNING))
+def test_dictionary_learning_files_encode_and_decode_as_dictionary_learning(name):
+    folder = FIXTURES / "dictionary_learning" / name / "trainer_0"
+    ae = featurekit.load(folder)
+    src = ae.metadata["source"]
+    assert (ae.method, src["site"], src["model"]) == (DICTIONARY_LEARNING[name], "resid_post.3", "EleutherAI/pythia-70m-deduped")
+    check(ae, folder)
