@@ -32,9 +32,11 @@ ALLOWED: dict[str, set[str]] = {
     # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it
     "autointerp": {"models", "data", "dictionaries", "config", "features", "pipeline", "rundir"},
     "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app",
-            "autointerp", "interop"},
+            "autointerp", "interop", "circuits"},
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
+    "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
+    "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize
 }
 

@@ -1,0 +1,86 @@
+"""One prompt to one graph file: tokenise, build the local replacement model, attribute, prune, score, write.
+
+    trace(loaded, transcoders, prompt, out=path)  → TraceResult (graph, pruned graph, scores, JSON document)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.tokens import tokenize
+from ..errors import FeaturekitError
+from . import attribution, graph_json, prune, replacement
+from .transcoder_set import TranscoderSet
+
+
+@dataclass
+class TraceResult:
+    graph: attribution.Graph
+    pruned: prune.Pruned
+    scores: dict[str, float]
+    replacement_error: float     # max |replacement logits − clean logits| / max |clean logits|
+    document: dict[str, Any]
+    seconds: float
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """The prompt's token ids as a run sees them (BOS in front where the tokenizer adds one)."""
+    if not prompt:
+        raise FeaturekitError("the prompt is empty; pass the text whose next token the graph should explain")
+    ids, keep = tokenize(tokenizer, prompt)
+    return ids[0]
+
+
+def trace(loaded: Any, transcoders: TranscoderSet, prompt: str, *, out: str | Path | None = None,
+          target_tokens: Sequence[int] | None = None, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+          batch_size: int = 256, node_threshold: float = 0.8, edge_threshold: float = 0.98, slug: str | None = None) -> TraceResult:
+    """The attribution graph of `prompt`'s next-token prediction; the JSON is written to `out` when given."""
+    start = time.perf_counter()
+    ids = prompt_ids(loaded.tokenizer, prompt)
+    rm = replacement.build(loaded.model, transcoders, ids)
+    clean = rm.clean_logits
+    error = float((rm.replacement_logits() - clean).abs().max() / clean.abs().max().clamp_min(1e-30))
+    graph = attribution.attribute(rm, target_tokens, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
+                                  batch_size=batch_size)
+    pruned = prune.prune(graph, node_threshold, edge_threshold)
+    scores = prune.scores(graph)
+    tok = loaded.tokenizer
+    token_strings = [tok.decode([t]) for t in graph.input_ids]
+    vocab_strings = {t: tok.decode([t]) for t in graph.logit_tokens}
+    seconds = time.perf_counter() - start
+    extra = {**scores, "replacement_logit_error": error, "seconds": round(seconds, 3),
+             "attribution_seconds": graph.settings.get("seconds"), "n_features": graph.n_features,
+             "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": int(pruned.edge_mask.sum()),
+             "model": loaded.name}
+    document = graph_json.graph_document(
+        graph, pruned, slug=slug or _slug(prompt), scan=str(transcoders.model or loaded.name), prompt=prompt,
+        token_strings=token_strings, vocab_strings=vocab_strings,
+        transcoder_list=[transcoders.paths.get(layer, f"layer {layer}") for layer in transcoders.layers],
+        widths={layer: tc.n_latents for layer, tc in transcoders.transcoders.items()},
+        node_threshold=node_threshold, edge_threshold=edge_threshold, extra=extra)
+    if out is not None:
+        graph_json.write(document, out)
+    return TraceResult(graph, pruned, scores, error, document, seconds)
+
+
+def _slug(prompt: str) -> str:
+    words = "".join(c if c.isalnum() else "-" for c in prompt.lower()).split("-")
+    return "-".join(w for w in words if w)[:48] or "graph"
+
+
+def target_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """Token strings (e.g. ' Paris') to ids; each must be exactly one token of the tokenizer."""
+    ids = []
+    for text in tokens:
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise FeaturekitError(f"target {text!r} is {len(encoded)} tokens {encoded} for this tokenizer; pass one token "
+                                  "(mind the leading space, e.g. ' Paris')")
+        ids.append(int(encoded[0]))
+    return ids
