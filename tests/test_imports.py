@@ -36,7 +36,6 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
-    "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize
 }
 
