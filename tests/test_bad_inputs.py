@@ -332,6 +332,88 @@ def read_json_of(kind):
     return make
 
 
+# --- other libraries' files (featurekit.interop): fixtures the libraries wrote, damaged -------------------------
+INTEROP = Path(__file__).parent / "fixtures" / "interop"
+
+
+def foreign(fixture: str, file: str, damage):
+    """Copy fixture folder `fixture`, damage its `file` (damage(path)), load it with featurekit.load."""
+    def make(root):
+        import shutil
+        folder = root / Path(fixture).name
+        shutil.copytree(INTEROP / fixture, folder)
+        damage(folder / file)
+        return (lambda: featurekit.load(folder)), folder / file
+    return make
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def cfg_set(key, value):
+    return lambda path: edit_json(path, lambda m: put(m, key, value))
+
+
+def tensors_edit(edit):
+    def damage(path: Path) -> None:
+        tensors = load_file(path)
+        edit(tensors)
+        save_file(tensors, path)
+    return damage
+
+
+def npz_file(arrays):
+    def make(root):
+        import numpy as np
+        folder = root / "gemma-scope-2b-pt-res" / "layer_3"
+        folder.mkdir(parents=True)
+        np.savez(folder / "params.npz", **arrays(np))
+        return (lambda: featurekit.load(folder)), folder / "params.npz"
+    return make
+
+
+def gemma_arrays(np, drop=(), **over):
+    p = {"W_enc": np.zeros((4, 6), np.float32), "b_enc": np.zeros(6, np.float32), "threshold": np.ones(6, np.float32),
+         "W_dec": np.zeros((6, 4), np.float32), "b_dec": np.zeros(4, np.float32), **over}
+    return {k: v for k, v in p.items() if k not in drop}
+
+
+INTEROP_CASES = [
+    pytest.param(foreign("saelens/topk", "sae_weights.safetensors", truncate), "cannot be read as safetensors", id="saelens-truncated"),
+    pytest.param(foreign("saelens/topk", "cfg.json", cfg_set("d_sae", 99)), "do not belong together", id="saelens-cfg-shape"),
+    pytest.param(foreign("saelens/jumprelu", "sae_weights.safetensors",
+                         tensors_edit(lambda t: t.update(threshold=torch.zeros(5)))), "threshold has shape (5,)", id="saelens-wrong-shape"),
+    pytest.param(foreign("saelens/topk", "sae_weights.safetensors", tensors_edit(lambda t: t.pop("b_dec"))), "missing ['b_dec']",
+                 id="saelens-missing-tensor"),
+    pytest.param(foreign("saelens/topk", "cfg.json", cfg_set("architecture", "hypernetwork")), "unknown SAELens architecture",
+                 id="saelens-unknown-architecture"),
+    pytest.param(foreign("saelens/standard", "cfg.json", cfg_set("architecture", "gated")), "no gated SAE", id="saelens-gated"),
+    pytest.param(foreign("saelens/standard", "cfg.json", cfg_set("architecture", "skip_transcoder")), "does not map",
+                 id="saelens-relu-transcoder"),
+    pytest.param(foreign("saelens/topk", "cfg.json", cfg_set("normalize_activations", "layer_norm")), "rescales every token",
+                 id="saelens-layer-norm"),
+    pytest.param(foreign("saelens/topk", "cfg.json", raw_bytes(b'{"architecture": "topk", ')), "not valid JSON", id="saelens-cfg-truncated"),
+    pytest.param(foreign("saelens/topk", "sae_weights.safetensors",
+                         tensors_edit(lambda t: t["W_dec"].view(-1).__setitem__(0, float("nan")))), "NaN", id="saelens-nan"),
+    pytest.param(foreign("sparsify/sae/layers.6", "cfg.json", cfg_set("activation", "groupmax")), "groupmax", id="sparsify-groupmax"),
+    pytest.param(foreign("sparsify/sae/layers.6", "sae.safetensors", truncate), "cannot be read", id="sparsify-truncated"),
+    pytest.param(foreign("sparsify/sae/layers.6", "cfg.json", cfg_set("k", 0)), "k must be an integer", id="sparsify-bad-k"),
+    pytest.param(foreign("sparsify/transcoder/layers.6.mlp", "sae.safetensors",
+                         tensors_edit(lambda t: t.update(W_dec=torch.zeros(32, 15)))), "W_dec has shape (32, 15)", id="sparsify-wrong-shape"),
+    pytest.param(foreign("dictionary_learning/topk/trainer_0", "ae.pt", truncate), "cannot be read", id="dictlearning-truncated"),
+    pytest.param(foreign("dictionary_learning/topk/trainer_0", "config.json", cfg_set("trainer.dict_class", "GatedAutoEncoder")),
+                 "no gated SAE", id="dictlearning-gated"),
+    pytest.param(foreign("dictionary_learning/topk/trainer_0", "config.json", cfg_set("trainer.dict_class", "CrossCoder")),
+                 "does not map", id="dictlearning-unknown-class"),
+    pytest.param(npz_file(lambda np: gemma_arrays(np, drop=("threshold",))), "missing ['threshold']", id="gemmascope-missing"),
+    pytest.param(npz_file(lambda np: gemma_arrays(np, W_dec=np.zeros((6, 5), np.float32))), "W_dec has shape (6, 5)",
+                 id="gemmascope-wrong-shape"),
+    pytest.param(npz_file(lambda np: gemma_arrays(np, threshold=np.array([object()] * 6))), "pickled objects",
+                 id="gemmascope-pickle"),
+]
+
+
 LOADER_CASES = [
     *[pytest.param(dictionary_meta_case(lambda p, k=k, v=v: edit_json(p, lambda m: put(m, k, v))), words,
                    id=f"dictionary-{name}") for name, k, v, words in DICT_META],
@@ -370,6 +452,7 @@ LOADER_CASES = [
     pytest.param(failing_write(PermissionError(errno.EACCES, "Permission denied")), "not writable", id="write-permission-denied"),
     pytest.param(read_json_of("missing"), "could not read", id="read-json-missing"),
     pytest.param(read_json_of("directory"), "could not read", id="read-json-directory"),
+    *INTEROP_CASES,
 ]
 
 

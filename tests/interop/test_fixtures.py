@@ -84,3 +84,20 @@ def test_dictionary_learning_files_encode_and_decode_as_dictionary_learning(name
     src = ae.metadata["source"]
     assert (ae.method, src["site"], src["model"]) == (DICTIONARY_LEARNING[name], "resid_post.3", "EleutherAI/pythia-70m-deduped")
     check(ae, folder)
+
+
+@pytest.mark.parametrize("folder", ["saelens/batchtopk", "sparsify/skip_transcoder/layers.6.mlp",
+                                    "dictionary_learning/matryoshka/trainer_0"])
+def test_the_evaluation_code_accepts_a_loaded_foreign_dictionary(folder):
+    """featurekit's reconstruction evaluation (what `featurekit eval` runs) on a foreign file: its FVU and L0 are
+    those of the library's own outputs."""
+    from featurekit.evaluate.splice import reconstruction_eval
+
+    d = featurekit.load(FIXTURES / folder)
+    want = load_file(FIXTURES / folder / "expected.safetensors")
+    x = want["x"]
+    target = want["x_hat"] if d.transcodes else x  # a transcoder scored against the library's prediction: FVU 0
+    result = reconstruction_eval(d, [(x[:16], target[:16]), (x[16:], target[16:])] if d.transcodes else [x[:16], x[16:]])
+    fvu = float(((x - want["x_hat"]) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert result["l0"] == pytest.approx(float((want["codes"] != 0).sum(-1).float().mean()))
+    assert result["fvu"] == pytest.approx(0.0 if d.transcodes else fvu, abs=1e-5)

@@ -71,8 +71,8 @@ def read(path: Path, device: str | torch.device = "cpu") -> Any:
     d_in, d_sae = shape_of(t, "W_enc", 2, weights, FORMAT)
     for key, want in (("d_in", d_in), ("d_sae", d_sae)):
         if key in cfg and cfg[key] != want:
-            raise FeaturekitError(f"{weights}: W_enc has shape ({d_in}, {d_sae}) but {CFG} says {key}={cfg[key]}; the two "
-                                  f"files do not belong together")
+            raise FeaturekitError(f"{weights}: W_enc has shape ({d_in}, {d_sae}) but {path / CFG} says {key}={cfg[key]}; the "
+                                  f"two files do not belong together")
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if arch == "jumprelu":
         shapes["threshold"] = (d_sae,)

@@ -47,8 +47,8 @@ def read(path: Path, device: str | torch.device = "cpu", model: str | None = Non
     t = read_safetensors(weights, FORMAT)
     n, d_in = shape_of(t, "encoder.weight", 2, weights, FORMAT)
     if cfg.get("d_in", d_in) != d_in:
-        raise FeaturekitError(f"{weights}: encoder.weight has {d_in} columns but {CFG} says d_in={cfg['d_in']}; the two "
-                              f"files do not belong together")
+        raise FeaturekitError(f"{weights}: encoder.weight has {d_in} columns but {path / CFG} says d_in={cfg['d_in']}; the "
+                              f"two files do not belong together")
     k = cfg.get("k")
     if type(k) is not int or not 0 < k <= n:
         raise FeaturekitError(f"{path / CFG}: k must be an integer in [1, {n}], got {k!r}; the file is damaged")
