@@ -28,13 +28,13 @@ def random_transcoder(layer: int, skip: bool = False, n_latents: int = 64, k: in
     tc = (SkipTranscoder if skip else Transcoder)(D, n_latents, k=k, d_out=D, seed=layer)
     gen = torch.Generator().manual_seed(100 + layer)
     with torch.no_grad():
-        tc.W_dec.copy_(torch.randn(n_latents, D, generator=gen) * 0.02)
-        tc.b_dec.copy_(torch.randn(D, generator=gen) * 0.01)
+        tc.W_dec.copy_(torch.randn(n_latents, D, generator=gen) * 0.002)
+        tc.b_dec.copy_(torch.randn(D, generator=gen) * 0.001)
         tc.b_enc.copy_(torch.randn(n_latents, generator=gen) * 0.1)
         tc.input_scale.fill_(1.5 + layer)
         tc.output_scale.fill_(0.5)
         if skip:
-            tc.W_skip.copy_(torch.randn(D, D, generator=gen) * 0.02)
+            tc.W_skip.copy_(torch.randn(D, D, generator=gen) * 0.002)
     return tc.eval()
 
 

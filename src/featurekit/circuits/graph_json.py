@@ -9,8 +9,10 @@
                 token_prob, is_target_logit, run_idx, reverse_ctx_idx}],
      "links": [{source, target, weight}]}
 
-Node ids as circuit-tracer writes them: feature "{layer}_{latent}_{pos}", error "0_{layer}_{pos}", token
-"E_{token id}_{pos}", logit "{n_layers + 1}_{token id}_{pos}". A feature's `feature` number is
+Node ids as circuit-tracer writes them (feature "{layer}_{latent}_{pos}", token "E_{token id}_{pos}", logit
+"{n_layers + 1}_{token id}_{pos}") except error nodes: circuit-tracer's "0_{layer}_{pos}" is also the id of
+layer 0's latent number `layer` at that position, so here they are "err_{layer}_{pos}" (the schema only asks for
+a string; viewers key nodes by id and place them by layer and ctx_idx). A feature's `feature` number is
 layer·10^⌈log10 F⌉ + latent (circuit-tracer's offset, F the transcoders' width), an error's −1, a token's its
 position, a logit's its token id. `influence` is the node's cumulative influence share (the viewer's
 dynamic pruning keeps nodes up to its threshold). Only the kept nodes and edges of the pruned graph are written.
@@ -55,7 +57,7 @@ def node_records(graph: Graph, pruned: Pruned, token_strings: list[str], vocab_s
                 "activation": float(feats.activation[i])}, f"{layer}_{latent}-0")
     for layer in range(graph.n_layers):
         for pos in range(T):
-            add(graph.error_index(layer, pos), {"node_id": f"0_{layer}_{pos}", "feature": -1, "layer": str(layer),
+            add(graph.error_index(layer, pos), {"node_id": f"err_{layer}_{pos}", "feature": -1, "layer": str(layer),
                                                 "ctx_idx": pos, "feature_type": "mlp reconstruction error", "clerp": "",
                                                 "activation": float(graph.error_norms[layer, pos])}, f"{layer}_{pos}-0")
     for pos, token in enumerate(graph.input_ids):
