@@ -5,7 +5,7 @@ encode/decode must equal featurekit's on the same inputs.
     .venv/bin/python benchmarks/interop_roundtrip.py [--out DIR]      # trains, exports, runs each peer, prints errors
 
 A peer whose venv is missing is skipped (printed as such). The peer side runs this same file with the peer's Python
-(`--check FORMAT DIR`), importing only that library, torch and safetensors. Exit status 1 if any error > 1e-5.
+(`--check FORMAT DIR...`), importing only that library, torch and safetensors. Exit status 1 if any error > 1e-5.
 """
 
 from __future__ import annotations
@@ -118,31 +118,32 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
     p.add_argument("--steps", type=int, default=STEPS, help=f"training steps per dictionary (default {STEPS})")
-    p.add_argument("--check", nargs=2, metavar=("FORMAT", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--check", nargs="+", metavar="FORMAT DIR", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.check:
-        print(json.dumps(peer_side(args.check[0], Path(args.check[1]))))
+        print(json.dumps([peer_side(args.check[0], Path(folder)) for folder in args.check[1:]]))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         folders = featurekit_side(out, args.steps)
         worst, rows = 0.0, []
-        for case, folder in folders.items():
-            fmt = case.split("/")[0]
+        for fmt in CASES:  # one peer process per library (importing SAELens takes seconds)
+            cases = {case: folder for case, folder in folders.items() if case.startswith(f"{fmt}/")}
             python = peers_dir() / PEER_VENV[fmt] / "bin" / "python"
             if not python.is_file():
-                rows.append(f"{case:26s} skipped: no {fmt} venv at {python.parent.parent} (benchmarks/peers/setup_venv.sh)")
+                rows += [f"{case:26s} skipped: no {fmt} venv at {python.parent.parent} (benchmarks/peers/setup_venv.sh)" for case in cases]
                 continue
-            done = subprocess.run([str(python), __file__, "--check", fmt, str(folder)], capture_output=True, text=True)
+            done = subprocess.run([str(python), __file__, "--check", fmt, *map(str, cases.values())], capture_output=True, text=True)
             if done.returncode != 0:
-                rows.append(f"{case:26s} FAILED in {fmt}: {done.stderr.strip().splitlines()[-1:]}")
+                rows.append(f"{fmt}: FAILED in the peer: {done.stderr.strip().splitlines()[-1:]}")
                 worst = float("inf")
                 continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            worst = max(worst, r["codes"], r["x_hat"], 0.0 if r["same_latents"] else float("inf"))
-            rows.append(f"{case:26s} codes {r['codes']:.1e}  x_hat {r['x_hat']:.1e}  same latents {r['same_latents']}  "
-                        f"L0 {r['l0']:.1f}  trained input_scale {r['input_scale']:.3f}")
+            results = json.loads(done.stdout.strip().splitlines()[-1])
+            for case, r in zip(cases, results):
+                worst = max(worst, r["codes"], r["x_hat"], 0.0 if r["same_latents"] else float("inf"))
+                rows.append(f"{case:26s} codes {r['codes']:.1e}  x_hat {r['x_hat']:.1e}  same latents {r['same_latents']}  "
+                            f"L0 {r['l0']:.1f}  trained input_scale {r['input_scale']:.3f}")
         print("\n".join(rows))
         print(f"largest error relative to scale: {worst:.1e}")
         return 0 if worst <= 1e-5 else 1

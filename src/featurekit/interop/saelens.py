@@ -85,8 +85,9 @@ def read(path: Path, device: str | torch.device = "cpu") -> Any:
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
         applied.append("rescale_acts_by_decoder_norm folded (unit-norm decoder rows)")
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg  # SAELens < 6 kept them at the top level
-    hook = meta.get("hook_name")
-    source = {"model": meta.get("model_name"), "site": site_from_hook(hook), "hook_name": hook, "d_model": d_in}
+    hook, head = meta.get("hook_name"), meta.get("hook_head_index")
+    site = site_from_hook(hook) if head is None else None  # one head's slice of a site is not a featurekit site
+    source = {"model": meta.get("model_name"), "site": site, "hook_name": hook, "hook_head_index": head, "d_model": d_in}
     origin = {"format": FORMAT, "architecture": arch, "sae_lens_version": meta.get("sae_lens_version"),
               "training_architecture": meta.get("training_architecture"), "normalization": norm or "none"}
     details = meta.get("training_architecture_details") or {}
