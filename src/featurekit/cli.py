@@ -16,6 +16,7 @@
     featurekit itda-match [--model-a M] [--model-b M] [--out DIR] ...   ITDA layer matching (Jaccard of atom labels)
     featurekit export neuronpedia RUN_DIR [--out DIR] [--features a-b,...]   the feature store as Neuronpedia batch JSON
     featurekit export saelens|sparsify RUN_DIR [--out DIR]   the run's dictionary in SAELens / sparsify format
+    featurekit import PATH --name NAME [--model M] [--site S]   another library's dictionary as a run folder (eval, features, serve)
     featurekit explain RUN_DIR [--features IDS] [--judge SPEC] [--units U]   explain and score features with a judge LM
     featurekit trace (--set DIR | --transcoders DIR...) --prompt TEXT --out G.json   an attribution graph (circuits)
 """
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _itda_parser(sub)
     _export_parser(sub)
+    _import_parser(sub)
     _explain_parser(sub)
     _trace_parser(sub)
     return parser
@@ -174,6 +176,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _itda_match(args, progress)
     if args.command == "export":
         return _export(args)
+    if args.command == "import":
+        return _import(args)
     if args.command == "explain":
         return _explain(args, progress)
     if args.command == "trace":
@@ -478,6 +482,36 @@ def _export_dictionary(args: argparse.Namespace) -> int:
     with rundir.locked(args.run_dir, f"export {args.format} {args.run_dir}"):
         folder = export(sae, args.format, out)
     print(f"{args.format} export: {sae.method} dictionary ({sae.d_in} → {sae.n_latents}) in {folder}")
+    return 0
+
+
+def _import_parser(sub: argparse._SubParsersAction) -> None:
+    """`featurekit import PATH`: a dictionary in any format featurekit.load reads, as a run folder (docs/interop.md)."""
+    p = sub.add_parser(
+        "import", help="another library's dictionary (SAELens, sparsify, Gemma Scope, dictionary_learning) as a run folder",
+        description="Read PATH (a SAELens folder, a sparsify hookpoint folder, a Gemma Scope params.npz, a dictionary_learning "
+                    "trainer folder, a featurekit dictionary, or hf:ORG/REPO with --subfolder) onto the featurekit method it "
+                    "maps to, and write out_dir/NAME/config.json + dictionary/ so that featurekit eval, features, serve, report "
+                    "and export work on it. The config names the model and site the file records (or --model / --site) and "
+                    "takes --set overrides for the rest (data.source, eval.tokens, ...). docs/interop.md has the mapping.",
+        epilog=EPILOG)
+    p.add_argument("path", metavar="PATH", help="the dictionary file or folder, or hf:ORG/REPO")
+    p.add_argument("--name", required=True, help="run name: the run goes to out_dir/NAME (default runs/NAME)")
+    p.add_argument("--model", help="the model the dictionary reads (when the file does not record it, or to point at a local copy)")
+    p.add_argument("--site", help="the featurekit site it reads, e.g. resid_post.6 (when the file's hook has no site)")
+    p.add_argument("--subfolder", help="a folder inside PATH (or inside the Hub repository)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable), e.g. data.source=FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in out_dir/NAME")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .pipeline.importing import import_run
+
+    cfg = import_run(args.path, [*args.overrides, f"name={args.name}"], subfolder=args.subfolder, site=args.site,
+                     model=args.model, overwrite=args.overwrite)
+    print(f"imported {cfg.dictionary.method} dictionary ({cfg.dictionary.n_latents} latents, {cfg.site} of {cfg.model.name}) "
+          f"into {cfg.run_dir}; next: featurekit eval {cfg.run_dir}")
     return 0
 
 
