@@ -1,6 +1,6 @@
 """A foreign dictionary through the rest of featurekit: `featurekit import` makes a run folder of a SAELens folder,
-and `featurekit eval` splices it into the model its file names (the tiny random Llama) — the same command line a
-user runs, in subprocesses."""
+`featurekit eval` splices it into the model its file names (the tiny random Llama) and `featurekit features` builds
+its feature store — the same command line a user runs, in subprocesses."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def test_import_a_saelens_folder_and_evaluate_it_spliced_into_its_model(tiny, tm
 
     done = cli("import", str(folder), "--name", "imported", "--set", f"out_dir={tmp_path / 'runs'}",
                "--set", f"data.source={tiny / 'text.txt'}", "--set", "data.context_len=16", "--set", "eval.tokens=400",
-               "--set", "eval.splice_contexts=4", "--set", "eval.batch_contexts=8", "--set", "model.dtype=float32")
+               "--set", "eval.splice_contexts=4", "--set", "eval.batch_contexts=8", "--set", "model.dtype=float32",
+               "--set", "features.tokens=600", "--set", "features.cofire_tokens=256")
     assert done.returncode == 0, done.stderr
     run = tmp_path / "runs" / "imported"
     loaded = featurekit.load(run / "dictionary")
@@ -47,6 +48,13 @@ def test_import_a_saelens_folder_and_evaluate_it_spliced_into_its_model(tiny, tm
     assert result["site"] == "resid_post.1" and result["model"] == model
     assert 0 < result["l0"] <= 4 and result["fvu"] > 0
     assert {"ce_clean", "ce_spliced", "kl_clean_spliced"} <= set(result)  # spliced into the model
+
+    done = cli("features", str(run))  # the feature store over the imported dictionary
+    assert done.returncode == 0, done.stderr
+    from featurekit.features.store import FeatureStore
+
+    store = FeatureStore(run)
+    assert store.n_latents == 64
 
 
 def test_import_needs_the_site_when_the_file_has_none(tmp_path):

@@ -30,8 +30,8 @@ FORMATS = ("featurekit", "saelens", "sparsify", "gemmascope", "dictionary_learni
 
 def detect(path: Path) -> str:
     """Which format the file or folder at `path` holds (a FeaturekitError listing what was looked for)."""
-    if path.is_dir() and (path / fileformat.META).is_file():
-        return "featurekit"
+    if path.is_dir() and ((path / fileformat.META).is_file() or (path / fileformat.WEIGHTS).is_file()):
+        return "featurekit"  # featurekit's loader names what is missing in its own folder
     if gemmascope.is_gemmascope(path):
         return "gemmascope"
     if dictlearning.is_dictlearning(path):
@@ -48,9 +48,9 @@ def detect(path: Path) -> str:
         raise FeaturekitError(f"{path} is a sparsify run with one coder per hookpoint {hookpoints}; pass one of them, "
                               f"e.g. {path / hookpoints[0]}")
     raise FeaturekitError(
-        f"{path} is not a dictionary featurekit reads: expected featurekit.json + model.safetensors (featurekit), cfg.json + "
-        f"sae_weights.safetensors (SAELens), cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope) or ae.pt + "
-        f"config.json (dictionary_learning)")
+        f"{path} is not a dictionary featurekit reads: featurekit.json is missing (a featurekit folder holds it beside "
+        f"model.safetensors), and so are the files of the other formats: cfg.json + sae_weights.safetensors (SAELens), "
+        f"cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), ae.pt + config.json (dictionary_learning)")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, subfolder: str | None = None, site: str | None = None,

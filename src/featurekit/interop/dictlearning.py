@@ -16,10 +16,9 @@ read as that library's `utils.load_dictionary` runs them (`dictionary.py`, `trai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
-
-import re
 
 import torch
 

@@ -22,13 +22,11 @@ so the reader moves b_dec into b_enc where the two differ (`common.centred_bias`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_write, atomic_write_json
 from ..errors import FeaturekitError
 from .common import assemble, centred_bias, need, read_config, read_safetensors, shape_of, uncentred_bias
 from .hooks import hook_from_site, site_from_hook
@@ -42,7 +40,8 @@ _NOT_MAPPED = {
     "jumprelu_transcoder": "featurekit's transcoders are TopK, not JumpReLU",
     "jumprelu_skip_transcoder": "featurekit's transcoders are TopK, not JumpReLU",
     "gated": "featurekit has no gated SAE",
-    "matching_pursuit": "SAELens's matching-pursuit SAE stores a residual-pursuit rule featurekit's MP-SAE file does not (train an mpsae in featurekit)",
+    "matching_pursuit": "SAELens's matching-pursuit SAE runs a residual pursuit featurekit's MP-SAE file does not state "
+                        "(train an mpsae in featurekit)",
     "temporal": "featurekit has no temporal SAE",
 }
 
@@ -126,11 +125,9 @@ def _method(arch: str, cfg: dict, meta: dict, details: dict, t: dict, applied: l
 
 # -- writing -------------------------------------------------------------------------------------------------
 def export(dictionary: Any, out: Path) -> Path:
-    """Write `dictionary` as a SAELens inference folder `out` (cfg.json + sae_weights.safetensors, each atomically);
-    a method SAELens cannot run raises FeaturekitError saying why and what would work."""
-    from safetensors.torch import save_file
-
-    from .writing import folded_copy, refuse
+    """Write `dictionary` as a SAELens inference folder `out` (cfg.json + sae_weights.safetensors, replacing `out` in
+    one step); a method SAELens cannot run raises FeaturekitError saying why and what would work."""
+    from .writing import folded_copy, refuse, write_folder
 
     method = dictionary.method
     d = folded_copy(dictionary)
@@ -166,13 +163,4 @@ def export(dictionary: Any, out: Path) -> Path:
                        **({"training_architecture": training_arch, "training_architecture_details": details}
                           if training_arch else {})}
     tensors.update({"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
-    tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(out / CFG, cfg)
-    return out
-
-
-def describe(out: Path) -> str:
-    cfg = json.loads((out / CFG).read_text())
-    return f"SAELens {cfg['architecture']} SAE, d_in {cfg['d_in']}, d_sae {cfg['d_sae']}"
+    return write_folder(out, CFG, cfg, WEIGHTS, tensors)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write, atomic_write_json
 from ..errors import FeaturekitError
 from .common import assemble, need, read_config, read_safetensors, shape_of
 from .hooks import hookpoint_from_site, sites_from_hookpoint
@@ -73,14 +72,14 @@ def read(path: Path, device: str | torch.device = "cpu", model: str | None = Non
 
 def export(dictionary: Any, out: Path) -> Path:
     """Write `dictionary` as sparsify's folder layout: `out/HOOKPOINT/{cfg.json, sae.safetensors}` (hookpoint from the
-    dictionary's site, Llama-style module names; `out/sae` when the site has none). Returns the hookpoint folder."""
-    from safetensors.torch import save_file
-
-    from .writing import folded_copy, refuse
+    dictionary's site, Llama-style module names; `out/sae` when the site has none), the hookpoint folder replaced in one
+    step. Returns the hookpoint folder."""
+    from .writing import folded_copy, refuse, write_folder
 
     method = dictionary.method
     if method not in ("topk", "transcoder", "skiptranscoder") or getattr(dictionary, "selection", "exact") != "exact":
-        raise refuse(method, FORMAT) if method != "topk" else refuse(method, FORMAT, "its statistical selection is not sparsify's exact top-k")
+        why = "its statistical selection is not sparsify's exact top-k" if method == "topk" else None
+        raise refuse(method, FORMAT, why)
     d = folded_copy(dictionary)
     transcode = method != "topk"
     if transcode and d.d_out != d.d_in:
@@ -94,9 +93,4 @@ def export(dictionary: Any, out: Path) -> Path:
     tensors = {"encoder.weight": d.W_enc, "encoder.bias": d.b_enc, "W_dec": d.W_dec, "b_dec": d.b_dec}
     if method == "skiptranscoder":
         tensors["W_skip"] = d.W_skip
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-    folder = out / hookpoint
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(folder / CFG, cfg)
-    return folder
+    return write_folder(out / hookpoint, CFG, cfg, WEIGHTS, tensors)

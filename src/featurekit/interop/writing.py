@@ -4,8 +4,16 @@ libraries run on raw activations), and the error for a method another format can
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from .._io import writing
 from ..errors import FeaturekitError
 
 #: method → why no other library's format runs it, and what would
@@ -41,3 +49,32 @@ def refuse(method: str, fmt: str, why: str | None = None) -> FeaturekitError:
                f"train one of {list(HOLDS[fmt])} (dictionary.method) to use it in {fmt}, or keep featurekit's own format "
                f"(featurekit.load reads it)")
     return FeaturekitError(f"a {method} dictionary cannot be written in {fmt} format: {reason}; {instead}")
+
+
+def write_folder(folder: Path, config_name: str, config: dict[str, Any], weights_name: str,
+                 tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `folder` holding the config (JSON) and the weights (safetensors) as one step: both go into a fresh sibling
+    folder that then replaces `folder`, so a reader never finds new weights beside an old config (or half a file)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            save_file(tensors, str(staging / weights_name))
+            (staging / config_name).write_text(json.dumps(config, indent=1), encoding="utf-8")
+            for f in (staging / weights_name, staging / config_name):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(folder, old)
+                os.replace(staging, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder

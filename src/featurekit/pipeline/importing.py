@@ -10,7 +10,6 @@ trained: the run has no activation cache or checkpoint.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from .. import rundir
 from ..config import RunConfig, load_config
