@@ -101,3 +101,22 @@ def test_the_evaluation_code_accepts_a_loaded_foreign_dictionary(folder):
     fvu = float(((x - want["x_hat"]) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
     assert result["l0"] == pytest.approx(float((want["codes"] != 0).sum(-1).float().mean()))
     assert result["fvu"] == pytest.approx(0.0 if d.transcodes else fvu, abs=1e-5)
+
+
+def test_a_pre_v6_saelens_topk_config_loads_as_topk(tmp_path):
+    """SAELens before v6 saved TopK SAEs as architecture "standard" with activation_fn_str "topk", and kept the
+    model and hook at the top level: the same weights give the same outputs as the v6 file."""
+    import json
+    import shutil
+
+    folder = tmp_path / "old_topk"
+    shutil.copytree(FIXTURES / "saelens" / "topk_no_rescale", folder)
+    new = json.loads((folder / "cfg.json").read_text())
+    old = {"architecture": "standard", "d_in": new["d_in"], "d_sae": new["d_sae"], "dtype": "float32", "device": "cpu",
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": new["k"]}, "apply_b_dec_to_input": True,
+           "finetuning_scaling_factor": False, "normalize_activations": "none", "model_name": "gpt2",
+           "hook_name": new["metadata"]["hook_name"], "hook_layer": 6}
+    (folder / "cfg.json").write_text(json.dumps(old))
+    sae = featurekit.load(folder)
+    assert (sae.method, sae.k, sae.metadata["source"]["site"]) == ("topk", new["k"], "mlp_in.6")
+    check(sae, folder)

@@ -55,6 +55,19 @@ def read(path: Path, device: str | torch.device = "cpu") -> Any:
     cfg = read_config(path / CFG, FORMAT)
     weights = path / WEIGHTS
     arch = cfg.get("architecture", "standard")  # SAELens before v6 wrote no architecture: standard (ReLU) SAEs
+    old_topk = arch == "standard" and cfg.get("activation_fn_str") == "topk"  # SAELens < 6 kept TopK SAEs as "standard"
+    if old_topk:
+        arch = "topk"
+        cfg = {**cfg, "k": (cfg.get("activation_fn_kwargs") or {}).get("k")}
+        if type(cfg["k"]) is not int:
+            raise FeaturekitError(f"{path / CFG}: a TopK SAE (activation_fn_str=topk) without an integer "
+                                  f"activation_fn_kwargs.k; the file is damaged")
+    elif arch == "standard" and cfg.get("activation_fn_str", "relu") != "relu":
+        raise FeaturekitError(f"{path / CFG}: activation_fn_str={cfg['activation_fn_str']!r} does not map onto a featurekit "
+                              f"method (featurekit reads relu and topk)")
+    if cfg.get("finetuning_scaling_factor"):
+        raise FeaturekitError(f"{path / CFG}: finetuning_scaling_factor=true scales the codes by a learned vector featurekit's "
+                              f"methods do not hold; fold it into W_dec in SAELens first")
     if arch in _NOT_MAPPED:
         raise FeaturekitError(f"{path / CFG}: SAELens architecture {arch!r} does not map onto a featurekit method: "
                               f"{_NOT_MAPPED[arch]}")
