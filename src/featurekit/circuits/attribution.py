@@ -16,8 +16,10 @@ paths kept, every other feature's activation fixed, so no path runs through anot
 model is linear, the edges into a target add up to its value minus the part that biases make (b_dec, b_V,
 b_O, norm biases, b_enc), and a small change δ of a source changes the target by δ·A/a exactly.
 
-The gradients come from batched backward passes: each row of a batch seeds one target's gradient vector
-at its own (layer, position), one backward gives every source's gradient for every row.
+The gradients come from batched backward passes (`LocalReplacement.backward`, the model's transposed linear
+maps): each row of a batch seeds one target's gradient vector at its own (layer, position), one pass gives
+every source's gradient for every row. Targets are in layer order, so a batch of early-layer features only
+walks the layers below them.
 """
 
 from __future__ import annotations
@@ -93,23 +95,6 @@ def logit_targets(rm: LocalReplacement, tokens: Sequence[int] | None = None, max
     return top.indices[:n].tolist(), top.values[:n]
 
 
-def _gradients(rm: LocalReplacement, seeds: Sequence[tuple[int, int, Tensor]]) -> tuple[Tensor, list[Tensor | None]]:
-    """Seeds (layer, pos, vector): layer < n_layers seeds m_L[pos]; layer == n_layers seeds norm_f(x_n)[pos].
-    Returns (∂/∂x_0 (B, T, d), [∂/∂ write_L (B, T, d) or None where no seed depends on it])."""
-    B, T, d = len(seeds), rm.n_pos, rm.embeddings.shape[-1]
-    x0 = torch.zeros(B, T, d, requires_grad=True)
-    writes = [torch.zeros(B, T, out.shape[-1], requires_grad=True) for out in rm.mlp_out]
-    with torch.enable_grad():
-        ins, final = rm.frozen_forward(x0, writes)
-        outs = ins + [final]
-        seeded = [torch.zeros_like(o) for o in outs]
-        for b, (layer, pos, vector) in enumerate(seeds):
-            seeded[layer][b, pos] = vector
-        used = sorted({layer for layer, _, _ in seeds})
-        grads = torch.autograd.grad([outs[i] for i in used], [x0, *writes], [seeded[i] for i in used], allow_unused=True)
-    return grads[0], list(grads[1:])
-
-
 def attribute(rm: LocalReplacement, tokens: Sequence[int] | None = None, *, max_n_logits: int = 10,
               desired_logit_prob: float = 0.95, batch_size: int = 256) -> Graph:
     """The full attribution graph of a local replacement model (every active feature's row computed)."""
@@ -122,29 +107,33 @@ def attribute(rm: LocalReplacement, tokens: Sequence[int] | None = None, *, max_
     N = n_f + L * T + T + n_l
     adjacency = torch.zeros(N, N)
 
-    W_U_mean = rm.W_U.mean(0)
-    seeds: list[tuple[int, int, Tensor]] = [(L, T - 1, rm.W_U[v] - W_U_mean) for v in logit_ids]
-    rows = list(range(n_f + L * T + T, N))
     enc = [rm.encoder_rows(layer, feats.latent[feats.layer == layer]) for layer in range(L)]
     offset = [int((feats.layer < layer).sum()) for layer in range(L)]
+    seeds: list[tuple[int, int, Tensor]] = []      # features in layer order, then the logits
     for i in range(n_f):
         layer = int(feats.layer[i])
         seeds.append((layer, int(feats.pos[i]), enc[layer][i - offset[layer]]))
-        rows.append(i)
+    W_U_mean = rm.W_U.mean(0)
+    seeds += [(L, T - 1, rm.W_U[v] - W_U_mean) for v in logit_ids]
+    rows = list(range(n_f)) + list(range(n_f + L * T + T, N))
 
-    by_layer = [(feats.layer == layer).nonzero().flatten() for layer in range(L)]
-    dec = [rm.decoder_rows(layer, feats.latent[idx]) * feats.activation[idx, None] for layer, idx in enumerate(by_layer)]
+    # the sources of each (layer, position): their node indices and their written vectors f_i W_dec[i] (n, d)
+    groups = []
+    for layer in range(L):
+        for pos in range(T):
+            idx = ((feats.layer == layer) & (feats.pos == pos)).nonzero().flatten()
+            if idx.numel():
+                groups.append((layer, pos, idx, rm.decoder_rows(layer, feats.latent[idx]) * feats.activation[idx, None]))
+    errors, tokens = slice(n_f, n_f + L * T), slice(n_f + L * T, n_f + L * T + T)
     for lo in range(0, len(seeds), batch_size):
-        g_x0, g_writes = _gradients(rm, seeds[lo:lo + batch_size])
-        out = adjacency[rows[lo:lo + batch_size]]
-        for layer, g in enumerate(g_writes):
-            if g is None:
-                continue
-            idx = by_layer[layer]
-            out[:, idx] = (g[:, feats.pos[idx]] * dec[layer]).sum(-1)          # features: f_i W_dec[i] · gradient
-            err = n_f + layer * T
-            out[:, err:err + T] = (g * rm.errors[layer]).sum(-1)                # error nodes: ε_L[t] · gradient
-        out[:, n_f + L * T:n_f + L * T + T] = (g_x0 * rm.embeddings).sum(-1)    # tokens: x_0[t] · gradient
+        g_x0, g_writes = rm.backward(seeds[lo:lo + batch_size])
+        out = torch.zeros(g_x0.shape[0], N)
+        for layer, pos, idx, vectors in groups:
+            if g_writes[layer] is not None:
+                out[:, idx] = g_writes[layer][:, pos] @ vectors.T                     # features: f_i W_dec[i] · gradient
+        g_err = torch.stack([torch.zeros_like(g_x0) if g is None else g for g in g_writes], 1)  # (B, L, T, d)
+        out[:, errors] = (g_err * torch.stack(rm.errors)).sum(-1).flatten(1)        # error nodes: ε_L[t] · gradient
+        out[:, tokens] = (g_x0 * rm.embeddings).sum(-1)                             # tokens: x_0[t] · gradient
         adjacency[rows[lo:lo + batch_size]] = out
     settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "batch_size": batch_size,
                 "max_feature_nodes": n_f, "seconds": round(time.perf_counter() - start, 3)}

@@ -42,6 +42,13 @@ class FrozenNorm:
             y = y * self.weight
         return y if self.bias is None else y + self.bias
 
+    def vjp(self, g: Tensor) -> Tensor:
+        """The transposed linear map: the gradient at the input from the gradient g (B, T, d) at the output."""
+        if self.weight is not None:
+            g = g * self.weight
+        g = g * self.scale[:, None]
+        return g - g.mean(-1, keepdim=True) if self.center else g
+
 
 @dataclass
 class FrozenAttention:
@@ -61,6 +68,14 @@ class FrozenAttention:
         v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # grouped-query: heads share K/V
         z = (self.pattern @ v).transpose(1, 2).reshape(B, T, -1)
         return nn.functional.linear(z, self.w_o, self.b_o)
+
+    def vjp(self, g: Tensor) -> Tensor:
+        """The transposed linear map: the gradient at the input h from the gradient g (B, T, d) at the output."""
+        B, T, _ = g.shape
+        gz = (g @ self.w_o).view(B, T, self.n_heads, -1).transpose(1, 2)         # (B, H, T, head_dim)
+        gv = self.pattern.transpose(-1, -2) @ gz                                # z_h = P_h v_h
+        gv = gv.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, T, -1).sum(2)  # heads sharing a K/V head
+        return gv.transpose(1, 2).reshape(B, T, -1) @ self.w_v
 
 
 @dataclass

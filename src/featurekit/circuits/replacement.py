@@ -76,6 +76,11 @@ class LocalReplacement:
         tc = self.transcoders[layer]
         return tc.skip(m) if hasattr(tc, "skip") else 0.0
 
+    def skip_vjp(self, layer: int, g: Tensor) -> Tensor | None:
+        """The transposed skip path: W_skipᵀ g (None for a plain transcoder)."""
+        w = getattr(self.transcoders[layer], "W_skip", None)
+        return None if w is None else g @ w
+
     def run(self, x0: Tensor, write: Callable[[int, Tensor], Tensor]) -> tuple[list[Tensor], Tensor]:
         """The frozen model on x0 (B, T, d); `write(L, m_L)` is what layer L's MLP adds. Returns
         ([m_L (B, T, d) for every layer], norm_f(x_n) (B, T, d))."""
@@ -90,6 +95,32 @@ class LocalReplacement:
     def frozen_forward(self, x0: Tensor, writes: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
         """The linear(ised) model: features held fixed, layer L's MLP adds writes[L] (B, T, d) plus its skip path."""
         return self.run(x0, lambda layer, m: writes[layer] + self.skip(layer, m))
+
+    def backward(self, seeds: Sequence[tuple[int, int, Tensor]]) -> tuple[Tensor, list[Tensor | None]]:
+        """Gradients of B targets at once through the linear model, by its transposed maps (no autograd).
+
+        `seeds[b]` = (layer, pos, vector): target b is vector · m_layer[pos], or vector · norm_f(x_n)[pos] for
+        layer == n_layers. Returns (∂/∂x_0 (B, T, d), [∂/∂write_L (B, T, d), None above the highest seed]).
+        Walking down from the highest seeded layer, each layer adds its seeds at m_L after the gradient
+        of write_L is read, so a target never receives from its own layer's MLP write."""
+        B, T, d = len(seeds), self.n_pos, self.embeddings.shape[-1]
+        placed: dict[int, Tensor] = {}
+        for b, (layer, pos, vector) in enumerate(seeds):
+            if layer not in placed:
+                placed[layer] = torch.zeros(B, T, vector.shape[-1])
+            placed[layer][b, pos] = vector
+        g = self.final.vjp(placed[self.n_layers]) if self.n_layers in placed else torch.zeros(B, T, d)
+        top = self.n_layers - 1 if self.n_layers in placed else max(placed)
+        writes: list[Tensor | None] = [None] * self.n_layers
+        for layer in range(top, -1, -1):
+            frozen = self.layers[layer]
+            writes[layer] = g                                   # x_L+1 = x_mid + write_L + skip(m_L)
+            g_m = self.skip_vjp(layer, g)
+            if layer in placed:
+                g_m = placed[layer] if g_m is None else g_m + placed[layer]
+            g_mid = g if g_m is None else g + frozen.ln2.vjp(g_m)
+            g = g_mid + frozen.ln1.vjp(frozen.attn.vjp(g_mid))   # x_mid = x_L + attn(norm1(x_L))
+        return g, writes
 
     def unembed(self, final: Tensor) -> Tensor:
         logits = final @ self.W_U.T

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_json, read_json
-from ..dictionaries import Dictionary
-from ..dictionaries import fileformat
+from ..dictionaries import Dictionary, fileformat
 from ..errors import FeaturekitError
 
 MANIFEST = "transcoder_set.json"
