@@ -127,18 +127,19 @@ def attribute(rm: LocalReplacement, tokens: Sequence[int] | None = None, *, max_
     errors, tokens = slice(n_f, n_f + L * T), slice(n_f + L * T, n_f + L * T + T)
     for lo in range(0, len(seeds), batch_size):
         g_x0, g_writes = rm.backward(seeds[lo:lo + batch_size])
-        out = torch.zeros(g_x0.shape[0], N)
+        out = rm.zeros(g_x0.shape[0], N)
         for layer, pos, idx, vectors in groups:
             if g_writes[layer] is not None:
                 out[:, idx] = g_writes[layer][:, pos] @ vectors.T                     # features: f_i W_dec[i] · gradient
         g_err = torch.stack([torch.zeros_like(g_x0) if g is None else g for g in g_writes], 1)  # (B, L, T, d)
         out[:, errors] = (g_err * torch.stack(rm.errors)).sum(-1).flatten(1)        # error nodes: ε_L[t] · gradient
         out[:, tokens] = (g_x0 * rm.embeddings).sum(-1)                             # tokens: x_0[t] · gradient
-        adjacency[rows[lo:lo + batch_size]] = out
+        adjacency[rows[lo:lo + batch_size]] = out.float().cpu()
     settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "batch_size": batch_size,
                 "max_feature_nodes": n_f, "seconds": round(time.perf_counter() - start, 3)}
-    return Graph(rm.input_ids.tolist(), feats, L, logit_ids, logit_probs, adjacency,
-                 torch.stack([e.norm(dim=-1) for e in rm.errors]), settings)
+    on_cpu = ActiveFeatures(feats.layer.cpu(), feats.pos.cpu(), feats.latent.cpu(), feats.activation.float().cpu())
+    return Graph(rm.input_ids.tolist(), on_cpu, L, logit_ids, logit_probs.float().cpu(), adjacency,
+                 torch.stack([e.norm(dim=-1) for e in rm.errors]).float().cpu(), settings)
 
 
 def target_values(rm: LocalReplacement, graph: Graph, writes: Sequence[Tensor], x0: Tensor | None = None) -> Tensor:

@@ -76,6 +76,10 @@ class LocalReplacement:
         tc = self.transcoders[layer]
         return tc.skip(m) if hasattr(tc, "skip") else 0.0
 
+    def zeros(self, *shape: int) -> Tensor:
+        """A zero tensor on the replacement model's device, in its dtype."""
+        return torch.zeros(shape, dtype=self.embeddings.dtype, device=self.embeddings.device)
+
     def skip_vjp(self, layer: int, g: Tensor) -> Tensor | None:
         """The transposed skip path: W_skipᵀ g (None for a plain transcoder)."""
         w = getattr(self.transcoders[layer], "W_skip", None)
@@ -107,9 +111,9 @@ class LocalReplacement:
         placed: dict[int, Tensor] = {}
         for b, (layer, pos, vector) in enumerate(seeds):
             if layer not in placed:
-                placed[layer] = torch.zeros(B, T, vector.shape[-1])
+                placed[layer] = self.zeros(B, T, vector.shape[-1])
             placed[layer][b, pos] = vector
-        g = self.final.vjp(placed[self.n_layers]) if self.n_layers in placed else torch.zeros(B, T, d)
+        g = self.final.vjp(placed[self.n_layers]) if self.n_layers in placed else self.zeros(B, T, d)
         top = self.n_layers - 1 if self.n_layers in placed else max(placed)
         writes: list[Tensor | None] = [None] * self.n_layers
         for layer in range(top, -1, -1):
@@ -164,7 +168,7 @@ class LocalReplacement:
         out = []
         for layer in range(self.n_layers):
             sel = feats.layer == layer
-            w = torch.zeros(B, self.n_pos, self.mlp_out[layer].shape[-1])
+            w = self.zeros(B, self.n_pos, self.mlp_out[layer].shape[-1])
             acts = feats.activation[sel].expand(B, -1) if feature_scale is None else feats.activation[sel] * feature_scale[:, sel]
             contrib = acts[..., None] * self.decoder_rows(layer, feats.latent[sel])  # (B, n_L, d)
             w = w.index_add(1, feats.pos[sel], contrib)
