@@ -671,7 +671,8 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
                     "stay exact, and write the pruned attribution graph (direct effects between features, error nodes, token "
                     "embeddings and the top logits) as circuit-tracer / Neuronpedia graph JSON. docs/circuits.md explains it.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--set", type=Path, metavar="SET_DIR", help="a transcoder set folder (transcoder_set.json + one dictionary per layer)")
+    which.add_argument("--set", type=Path, metavar="SET_DIR",
+                       help="a transcoder set folder (transcoder_set.json + one dictionary per layer)")
     which.add_argument("--transcoders", type=Path, nargs="+", metavar="DIR",
                        help="featurekit transcoder folders, one per layer (each file names its mlp_in.L site)")
     p.add_argument("--prompt", required=True, help="the text whose next-token prediction the graph explains")
@@ -684,6 +685,8 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-threshold", type=float, default=0.8, help="keep the nodes holding this share of influence (default 0.8)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="keep the edges holding this share of influence (default 0.98)")
     p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass (default 256)")
+    p.add_argument("--max-feature-nodes", type=int,
+                   help="at most this many feature nodes, the most influential first (default: every active feature)")
     p.add_argument("--device", default="cpu")
 
 
@@ -700,9 +703,10 @@ def _trace(args: argparse.Namespace) -> int:
     targets = target_ids(loaded.tokenizer, args.targets) if args.targets else None
     result = trace(loaded, tset, args.prompt, out=args.out, target_tokens=targets, max_n_logits=args.max_logits,
                    desired_logit_prob=args.logit_prob, batch_size=args.batch_size, node_threshold=args.node_threshold,
-                   edge_threshold=args.edge_threshold)
+                   edge_threshold=args.edge_threshold, max_feature_nodes=args.max_feature_nodes)
     meta = result.document["metadata"]["featurekit"]
-    print(f"graph of {len(result.graph.input_ids)} tokens: {meta['n_features']} active features, kept {meta['n_kept_nodes']} nodes "
+    print(f"graph of {len(result.graph.input_ids)} tokens: {meta['n_features']} feature nodes ({meta['n_active_features']} active), "
+          f"kept {meta['n_kept_nodes']} nodes "
           f"and {meta['n_kept_edges']} edges; replacement score {meta['replacement_score']:.3f}, completeness "
           f"{meta['completeness_score']:.3f}; replacement logits within {result.replacement_error:.1e} of the model's; "
           f"{result.seconds:.1f} s -> {args.out}")

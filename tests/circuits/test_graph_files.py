@@ -62,6 +62,29 @@ def test_other_families_are_refused():
         replacement.build(bert, random_set(), prompt())
 
 
+# -- capping the feature nodes ---------------------------------------------------------------------------
+
+def test_max_feature_nodes_keeps_the_most_influential_rows_exactly(llama_graph):
+    rm, full = llama_graph
+    same = attribution.attribute(rm, batch_size=64, max_feature_nodes=10_000)
+    assert torch.equal(same.adjacency, full.adjacency) and same.settings["max_feature_nodes"] == full.n_features
+    capped = attribution.attribute(rm, batch_size=8, max_feature_nodes=20, update_interval=1)
+    assert capped.n_features == 20 and capped.settings["active_features"] == full.n_features
+    key = lambda f, i: (int(f.layer[i]), int(f.pos[i]), int(f.latent[i]))  # noqa: E731
+    where = {key(full.features, i): i for i in range(full.n_features)}
+    chosen = [where[key(capped.features, i)] for i in range(20)]
+    assert chosen == sorted(chosen)                                # still in (layer, position, latent) order
+    index = torch.tensor(chosen + list(range(full.n_features, full.adjacency.shape[0])))
+    assert torch.allclose(capped.adjacency, full.adjacency[index][:, index], atol=1e-6)  # the same edges, fewer nodes
+    # the first pick is the feature with the largest probability-weighted share of a logit's input
+    shares = prune.normalized(full.adjacency)[full.logit_index(0):, :full.n_features]
+    assert int((full.logit_probabilities[:, None] * shares).sum(0).argmax()) in chosen
+    pruned = prune.prune(capped)
+    assert pruned.node_mask[capped.token_index(0):].all()
+    with pytest.raises(FeaturekitError, match="max_feature_nodes"):
+        attribution.attribute(rm, max_feature_nodes=-1)
+
+
 # -- pruning and scores ------------------------------------------------------------------------------
 
 def test_pruning_keeps_influential_nodes_and_always_tokens_and_logits(llama_graph):
@@ -171,7 +194,9 @@ def test_featurekit_trace_writes_a_graph(tiny, tmp_path, capsys):
     assert "replacement score" in capsys.readouterr().out
     folders = [str(set_dir / f"layer_{i}") for i in range(3)]
     assert cli.main(["trace", "--transcoders", *folders, "--prompt", "the dog", "--targets", "sat", "ran",
-                     "--out", str(tmp_path / "g2.json")]) == 0
+                     "--max-feature-nodes", "5", "--out", str(tmp_path / "g2.json")]) == 0
+    meta = read_json(tmp_path / "g2.json")["metadata"]
+    assert meta["generation_settings"]["max_feature_nodes"] == 5 and meta["featurekit"]["n_features"] == 5
     logits = [n for n in read_json(tmp_path / "g2.json")["nodes"] if n["feature_type"] == "logit"]
     assert [n["clerp"].split('"')[1] for n in logits] == ["sat", "ran"]
     assert cli.main(["trace", "--set", str(set_dir), "--prompt", "the dog", "--targets", "sat ran", "--out", str(out)]) == 2

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FeaturekitError
+from .influence import influence, normalized
 from .replacement import ActiveFeatures, LocalReplacement
 
 
@@ -96,50 +97,107 @@ def logit_targets(rm: LocalReplacement, tokens: Sequence[int] | None = None, max
 
 
 def attribute(rm: LocalReplacement, tokens: Sequence[int] | None = None, *, max_n_logits: int = 10,
-              desired_logit_prob: float = 0.95, batch_size: int = 256) -> Graph:
-    """The full attribution graph of a local replacement model (every active feature's row computed)."""
-    if batch_size < 1:
-        raise FeaturekitError(f"batch_size must be >= 1, got {batch_size}")
+              desired_logit_prob: float = 0.95, batch_size: int = 256, max_feature_nodes: int | None = None,
+              update_interval: int = 4) -> Graph:
+    """The attribution graph of a local replacement model.
+
+    Every active feature is a node unless `max_feature_nodes` caps them: then, as circuit-tracer does, the logit
+    rows are computed first and feature rows follow in order of their estimated influence on the output (from
+    the rows computed so far, refreshed every `update_interval` batches) until the cap; the features never
+    reached are left out of the graph, with their edges (so the edges into a node no longer add up to its value)."""
+    if batch_size < 1 or update_interval < 1:
+        raise FeaturekitError(f"batch_size and update_interval must be >= 1, got {batch_size}, {update_interval}")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise FeaturekitError(f"max_feature_nodes must be >= 0 (or None for all), got {max_feature_nodes}")
     start = time.perf_counter()
     feats = rm.active_features()
     logit_ids, logit_probs = logit_targets(rm, tokens, max_n_logits, desired_logit_prob)
     n_f, n_l, T, L = len(feats), len(logit_ids), rm.n_pos, rm.n_layers
     N = n_f + L * T + T + n_l
     adjacency = torch.zeros(N, N)
+    rows_of = _RowMaker(rm, feats, logit_ids, N)
 
-    enc = [rm.encoder_rows(layer, feats.latent[feats.layer == layer]) for layer in range(L)]
-    offset = [int((feats.layer < layer).sum()) for layer in range(L)]
-    seeds: list[tuple[int, int, Tensor]] = []      # features in layer order, then the logits
-    for i in range(n_f):
-        layer = int(feats.layer[i])
-        seeds.append((layer, int(feats.pos[i]), enc[layer][i - offset[layer]]))
-    W_U_mean = rm.W_U.mean(0)
-    seeds += [(L, T - 1, rm.W_U[v] - W_U_mean) for v in logit_ids]
-    rows = list(range(n_f)) + list(range(n_f + L * T + T, N))
-
-    # the sources of each (layer, position): their node indices and their written vectors f_i W_dec[i] (n, d)
-    groups = []
-    for layer in range(L):
-        for pos in range(T):
-            idx = ((feats.layer == layer) & (feats.pos == pos)).nonzero().flatten()
-            if idx.numel():
-                groups.append((layer, pos, idx, rm.decoder_rows(layer, feats.latent[idx]) * feats.activation[idx, None]))
-    errors, tokens = slice(n_f, n_f + L * T), slice(n_f + L * T, n_f + L * T + T)
-    for lo in range(0, len(seeds), batch_size):
-        g_x0, g_writes = rm.backward(seeds[lo:lo + batch_size])
-        out = rm.zeros(g_x0.shape[0], N)
-        for layer, pos, idx, vectors in groups:
-            if g_writes[layer] is not None:
-                out[:, idx] = g_writes[layer][:, pos] @ vectors.T                     # features: f_i W_dec[i] · gradient
-        g_err = torch.stack([torch.zeros_like(g_x0) if g is None else g for g in g_writes], 1)  # (B, L, T, d)
-        out[:, errors] = (g_err * torch.stack(rm.errors)).sum(-1).flatten(1)        # error nodes: ε_L[t] · gradient
-        out[:, tokens] = (g_x0 * rm.embeddings).sum(-1)                             # tokens: x_0[t] · gradient
-        adjacency[rows[lo:lo + batch_size]] = out.float().cpu()
+    logit_rows = list(range(N - n_l, N))
+    adjacency[logit_rows] = rows_of(logit_rows)
+    cap = n_f if max_feature_nodes is None else min(max_feature_nodes, n_f)
+    if cap == n_f:
+        chosen = list(range(n_f))                      # layer order: early batches walk few layers
+        for lo in range(0, n_f, batch_size):
+            adjacency[chosen[lo:lo + batch_size]] = rows_of(chosen[lo:lo + batch_size])
+    else:
+        chosen, remaining = [], torch.ones(n_f, dtype=torch.bool)
+        weights = torch.zeros(N)
+        weights[logit_rows] = logit_probs.float().cpu()
+        order: list[int] = []
+        for batch in range(0, cap, batch_size):
+            if batch // batch_size % update_interval == 0:
+                order = _by_influence(adjacency, weights, logit_rows + chosen, remaining)
+            picked = [i for i in order if remaining[i]][:min(batch_size, cap - len(chosen))]
+            adjacency[picked] = rows_of(picked)
+            remaining[picked] = False
+            chosen += picked
+        chosen.sort()
+        keep = torch.tensor(chosen + list(range(n_f, N)), dtype=torch.long)
+        adjacency = adjacency[keep][:, keep]
+        sel = torch.tensor(chosen, dtype=torch.long, device=feats.layer.device)
+        feats = ActiveFeatures(feats.layer[sel], feats.pos[sel], feats.latent[sel], feats.activation[sel])
     settings = {"max_n_logits": max_n_logits, "desired_logit_prob": desired_logit_prob, "batch_size": batch_size,
-                "max_feature_nodes": n_f, "seconds": round(time.perf_counter() - start, 3)}
+                "max_feature_nodes": cap, "active_features": n_f, "seconds": round(time.perf_counter() - start, 3)}
     on_cpu = ActiveFeatures(feats.layer.cpu(), feats.pos.cpu(), feats.latent.cpu(), feats.activation.float().cpu())
     return Graph(rm.input_ids.tolist(), on_cpu, L, logit_ids, logit_probs.float().cpu(), adjacency,
                  torch.stack([e.norm(dim=-1) for e in rm.errors]).float().cpu(), settings)
+
+
+def _by_influence(adjacency: Tensor, weights: Tensor, computed: list[int], remaining: Tensor) -> list[int]:
+    """Uncomputed features, most influential first, from the rows computed so far: influence flows only through
+    computed rows, so it is found on that submatrix and then passed on to every column."""
+    rows = torch.tensor(computed, dtype=torch.long)
+    a_hat = normalized(adjacency[rows])                           # (R, N)
+    within = influence(a_hat[:, rows], weights[rows])             # (R,) influence of the computed nodes
+    reach = (within + weights[rows]) @ a_hat                      # (N,) influence of every node
+    candidates = remaining.nonzero().flatten()
+    return candidates[torch.argsort(reach[:len(remaining)][candidates], descending=True)].tolist()
+
+
+class _RowMaker:
+    """Rows of the adjacency matrix: `self(rows)` → (len(rows), N) direct effects into those target nodes, from one
+    batched backward pass (`LocalReplacement.backward`)."""
+
+    def __init__(self, rm: LocalReplacement, feats: ActiveFeatures, logit_ids: list[int], N: int):
+        self.rm, self.feats, self.N = rm, feats, N
+        n_f, T, L = len(feats), rm.n_pos, rm.n_layers
+        self.n_f = n_f
+        self.errors, self.tokens = slice(n_f, n_f + L * T), slice(n_f + L * T, n_f + L * T + T)
+        self.W_U_mean = rm.W_U.mean(0)
+        self.logit_ids = logit_ids
+        # the sources of each (layer, position): their node indices and written vectors f_i W_dec[i] (n, d)
+        self.groups = []
+        for layer in range(L):
+            for pos in range(T):
+                idx = ((feats.layer == layer) & (feats.pos == pos)).nonzero().flatten()
+                if idx.numel():
+                    self.groups.append((layer, pos, idx, rm.decoder_rows(layer, feats.latent[idx]) * feats.activation[idx, None]))
+
+    def seed(self, node: int) -> tuple[int, int, Tensor]:
+        """Where target `node`'s gradient starts: (layer, position, vector)."""
+        rm, f = self.rm, self.feats
+        if node < self.n_f:                     # a feature's pre-activation W_enc[i] · m_L[t]
+            layer = int(f.layer[node])
+            return layer, int(f.pos[node]), rm.encoder_rows(layer, f.latent[node:node + 1])[0]
+        k = node - (self.N - len(self.logit_ids))   # a demeaned logit at the last position
+        return rm.n_layers, rm.n_pos - 1, rm.W_U[self.logit_ids[k]] - self.W_U_mean
+
+    def __call__(self, nodes: list[int]) -> Tensor:
+        rm = self.rm
+        g_x0, g_writes = rm.backward([self.seed(node) for node in nodes])
+        out = rm.zeros(len(nodes), self.N)
+        for layer, pos, idx, vectors in self.groups:
+            if g_writes[layer] is not None:
+                out[:, idx] = g_writes[layer][:, pos] @ vectors.T                    # features: f_i W_dec[i] · gradient
+        g_err = torch.stack([torch.zeros_like(g_x0) if g is None else g for g in g_writes], 1)  # (B, L, T, d)
+        out[:, self.errors] = (g_err * torch.stack(rm.errors)).sum(-1).flatten(1)  # error nodes: ε_L[t] · gradient
+        out[:, self.tokens] = (g_x0 * rm.embeddings).sum(-1)                       # tokens: x_0[t] · gradient
+        return out.float().cpu()
 
 
 def target_values(rm: LocalReplacement, graph: Graph, writes: Sequence[Tensor], x0: Tensor | None = None) -> Tensor:

@@ -25,24 +25,7 @@ from torch import Tensor
 
 from ..errors import FeaturekitError
 from .attribution import Graph
-
-
-def normalized(adjacency: Tensor) -> Tensor:
-    """|A| with rows scaled to sum 1 (all-zero rows stay zero)."""
-    a = adjacency.abs()
-    return a / a.sum(1, keepdim=True).clamp_min(1e-10)
-
-
-def influence(a_hat: Tensor, weights: Tensor, max_iter: int = 10_000) -> Tensor:
-    """w Â + w Â² + … for a row-normalised acyclic Â."""
-    current = weights @ a_hat
-    total = current.clone()
-    for _ in range(max_iter):
-        if not current.any():
-            return total
-        current = current @ a_hat
-        total += current
-    raise FeaturekitError("influence did not converge: the adjacency matrix has a cycle (a graph bug; please report it)")
+from .influence import influence, normalized
 
 
 def logit_weights(graph: Graph) -> Tensor:

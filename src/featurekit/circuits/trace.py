@@ -39,7 +39,8 @@ def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
 
 def trace(loaded: Any, transcoders: TranscoderSet, prompt: str, *, out: str | Path | None = None,
           target_tokens: Sequence[int] | None = None, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-          batch_size: int = 256, node_threshold: float = 0.8, edge_threshold: float = 0.98, slug: str | None = None) -> TraceResult:
+          batch_size: int = 256, node_threshold: float = 0.8, edge_threshold: float = 0.98, slug: str | None = None,
+          max_feature_nodes: int | None = None) -> TraceResult:
     """The attribution graph of `prompt`'s next-token prediction; the JSON is written to `out` when given."""
     start = time.perf_counter()
     ids = prompt_ids(loaded.tokenizer, prompt)
@@ -47,7 +48,7 @@ def trace(loaded: Any, transcoders: TranscoderSet, prompt: str, *, out: str | Pa
     clean = rm.clean_logits
     error = float((rm.replacement_logits() - clean).abs().max() / clean.abs().max().clamp_min(1e-30))
     graph = attribution.attribute(rm, target_tokens, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, max_feature_nodes=max_feature_nodes)
     pruned = prune.prune(graph, node_threshold, edge_threshold)
     scores = prune.scores(graph)
     tok = loaded.tokenizer
@@ -56,6 +57,7 @@ def trace(loaded: Any, transcoders: TranscoderSet, prompt: str, *, out: str | Pa
     seconds = time.perf_counter() - start
     extra = {**scores, "replacement_logit_error": error, "seconds": round(seconds, 3),
              "attribution_seconds": graph.settings.get("seconds"), "n_features": graph.n_features,
+             "n_active_features": graph.settings.get("active_features"),
              "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": int(pruned.edge_mask.sum()),
              "model": loaded.name}
     document = graph_json.graph_document(
