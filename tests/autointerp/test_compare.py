@@ -20,7 +20,9 @@ def test_controls_side_by_side(ai_run, judges, capsys):
                     "random", "random, shuffled explanations"]
     for row in table["rows"]:
         assert row["units"] == 3 and row["detection"]["mean"] == 0.5
-    assert "| mlp_hidden.1, shuffled explanations | highlight | 3 | 0.500" in printed
+    neurons = next(r for r in table["rows"] if r["arm"] == "mlp_hidden.1, shuffled explanations")
+    assert f"| mlp_hidden.1, shuffled explanations | highlight | 3 | {neurons['explained']} | 0.500" in printed
+    assert f"(n={neurons['detection']['n']})" in printed
     assert (ai_run / "autointerp" / "comparison.md").read_text() == printed
     made = {p.name for p in (ai_run / "autointerp").iterdir()}
     assert {"cache", "comparison.json", "comparison.md", "features", "mlp_hidden.1", "random"} <= made

@@ -68,13 +68,15 @@ def _cell(m: dict | None) -> str:
     if not m or m.get("mean") is None:
         return "–"
     ci = f" [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]" if m.get("ci95") else ""
-    return f"{m['mean']:.3f}{ci}"
+    return f"{m['mean']:.3f}{ci} (n={m['n']})" if m.get("n") is not None else f"{m['mean']:.3f}{ci}"
 
 
 def markdown(table: dict) -> str:
     scorers = [s for s in MAIN if any(s in r for r in table["rows"])]
-    head = ["arm", "explainer", "units"] + [f"{s} ({MAIN[s]})" for s in scorers]
+    head = ["arm", "explainer", "units", "explained"] + [f"{s} ({MAIN[s]})" for s in scorers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table["rows"]:
-        lines.append("| " + " | ".join([r["arm"], r["explainer"], str(r["units"])] + [_cell(r.get(s)) for s in scorers]) + " |")
-    return "\n".join(lines) + "\n\nMeans over units with a seeded bootstrap 95 % interval; intruder accuracy is explanation-free.\n"
+        lines.append("| " + " | ".join([r["arm"], r["explainer"], str(r["units"]), str(r.get("explained", "–"))]
+                                       + [_cell(r.get(s)) for s in scorers]) + " |")
+    return ("\n".join(lines) + "\n\nMeans over units with a seeded bootstrap 95 % interval (n: the units with a value; only units "
+            "with a parsed explanation are scored); intruder accuracy is explanation-free.\n")
