@@ -658,9 +658,6 @@ def _explain_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _trace_parser(sub: argparse._SubParsersAction) -> None:
     """`featurekit trace`: the attribution graph of one prompt through a transcoder set (circuits)."""
@@ -711,3 +708,7 @@ def _trace(args: argparse.Namespace) -> int:
           f"{meta['completeness_score']:.3f}; replacement logits within {result.replacement_error:.1e} of the model's; "
           f"{result.seconds:.1f} s -> {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
