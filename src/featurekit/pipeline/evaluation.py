@@ -41,11 +41,7 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     loaded = loaded or open_model(cfg)
     weights = cfg.run_dir / "dictionary" / "model.safetensors"
     sae = load(cfg.run_dir / "dictionary", device=next(loaded.model.parameters()).device)
-    source = sae.metadata.get("source", {})
-    if (source.get("site"), source.get("output_site")) != (cfg.site, cfg.output_site) or not _same_model(source, cfg, loaded):
-        raise FeaturekitError(f"the dictionary in {cfg.run_dir / 'dictionary'} was trained on {source.get('site')} "
-                              f"(output {source.get('output_site')}) of {source.get('model')}, but the config asks for {cfg.site} "
-                              f"(output {cfg.output_site}) of {cfg.model.name}; evaluate it with the config it was trained with")
+    check_dictionary(cfg, loaded, sae)
     plan = evaluations(cfg, loaded)
     ids, mask = contexts(loaded, cfg, split, cfg.eval.tokens)
     warnings = [w for w in [eval_split_warning(cfg, split, ids, mask)] if w]
@@ -98,6 +94,15 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
     result["complete"] = True
     atomic_write_json(out / "eval.json", result)
     return result
+
+
+def check_dictionary(cfg: RunConfig, loaded: LoadedModel, sae) -> None:
+    """Refuse a dictionary trained on another site or model than the config names."""
+    source = sae.metadata.get("source", {})
+    if (source.get("site"), source.get("output_site")) != (cfg.site, cfg.output_site) or not _same_model(source, cfg, loaded):
+        raise FeaturekitError(f"the dictionary in {cfg.run_dir / 'dictionary'} was trained on {source.get('site')} "
+                              f"(output {source.get('output_site')}) of {source.get('model')}, but the config asks for {cfg.site} "
+                              f"(output {cfg.output_site}) of {cfg.model.name}; evaluate it with the config it was trained with")
 
 
 def _same_model(source: dict, cfg: RunConfig, loaded: LoadedModel) -> bool:
