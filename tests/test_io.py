@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError
 
-from featurekit._io import FileError, atomic_write, atomic_write_json, atomic_write_text, read_json
+from featurekit._io import FileError, atomic_folder, atomic_write, atomic_write_json, atomic_write_text, read_json
 from featurekit.errors import FeaturekitError
 
 
@@ -114,3 +114,33 @@ def test_read_json_of_any_bytes_returns_or_raises_featurekit_error(data):
             read_json(path)
         except FeaturekitError as err:
             assert path in str(err)
+
+
+def test_atomic_folder_replaces_the_whole_folder_or_nothing(tmp_path):
+    target = tmp_path / "dict"
+    with atomic_folder(target) as staging:
+        atomic_write_text(staging / "a.txt", "one")
+        atomic_write_text(staging / "b.txt", "one")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]
+
+    with pytest.raises(RuntimeError, match="crash"), atomic_folder(target) as staging:
+        atomic_write_text(staging / "a.txt", "two")
+        raise RuntimeError("crash")
+    assert (target / "a.txt").read_text() == "one" and (target / "b.txt").read_text() == "one"
+
+    with atomic_folder(target) as staging:
+        atomic_write_text(staging / "c.txt", "three")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]  # no stale file from the old folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dict"]  # no staging or .old folder left
+
+
+def test_atomic_folder_names_the_file_not_the_staging_folder(tmp_path):
+    target = tmp_path / "dict"
+
+    def fail(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(FileError) as info, atomic_folder(target) as staging:
+        atomic_write(staging / "model.safetensors", fail)
+    assert str(target / "model.safetensors") in str(info.value) and "free space" in str(info.value)
+    assert not target.exists() and list(tmp_path.iterdir()) == []

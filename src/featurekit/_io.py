@@ -82,6 +82,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder as one step: the block writes into a fresh sibling staging folder (yielded), which then
+    replaces `path` (an existing folder is swapped out and removed). A reader never finds new files beside old
+    ones, or half a folder; if the block raises, `path` is left as it was and the staging folder is removed.
+    Write the files inside with `atomic_write*` (they are fsynced). An operating-system error raises FileError
+    naming the file under `path`, not the staging folder."""
+    import shutil
+
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        try:
+            yield staging
+        except FileError as err:  # name the folder's file, not the staging folder's
+            name = Path(err.filename).name if err.filename else ""
+            raise write_error(path / name, err.__cause__ or err) from err.__cause__
+        with writing(path):
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(staging, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:

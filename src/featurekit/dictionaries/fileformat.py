@@ -26,9 +26,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import os
-import shutil
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import FileError, atomic_write, atomic_write_json, read_json, write_error, writing
+from .._io import FileError, atomic_folder, atomic_write, atomic_write_json, read_json
 from ..errors import FeaturekitError
 from .base import Dictionary
 from .registry import METHODS, method_class
@@ -108,25 +105,9 @@ def save(dictionary: Dictionary, path: str | Path, metadata: dict[str, Any] | No
     }
     # Both files go into a fresh sibling folder that then replaces `path`, so a reader never sees
     # new weights beside an old featurekit.json (or the reverse).
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as staging:
         atomic_write(staging / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
         atomic_write_json(staging / META, meta)
-        with writing(path):
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(staging, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, path)
-    except FileError as err:  # name the dictionary's file, not the staging folder's
-        raise write_error(path / Path(err.filename or WEIGHTS).name, err.__cause__ or err) from err.__cause__
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import writing
+from .._io import atomic_folder, atomic_write, atomic_write_text
 from ..errors import FeaturekitError
 
 #: method → why no other library's format runs it, and what would
@@ -58,23 +55,7 @@ def write_folder(folder: Path, config_name: str, config: dict[str, Any], weights
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-    with writing(folder):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            save_file(tensors, str(staging / weights_name))
-            (staging / config_name).write_text(json.dumps(config, indent=1), encoding="utf-8")
-            for f in (staging / weights_name, staging / config_name):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(folder, old)
-                os.replace(staging, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    with atomic_folder(folder) as staging:
+        atomic_write(staging / weights_name, lambda tmp: save_file(tensors, tmp))
+        atomic_write_text(staging / config_name, json.dumps(config, indent=1))
     return folder
