@@ -25,3 +25,17 @@ def tiny_bert(tmp_path_factory):
     from .tiny import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny, tmp_path_factory):
+    """A finished run on the tiny model (topk, 64 latents at resid_post.1) with its feature store; shared, so
+    treat it as read-only (copy it with shutil.copytree before writing into it)."""
+    from featurekit import pipeline
+
+    from .test_pipeline import config
+
+    cfg = config(tiny, tmp_path_factory.mktemp("tiny_run"), "name=tiny_run", "features.tokens=3000", "features.top_n=8",
+                 "features.cofire_tokens=100000")
+    pipeline.run_all(cfg, progress=False)
+    return cfg.run_dir

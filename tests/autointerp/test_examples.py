@@ -27,9 +27,9 @@ def constant(judges):
 
 
 @pytest.fixture(scope="module")
-def built(ai_run, constant, tmp_path_factory):
+def built(tiny_run, constant, tmp_path_factory):
     out = tmp_path_factory.mktemp("examples") / "a"
-    summary = explain_run(ai_run, ids=UNITS, judge=constant, out=out, settings=small(scorers=()), progress=False,
+    summary = explain_run(tiny_run, ids=UNITS, judge=constant, out=out, settings=small(scorers=()), progress=False,
                           write_to_store=False)
     return out, summary
 
@@ -45,9 +45,9 @@ def pool_codes(run_dir, out, site_units):
     return t, codes
 
 
-def test_pool_holds_exact_codes_and_negatives_are_silent(ai_run, built):
+def test_pool_holds_exact_codes_and_negatives_are_silent(tiny_run, built):
     out, _ = built
-    t, codes = pool_codes(ai_run, out, UNITS)
+    t, codes = pool_codes(tiny_run, out, UNITS)
     keep = t["keep"].bool()
     units = json.loads((out / "pool.json").read_text())["units"]
     assert set(UNITS) <= set(units)
@@ -73,11 +73,11 @@ def test_pool_holds_exact_codes_and_negatives_are_silent(ai_run, built):
     assert n_negatives >= 3 * len(UNITS)
 
 
-def test_activating_windows_come_from_the_store(ai_run, built):
+def test_activating_windows_come_from_the_store(tiny_run, built):
     from featurekit.features.store import FeatureStore
 
     out, _ = built
-    store = FeatureStore(ai_run)
+    store = FeatureStore(tiny_run)
     for u in UNITS:
         rec = json.loads((out / "examples" / f"{u:07d}.json").read_text())
         page = store.feature(u)
@@ -93,10 +93,10 @@ def test_activating_windows_come_from_the_store(ai_run, built):
         assert rec["promoted"] == [page["token_text"][t] for t, _ in page["logits_pos"]][:10]
 
 
-def test_same_seed_same_examples_and_skipped_units_counted(ai_run, built, constant, tmp_path):
+def test_same_seed_same_examples_and_skipped_units_counted(tiny_run, built, constant, tmp_path):
     out, summary = built
     again = tmp_path / "b"
-    explain_run(ai_run, ids=UNITS, judge=constant, out=again, settings=small(scorers=()), progress=False, write_to_store=False,
+    explain_run(tiny_run, ids=UNITS, judge=constant, out=again, settings=small(scorers=()), progress=False, write_to_store=False,
                 cache=out / "cache")
     for u in UNITS:
         name = f"examples/{u:07d}.json"
@@ -104,15 +104,15 @@ def test_same_seed_same_examples_and_skipped_units_counted(ai_run, built, consta
     assert summary["skipped"] == [] and summary["with_examples"] == len(UNITS)
     strict = small(scorers=())
     strict.examples = ExampleSettings(n_explain=3, n_test=4, min_explain=50, n_semantic=0)
-    s = explain_run(ai_run, ids=[0, 1], judge=constant, out=tmp_path / "c", settings=strict, progress=False, write_to_store=False)
+    s = explain_run(tiny_run, ids=[0, 1], judge=constant, out=tmp_path / "c", settings=strict, progress=False, write_to_store=False)
     assert [x["unit"] for x in s["skipped"]] == [0, 1] and "too few activating examples" in s["skipped"][0]["reason"]
     assert s["explainers"]["highlight"]["explained"] == 0
 
 
 @pytest.mark.parametrize("units", ["mlp_hidden.1", "random"])
-def test_controls_are_thresholded_at_their_quantile(ai_run, constant, tmp_path, units):
+def test_controls_are_thresholded_at_their_quantile(tiny_run, constant, tmp_path, units):
     out = tmp_path / units
-    s = explain_run(ai_run, units=units, n_units=4, judge=constant, out=out, settings=small(scorers=("embedding",), shuffled=True),
+    s = explain_run(tiny_run, units=units, n_units=4, judge=constant, out=out, settings=small(scorers=("embedding",), shuffled=True),
                     progress=False)
     meta = json.loads((out / "pool.json").read_text())
     t = load_file(out / "pool.safetensors")

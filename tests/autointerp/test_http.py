@@ -107,10 +107,10 @@ def test_round_trip_and_token_accounting(server, judges, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ai_run, server, judges, tmp_path_factory):
+def uninterrupted(tiny_run, server, judges, tmp_path_factory):
     out = tmp_path_factory.mktemp("http") / "whole"
     judge = HTTPJudge(server.url, model=str(judges["constant"]), concurrency=4)
-    summary = explain_run(ai_run, ids=UNITS, judge=judge, out=out, settings=settings(), progress=False, write_to_store=False)
+    summary = explain_run(tiny_run, ids=UNITS, judge=judge, out=out, settings=settings(), progress=False, write_to_store=False)
     return out, summary
 
 
@@ -123,11 +123,11 @@ def test_explain_through_the_server(uninterrupted):
     assert summary["judge"]["kind"] == "openai-chat" and summary["judge"]["label"] == "constant"
 
 
-def test_malformed_answers_are_counted(ai_run, server, judges, tmp_path):
+def test_malformed_answers_are_counted(tiny_run, server, judges, tmp_path):
     judge = HTTPJudge(server.url, model=str(judges["constant"]), concurrency=4)
     three = small(scorers=("detection", "fuzzing"))
     three.scoring.n_shown = 3  # asks for "[a, b, c]"; the judge says "1 1 1 … 1" (20 digits): not an answer
-    summary = explain_run(ai_run, ids=UNITS[:2], judge=judge, out=tmp_path / "three", settings=three, progress=False,
+    summary = explain_run(tiny_run, ids=UNITS[:2], judge=judge, out=tmp_path / "three", settings=three, progress=False,
                           write_to_store=False)
     for s in summary["explainers"]["highlight"]["scores"].values():
         assert s["unparsed_answers"] == s["answers"] > 0 and s["balanced_accuracy"]["n"] == 0
@@ -155,7 +155,7 @@ def test_a_rejected_request_fails_at_once(server, judges):
     assert judge.retried == 0 and time.perf_counter() - start < 5
 
 
-def test_server_dies_mid_run_and_the_rerun_resumes_from_the_cache(ai_run, server, judges, uninterrupted, tmp_path):
+def test_server_dies_mid_run_and_the_rerun_resumes_from_the_cache(tiny_run, server, judges, uninterrupted, tmp_path):
     whole, first = uninterrupted
     out = tmp_path / "cut"
     judge = HTTPJudge(server.url, model=str(judges["constant"]), concurrency=4, retries=1, backoff=0.05, timeout=10)
@@ -163,7 +163,7 @@ def test_server_dies_mid_run_and_the_rerun_resumes_from_the_cache(ai_run, server
 
     def run() -> None:
         try:
-            explain_run(ai_run, ids=UNITS, judge=judge, out=out, settings=settings(), progress=False, write_to_store=False)
+            explain_run(tiny_run, ids=UNITS, judge=judge, out=out, settings=settings(), progress=False, write_to_store=False)
         except BaseException as err:  # noqa: BLE001 - handed to the test thread
             failure.append(err)
 
@@ -179,7 +179,7 @@ def test_server_dies_mid_run_and_the_rerun_resumes_from_the_cache(ai_run, server
     total = first["requests"]["sent"] + first["requests"]["replayed"]
     assert 10 <= cached < total
     server.start()
-    summary = explain_run(ai_run, ids=UNITS, judge=judge, out=out, settings=settings(), progress=False, write_to_store=False)
+    summary = explain_run(tiny_run, ids=UNITS, judge=judge, out=out, settings=settings(), progress=False, write_to_store=False)
     assert summary["requests"]["replayed"] >= cached - len(list((out / "explanations").rglob("0*.json")))
     assert summary["requests"]["sent"] + summary["requests"]["replayed"] < total + 1
     assert results(out) == results(whole)

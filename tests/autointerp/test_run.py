@@ -32,9 +32,9 @@ def constant(judges):
 
 
 @pytest.fixture(scope="module")
-def first(ai_run, constant, tmp_path_factory):
+def first(tiny_run, constant, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "a"
-    summary = explain_run(ai_run, ids=UNITS, judge=constant, out=out, settings=small(explainers=("highlight", "logits")),
+    summary = explain_run(tiny_run, ids=UNITS, judge=constant, out=out, settings=small(explainers=("highlight", "logits")),
                           progress=False)
     return out, summary
 
@@ -63,8 +63,8 @@ def test_constant_judge_scores_chance(first):
     assert log[-1]["requests"]["sent"] == summary["requests"]["sent"]
 
 
-def test_explanations_reach_the_store_and_the_export(ai_run, first, tmp_path):
-    store = FeatureStore(ai_run)
+def test_explanations_reach_the_store_and_the_export(tiny_run, first, tmp_path):
+    store = FeatureStore(tiny_run)
     page = store.feature(UNITS[0])
     rows = {e["explainer"]: e for e in page["explanations"]}
     assert set(rows) == {"highlight@constant", "logits@constant"}
@@ -78,24 +78,24 @@ def test_explanations_reach_the_store_and_the_export(ai_run, first, tmp_path):
     assert all(n["layer"].startswith("1-featurekit-topk") and n["score"] == 0.5 for n in notes)
 
 
-def test_replay_cache_makes_reruns_free_and_identical(ai_run, first, constant, tmp_path):
+def test_replay_cache_makes_reruns_free_and_identical(tiny_run, first, constant, tmp_path):
     out, summary = first
     again = tmp_path / "b"
-    s2 = explain_run(ai_run, ids=UNITS, judge=constant, out=again, cache=out / "cache", settings=small(explainers=("highlight", "logits")),
-                     progress=False, write_to_store=False)
+    s2 = explain_run(tiny_run, ids=UNITS, judge=constant, out=again, cache=out / "cache",
+                     settings=small(explainers=("highlight", "logits")), progress=False, write_to_store=False)
     asked = summary["requests"]["sent"] + summary["requests"]["replayed"]  # (both explainers' "1 1 1" ask the same questions)
     assert s2["requests"]["sent"] == 0 and s2["requests"]["replayed"] == asked
     assert results(again) == results(out)
-    s3 = explain_run(ai_run, ids=UNITS, judge=constant, out=out, settings=small(explainers=("highlight", "logits")), progress=False)
+    s3 = explain_run(tiny_run, ids=UNITS, judge=constant, out=out, settings=small(explainers=("highlight", "logits")), progress=False)
     assert s3["requests"]["sent"] == 0 and s3["requests"]["replayed"] == 0  # every unit's files are there: nothing asked
 
 
-def test_unparseable_answers_are_counted(ai_run, judges, tmp_path):
+def test_unparseable_answers_are_counted(tiny_run, judges, tmp_path):
     """A judge of random words: its free answers (lists of three labels) never parse; its multiple-choice answers
     (one-excerpt questions, the intruder test) always do, being picked among the choices."""
     three = small(scorers=("detection", "fuzzing", "intruder"))
     three.scoring.n_shown = 3
-    summary = explain_run(ai_run, ids=UNITS[:2], judge=HFJudge(str(judges["salad"])), out=tmp_path / "s", settings=three,
+    summary = explain_run(tiny_run, ids=UNITS[:2], judge=HFJudge(str(judges["salad"])), out=tmp_path / "s", settings=three,
                           progress=False, write_to_store=False)
     entry = summary["explainers"]["highlight"]
     assert entry["explained"] + len(entry["unparseable"]) == 2
@@ -106,12 +106,12 @@ def test_unparseable_answers_are_counted(ai_run, judges, tmp_path):
     assert summary["intruder"]["unparsed_answers"] == 0 and summary["intruder"]["accuracy"]["n"] == 2
 
 
-def test_other_settings_are_refused(ai_run, first, constant):
+def test_other_settings_are_refused(tiny_run, first, constant):
     out, _ = first
     other = small(explainers=("highlight", "logits"))
     other.examples.n_explain = 2
     with pytest.raises(FeaturekitError, match="examples.n_explain"):
-        explain_run(ai_run, ids=UNITS, judge=constant, out=out, settings=other, progress=False)
+        explain_run(tiny_run, ids=UNITS, judge=constant, out=out, settings=other, progress=False)
 
 
 def cli(run_dir, out, judge, *extra):
@@ -124,15 +124,15 @@ def cli(run_dir, out, judge, *extra):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_same_results(ai_run, judges, tmp_path, capsys):
+def test_sigkill_then_rerun_gives_the_same_results(tiny_run, judges, tmp_path, capsys):
     """The uninterrupted run and the rerun go through the CLI in this process (one torch thread, like the killed
     one), the killed run in a subprocess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     judge = judges["salad"]  # answers that depend on every prompt: any drift would show
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(cli(ai_run, whole, judge)) == 0
+    assert main(cli(tiny_run, whole, judge)) == 0
     assert "judge requests:" in capsys.readouterr().out
-    proc = subprocess.Popen([sys.executable, "-m", "featurekit", *cli(ai_run, cut, judge)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "featurekit", *cli(tiny_run, cut, judge)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -144,6 +144,6 @@ def test_sigkill_then_rerun_gives_the_same_results(ai_run, judges, tmp_path, cap
     proc.wait()
     assert killed, "the run finished before it could be killed"
     assert not (cut / "summary.json").exists()
-    assert main(cli(ai_run, cut, judge)) == 0
+    assert main(cli(tiny_run, cut, judge)) == 0
     assert results(cut) == results(whole)
     assert not list(cut.rglob(".*.tmp"))

@@ -11,10 +11,10 @@ import torch
 
 from featurekit.config import TrainConfig
 from featurekit.dictionaries import TopKSAE, save
-from featurekit.train.sharded import ShardedTopKSAE
 from featurekit.train import Trainer
 from featurekit.train import distributed as D
 from featurekit.train.losses import fvu_loss
+from featurekit.train.sharded import ShardedTopKSAE
 
 D_IN, N_LATENTS, K, BATCH, STEPS = 16, 64, 4, 64, 6
 
