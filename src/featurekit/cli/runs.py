@@ -1,0 +1,209 @@
+"""The run folder's life: run, harvest, train, eval, features, report, clean; config (the keys) and serve (the explorer)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import FeaturekitError
+from .common import EPILOG, RUN_DIR_HELP, config_args, featurekit_command, memory_policy, summary
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole job: harvest, train, evaluate, report (a rerun continues from what is complete)",
+                       epilog=EPILOG)
+    config_args(p)
+    p = sub.add_parser("harvest", help="harvest activations into the run's activation cache", epilog=EPILOG)
+    config_args(p)
+    p = sub.add_parser("train", help="train a dictionary on the run's activation cache", epilog=EPILOG)
+    config_args(p)
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (from step 0 if it stopped before the first)")
+    p = sub.add_parser("eval", help="evaluate the run's dictionary: held-out metrics, splice CE/KL, feature examples",
+                       description="Evaluate RUN_DIR's dictionary. Without options: on the held-out split of the run's own text, "
+                                   "written to RUN_DIR/eval.json and RUN_DIR/features/. With --text or --set data.*/eval.*/report.*: "
+                                   "on other text (or with other settings), written to RUN_DIR/evals/LABEL/ beside the run's own results.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--text", metavar="SOURCE", help="evaluate on this text source (as data.source: embedded name, .txt/.jsonl/"
+                                                    ".parquet path, folder of .txt files, hf:NAME)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a data.*, eval.* or report.* value for this evaluation (repeatable)")
+    p.add_argument("--split", choices=["test", "train", "all"],
+                   help="which documents of the text (default: test on the run's own text, all on other text)")
+    p.add_argument("--label", help="folder name under RUN_DIR/evals (default: the text's name and the split)")
+    p.add_argument("--suite", default="core", metavar="NAMES",
+                   help="comma-separated evaluations: core (held-out metrics, splice, feature examples; the default), "
+                        "probing (sparse probing on BBC News's topics → RUN_DIR/evals/sparse_probing.json, SAEBench's format; "
+                        "settings eval.probing_*)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("features", help="build the run's feature store (every latent's statistics, examples, logit effects)",
+                       description="Build RUN_DIR/features.sqlite: for every latent its firing statistics, histogram, top and "
+                                   "activation-quantile examples, top tokens, co-firing features, logit effects and decoder "
+                                   "neighbours, from features.tokens tokens (the held-out split, then training text). `featurekit "
+                                   "run` builds it as its last step; `featurekit serve RUN_DIR` browses it. Under torchrun the "
+                                   "processes share the tokens.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--text", metavar="SOURCE", help="build it from this text source (all its documents) instead")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a features.* value (e.g. features.tokens=500000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("report", help="write the run's report.html from what the run holds (metrics, curves, features)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p = sub.add_parser("clean", help="free disk: remove a finished run's activation cache and checkpoint, keeping the results",
+                       description="Remove RUN_DIR/activations (the training activation cache) and RUN_DIR/checkpoint (the resumable "
+                                   "training state) once the dictionary is finished. The dictionary, eval.json, features/, "
+                                   "metrics.jsonl and report.html stay; a later `featurekit run` of the same config skips to "
+                                   "what is missing.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p = sub.add_parser("config", help="list every config key with its default and meaning, and the dictionary methods")
+    p.add_argument("--methods", action="store_true", help="only the dictionary methods")
+    p = sub.add_parser("serve", help="the explorer: a local web app over runs' feature stores (feature pages, search, try a text, steer)",
+                       description="Serve RUN_DIR's feature store (and those of further runs, side by side) as a web app on "
+                                   "http://127.0.0.1:PORT/: run overview, feature list and search (by token, id, explanation), "
+                                   "feature pages, and live model calls (the features on each token of a text; steering). "
+                                   "Read-only: nothing is written into a run folder. Ctrl-C stops it.")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several: switch between them")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port, printed at start)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; another address prints a warning: "
+                        "anyone who can reach it can browse the runs and run the model)")
+
+
+def config(args: argparse.Namespace, progress: bool) -> int:
+    from ..config.help import describe
+
+    print(describe(methods_only=args.methods))
+    return 0
+
+
+def serve(args: argparse.Namespace, progress: bool) -> int:
+    from ..app.server import serve
+
+    return serve(args.run_dirs, host=args.host, port=args.port)
+
+
+def run_or_folder(args: argparse.Namespace, progress: bool) -> int:
+    """run / harvest / train make or continue a run from a config; eval, features, report, clean and train --resume
+    work in an existing run folder."""
+    if args.command in ("eval", "report", "clean", "features") or (args.command == "train" and args.resume):
+        return _on_run_dir(args, progress)
+    return _new_run(args, progress)
+
+
+HANDLERS = {"config": config, "serve": serve, **{name: run_or_folder for name in
+                                                 ("run", "harvest", "train", "eval", "features", "report", "clean")}}
+
+
+def _on_run_dir(args: argparse.Namespace, progress: bool) -> int:
+    """Commands that work in an existing run folder: eval, report, clean, train --resume."""
+    from .. import pipeline, rundir
+    from ..report import write_report
+
+    run_dir = args.resume if args.command == "train" else args.run_dir
+    cfg = pipeline.load_run_config(run_dir)  # not a run folder: a clear error, nothing written
+    if args.command == "train" and (args.config or args.overrides or args.name or args.overwrite):
+        raise FeaturekitError("--resume continues a run with its own config.json; drop --config/--set/--name/--overwrite "
+                              "(to change settings, start a new run)")
+    if args.command == "train":
+        memory_policy(cfg)
+    with rundir.locked(run_dir, f"{args.command} {run_dir}"):
+        rundir.sweep(run_dir)
+        if args.command == "report":
+            print(f"report: {write_report(run_dir)}")
+        elif args.command == "clean":
+            freed = rundir.clean(run_dir)
+            for name, size in freed.items():
+                print(f"removed {run_dir / name} ({size / 2**20:.1f} MiB)")
+            print(f"freed {sum(freed.values()) / 2**20:.1f} MiB; kept the dictionary and the results" if freed else "nothing to remove")
+        elif args.command == "features":
+            _features(args, cfg, progress)
+        elif args.command == "train":
+            if pipeline.dictionary_complete(cfg):
+                print(f"dictionary: {cfg.run_dir / 'dictionary'} (already finished)")
+                return 0
+            pipeline.run_train(cfg, resume=True, progress=progress)
+            if pipeline.distributed.is_main():
+                print(f"dictionary: {cfg.run_dir / 'dictionary'}")
+        else:
+            _eval(args, cfg, progress)
+    return 0
+
+
+def _features(args: argparse.Namespace, cfg, progress: bool) -> None:
+    from .. import pipeline
+    from ..config import load_config
+
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("features.")]
+    if bad:
+        raise FeaturekitError(f"featurekit features may change only features.* settings, not {', '.join(bad)}")
+    if args.overrides:
+        new = load_config(cfg.run_dir / "config.json", args.overrides)
+        cfg.features = new.features
+    pipeline.distributed.init_from_env()
+    path = pipeline.run_features(cfg, progress=progress, text=args.text)
+    if path is not None:
+        print(f"feature store: {path}")
+        print(f"browse it: featurekit serve {cfg.run_dir}")
+
+
+EVAL_SUITES = ("core", "probing")
+
+
+def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
+    from .. import pipeline
+
+    suite = [name.strip() for name in args.suite.split(",") if name.strip()]
+    unknown = sorted(set(suite) - set(EVAL_SUITES))
+    if unknown or not suite:
+        raise FeaturekitError(f"--suite {args.suite!r}: unknown evaluation(s) {', '.join(unknown) or '(none given)'}; "
+                              f"valid: {', '.join(EVAL_SUITES)}")
+    overrides = list(args.overrides) + ([f"data.source={args.text}"] if args.text else [])
+    split, out = None, None
+    if overrides or args.split or args.label:
+        cfg, split, out = pipeline.other_text(cfg, overrides, args.split, args.label)
+    loaded = pipeline.open_model(cfg)
+    if "core" in suite:
+        result = pipeline.run_eval(cfg, loaded, progress=progress, **({"split": split, "out_dir": out} if out else {}))
+        print(summary(result))
+        if out:
+            print(f"results: {out / 'eval.json'}")
+    if "probing" in suite:
+        from ..pipeline.probing import run_probing
+
+        result = run_probing(cfg, loaded, out_dir=out)
+        print("sparse probing (BBC topics, held-out accuracy): " + ", ".join(
+            f"{name} {value:.3f}" for name, value in result["eval_result_details"][0].items() if name.endswith("_accuracy")))
+        print(f"results: {(out or cfg.run_dir / 'evals') / 'sparse_probing.json'}")
+
+
+def _new_run(args: argparse.Namespace, progress: bool) -> int:
+    """run, harvest, train: a run folder from a config (a new one, or the same config continued)."""
+    from .. import pipeline, rundir
+    from ..config import load_config
+
+    overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
+    cfg = pipeline.resolve(load_config(args.config, overrides))
+    if args.command in ("run", "train"):
+        memory_policy(cfg)
+    with rundir.locked(cfg.run_dir, args.command):
+        if args.command == "run":
+            report = pipeline.run_all(cfg, progress=progress, overwrite=args.overwrite)
+            if not pipeline.distributed.is_main():  # under torchrun rank 0 evaluates and reports
+                return 0
+            print(summary(pipeline.read_json(cfg.run_dir / "eval.json")))
+            print(f"report: {report}")
+            print(f"explore it: {featurekit_command()} serve {cfg.run_dir}")
+            return 0
+        pipeline.preflight(cfg)
+        pipeline.start(cfg, overwrite=args.overwrite)
+        if args.command == "harvest":
+            cache = pipeline.run_harvest(cfg, progress=progress)
+            print(f"activation cache: {cache.dir} ({cache.n_tokens} tokens)")
+        elif pipeline.dictionary_complete(cfg):
+            print(f"dictionary: {cfg.run_dir / 'dictionary'} (already finished for this config and text)")
+        else:  # the same config continues from its checkpoint
+            pipeline.run_train(cfg, resume=(cfg.run_dir / "checkpoint" / "state.json").is_file(), progress=progress)
+            if pipeline.distributed.is_main():  # under torchrun: once
+                print(f"dictionary: {cfg.run_dir / 'dictionary'}")
+    return 0
+
