@@ -104,7 +104,7 @@ class EvalConfig:
     probing_test_docs: int = 100  #: sparse probing: held-out documents per topic at most (BBC's held-out split has 20-32)
     probing_tokens: int = 128  #: sparse probing: tokens per document (its first ones; SAEBench's context length)
     probing_ks: str = "1,2,5,20"  #: sparse probing: the k of the k-sparse probes, comma-separated
-    absorption_words: int = 2000  #: absorption: single-token words drawn from the vocabulary (0: all, SAEBench)
+    absorption_words: int = 4000  #: absorption: single-token words drawn from the vocabulary (0: all, SAEBench)
     absorption_icl: int = 10  #: absorption: in-context example lines before every read word (SAEBench: 10)
     absorption_words_per_sequence: int = 40  #: absorption: words read per packed prompt sequence
     absorption_max_k: int = 10  #: absorption: k-sparse probes for k = 1..max_k (SAEBench: 10)
