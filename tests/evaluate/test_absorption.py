@@ -103,3 +103,26 @@ def test_weak_probes_and_missing_letters_are_skipped_and_bad_shapes_refused():
     assert len(weak) + result["n_scored_letters"] == 4 and len(weak) >= 3
     with pytest.raises(FeaturekitError, match="decoder"):
         first_letter_absorption(x, codes, y, x, codes, y, decoder[:, :5], "abcd")
+
+
+def test_packed_prompts_read_every_word_once_at_its_own_token_after_the_examples(tiny):
+    from transformers import AutoTokenizer
+
+    from featurekit.evaluate.first_letter import TEMPLATE_SUFFIX, alpha_tokens, first_letter, packed_prompts, split_words
+
+    tok = AutoTokenizer.from_pretrained(tiny / "model")
+    words = alpha_tokens(tok)
+    assert len(words) == 28 and all(text.isalpha() for _, text in words)  # tests/tiny.py's words; no special token
+    ids, pos, order = packed_prompts(tok, words, n_icl=3, words_per_sequence=5, seed=0)
+    assert sorted(order) == list(range(len(words)))  # each word read exactly once
+    read = pos[pos >= 0]
+    rows = (pos >= 0).nonzero()[:, 0]
+    assert ids[rows, read].tolist() == [words[i][0] for i in order]  # at the word's own token
+    line = 1 + len(tok.encode(TEMPLATE_SUFFIX, add_special_tokens=False)) + 1 + len(tok.encode("\n", add_special_tokens=False))
+    start = len(tok.encode("\n", add_special_tokens=False))
+    assert (pos[:, 0] == start + 3 * line).all()  # after exactly n_icl example lines
+    assert first_letter(" Apple") == 0 and first_letter("zoo") == 25
+    train, test = split_words(words, None, 0.8, seed=0)
+    assert len(train) == 22 and len(test) == 6 and not {w for w, _ in train} & {w for w, _ in test}
+    with pytest.raises(FeaturekitError, match="absorption_words"):
+        split_words(words, 1, 0.8, seed=0)

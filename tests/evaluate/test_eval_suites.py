@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from featurekit.cli import main
 from featurekit.config.checks import steering_targets
 from featurekit.dictionaries import TopKSAE
 from featurekit.errors import FeaturekitError
@@ -32,9 +33,8 @@ def test_eval_suite_absorption_and_steering_write_saebench_fields(tiny, tmp_path
     sae = TopKSAE(32, 64, k=4, seed=0)
     sae.metadata = {"source": {"model": model, "site": "resid_post.1"}}
     folder = export(sae, "saelens", tmp_path / "saelens_sae")
-    done = cli("import", str(folder), "--name", "r", "--set", f"out_dir={tmp_path / 'runs'}", "--set", "model.dtype=float32",
-               "--set", f"data.source={tiny / 'text.txt'}", "--set", "data.context_len=16")
-    assert done.returncode == 0, done.stderr
+    assert main(["import", str(folder), "--name", "r", "--set", f"out_dir={tmp_path / 'runs'}", "--set", "model.dtype=float32",
+                 "--set", f"data.source={tiny / 'text.txt'}", "--set", "data.context_len=16"]) == 0  # in-process: quicker
     run = tmp_path / "runs" / "r"
     config = json.loads((run / "config.json").read_text())
     config["eval"].update(absorption_words=0, absorption_icl=2, absorption_words_per_sequence=4, absorption_max_k=3,

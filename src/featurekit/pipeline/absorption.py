@@ -71,7 +71,9 @@ def run_absorption(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: P
     warnings = []
     if scored < MIN_LETTERS:
         warnings.append(f"only {scored} letters have a ground-truth probe with F1 > {settings.min_probe_f1} (SAEBench needs "
-                        f"{MIN_LETTERS} and reports nothing below that); the scores average over those {scored}")
+                        f"{MIN_LETTERS} and reports nothing below that); "
+                        + (f"the scores average over those {scored}" if scored else "no scores") +
+                        " — more words (eval.absorption_words, 0 = all) give the probes more to learn from")
     unstructured = {"letters": result["letters"], "n_scored_letters": scored, "warnings": warnings,
                     "probe_f1": {letter: row.get("probe_f1") for letter, row in result["letters"].items()},
                     "dictionary_sha256": sha256_file(cfg.run_dir / "dictionary" / "model.safetensors"),
