@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from featurekit.errors import FeaturekitError
-from featurekit.evaluate.absorption import (AbsorptionSettings, absorption_fractions, balanced_weights, f1_score,
-                                            first_letter_absorption, split_latents)
+from featurekit.evaluate.absorption import (
+    AbsorptionSettings,
+    absorption_fractions,
+    balanced_weights,
+    f1_score,
+    first_letter_absorption,
+    split_latents,
+)
 
 
 def case(probe_proj, latent_proj, cos, main, codes=None):

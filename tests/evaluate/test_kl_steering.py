@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from featurekit.errors import FeaturekitError
-from featurekit.evaluate.kl_steering import (SteeringProbe, choose_features, difference_of_means, kl_matched,
-                                             random_directions)
+from featurekit.evaluate.kl_steering import SteeringProbe, choose_features, difference_of_means, kl_matched, random_directions
 from featurekit.models.hooks import capture_activations
 from featurekit.models.loading import load_model
 

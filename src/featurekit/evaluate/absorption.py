@@ -66,7 +66,7 @@ def balanced_weights(y: torch.Tensor) -> torch.Tensor:
     return torch.where(y, len(y) / (2 * n_pos), len(y) / (2 * (len(y) - n_pos))).double()
 
 
-def rank_latents(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, l1: float, steps: int, seed: int = 0) -> torch.Tensor:
+def rank_latents(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, l1: float, steps: int) -> torch.Tensor:
     """(n_classes, m) weights of a one-vs-rest logistic probe on all latents with an L1 penalty
     (SAEBench's `train_sparse_multi_probe`: BCE with positive weights neg/pos, l1 · mean over classes of
     Σ|w|, Adam lr 0.01 decaying exponentially to 1e-5), full batch from zero weights."""
@@ -79,7 +79,6 @@ def rank_latents(codes: torch.Tensor, labels: torch.Tensor, n_classes: int, l1: 
     opt = torch.optim.Adam([w, b], lr=0.01)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=(1e-5 / 1e-2) ** (1 / max(steps, 1)))
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    del seed  # deterministic: full batch from zero
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad()
@@ -128,7 +127,7 @@ def absorption_fractions(probe_proj: torch.Tensor, latent_proj: torch.Tensor, co
 
 def first_letter_absorption(x_train: torch.Tensor, codes_train: torch.Tensor, y_train: torch.Tensor,
                             x_test: torch.Tensor, codes_test: torch.Tensor, y_test: torch.Tensor, decoder: torch.Tensor,
-                            letters: Sequence[str], settings: AbsorptionSettings = AbsorptionSettings(), seed: int = 0) -> dict:
+                            letters: Sequence[str], settings: AbsorptionSettings = AbsorptionSettings()) -> dict:
     """The evaluation of the module docstring. x (n, d) activations, codes (n, m), y (n,) class indices into
     `letters`, decoder (m, d). Returns {"mean": {...} or None, "letters": {letter: {...}}, "n_scored_letters": int}."""
     if x_train.ndim != 2 or codes_train.ndim != 2 or decoder.ndim != 2 or decoder.shape != (codes_train.shape[1], x_train.shape[1]):
@@ -137,7 +136,7 @@ def first_letter_absorption(x_train: torch.Tensor, codes_train: torch.Tensor, y_
     if not (len(x_train) == len(codes_train) == len(y_train) and len(x_test) == len(codes_test) == len(y_test)):
         raise FeaturekitError("absorption: activations, codes and labels must have one row per word")
     decoder = decoder.double()
-    ranking = rank_latents(codes_train, y_train, len(letters), settings.l1, settings.l1_steps, seed)
+    ranking = rank_latents(codes_train, y_train, len(letters), settings.l1, settings.l1_steps)
     per_letter: dict[str, dict] = {}
     for c, letter in enumerate(letters):
         pos_tr, pos_te = y_train == c, y_test == c
@@ -171,7 +170,8 @@ def first_letter_absorption(x_train: torch.Tensor, codes_train: torch.Tensor, y_
             continue
         cos = (decoder @ p_hat) / decoder.norm(dim=1).clamp_min(EPS)
         codes = codes_test[true_pos].double()
-        fraction, full = absorption_fractions(x_test[true_pos].double() @ p_hat, codes * (decoder @ p_hat)[None], codes, cos, main, settings)
+        projections = codes * (decoder @ p_hat)[None]
+        fraction, full = absorption_fractions(x_test[true_pos].double() @ p_hat, projections, codes, cos, main, settings)
         row.update(mean_absorption_fraction=float(fraction.mean()), full_absorption_rate=float(full.double().mean()),
                    num_full_absorption=int(full.sum()))
     scored = [r for r in per_letter.values() if "skipped" not in r]

@@ -136,9 +136,7 @@ def kl_matched(probe: SteeringProbe, targets: Sequence[float], tol: float = 0.05
                 hi_r[i, t], hi_kl[i, t] = grid_t[g], grid_kl[i, g]
                 if g > 0:
                     lo_r[i, t], lo_kl[i, t] = grid_t[g - 1], grid_kl[i, g - 1]
-        ii = torch.arange(n)
-        keep(ii.repeat_interleave(len(grid_t)), torch.full((n * len(grid_t),), t), grid_t.repeat(n),
-             {k: v for k, v in first.items()})
+        keep(which, torch.full((len(which),), t), grid_t.repeat(n), first)
     side = torch.zeros(shape, dtype=torch.long)  # Illinois: which end was kept twice in a row
     for _ in range(max_iter):
         active = reached & (err > math.log1p(tol))

@@ -4,7 +4,7 @@ All functions take document features `x` (n, d) and boolean labels `y` (n,) and 
 
 - `mean_difference_latents(x, y, k)`: the k columns with the largest |mean(x[y]) − mean(x[¬y])|
   (ties broken by the lower index), as SAEBench chooses the latents of a k-sparse probe.
-- `fit_logistic(x, y)`: logistic regression on standardised columns (mean and standard deviation of
+- `fit_logistic(x, y, weights=None)`: logistic regression on standardised columns (mean and standard deviation of
   the training rows; a constant column stays 0) minimising
       mean_i log(1 + exp(−s_i (w·z_i + b))) + ‖w‖² / (2 C n),   s_i = ±1,
   i.e. scikit-learn's default L2 objective (C = 1) divided by n; solved by L-BFGS in float64.
@@ -70,7 +70,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int
     def closure() -> torch.Tensor:
         opt.zero_grad()
         w, b = params[:-1], params[-1]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target, weight=row_weights) + w.square().sum() / (2 * c * len(x))
+        fit = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target, weight=row_weights)
+        loss = fit + w.square().sum() / (2 * c * len(x))
         loss.backward()
         return loss
 

@@ -51,8 +51,7 @@ def run_absorption(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: P
     activation_seconds = time.perf_counter() - start
     settings = AbsorptionSettings(max_k=ev.absorption_max_k, l1_steps=ev.absorption_l1_steps)
     (x_tr, c_tr, y_tr), (x_te, c_te, y_te) = acts["train"], acts["test"]
-    result = first_letter_absorption(x_tr, c_tr, y_tr, x_te, c_te, y_te, sae.W_dec.detach().float().cpu(), LETTERS, settings,
-                                     seed=cfg.train.seed)
+    result = first_letter_absorption(x_tr, c_tr, y_tr, x_te, c_te, y_te, sae.W_dec.detach().float().cpu(), LETTERS, settings)
     scored = result["n_scored_letters"]
     config = {"model_name": cfg.model.name, "site": cfg.site, "dtype": dtype_name(loaded.model.dtype),
               "random_seed": cfg.train.seed, "f1_jump_threshold": settings.f1_jump, "max_k_value": settings.max_k,

@@ -99,7 +99,8 @@ def run_steering(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Pat
               "strength_grid": list(GRID), "tolerance": TOLERANCE, "max_iterations": MAX_ITER, "top_tokens": ev.steering_top_tokens,
               "positions_steered": "all", "directions": {kind: len(idents) for kind, (idents, _) in directions.items()},
               "signs": [1, -1], "token_policy": token_policy(cfg)}
-    unstructured = {"model_evaluations": probe.evaluations, "dictionary_sha256": sha256_file(cfg.run_dir / "dictionary" / "model.safetensors"),
+    unstructured = {"model_evaluations": probe.evaluations,
+                    "dictionary_sha256": sha256_file(cfg.run_dir / "dictionary" / "model.safetensors"),
                     "seconds": {"setup": round(setup_seconds, 2), "total": round(time.perf_counter() - start, 2)}}
     result = eval_output(EVAL_TYPE, config, metrics, details, unstructured, read_json(cfg.run_dir / "dictionary" / "featurekit.json"))
     atomic_write_json(out / f"{EVAL_TYPE}.json", result)
