@@ -28,7 +28,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
-def test_eval_suite_absorption_and_steering_write_saebench_fields(tiny, tmp_path):
+def test_eval_suite_absorption_and_steering_write_saebench_fields(tiny, tmp_path, capsys):
     model = str((tiny / "model").resolve())
     sae = TopKSAE(32, 64, k=4, seed=0)
     sae.metadata = {"source": {"model": model, "site": "resid_post.1"}}
@@ -67,6 +67,10 @@ def test_eval_suite_absorption_and_steering_write_saebench_fields(tiny, tmp_path
     assert len(reached) >= len(rows) // 2
     assert all(abs(r["kl"] / r["target_kl"] - 1) <= 0.051 for r in reached if r["within_tolerance"])
     assert all(len(r["promoted_tokens"]) == 3 for r in rows)
+
+    # --full swaps in the full settings: 32-token prompts do not fit this run's 16-token contexts, and the error says so
+    assert main(["eval", str(run), "--suite", "steering", "--full", "--quiet"]) != 0
+    assert "eval.steering_prompt_tokens = 32" in capsys.readouterr().err
 
 
 def test_steering_targets_parse_and_refuse_bad_values():
