@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate.absorption import (
@@ -132,3 +134,19 @@ def test_packed_prompts_read_every_word_once_at_its_own_token_after_the_examples
     assert len(train) == 22 and len(test) == 6 and not {w for w, _ in train} & {w for w, _ in test}
     with pytest.raises(FeaturekitError, match="absorption_words"):
         split_words(words, 1, 0.8, seed=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.1, 10.0))
+def test_absorption_fraction_is_a_fraction_and_scale_free(seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    n, m = 16, 12
+    codes = torch.relu(torch.randn(n, m, generator=g))
+    cos = torch.rand(m, generator=g) * 2 - 1
+    latent_proj = codes * cos[None]
+    probe_proj = latent_proj.sum(1) + torch.randn(n, generator=g) * 0.3
+    fraction, full = absorption_fractions(probe_proj, latent_proj, codes, cos, [0, 1])
+    assert ((fraction >= 0) & (fraction <= 1)).all()
+    assert (fraction[latent_proj[:, :2].sum(1) >= probe_proj] == 0).all()  # the main latents explain it: no absorption
+    again, full_again = absorption_fractions(probe_proj * scale, latent_proj * scale, codes * scale, cos, [0, 1])
+    assert torch.allclose(fraction, again, atol=1e-5) and torch.equal(full, full_again)
