@@ -6,7 +6,7 @@ group (runs, bench, interop, explain, circuits), each with `add_parsers(sub)` an
     featurekit train   [--config FILE] [--set key=value ...]    cache → runs/NAME/dictionary
     featurekit train   --resume RUN_DIR                         continue a killed run exactly
     featurekit eval    RUN_DIR [--text SOURCE] [--set data.*=…]  held-out metrics → eval.json (other text → evals/LABEL/)
-                       [--suite core,probing]                    … and sparse probing (BBC topics) → evals/sparse_probing.json
+                       [--suite core,probing,absorption,steering] [--full]  … sparse probing, absorption, KL-matched steering → evals/*.json
     featurekit features RUN_DIR [--text SOURCE]                 every latent's statistics and examples → features.sqlite
     featurekit serve   RUN_DIR [RUN_DIR ...] [--port N] [--host H]   the explorer: browse features, try a text, steer (web app)
     featurekit report  RUN_DIR                                  → report.html

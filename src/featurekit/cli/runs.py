@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..errors import FeaturekitError
@@ -34,7 +35,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", default="core", metavar="NAMES",
                    help="comma-separated evaluations: core (held-out metrics, splice, feature examples; the default), "
                         "probing (sparse probing on BBC News's topics → RUN_DIR/evals/sparse_probing.json, SAEBench's format; "
-                        "settings eval.probing_*)")
+                        "settings eval.probing_*), absorption (first-letter feature absorption → "
+                        "evals/absorption_first_letter.json; eval.absorption_*), steering (KL-matched steering of features "
+                        "against random, difference-of-means and PCA directions → evals/steering_kl_matched.json; eval.steering_*)")
+    p.add_argument("--full", action="store_true",
+                   help="absorption and steering with their full settings (every single-token word of the vocabulary; "
+                        "32 features and 32 directions per baseline on 16 prompts) instead of the CPU-sized defaults")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("features", help="build the run's feature store (every latent's statistics, examples, logit effects)",
                        description="Build RUN_DIR/features.sqlite: for every latent its firing statistics, histogram, top and "
@@ -146,7 +152,7 @@ def _features(args: argparse.Namespace, cfg, progress: bool) -> None:
         print(f"browse it: featurekit serve {cfg.run_dir}")
 
 
-EVAL_SUITES = ("core", "probing")
+EVAL_SUITES = ("core", "probing", "absorption", "steering")
 
 
 def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
@@ -174,6 +180,35 @@ def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
         print("sparse probing (BBC topics, held-out accuracy): " + ", ".join(
             f"{name} {value:.3f}" for name, value in result["eval_result_details"][0].items() if name.endswith("_accuracy")))
         print(f"results: {(out or cfg.run_dir / 'evals') / 'sparse_probing.json'}")
+    if args.full:
+        from ..pipeline.absorption import FULL_SETTINGS as full_absorption
+        from ..pipeline.steering import FULL_SETTINGS as full_steering
+
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **full_absorption, **full_steering))
+    if "absorption" in suite:
+        from ..pipeline.absorption import run_absorption
+
+        result = run_absorption(cfg, loaded, out_dir=out)
+        unstructured, mean = result["eval_result_unstructured"], result["eval_result_metrics"]["mean"]
+        f1s = [f"{letter} {f1:.2f}" for letter, f1 in unstructured["probe_f1"].items() if f1 is not None]
+        print(f"absorption (first letter): ground-truth probe F1 {', '.join(f1s) or 'none'}; "
+              f"{unstructured['n_scored_letters']} letters scored")
+        if mean:
+            print(f"  mean absorption fraction {mean['mean_absorption_fraction_score']:.3f}, full absorption "
+                  f"{mean['mean_full_absorption_score']:.3f}, split features {mean['mean_num_split_features']:.2f}")
+        for warning in unstructured["warnings"]:
+            print(f"  warning: {warning}")
+        print(f"results: {(out or cfg.run_dir / 'evals') / 'absorption_first_letter.json'}")
+    if "steering" in suite:
+        from ..pipeline.steering import run_steering
+
+        result = run_steering(cfg, loaded, out_dir=out)
+        print("KL-matched steering, probability gain of the promoted tokens at each target KL (mean over signed directions):")
+        for kind, metrics in result["eval_result_metrics"].items():
+            gains = [f"KL {key.removeprefix('prob_gain_at_kl_')}: " + ("not reached" if value is None else f"{value:+.4f}")
+                     for key, value in metrics.items() if key.startswith("prob_gain_at_kl_")]
+            print(f"  {kind:14s} " + ", ".join(gains))
+        print(f"results: {(out or cfg.run_dir / 'evals') / 'steering_kl_matched.json'}")
 
 
 def _new_run(args: argparse.Namespace, progress: bool) -> int:

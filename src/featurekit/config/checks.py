@@ -22,6 +22,10 @@ def validate(cfg: RunConfig) -> None:
         "train.buffer_tokens": cfg.train.buffer_tokens, "eval.tokens": cfg.eval.tokens,
         "eval.splice_contexts": cfg.eval.splice_contexts, "eval.batch_contexts": cfg.eval.batch_contexts,
         "eval.probing_train_docs": cfg.eval.probing_train_docs, "eval.probing_test_docs": cfg.eval.probing_test_docs,
+        "eval.absorption_words_per_sequence": cfg.eval.absorption_words_per_sequence,
+        "eval.absorption_max_k": cfg.eval.absorption_max_k, "eval.absorption_l1_steps": cfg.eval.absorption_l1_steps,
+        "eval.steering_prompts": cfg.eval.steering_prompts, "eval.steering_top_tokens": cfg.eval.steering_top_tokens,
+        "eval.steering_tokens": cfg.eval.steering_tokens,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -29,6 +33,15 @@ def validate(cfg: RunConfig) -> None:
     if cfg.eval.probing_tokens < 2:
         raise FeaturekitError(f"config key eval.probing_tokens must be >= 2 (position 0 is not pooled), got {cfg.eval.probing_tokens}")
     probing_ks(cfg.eval.probing_ks)
+    for key, value in {"eval.absorption_words": cfg.eval.absorption_words, "eval.absorption_icl": cfg.eval.absorption_icl,
+                       "eval.steering_features": cfg.eval.steering_features,
+                       "eval.steering_baselines": cfg.eval.steering_baselines}.items():
+        if value < 0:
+            raise FeaturekitError(f"config key {key} must be >= 0, got {value}")
+    if cfg.eval.steering_prompt_tokens < 2:
+        raise FeaturekitError(f"config key eval.steering_prompt_tokens must be >= 2 (position 0 is not scored), "
+                              f"got {cfg.eval.steering_prompt_tokens}")
+    steering_targets(cfg.eval.steering_targets)
     for key, value in {"train.dead_tokens": cfg.train.dead_tokens, "train.k_aux": cfg.train.k_aux,
                        "train.threads": cfg.train.threads, "data.max_norm_multiple": cfg.data.max_norm_multiple}.items():
         if value is not None and value <= 0:
@@ -71,3 +84,15 @@ def probing_ks(text: str) -> list[int]:
     if not ks or ks[0] < 1:
         raise FeaturekitError(f"config key eval.probing_ks must list positive integers separated by commas (e.g. 1,2,5,20), got {text!r}")
     return ks
+
+
+def steering_targets(text: str) -> list[float]:
+    """eval.steering_targets ("0.5,1,2") as a sorted list of distinct positive KLs in nats."""
+    try:
+        targets = sorted({float(part) for part in str(text).split(",")})
+    except ValueError:
+        targets = []
+    if not targets or targets[0] <= 0 or any(t != t or t == float("inf") for t in targets):
+        raise FeaturekitError(f"config key eval.steering_targets must list positive KLs in nats separated by commas "
+                              f"(e.g. 0.5,1,2), got {text!r}")
+    return targets

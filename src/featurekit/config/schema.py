@@ -104,6 +104,18 @@ class EvalConfig:
     probing_test_docs: int = 100  #: sparse probing: held-out documents per topic at most (BBC's held-out split has 20-32)
     probing_tokens: int = 128  #: sparse probing: tokens per document (its first ones; SAEBench's context length)
     probing_ks: str = "1,2,5,20"  #: sparse probing: the k of the k-sparse probes, comma-separated
+    absorption_words: int = 4000  #: absorption: single-token words drawn from the vocabulary (0: all, SAEBench)
+    absorption_icl: int = 10  #: absorption: in-context example lines before every read word (SAEBench: 10)
+    absorption_words_per_sequence: int = 40  #: absorption: words read per packed prompt sequence
+    absorption_max_k: int = 10  #: absorption: k-sparse probes for k = 1..max_k (SAEBench: 10)
+    absorption_l1_steps: int = 300  #: absorption: Adam steps of the L1 latent-ranking probe
+    steering_features: int = 4  #: steering: dictionary features steered (alive ones, drawn with train.seed)
+    steering_baselines: int = 4  #: steering: directions of each baseline (random, difference of means, PCA)
+    steering_targets: str = "0.5,1,2"  #: steering: the target next-token KLs (nats), comma-separated
+    steering_prompts: int = 4  #: steering: held-out prompts the KL and the output score average over
+    steering_prompt_tokens: int = 16  #: steering: tokens per prompt (each position t >= 1 is a next-token prediction)
+    steering_top_tokens: int = 10  #: steering: a direction's promoted tokens (top of its logit effect) for the output score
+    steering_tokens: int = 4096  #: steering: held-out tokens for choosing features, difference of means and PCA
 
 
 @dataclass

@@ -4,7 +4,7 @@ All functions take document features `x` (n, d) and boolean labels `y` (n,) and 
 
 - `mean_difference_latents(x, y, k)`: the k columns with the largest |mean(x[y]) − mean(x[¬y])|
   (ties broken by the lower index), as SAEBench chooses the latents of a k-sparse probe.
-- `fit_logistic(x, y)`: logistic regression on standardised columns (mean and standard deviation of
+- `fit_logistic(x, y, weights=None)`: logistic regression on standardised columns (mean and standard deviation of
   the training rows; a constant column stays 0) minimising
       mean_i log(1 + exp(−s_i (w·z_i + b))) + ‖w‖² / (2 C n),   s_i = ±1,
   i.e. scikit-learn's default L2 objective (C = 1) divided by n; solved by L-BFGS in float64.
@@ -50,22 +50,28 @@ class LogisticProbe:
         return float(((self.logits(x) > 0) == y).double().mean())
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 200) -> LogisticProbe:
-    """The L2-regularised logistic regression of the module docstring."""
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 200,
+                 weights: torch.Tensor | None = None) -> LogisticProbe:
+    """The L2-regularised logistic regression of the module docstring; `weights` (n,) weight each row's loss
+    (scikit-learn's sample_weight; e.g. `absorption.balanced_weights` for class_weight="balanced")."""
     _check(x, y)
+    if weights is not None and (weights.shape != y.shape or bool((weights < 0).any())):
+        raise FeaturekitError(f"probe weights must be non-negative and shaped like the labels {tuple(y.shape)}, got {tuple(weights.shape)}")
     x = x.double()
     mean = x.mean(0)
     scale = x.std(0, unbiased=False)
     scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))
     z = (x - mean) / scale
     target = y.double()
+    row_weights = None if weights is None else weights.double()
     params = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([params], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
         w, b = params[:-1], params[-1]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + w.square().sum() / (2 * c * len(x))
+        fit = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target, weight=row_weights)
+        loss = fit + w.square().sum() / (2 * c * len(x))
         loss.backward()
         return loss
 

@@ -69,7 +69,15 @@ def steer(model: Any, dictionary: Dictionary, feature: int, scale: float, site: 
 def feature_logit_effect(model: Any, dictionary: Dictionary, feature: int, site: str | None = None) -> Tensor:
     """(vocab,) direct effect of the feature's unit direction on the logits (module docstring), float32."""
     site = dictionary_site(dictionary, site)
-    direction = feature_direction(dictionary, feature)
+    return direction_logit_effect(model, site, feature_direction(dictionary, feature))
+
+
+@torch.no_grad()
+def direction_logit_effect(model: Any, site: str, direction: Tensor) -> Tensor:
+    """(vocab,) direct effect of a direction (d,) at `site` on the logits, float32: `feature_logit_effect` for any
+    vector (a baseline direction, a difference of means, a principal component)."""
+    if direction.ndim != 1:
+        raise FeaturekitError(f"a steering direction is one vector (d,), got shape {tuple(direction.shape)}")
     param = next(unwrap(model).parameters())
     v = direction.to(device=param.device, dtype=param.dtype)[None]
     if parse_site(site).kind in PROJECTED_KINDS:
