@@ -36,6 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
+    # MoE-X: its layers, LM and trainer (checkpoints, schedule, run folder); its LM resolves featurekit's sites
+    "moex": {"train", "rundir", "models"},
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize
 }
 

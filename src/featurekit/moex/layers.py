@@ -183,7 +183,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         gates = self.route(x)[0]
         if not self.training:  # the wide MLP itself, so that hooks on `down` see (and can edit) the hidden units
-            return self.down(self.wide_hidden(x, gates)).view(shape)
+            return self.down(self.wide_hidden(x, gates).view(*shape[:-1], -1))  # (B, T, M·D) like a dense MLP's hidden
         out = x.new_zeros(x.shape).add_(self.down.bias)
         for j in range(self.n_experts):
             tokens = gates[:, j].nonzero().squeeze(1)
