@@ -20,6 +20,7 @@
     featurekit import PATH --name NAME [--model M] [--site S]   another library's dictionary as a run folder (eval, features, serve)
     featurekit explain RUN_DIR [--features IDS] [--judge SPEC] [--units U]   explain and score features with a judge LM
     featurekit trace (--set DIR | --transcoders DIR...) --prompt TEXT --out G.json   an attribution graph (circuits)
+    featurekit moex train RUN_DIR --data FILE [--kind moex|switch|dense_gelu|dense_relu]   a small LM with MoE-X / baseline MLPs
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _import_parser(sub)
     _explain_parser(sub)
     _trace_parser(sub)
+    _moex_parser(sub)
     return parser
 
 
@@ -187,6 +189,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _explain(args, progress)
     if args.command == "trace":
         return _trace(args)
+    if args.command == "moex":
+        return _moex_train(args, progress)
     if args.command in ("eval", "report", "clean", "features") or (args.command == "train" and args.resume):
         return _on_run_dir(args, progress)
     return _new_run(args, progress)
@@ -728,6 +732,61 @@ def _trace(args: argparse.Namespace) -> int:
           f"and {meta['n_kept_edges']} edges; replacement score {meta['replacement_score']:.3f}, completeness "
           f"{meta['completeness_score']:.3f}; replacement logits within {result.replacement_error:.1e} of the model's; "
           f"{result.seconds:.1f} s -> {args.out}")
+    return 0
+
+
+
+def _moex_parser(sub: argparse._SubParsersAction) -> None:
+    """`featurekit moex train`: a small LM with dense, Switch or MoE-X MLPs on a token stream (docs/moex.md)."""
+    moex = sub.add_parser("moex", help="MoE-X: train small LMs whose MLP is dense, Switch-style MoE or MoE-X (docs/moex.md)")
+    p = moex.add_subparsers(dest="moex", required=True).add_parser(
+        "train", help="train (or resume) a small GPT-style LM in RUN_DIR",
+        description="Train a small GPT-style LM whose MLPs are dense GELU/ReLU, Switch-style top-k MoE or MoE-X (ReLU experts, "
+                    "sparsity-aware router), every kind at the same activated MLP parameters. Checkpoints let a killed run "
+                    "continue: run the same command again. RUN_DIR gets config.json, checkpoint/, metrics.jsonl, "
+                    "model.safetensors + model.json, summary.json.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run folder (created; the same command resumes it)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="a text file (every character a token, e.g. PGN games) or a .safetensors file with 'tokens' and 'vocab_size'")
+    p.add_argument("--kind", choices=("dense_gelu", "dense_relu", "switch", "moex"), default="moex", help="the MLP (default moex)")
+    p.add_argument("--upcycle-from", type=Path, metavar="DENSE_RUN_DIR",
+                   help="start the MoE-X experts as copies of this finished dense_relu run's MLPs (needs --expert-hidden = its hidden)")
+    for flag, default, what in [("--d-model", 64, "width of the residual stream"), ("--n-layer", 2, "blocks"),
+                                ("--n-head", 4, "attention heads"), ("--seq-len", 128, "context length in tokens"),
+                                ("--mlp-hidden", 0, "dense MLP width H (0: 4 × d_model)"), ("--n-experts", 8, "experts M"),
+                                ("--top-k", 1, "experts per token k"),
+                                ("--expert-hidden", 0, "expert width D (0: H / k, equal activated parameters)"),
+                                ("--steps", 1000, "optimiser steps"), ("--batch-size", 32, "sequences per step"),
+                                ("--checkpoint-every", 100, "steps between checkpoints"), ("--seed", 0, "seed of init and batches"),
+                                ("--threads", 0, "torch CPU threads (0: torch's default)")]:
+        p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss (default 0.01)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of another config in RUN_DIR (default: refuse)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _moex_train(args: argparse.Namespace, progress: bool) -> int:
+    import torch
+
+    from .moex.lm import LMConfig
+    from .moex.stream import read_stream
+    from .moex.train import TrainSettings, train_lm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokens, vocab_size, vocab = read_stream(args.data)
+    lm = LMConfig(vocab_size=vocab_size, mlp=args.kind, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
+                  seq_len=args.seq_len, mlp_hidden=args.mlp_hidden, n_experts=args.n_experts, top_k=args.top_k,
+                  expert_hidden=args.expert_hidden, aux_weight=args.aux_weight)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                             seed=args.seed)
+    summary = train_lm(args.run_dir, tokens, lm, settings, upcycle_from=args.upcycle_from, vocab=vocab,
+                       overwrite=args.overwrite, progress=progress, device=args.device)
+    print(f"{summary['mlp']}: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, validation loss "
+          f"{summary['val_loss']:.4f} nats/token; {summary['params']['activated']:,} activated of {summary['params']['total']:,} "
+          f"parameters -> {args.run_dir}")
     return 0
 
 

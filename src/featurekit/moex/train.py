@@ -13,6 +13,7 @@ Run folder (``RUN_DIR``)::
     metrics.jsonl      one line per logged step (loss, aux, lr); lines after the last checkpoint are dropped on resume
     model.safetensors  the final weights;  model.json  the LM config (load_lm reads both)
     summary.json       final train/validation loss, parameter counts, seconds
+    vocab.json         the token strings, when given (a character-level stream's characters)
 
 Everything is written atomically; the folder is locked while a process trains in it (rundir.py).
 Resuming (call ``train_lm`` again on the same folder and settings) continues from the checkpoint and
@@ -94,8 +95,11 @@ def evaluate_loss(model: MoexLM, stream: torch.Tensor, batches: int, batch_size:
     """Mean cross-entropy (nats/token) on ``batches`` fixed batches of ``stream`` (eval mode)."""
     was = model.training
     model.eval()
-    seq = model.config.seq_len
-    total = sum(model.loss(*batch_at(stream, EVAL_STEP + i, batch_size, seq, seed))[0].item() for i in range(batches))
+    seq, device = model.config.seq_len, model.tok.weight.device
+    total = 0.0
+    for i in range(batches):
+        inputs, targets = batch_at(stream, EVAL_STEP + i, batch_size, seq, seed)
+        total += model.loss(inputs.to(device), targets.to(device))[0].item()
     model.train(was)
     return total / batches
 
@@ -105,31 +109,39 @@ def data_digest(tokens: torch.Tensor) -> str:
 
 
 def train_lm(run_dir: str | Path, tokens: torch.Tensor, lm: LMConfig, settings: TrainSettings | None = None, *,
-             upcycle_from: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+             upcycle_from: str | Path | None = None, vocab: list[str] | None = None, overwrite: bool = False,
+             progress: bool = True, on_step: Callable[[int], None] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Train (or resume) the LM of config ``lm`` on ``tokens`` in ``run_dir``; returns the summary.
 
     ``upcycle_from``: the run folder of a trained dense model; the MoE-X experts start from its MLPs
-    (lm.upcycle). ``on_step(step)`` is called after every step (tests use it to pace a run)."""
+    (lm.upcycle). ``vocab``: the token strings (a character-level stream's characters), kept as
+    ``vocab.json``. ``on_step(step)`` is called after every step (tests use it to pace a run). ``device``: where
+    the model trains (checkpoints and the saved model are on the CPU; a resume may change it; bit-identical
+    resumes are promised on the CPU only)."""
     settings = settings or TrainSettings()
     run_dir = Path(run_dir)
     train_part, val_part = split_stream(tokens, lm.vocab_size, lm.seq_len, settings.val_fraction)
     config = {"lm": lm.to_dict(), "train": asdict(settings), "data": {"tokens": tokens.numel(), "sha256": data_digest(tokens)},
-              "upcycle_from": str(upcycle_from) if upcycle_from else None}
+              "upcycle_from": str(upcycle_from) if upcycle_from else None, "vocab": vocab}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     with locked(run_dir, "moex train"):
         sweep(run_dir)
         check_config(run_dir, config, overwrite)
         atomic_write_json(run_dir / "config.json", config)
-        return _Trainer(run_dir, lm, settings, digest, upcycle_from).run(train_part, val_part, progress, on_step)
+        if vocab is not None:
+            atomic_write_json(run_dir / "vocab.json", vocab)
+        return _Trainer(run_dir, lm, settings, digest, upcycle_from, device).run(train_part, val_part, progress, on_step)
 
 
 class _Trainer:
-    def __init__(self, run_dir: Path, lm: LMConfig, settings: TrainSettings, digest: str, upcycle_from: str | Path | None):
+    def __init__(self, run_dir: Path, lm: LMConfig, settings: TrainSettings, digest: str, upcycle_from: str | Path | None,
+                 device: str):
         self.run_dir, self.cfg, self.s, self.digest = run_dir, lm, settings, digest
         self.ckpt_dir = run_dir / "checkpoint"
         torch.manual_seed(settings.seed)
         self.model = upcycle(load_lm(upcycle_from), lm, settings.upcycle_noise, settings.seed) if upcycle_from else MoexLM(lm)
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self.named = dict(self.model.named_parameters())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.step = 0
@@ -165,7 +177,7 @@ class _Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = s.lr * lr_factor(self.step, s.steps, s.warmup_steps, s.decay_fraction)
             inputs, targets = batch_at(train_part, self.step, s.batch_size, seq, s.seed)
-            ce, aux = self.model.loss(inputs, targets)
+            ce, aux = self.model.loss(inputs.to(self.device), targets.to(self.device))
             loss = ce + self.cfg.aux_weight * aux
             if not math.isfinite(loss.item()):
                 raise FeaturekitError(f"training diverged at step {self.step}: the loss is {loss.item()}; lower lr "
@@ -193,7 +205,7 @@ class _Trainer:
                    "train_loss": evaluate_loss(self.model, train_part, s.val_batches, s.batch_size, s.seed),
                    "val_loss": evaluate_loss(self.model, val_part, s.val_batches, s.batch_size, s.seed),
                    "params": parameter_counts(self.model), "seconds_this_process": round(time.time() - start, 2),
-                   "threads": torch.get_num_threads()}
+                   "device": str(self.device), "threads": torch.get_num_threads()}
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
