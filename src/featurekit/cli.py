@@ -762,6 +762,8 @@ def _moex_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss (default 0.01)")
+    p.add_argument("--router-estimate", choices=("expert", "unit"), default="expert",
+                   help="MoE-X's estimate of each expert's active units: one Gaussian per expert (default) or per unit")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace a run of another config in RUN_DIR (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -779,7 +781,7 @@ def _moex_train(args: argparse.Namespace, progress: bool) -> int:
     tokens, vocab_size, vocab = read_stream(args.data)
     lm = LMConfig(vocab_size=vocab_size, mlp=args.kind, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
                   seq_len=args.seq_len, mlp_hidden=args.mlp_hidden, n_experts=args.n_experts, top_k=args.top_k,
-                  expert_hidden=args.expert_hidden, aux_weight=args.aux_weight)
+                  expert_hidden=args.expert_hidden, aux_weight=args.aux_weight, router_estimate=args.router_estimate)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
                              seed=args.seed)
     summary = train_lm(args.run_dir, tokens, lm, settings, upcycle_from=args.upcycle_from, vocab=vocab,

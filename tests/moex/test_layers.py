@@ -70,7 +70,8 @@ def test_dense_mlp_hidden_is_the_down_input():
 
 # --- the sparsity-aware router -----------------------------------------------------------------------
 
-def test_estimate_is_exact_in_expectation_for_gaussian_rows():
+@pytest.mark.parametrize("estimate", ["expert", "unit"])
+def test_estimate_is_exact_in_expectation_for_gaussian_rows(estimate):
     """Rows with i.i.d. N(μ, σ²) entries: the fraction of positive units on a fixed x is Φ((μΣx + b)/(σ‖x‖))."""
     torch.manual_seed(1)
     d, units = 256, 4000
@@ -78,35 +79,68 @@ def test_estimate_is_exact_in_expectation_for_gaussian_rows():
     for mu, sigma, b in [(0.0, 1.0, 0.0), (0.05, 1.0, 0.0), (-0.03, 0.5, 0.4), (0.02, 0.2, -0.5)]:
         w = mu + sigma * torch.randn(units, d)
         bias = torch.full((units,), b)
-        est = expected_active(x, w, bias, 1)[0, 0] / units
+        est = expected_active(x, w, bias, 1, estimate)[0, 0] / units
         true = ((x @ w.T + bias) > 0).float().mean()
         exact = 0.5 * (1 + math.erf((mu * x.sum().item() + b) / (sigma * x.norm().item()) / math.sqrt(2)))
         assert abs(est.item() - exact) < 0.03
         assert abs(true.item() - exact) < 0.03
 
 
-def _shifted_moex(seed: int):
-    torch.manual_seed(seed)
-    layer = moex(64, 8, 256, top_k=2)
-    with torch.no_grad():  # rows with different means, as training produces; default init has near-zero row means
-        layer.up.weight.add_(torch.randn(8 * 256, 1) * layer.up.weight.std())
-    return layer, torch.randn(2000, 64) + 0.5
+def test_expert_estimate_is_exact_for_correlated_gaussian_rows():
+    """Rows drawn from any multivariate Gaussian N(m, C): z = w·x + b is N(mᵀx̃, x̃ᵀCx̃) on a fixed x, so the
+    per-expert estimate D·Φ(mean/√var) is the expected ℓ0, whatever the correlations between weights."""
+    torch.manual_seed(3)
+    d, units, n_experts = 24, 3000, 3
+    ws, bs = [], []
+    for _ in range(n_experts):
+        mean, mix = 0.3 * torch.randn(d + 1), torch.randn(d + 1, d + 1) / math.sqrt(d)
+        rows = mean + torch.randn(units, d + 1) @ mix
+        ws.append(rows[:, :d])
+        bs.append(rows[:, d])
+    w, b = torch.cat(ws), torch.cat(bs)
+    x = torch.randn(50, d)
+    est = expected_active(x, w, b, n_experts, "expert")
+    true = ((x @ w.T + b) > 0).view(50, n_experts, units).sum(-1).float()
+    assert ((est - true).abs() / units).max() < 0.05
+
+
+def _corr(a, b):
+    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
 
 
 def test_gate_score_correlates_negatively_with_true_l0():
-    layer, x = _shifted_moex(0)
+    torch.manual_seed(0)
+    layer = moex(64, 8, 256, top_k=2)  # default init, isotropic inputs
+    x = torch.randn(2000, 64)
     with torch.no_grad():
-        score, l0 = layer.router(x, layer), true_active(x, layer)
-    r = torch.corrcoef(torch.stack([score.flatten(), l0.flatten()]))[0, 1]
-    assert r < -0.6, r  # measured -0.81 with these settings (docs/moex.md)
+        r = _corr(layer.router(x, layer), true_active(x, layer))
+    assert r < -0.6, r  # measured -0.80 with these settings (docs/moex.md)
+
+
+def test_unit_estimate_needs_rows_with_different_means():
+    torch.manual_seed(0)
+    layer = moex(64, 8, 256, top_k=2, estimate="unit")
+    x = torch.randn(2000, 64) + 0.5
+    with torch.no_grad():
+        flat = _corr(layer.router(x, layer), true_active(x, layer))
+        layer.up.weight.add_(torch.randn(8 * 256, 1) * layer.up.weight.std())  # rows with different means
+        shifted = _corr(layer.router(x, layer), true_active(x, layer))
+    assert shifted < -0.6 and shifted < flat - 0.3, (flat, shifted)  # measured -0.34 → -0.92
 
 
 def test_router_picks_sparser_than_average_experts():
-    layer, x = _shifted_moex(2)
+    torch.manual_seed(2)
+    layer = moex(64, 8, 256, top_k=2)
+    x = torch.randn(2000, 64)
     with torch.no_grad():
         _, idx, _ = layer.route(x)
         l0 = true_active(x, layer)
     assert l0.gather(1, idx).mean() < l0.mean() - 5
+
+
+def test_unknown_estimate_is_refused():
+    with pytest.raises(FeaturekitError, match="unknown router estimate 'rows'"):
+        moex(8, 2, 4, estimate="rows")
 
 
 def test_router_runs_no_expert():

@@ -102,3 +102,26 @@ def test_bad_inputs():
         _model("dense_gelu")(torch.zeros(1, 13, dtype=torch.long))
     with pytest.raises(FeaturekitError, match="unknown LM config keys"):
         LMConfig.from_dict({"vocab_size": 5, "width": 3})
+
+
+def test_router_l0_correlation_rows():
+    from featurekit.moex.analysis import router_l0_correlation
+
+    ids = torch.randint(0, 11, (4, 12))
+    rows = router_l0_correlation(_model("moex", top_k=2), ids)
+    assert [r["layer"] for r in rows] == [0, 1] and all(r["tokens"] == 48 for r in rows)
+    assert all(-1 <= r["pearson"] <= 1 and r["picked_l0"] <= 32 for r in rows)
+    with pytest.raises(FeaturekitError, match="needs an MoE"):
+        router_l0_correlation(_model("dense_gelu"), ids)
+
+
+def test_harvest_reads_the_moex_hidden_units():
+    """featurekit's harvester (what the feature store and dictionary training read) works on the LM directly."""
+    from featurekit.data.harvest import harvest
+
+    model = _model("moex", top_k=2)
+    ids = torch.randint(0, 11, (5, 12))
+    batches = list(harvest(model, ids, ["mlp_hidden.1"], batch_size=2, progress=False))
+    acts = torch.cat([b.acts["mlp_hidden.1"] for b in batches])
+    assert acts.shape == (60, 4 * 32)
+    assert ((acts.view(60, 4, 32) != 0).any(-1).sum(-1) <= 2).all()

@@ -17,8 +17,9 @@ Routers give per-expert logits; ``top_k_gates`` turns them into gates:
 
 * **softmax** (Switch; Fedus et al. 2022): logits = ``W_r x``; gates = the top-k entries of softmax(logits),
   not renormalised (so the router learns through the gate values, as in Switch).
-* **sparsity** (MoE-X): logits = −(expected number of active units of expert j)/D, estimated without
-  running the experts (``expected_active``); gates = softmax over the k selected logits (they sum to 1).
+* **sparsity** (MoE-X): logits = −(expected number of active units of expert j)/D, estimated from the
+  input and the expert's weight statistics without running the experts (``expected_active``); gates =
+  softmax over the k selected logits (they sum to 1).
 
 ``load_balance_loss`` is Switch's auxiliary loss ``M · Σ_j f_j P_j`` (f_j: fraction of routed slots that
 went to expert j, P_j: mean router probability of j); it is 1 when the load is uniform.
@@ -101,21 +102,47 @@ class SoftmaxRouter(nn.Module):
         return self.proj(x)
 
 
-def expected_active(x: Tensor, w_enc: Tensor, b_enc: Tensor, n_experts: int) -> Tensor:
-    """Estimated number of positive pre-activations of each expert, (N, M), without computing them.
+ESTIMATES = ("expert", "unit")
 
-    Unit i's pre-activation is ``z_i = w_i·x + b_i``. Treat the entries of its weight row w_i as i.i.d.
-    with the row's own mean μ_i and standard deviation σ_i: then ``z_i ≈ N(μ_i Σ_k x_k + b_i, σ_i² ‖x‖²)``,
-    so ``P(z_i > 0) = Φ((μ_i Σ_k x_k + b_i) / (σ_i ‖x‖))``, and expert j's expected ℓ0 is the sum of that
-    over its D units. Cost per token: O(M·D) after the per-unit statistics (O(M·D·d) once per step),
-    against O(M·D·d) for running every expert."""
-    mu = w_enc.mean(1)                                  # (M·D,)
-    sigma = w_enc.std(1, unbiased=False)                # (M·D,)
-    s = x.sum(-1, keepdim=True)                         # (N, 1)
-    norm = x.norm(dim=-1, keepdim=True)                 # (N, 1)
-    z = (s * mu + b_enc) / (norm * sigma).clamp_min(1e-12)
-    p_active = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # Φ(z)
-    return p_active.view(x.shape[0], n_experts, -1).sum(-1)
+
+def _phi(z: Tensor) -> Tensor:
+    """The standard normal CDF Φ."""
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def expected_active(x: Tensor, w_enc: Tensor, b_enc: Tensor, n_experts: int, estimate: str = "expert") -> Tensor:
+    """Estimated number of positive pre-activations of each expert, (N, M), without running the experts.
+
+    Expert j's pre-activations on a token are ``z_i = w_i·x + b_i`` for its D units i. Two Gaussian readings:
+
+    * ``"expert"`` (default): the D values z_i of one expert are treated as draws from one Gaussian whose
+      mean and variance come from the expert's weight statistics: with ``x̃ = [x, 1]`` and ``w̃_i = [w_i, b_i]``,
+      ``mean = m_jᵀ x̃`` and ``var = x̃ᵀ C_j x̃`` (m_j, C_j: mean and covariance of the expert's D rows w̃_i),
+      so the expected ℓ0 is ``D · Φ(mean / √var)``. Cost per token O(M·d²) against O(M·D·d) for running
+      every expert (D = 4d at top-1: a quarter).
+    * ``"unit"``: each unit's own row is treated as i.i.d. entries with the row's mean μ_i and deviation
+      σ_i: ``z_i ≈ N(μ_i Σ_k x_k + b_i, σ_i² ‖x‖²)``, summed over the units: ``Σ_i Φ((μ_i Σ_k x_k + b_i)/(σ_i ‖x‖))``.
+      O(M·D) per token, but it sees x only through Σ_k x_k and ‖x‖ (after a LayerNorm with unit gain and
+      zero bias Σ_k x_k = 0 and ‖x‖ = √d: every token gets the same estimate).
+
+    Which of the two the paper uses could not be checked against its text (docs/moex.md).
+    """
+    if estimate not in ESTIMATES:
+        raise FeaturekitError(f"unknown router estimate {estimate!r}: use one of {', '.join(ESTIMATES)}")
+    n, d = x.shape
+    if estimate == "unit":
+        mu, sigma = w_enc.mean(1), w_enc.std(1, unbiased=False)                  # (M·D,)
+        s, norm = x.sum(-1, keepdim=True), x.norm(dim=-1, keepdim=True)          # (N, 1)
+        p_active = _phi((s * mu + b_enc) / (norm * sigma).clamp_min(1e-12))
+        return p_active.view(n, n_experts, -1).sum(-1)
+    rows = torch.cat([w_enc, b_enc[:, None]], 1).view(n_experts, -1, d + 1)      # (M, D, d+1)
+    mean = rows.mean(1)                                                           # (M, d+1)
+    centred = rows - mean[:, None]
+    cov = centred.transpose(1, 2) @ centred / rows.shape[1]                       # (M, d+1, d+1)
+    xt = torch.cat([x, x.new_ones(n, 1)], 1)                                      # (N, d+1)
+    mu = xt @ mean.T                                                              # (N, M)
+    var = torch.einsum("na,mab,nb->nm", xt, cov, xt)
+    return rows.shape[1] * _phi(mu / var.clamp_min(1e-12).sqrt())
 
 
 class SparsityRouter(nn.Module):
@@ -124,14 +151,16 @@ class SparsityRouter(nn.Module):
 
     renormalize = True
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, estimate: str = "expert"):
         super().__init__()
         if not temperature > 0:
             raise FeaturekitError(f"router temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        if estimate not in ESTIMATES:
+            raise FeaturekitError(f"unknown router estimate {estimate!r}: use one of {', '.join(ESTIMATES)}")
+        self.temperature, self.estimate = temperature, estimate
 
     def forward(self, x: Tensor, moe: MoE) -> Tensor:
-        active = expected_active(x, moe.up.weight, moe.up.bias, moe.n_experts)
+        active = expected_active(x, moe.up.weight, moe.up.bias, moe.n_experts, self.estimate)
         return -active / moe.expert_hidden / self.temperature
 
 
@@ -199,9 +228,10 @@ def switch_moe(d: int, n_experts: int, expert_hidden: int, top_k: int = 1, act: 
     return MoE(d, n_experts, expert_hidden, top_k, act, SoftmaxRouter(d, n_experts))
 
 
-def moex(d: int, n_experts: int, expert_hidden: int, top_k: int = 1, temperature: float = 1.0) -> MoE:
+def moex(d: int, n_experts: int, expert_hidden: int, top_k: int = 1, temperature: float = 1.0,
+         estimate: str = "expert") -> MoE:
     """MoE-X: ReLU experts and the sparsity-aware router."""
-    return MoE(d, n_experts, expert_hidden, top_k, "relu", SparsityRouter(temperature))
+    return MoE(d, n_experts, expert_hidden, top_k, "relu", SparsityRouter(temperature, estimate))
 
 
 def true_active(x: Tensor, moe: MoE) -> Tensor:

@@ -53,6 +53,7 @@ class LMConfig:
     top_k: int = 1
     expert_hidden: int = 0       # D; 0 = H / top_k (equal activated parameters)
     router_temperature: float = 1.0
+    router_estimate: str = "expert"  # MoE-X's estimate of each expert's active units: "expert" or "unit" (layers.py)
     switch_act: str = "gelu"
     aux_weight: float = 0.01     # weight of the load-balancing loss (MoE kinds)
 
@@ -113,7 +114,7 @@ def make_mlp(cfg: LMConfig) -> nn.Module:
         return DenseMLP(cfg.d_model, cfg.hidden, "relu")
     if cfg.mlp == "switch":
         return switch_moe(cfg.d_model, cfg.n_experts, cfg.expert_width, cfg.top_k, cfg.switch_act)
-    return moex(cfg.d_model, cfg.n_experts, cfg.expert_width, cfg.top_k, cfg.router_temperature)
+    return moex(cfg.d_model, cfg.n_experts, cfg.expert_width, cfg.top_k, cfg.router_temperature, cfg.router_estimate)
 
 
 def activated_mlp_params(cfg: LMConfig) -> dict[str, int]:
