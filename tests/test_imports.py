@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it
     "autointerp": {"models", "data", "dictionaries", "config", "features", "pipeline", "rundir"},
     "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app",
-            "autointerp", "interop", "circuits"},
+            "autointerp", "interop", "circuits", "moex"},
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},

@@ -125,3 +125,13 @@ def test_harvest_reads_the_moex_hidden_units():
     acts = torch.cat([b.acts["mlp_hidden.1"] for b in batches])
     assert acts.shape == (60, 4 * 32)
     assert ((acts.view(60, 4, 32) != 0).any(-1).sum(-1) <= 2).all()
+
+
+def test_autointerp_neuron_units_read_the_moex_experts():
+    """autointerp's MLP-neuron units work on the moex LM: one unit per (expert, index), output directions = W_dec columns."""
+    from featurekit.autointerp.units import NeuronUnits
+
+    model = _model("moex", top_k=2)
+    units = NeuronUnits(model, 1)
+    assert units.n_units == 4 * 32 and units.site == "mlp_hidden.1"
+    torch.testing.assert_close(units.directions[32 * 2 + 5], model.blocks[1].mlp.down.weight[:, 32 * 2 + 5].detach())
