@@ -119,7 +119,7 @@ def expected_active(x: Tensor, w_enc: Tensor, b_enc: Tensor, n_experts: int, est
       mean and variance come from the expert's weight statistics: with ``x̃ = [x, 1]`` and ``w̃_i = [w_i, b_i]``,
       ``mean = m_jᵀ x̃`` and ``var = x̃ᵀ C_j x̃`` (m_j, C_j: mean and covariance of the expert's D rows w̃_i),
       so the expected ℓ0 is ``D · Φ(mean / √var)``. Cost per token O(M·d²) against O(M·D·d) for running
-      every expert (D = 4d at top-1: a quarter).
+      every expert (D = 4d at top-1: a quarter), plus O(M·D·d²) per forward for the statistics.
     * ``"unit"``: each unit's own row is treated as i.i.d. entries with the row's mean μ_i and deviation
       σ_i: ``z_i ≈ N(μ_i Σ_k x_k + b_i, σ_i² ‖x‖²)``, summed over the units: ``Σ_i Φ((μ_i Σ_k x_k + b_i)/(σ_i ‖x‖))``.
       O(M·D) per token, but it sees x only through Σ_k x_k and ‖x‖ (after a LayerNorm with unit gain and
