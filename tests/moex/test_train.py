@@ -46,6 +46,11 @@ def test_tiny_end_to_end_dense_then_upcycled_moex(tmp_path):
                   progress=False)
     assert up["val_loss"] < 1.9  # starts from the dense model's function, not from chance
     assert up["params"]["activated_mlp"] == dense["params"]["activated_mlp"]  # top_k=1, expert_hidden = H
+    with pytest.raises(FeaturekitError, match="upcycling starts from a dense model"):
+        train_lm(tmp_path / "bad", tokens, moex_cfg, TrainSettings(**FAST), upcycle_from=tmp_path / "up", progress=False)
+    with pytest.raises(FeaturekitError, match="holds no trained moex model"):
+        train_lm(tmp_path / "bad", tokens, moex_cfg, TrainSettings(**FAST), upcycle_from=tmp_path / "nothing", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_another_config_in_the_same_folder_is_refused(tmp_path):

@@ -127,10 +127,11 @@ def train_lm(run_dir: str | Path, tokens: torch.Tensor, lm: LMConfig, settings: 
     with locked(run_dir, "moex train"):
         sweep(run_dir)
         check_config(run_dir, config, overwrite)
+        trainer = _Trainer(run_dir, lm, settings, digest, upcycle_from, device)  # before writing: a bad upcycle source leaves nothing
         atomic_write_json(run_dir / "config.json", config)
         if vocab is not None:
             atomic_write_json(run_dir / "vocab.json", vocab)
-        return _Trainer(run_dir, lm, settings, digest, upcycle_from, device).run(train_part, val_part, progress, on_step)
+        return trainer.run(train_part, val_part, progress, on_step)
 
 
 class _Trainer:
