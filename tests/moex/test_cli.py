@@ -8,6 +8,9 @@ from safetensors.torch import save_file
 
 from featurekit.cli import main
 from featurekit.errors import FeaturekitError
+from featurekit.data.tokens import tokenize
+from featurekit.models.hooks import capture_activations
+from featurekit.moex.hf import loaded_model
 from featurekit.moex.stream import char_tokens, read_stream
 
 PGN = "1.e4 e5 2.Nf3 Nc6 3.Bb5 a6 4.Ba4 Nf6 5.O-O Be7 " * 40
@@ -24,7 +27,7 @@ def test_char_tokens_round_trip():
 def test_read_stream_text_and_safetensors(tmp_path):
     (tmp_path / "games.pgn").write_text(PGN, encoding="utf-8")
     tokens, vocab_size, vocab = read_stream(tmp_path / "games.pgn")
-    assert tokens.numel() == len(PGN) and vocab_size == len(set(PGN)) and vocab == sorted(set(PGN))
+    assert tokens.numel() == len(PGN) and vocab_size == len(set(PGN)) + 1 and vocab == sorted(set(PGN))  # + <pad>
     save_file({"tokens": torch.arange(50, dtype=torch.int32) % 7, "vocab_size": torch.tensor(7)}, tmp_path / "ids.safetensors")
     tokens, vocab_size, vocab = read_stream(tmp_path / "ids.safetensors")
     assert tokens.dtype == torch.long and vocab_size == 7 and vocab is None
@@ -46,6 +49,14 @@ def test_moex_train_command_trains_and_resumes(tmp_path, capsys):
     # the same command again: the run is complete, it continues from the last checkpoint (step 12) and trains nothing
     assert main(["moex", "train", str(run), "--data", str(tmp_path / "games.pgn"), "--kind", "moex", *ARGS]) == 0
     assert json.loads((run / "summary.json").read_text())["val_loss"] == first["val_loss"]
+    # the finished run as a featurekit model: character tokenizer, sites, featurekit's tokenize and masks
+    loaded = loaded_model(run)
+    ids, keep = tokenize(loaded.tokenizer, ["1.e4 e5", "Nf3"])
+    assert loaded.tokenizer.decode(ids[0].tolist()) == "1.e4 e5"
+    assert ids[1, 3:].eq(len(set(PGN))).all() and not keep[1, 3:].any()  # padding: the reserved id, never kept
+    acts = capture_activations(loaded, ids, ["mlp_hidden.0"])
+    assert acts["mlp_hidden.0"].shape == (2, 7, 4 * 64)
+    assert loaded.tokenizer("1.e4 §")["input_ids"][-1] == len(set(PGN))  # an unknown character → <pad>
     # another kind into the same folder is refused with a clear message (exit 2)
     assert main(["moex", "train", str(run), "--data", str(tmp_path / "games.pgn"), "--kind", "switch", *ARGS]) == 2
     assert "another config" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from featurekit.errors import FeaturekitError
+from featurekit.moex.hf import loaded_model
 from featurekit.moex.lm import LMConfig
 from featurekit.moex.train import TrainSettings, load_lm, train_lm
 
@@ -40,6 +41,8 @@ def test_tiny_end_to_end_dense_then_upcycled_moex(tmp_path):
     assert steps == list(range(5, 41, 5))
     model = load_lm(tmp_path / "dense")
     assert model.config.mlp == "dense_relu" and not model.training
+    with pytest.raises(FeaturekitError, match="no vocab.json"):  # trained on ids: no tokenizer to build
+        loaded_model(tmp_path / "dense")
 
     moex_cfg = LMConfig(**TINY, mlp="moex", expert_hidden=64)
     up = train_lm(tmp_path / "up", tokens, moex_cfg, TrainSettings(**{**FAST, "steps": 10}), upcycle_from=tmp_path / "dense",

@@ -1,7 +1,9 @@
 """Token streams for the LM: a text file read character by character, or a safetensors file of token ids.
 
 * a text file (``.txt``, ``.pgn``, anything not ``.safetensors``): every distinct character is a token,
-  ids in sorted character order; the vocabulary (the list of characters) goes with the run.
+  ids in sorted character order; the vocabulary (the list of characters) goes with the run. One more id,
+  ``len(vocab)``, is reserved for padding (``PAD``; never in the data), so the vocabulary size is
+  ``len(vocab) + 1`` and a tokenizer can pad and mark unknown characters without reusing a real one.
 * a ``.safetensors`` file holding ``tokens`` (1-D integer ids) and ``vocab_size`` (a 0-d or 1-element
   integer tensor): ids from any tokenizer.
 """
@@ -15,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import FeaturekitError
+
+PAD = "<pad>"  # the reserved id len(vocab) of a character vocabulary
 
 
 def char_tokens(text: str) -> tuple[torch.Tensor, list[str]]:
@@ -49,4 +53,4 @@ def read_stream(path: str | Path) -> tuple[torch.Tensor, int, list[str] | None]:
     if not text:
         raise FeaturekitError(f"{path} is empty")
     tokens, vocab = char_tokens(text)
-    return tokens, max(len(vocab), 2), vocab
+    return tokens, len(vocab) + 1, vocab
