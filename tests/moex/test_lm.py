@@ -80,6 +80,18 @@ def test_sites_resolve_and_capture(kind):
         assert (blocks_on <= 2).all()
 
 
+def test_sites_are_reached_in_training_mode_too():
+    model = _model("moex", top_k=2).train()
+    ids = torch.randint(0, 11, (2, 12))
+    acts = capture_activations(model, ids, ["mlp_hidden.0"])  # the hook switches the layer to its wide path
+    assert acts["mlp_hidden.0"].shape == (2, 12, 128)
+    with torch.no_grad():
+        eval_logits = model.eval()(ids).logits
+        model.train()
+        with replace(model, "mlp_hidden.0", lambda h: h):
+            torch.testing.assert_close(model(ids).logits, eval_logits)
+
+
 def test_splicing_the_moex_hidden_units_changes_the_output():
     model = _model("moex")
     ids = torch.randint(0, 11, (2, 12))

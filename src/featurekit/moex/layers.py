@@ -10,8 +10,9 @@ Every layer here is ``y = down(h)`` with ``h`` its hidden units, so ``mlp_hidden
   i.e. one MLP of width M·D whose hidden layer ``h = concat_j(ω_j act(...))`` has at most k·D nonzeros
   (and, for ReLU experts, fewer). ``up`` holds the stacked encoders (rows ``j·D … (j+1)·D-1`` are expert
   j), ``down`` the stacked decoders, so the wide MLP is literal: ``wide_hidden`` returns h and
-  ``forward`` in eval mode is ``down(wide_hidden(x))``. In training mode the same sum is computed
-  expert by expert on the tokens routed to it (the unselected experts never run).
+  ``forward`` in eval mode (or whenever ``down`` carries a hook) is ``down(wide_hidden(x))``. In training
+  mode the same sum is computed expert by expert on the tokens routed to it (the unselected experts never
+  run) without materialising the wide hidden layer.
 
 Routers give per-expert logits; ``top_k_gates`` turns them into gates:
 
@@ -211,7 +212,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         gates = self.route(x)[0]
-        if not self.training:  # the wide MLP itself, so that hooks on `down` see (and can edit) the hidden units
+        hooked = bool(self.down._forward_pre_hooks or self.down._forward_hooks)
+        if hooked or not self.training:  # the wide MLP itself, so that hooks on `down` see (and can edit) the hidden units
             return self.down(self.wide_hidden(x, gates).view(*shape[:-1], -1))  # (B, T, M·D) like a dense MLP's hidden
         out = x.new_zeros(x.shape).add_(self.down.bias)
         for j in range(self.n_experts):
