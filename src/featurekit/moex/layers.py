@@ -124,7 +124,7 @@ def expected_active(x: Tensor, w_enc: Tensor, b_enc: Tensor, n_experts: int, est
     * ``"unit"``: each unit's own row is treated as i.i.d. entries with the row's mean μ_i and deviation
       σ_i: ``z_i ≈ N(μ_i Σ_k x_k + b_i, σ_i² ‖x‖²)``, summed over the units: ``Σ_i Φ((μ_i Σ_k x_k + b_i)/(σ_i ‖x‖))``.
       O(M·D) per token, but it sees x only through Σ_k x_k and ‖x‖ (after a LayerNorm with unit gain and
-      zero bias Σ_k x_k = 0 and ‖x‖ = √d: every token gets the same estimate).
+      zero bias Σ_k x_k = 0 and ‖x‖ ≈ √d: every token gets the same estimate).
 
     Which of the two the paper uses could not be checked against its text (docs/moex.md).
     """
