@@ -32,10 +32,12 @@ ALLOWED: dict[str, set[str]] = {
     # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it
     "autointerp": {"models", "data", "dictionaries", "config", "features", "pipeline", "rundir"},
     "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app",
-            "autointerp", "interop", "circuits"},
+            "autointerp", "interop", "circuits", "moex"},
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
+    # MoE-X: its layers, LM and trainer (checkpoints, schedule, run folder); its LM resolves featurekit's sites
+    "moex": {"train", "rundir", "models"},
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize
 }
 

@@ -1,5 +1,5 @@
 """The `featurekit` command line: parses arguments, builds the config, calls the pipeline. One module per command
-group (runs, bench, interop, explain, circuits), each with `add_parsers(sub)` and `HANDLERS` (command → handler).
+group (runs, bench, interop, explain, circuits, moex), each with `add_parsers(sub)` and `HANDLERS` (command → handler).
 
     featurekit run     [--config FILE] [--set key=value ...]    the whole job
     featurekit harvest [--config FILE] [--set key=value ...]    activations → runs/NAME/activations
@@ -21,6 +21,7 @@ group (runs, bench, interop, explain, circuits), each with `add_parsers(sub)` an
     featurekit import PATH --name NAME [--model M] [--site S]   another library's dictionary as a run folder (eval, features, serve)
     featurekit explain RUN_DIR [--features IDS] [--judge SPEC] [--units U]   explain and score features with a judge LM
     featurekit trace (--set DIR | --transcoders DIR...) --prompt TEXT --out G.json   an attribution graph (circuits)
+    featurekit moex train RUN_DIR --data FILE [--kind moex|switch|dense_gelu|dense_relu]   a small LM with MoE-X / baseline MLPs
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ import sys
 
 from .. import __version__
 from ..errors import FeaturekitError
-from . import bench, circuits, explain, interop, runs
+from . import bench, circuits, explain, interop, moex, runs
 from .common import EPILOG
 
-GROUPS = (runs, bench, interop, explain, circuits)
+GROUPS = (runs, bench, interop, explain, circuits, moex)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,11 @@ element of a returned tuple) each kind is, per family, relative to block ``L``:
   mlp_out = ``output.dense`` output and attn_out = ``attention.output.dense`` output, both
   *before* the residual add and LayerNorm (the contribution, as for the other families);
   attn_z = ``attention.output.dense`` input.
+* **moex** (featurekit's own small LM, ``featurekit.moex.lm``, model_type ``featurekit_moex``;
+  ``blocks[L]``): mlp_in = ``mlp`` input (= ``ln2`` output); mlp_hidden = ``mlp.down`` input: the
+  dense MLP's neurons, or for an MoE the (B, T, experts × expert width) gated expert units of the
+  layer read as one wide MLP (zero for the experts a token was not routed to); mlp_out = ``mlp``
+  output; attn_z / attn_out = ``attn.proj`` input / output.
 
 Dropout after the projections is the identity in eval mode, so the projection outputs above are
 exactly the values added to the residual (gemma/bert: before their norms as stated).
@@ -58,7 +63,7 @@ KINDS: tuple[str, ...] = ("resid_pre", "resid_post", "mlp_in", "mlp_hidden", "ml
 FAMILY_OF_MODEL_TYPE: dict[str, str] = {
     "llama": "llama", "smollm": "llama", "mistral": "llama", "qwen2": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3_text": "gemma",
-    "gpt2": "gpt2", "gpt_neox": "neox", "bert": "bert",
+    "gpt2": "gpt2", "gpt_neox": "neox", "bert": "bert", "featurekit_moex": "moex",
 }
 
 _BLOCK = {"resid_pre": ("", "input"), "resid_post": ("", "output")}
@@ -75,11 +80,13 @@ _NEOX = {**_BLOCK, "mlp_in": ("mlp", "input"), "mlp_hidden": ("mlp.dense_4h_to_h
 _BERT = {**_BLOCK, "mlp_in": ("intermediate", "input"), "mlp_hidden": ("output.dense", "input"),
          "mlp_out": ("output.dense", "output"), "attn_z": ("attention.output.dense", "input"),
          "attn_out": ("attention.output.dense", "output")}
+_MOEX = {**_BLOCK, "mlp_in": ("mlp", "input"), "mlp_hidden": ("mlp.down", "input"), "mlp_out": ("mlp", "output"),
+         "attn_z": ("attn.proj", "input"), "attn_out": ("attn.proj", "output")}
 
 # family -> (path of the block list inside the body model, site table)
 _LAYOUTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "llama": ("layers", _LLAMA), "gemma": ("layers", _GEMMA_SANDWICH), "gpt2": ("h", _GPT2),
-    "neox": ("layers", _NEOX), "bert": ("encoder.layer", _BERT),
+    "neox": ("layers", _NEOX), "bert": ("encoder.layer", _BERT), "moex": ("blocks", _MOEX),
 }
 
 _GRAMMAR = ("a site is '<kind>.<layer>' with kind one of " + ", ".join(KINDS)
