@@ -1,0 +1,1 @@
+"""MoE-X: the intrinsically interpretable mixture-of-experts layer, and its chess evaluation (moex.chess)."""
