@@ -7,8 +7,16 @@ Guide: docs/moex-chess.md."""
 from .bsp import DEFAULT_GROUPS, GROUPS, BSPTable, board_properties, bsp_table, dot_positions, property_names
 from .dataset import build_dataset, load_token_stream, read_games, read_manifest
 from .games import GameSpec, generate_games, random_game, stockfish_available
-from .metrics import (THRESHOLDS, CoverageResult, LegalMoveResult, ReconstructionResult, board_reconstruction,
-                      bsp_coverage, legal_move_rate, move_prefixes)
+from .metrics import (
+                      THRESHOLDS,
+                      CoverageResult,
+                      LegalMoveResult,
+                      ReconstructionResult,
+                      board_reconstruction,
+                      bsp_coverage,
+                      legal_move_rate,
+                      move_prefixes,
+)
 from .pgn import VOCAB, board_of, decode, encode, game_string, moves_of, token_stream
 
 __all__ = ["BSPTable", "CoverageResult", "DEFAULT_GROUPS", "GROUPS", "GameSpec", "LegalMoveResult", "ReconstructionResult",

@@ -89,7 +89,16 @@ def _rules(board: chess.Board) -> list[bool]:
     us = board.turn
     pinned = any(board.is_pinned(c, sq) for c in chess.COLORS for sq in chess.scan_forward(board.occupied_co[c]))
     return [board.is_check(), pinned, board.has_castling_rights(us), board.has_kingside_castling_rights(us),
-            board.has_queenside_castling_rights(us), board.has_legal_en_passant(), board.can_claim_draw()]
+            board.has_queenside_castling_rights(us), board.has_legal_en_passant(), _can_claim_draw(board)]
+
+
+def _can_claim_draw(board: chess.Board) -> bool:
+    """python-chess's can_claim_draw, skipped when it cannot hold: a threefold claim needs a position
+    seen twice within the reversible moves, which takes at least 7 plies since the last capture or
+    pawn move (a position recurs at the earliest every 4 plies), and the fifty-move claim needs 99."""
+    if board.halfmove_clock < 7:
+        return False
+    return board.can_claim_draw()
 
 
 def _can_check_next(board: chess.Board) -> bool:
@@ -102,6 +111,8 @@ def _mate_threat(board: chess.Board) -> bool:
     b = board.copy(stack=False)
     b.push(chess.Move.null())
     for m in b.legal_moves:
+        if not b.gives_check(m):
+            continue
         b.push(m)
         mate = b.is_checkmate()
         b.pop()
