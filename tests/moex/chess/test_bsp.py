@@ -84,3 +84,15 @@ def test_dot_positions_and_table():
     assert table.columns("board") == list(range(768))
     with pytest.raises(FeaturekitError, match="not legal"):
         bsp_table([";1.e4 e4 2.d4"], ["board"])
+
+
+def test_gather_pairs_activations_with_positions():
+    import torch
+
+    games = [";1.e4 e5 2.Nf3", ";1.d4"]
+    table = bsp_table(games, ["board"])
+    acts = [torch.arange(len(g), dtype=torch.float32)[:, None].repeat(1, 3) + 100 * i for i, g in enumerate(games)]
+    got = table.gather(acts)
+    assert got.shape == (3, 3) and got[:, 0].tolist() == [2.0, 10.0, 102.0]
+    with pytest.raises(FeaturekitError, match="covering character 10"):
+        table.gather([acts[0][:5], acts[1]])

@@ -92,12 +92,15 @@ def test_reconstruction_and_coverage_on_real_games():
     table = bsp_table(games, ["board", "rules"])
     board = table.values[:, table.columns("board")]
     half = len(table) // 2
-    # a toy featurizer on the real token stream: the last 8 characters' one-hots at each dot
-    feats = []
-    for gi, ci in zip(table.game.tolist(), table.char.tolist()):
-        ids = encode(games[gi])[max(0, ci - 7): ci + 1]
-        feats.append(torch.nn.functional.one_hot(ids, 32).float().sum(0))
-    acts = torch.stack(feats)
+    # a toy featurizer on the real token stream: the counts of each character among the last 8
+    per_game = []
+    for game in games:
+        onehot = torch.nn.functional.one_hot(encode(game), 32).float()
+        csum = torch.cat([torch.zeros(1, 32), onehot.cumsum(0)])
+        per_game.append(csum[1:] - csum[torch.clamp(torch.arange(1, len(game) + 1) - 8, min=0)])
+    acts = table.gather(per_game)
+    gi, ci = int(table.game[5]), int(table.char[5])
+    assert torch.equal(acts[5], torch.nn.functional.one_hot(encode(games[gi])[max(0, ci - 7): ci + 1], 32).float().sum(0))
     cov = bsp_coverage(acts, table.values)
     rec = board_reconstruction(acts[:half], board[:half], acts[half:], board[half:])
     ideal = board_reconstruction(board[:half].float(), board[:half], board[half:].float(), board[half:])

@@ -218,6 +218,20 @@ class BSPTable:
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
+    def gather(self, acts_by_game: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(N, F) activations row-aligned with `values`: row n is ``acts_by_game[game[n]][char[n]]``, where
+        ``acts_by_game[g]`` holds one game's per-character activations (len(game) × F, e.g. a site's
+        output on ``encode(games[g])``)."""
+        rows = []
+        for g, c in zip(self.game.tolist(), self.char.tolist()):
+            if g >= len(acts_by_game) or acts_by_game[g].dim() != 2 or c >= acts_by_game[g].shape[0]:
+                raise FeaturekitError(f"acts_by_game[{g}] must be a (characters × features) tensor covering character {c}; "
+                                      "pass one per game, in the order given to bsp_table")
+            rows.append(acts_by_game[g][c])
+        if not rows:
+            raise FeaturekitError("the table has no positions (games without a '.'); nothing to gather")
+        return torch.stack(rows)
+
 
 def bsp_table(games: Sequence[str], groups: Sequence[str] = DEFAULT_GROUPS, max_chars: int | None = None,
               max_positions: int | None = None) -> BSPTable:
