@@ -11,11 +11,12 @@ from featurekit.moex.chess.metrics import (
     board_reconstruction,
     bsp_coverage,
     first_move,
+    greedy_sampler,
     is_legal,
     legal_move_rate,
     move_prefixes,
 )
-from featurekit.moex.chess.pgn import board_of, encode
+from featurekit.moex.chess.pgn import STOI, board_of, encode
 
 
 def _random_bsp(n, p, seed=0, rate=0.5):
@@ -149,3 +150,29 @@ def test_first_move_and_strictness():
     board = board_of(";1.e4 e5")
     assert is_legal(board, "Nf3") and is_legal(board, "g1f3") and not is_legal(board, "g1f3", strict=True)
     assert not is_legal(board, "--") and not is_legal(board, "Nf4") and not is_legal(board, "")
+
+
+class Bigram(torch.nn.Module):
+    """A real one-layer model: the next character's logits are a table lookup of the current one."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 32)
+        with torch.no_grad():
+            self.emb.weight.fill_(-10.0)
+            for cur, nxt in table.items():
+                self.emb.weight[STOI[cur], STOI[nxt]] = 10.0
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+
+def test_greedy_sampler_with_a_known_model():
+    # after '.' or ' ': 'e'; after 'e': '4'; after '4': ' '  => it always plays "e4"
+    model = Bigram({".": "e", " ": "e", "e": "4", "4": " "})
+    sample = greedy_sampler(model, context=16)
+    assert sample(";1.") == "e4" and sample(";1.e4 e5 2.") == "e4"
+    r = legal_move_rate([";1.", ";1.e4 e5 2.", ";1.d4 e5 2."], sample=sample)
+    assert (r.legal, r.total) == (2, 3)  # e4 is illegal only where white's own pawn already stands on e4
+    with pytest.raises(FeaturekitError, match="logits of shape"):
+        greedy_sampler(lambda ids: torch.zeros(1, ids.shape[0], 5))(";1.")

@@ -21,6 +21,6 @@ from .pgn import VOCAB, board_of, decode, encode, game_string, moves_of, token_s
 
 __all__ = ["BSPTable", "CoverageResult", "DEFAULT_GROUPS", "GROUPS", "GameSpec", "LegalMoveResult", "ReconstructionResult",
            "THRESHOLDS", "VOCAB", "board_of", "board_properties", "board_reconstruction", "bsp_coverage", "bsp_table",
-           "build_dataset", "decode", "dot_positions", "encode", "game_string", "generate_games", "legal_move_rate",
+           "build_dataset", "decode", "dot_positions", "encode", "game_string", "generate_games", "greedy_sampler", "legal_move_rate",
            "load_token_stream", "move_prefixes", "moves_of", "property_names", "random_game", "read_games",
            "read_manifest", "stockfish_available", "token_stream"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ...errors import FeaturekitError
-from .pgn import board_of
+from .pgn import STOI, board_of, decode, encode
 
 THRESHOLDS = tuple(i / 10 for i in range(11))
 PRECISION = 0.95
@@ -254,3 +254,31 @@ def legal_move_rate(prefixes: Sequence[str], continuations: Sequence[str] | None
         text = continuations[i] if continuations is not None else sample(prefix)
         legal += is_legal(board, first_move(text), strict)
     return LegalMoveResult(rate=legal / len(prefixes), legal=legal, total=len(prefixes))
+
+
+def greedy_sampler(model: Callable, max_new: int = 10, context: int | None = None) -> Callable[[str], str]:
+    """A `sample` for `legal_move_rate`: greedy (argmax) characters from `model` after the prefix, until a
+    space or ``;`` follows at least one other character, or `max_new` characters. `model(ids)` takes a
+    (1, T) int64 tensor and returns (1, T, 32) logits or an object with ``.logits`` (HF style);
+    `context`: keep only the last `context` characters of the prefix (the model's sequence length)."""
+    stops = {STOI[" "], STOI[";"]}
+
+    @torch.no_grad()
+    def sample(prefix: str) -> str:
+        ids = encode(prefix)
+        out: list[int] = []
+        for _ in range(max_new):
+            window = ids if context is None else ids[-context:]
+            logits = model(window[None])
+            logits = getattr(logits, "logits", logits)
+            if logits.dim() != 3 or logits.shape[-1] != len(STOI):
+                raise FeaturekitError(f"the model returned logits of shape {tuple(logits.shape)}; expected (1, T, {len(STOI)}) "
+                                      "over the chess vocabulary")
+            nxt = int(logits[0, -1].argmax())
+            if nxt in stops and any(i not in stops for i in out):
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([nxt])])
+        return decode(out)
+
+    return sample
