@@ -46,3 +46,10 @@ def test_bad_input_is_named():
         moves_of("1.e4 e5")
     with pytest.raises(FeaturekitError, match="not legal"):
         board_of(";1.e5")
+
+
+def test_package_exports_resolve():
+    import featurekit.moex.chess as chess_pkg
+
+    missing = [name for name in chess_pkg.__all__ if not hasattr(chess_pkg, name)]
+    assert not missing

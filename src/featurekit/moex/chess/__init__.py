@@ -14,6 +14,7 @@ from .metrics import (
                       ReconstructionResult,
                       board_reconstruction,
                       bsp_coverage,
+                      greedy_sampler,
                       legal_move_rate,
                       move_prefixes,
 )
