@@ -82,6 +82,8 @@ def test_dot_positions_and_table():
     assert after2[names.index("P@e4")] and after2[names.index("p@e5")] and after2[names.index("P@e2")] == 0
     assert after4[names.index("N@f3")] and after4[names.index("n@c6")] and not after4[names.index("B@b5")]
     assert table.columns("board") == list(range(768))
+    kept = [names[i] for i in table.columns("board", drop_start=True)]
+    assert len(kept) == 768 - 32 and "P@e2" not in kept and "K@e1" not in kept and "P@e4" in kept
     with pytest.raises(FeaturekitError, match="not legal"):
         bsp_table([";1.e4 e4 2.d4"], ["board"])
 

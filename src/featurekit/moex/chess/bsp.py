@@ -210,9 +210,14 @@ class BSPTable:
     game: torch.Tensor  # (N,) int64
     char: torch.Tensor  # (N,) int64
 
-    def columns(self, group: str) -> list[int]:
-        """Column indices of one group's properties (``board``, ``empty``, ``threat``, ``rules``, ``tactics``)."""
-        wanted = set(property_names([group]))
+    def columns(self, group: str, drop_start: bool = False) -> list[int]:
+        """Column indices of one group's properties (``board``, ``empty``, ``threat``, ``rules``, ``tactics``);
+        `drop_start`: without those that hold in the starting position (e.g. ``P@e2``: 736 of the 768
+        ``board`` properties remain), as one version of Karvonen et al.'s labelling does."""
+        names = property_names([group])
+        wanted = set(names)
+        if drop_start:
+            wanted -= {n for n, v in zip(names, board_properties(chess.Board(), [group]).tolist()) if v}
         return [i for i, n in enumerate(self.names) if n in wanted]
 
     def __len__(self) -> int:
