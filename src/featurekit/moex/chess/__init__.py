@@ -8,15 +8,15 @@ from .bsp import DEFAULT_GROUPS, GROUPS, BSPTable, board_properties, bsp_table, 
 from .dataset import build_dataset, load_token_stream, read_games, read_manifest
 from .games import GameSpec, generate_games, random_game, stockfish_available
 from .metrics import (
-                      THRESHOLDS,
-                      CoverageResult,
-                      LegalMoveResult,
-                      ReconstructionResult,
-                      board_reconstruction,
-                      bsp_coverage,
-                      greedy_sampler,
-                      legal_move_rate,
-                      move_prefixes,
+    THRESHOLDS,
+    CoverageResult,
+    LegalMoveResult,
+    ReconstructionResult,
+    board_reconstruction,
+    bsp_coverage,
+    greedy_sampler,
+    legal_move_rate,
+    move_prefixes,
 )
 from .pgn import VOCAB, board_of, decode, encode, game_string, moves_of, token_stream
 
