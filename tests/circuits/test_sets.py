@@ -153,3 +153,12 @@ def test_layer_lists_and_bad_methods():
     with pytest.raises(FeaturekitError, match="give 'all'"):
         parse_layers("first", 4)
     assert cli.main(["circuits", "train-set", "/nonexistent/x", "--method", "topk"]) == 2
+
+
+def test_featurekit_trace_on_a_clt_set(tiny, tmp_path, capsys):
+    transcoder_set.save(random_clt(model=str(tiny / "model")), tmp_path / "clt")
+    assert cli.main(["trace", "--set", str(tmp_path / "clt"), "--prompt", "the cat sat on the mat", "--out",
+                     str(tmp_path / "g.json")]) == 0, capsys.readouterr().err
+    meta = read_json(tmp_path / "g.json")["metadata"]
+    assert "cross-layer transcoder over 3 layers" in meta["info"]["description"]
+    assert meta["featurekit"]["replacement_logit_error"] <= 1e-4 and meta["transcoder_list"] == [str(tmp_path / "clt" / "clt")]

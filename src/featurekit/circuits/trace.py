@@ -16,7 +16,7 @@ import torch
 from ..data.tokens import tokenize
 from ..errors import FeaturekitError
 from . import attribution, graph_json, prune, replacement
-from .transcoder_set import AnySet
+from .transcoder_set import KIND_CLT, AnySet
 
 
 @dataclass
@@ -64,7 +64,7 @@ def trace(loaded: Any, transcoders: AnySet, prompt: str, *, out: str | Path | No
         graph, pruned, slug=slug or _slug(prompt), scan=str(transcoders.model or loaded.name), prompt=prompt,
         token_strings=token_strings, vocab_strings=vocab_strings,
         transcoder_list=transcoders.listing(), widths={layer: transcoders.width(layer) for layer in transcoders.layers},
-        node_threshold=node_threshold, edge_threshold=edge_threshold, extra=extra)
+        node_threshold=node_threshold, edge_threshold=edge_threshold, extra=extra, cross_layer=transcoders.kind == KIND_CLT)
     if out is not None:
         graph_json.write(document, out)
     return TraceResult(graph, pruned, scores, error, document, seconds)
