@@ -13,7 +13,8 @@ asked layer is done, OUT/transcoder_set.json (circuits.transcoder_set) is writte
 
 A cross-layer transcoder (CLT, `dictionaries.clt`) reads every layer at once, so it is trained in one
 loop streamed from the model (`train_clt`): nothing is cached on disk, memory holds one buffer of
-(MLP in, MLP out) rows of all its layers. A killed CLT training starts again; a finished one (same
+(MLP in, MLP out) rows of all its layers (`train.buffer_tokens`; a training set that fits in one buffer is
+harvested once and reshuffled every epoch, a larger one harvested again each epoch). A killed CLT training starts again; a finished one (same
 config digest) is skipped. `dictionary.n_latents` and `dictionary.k` are per layer for both kinds, so a PLT
 set and a CLT with the same settings have the same total number of latents.
 """
@@ -21,6 +22,7 @@ set and a CLT with the same settings have the same total number of latents.
 from __future__ import annotations
 
 import copy
+import itertools
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -158,20 +160,21 @@ def _rows(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, layers: li
                torch.cat([batch.acts[f"mlp_out.{layer}"].float() for layer in layers], 1))
 
 
-def _shuffled(rows: Iterator[tuple], buffer_tokens: int, batch_size: int, gen: torch.Generator) -> Iterator[tuple]:
-    """Minibatches drawn from a buffer of about `buffer_tokens` rows, shuffled within it."""
+def _buffers(rows: Iterator[tuple], buffer_tokens: int) -> Iterator[tuple]:
+    """The rows gathered into buffers of about `buffer_tokens` rows (the last one shorter)."""
     xs, ys, held = [], [], 0
     for x, y in rows:
         xs.append(x), ys.append(y)
         held += len(x)
         if held >= buffer_tokens:
-            yield from _drain(torch.cat(xs), torch.cat(ys), batch_size, gen)
+            yield torch.cat(xs), torch.cat(ys)
             xs, ys, held = [], [], 0
     if xs:
-        yield from _drain(torch.cat(xs), torch.cat(ys), batch_size, gen)
+        yield torch.cat(xs), torch.cat(ys)
 
 
 def _drain(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[tuple]:
+    """Minibatches of one buffer in a random order (whole batches only)."""
     order = torch.randperm(len(x), generator=gen)
     for lo in range(0, len(x) - batch_size + 1, batch_size):
         sel = order[lo:lo + batch_size]
@@ -199,9 +202,12 @@ def train_clt(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedModel,
     if total_steps == 0:
         raise FeaturekitError(f"fewer training tokens than one batch of {tc.batch_size}; raise data.train_tokens")
 
-    # per-layer scales (mean norm √d) and the initial biases from the first buffer's rows
-    x0, y0 = next(_shuffled(_rows(loaded, ids, mask, layers, cfg), tc.buffer_tokens, min(tc.buffer_tokens, 4096),
-                            torch.Generator().manual_seed(tc.seed)))
+    # per-layer scales (mean norm √d) and the initial biases from the first buffer's rows. When the whole training
+    # set fits in one buffer it is harvested once and every epoch reshuffles it; otherwise every epoch harvests again.
+    stream = _buffers(_rows(loaded, ids, mask, layers, cfg), tc.buffer_tokens)
+    first = next(stream)
+    sample = torch.randperm(len(first[0]), generator=torch.Generator().manual_seed(tc.seed))[:4096]
+    x0, y0 = first[0][sample], first[1][sample]
     per = [(x0[:, i * d:(i + 1) * d], y0[:, i * d_out:(i + 1) * d_out]) for i in range(L)]
     one = (lambda t: 1.0) if tc.normalize == "none" else mean_norm_scale
     c_in = torch.tensor([one(x) for x, _ in per])
@@ -216,8 +222,16 @@ def train_clt(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedModel,
     gen = torch.Generator().manual_seed(tc.seed)
     step, tokens, began, last = 0, 0, time.time(), {}
     log(f"CLT over layers {layers}: {L} x {F} latents, k={params.k} per layer, {total_steps} steps of {tc.batch_size} tokens")
+    epoch = 0
     while step < total_steps:
-        for x, y in _shuffled(_rows(loaded, ids, mask, layers, cfg), tc.buffer_tokens, tc.batch_size, gen):
+        if epoch == 0:
+            buffers = itertools.chain([first], stream)
+        elif int(mask.sum()) <= tc.buffer_tokens:
+            buffers = iter([first])
+        else:
+            buffers = _buffers(_rows(loaded, ids, mask, layers, cfg), tc.buffer_tokens)
+        epoch += 1
+        for x, y in (batch for buffer in buffers for batch in _drain(*buffer, tc.batch_size, gen)):
             if step >= total_steps:
                 break
             for group in opt.param_groups:
