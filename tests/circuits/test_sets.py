@@ -59,13 +59,17 @@ def test_plt_set_layer_by_layer_then_resumed_and_scored(tiny, tmp_path, capsys):
     result = score(tiny, out, tmp_path / "q.json")
     assert result["kind"] == "transcoder_set" and result["layers"] == [0, 2] and result["total_latents"] == 64
     assert result["kl_clean_spliced"] > 0 and result["splice_tokens"] > 100
+    assert set(result["fvu_per_layer_clean_inputs"]) == {"0", "2"} and all(0 < v < 1 for v in result["fvu_per_layer_clean_inputs"].values())
     assert result["loss_recovered"] == pytest.approx((result["ce_zero_ablated"] - result["ce_spliced"])
                                                      / (result["ce_zero_ablated"] - result["ce_clean"]))
 
 
-def test_clt_trains_jointly_and_beats_its_untrained_self(tiny, tmp_path):
+@pytest.mark.parametrize("buffer", ["512", "4096"], ids=["reharvested", "one-buffer"])
+def test_clt_trains_jointly_and_beats_its_untrained_self(tiny, tmp_path, buffer):
+    """Each epoch harvested again (buffer < training tokens) or the one buffer reshuffled (buffer >= them)."""
     out = tmp_path / "clt"
-    assert train_set(tiny, out, "--method", "clt", "--set", "train.epochs=3") == 0
+    clt_args = ("--method", "clt", "--set", "train.epochs=3", "--set", f"train.buffer_tokens={buffer}")
+    assert train_set(tiny, out, *clt_args) == 0
     cset = transcoder_set.load(out)
     assert cset.kind == "cross_layer_transcoder" and cset.layers == [0, 1, 2] and cset.clt.per_layer == 32
     cset.clt.check_causal()
@@ -83,7 +87,7 @@ def test_clt_trains_jointly_and_beats_its_untrained_self(tiny, tmp_path):
     assert trained["ce_clean"] == pytest.approx(baseline["ce_clean"])
     # a rerun of the same config skips the training
     stamp = (out / "clt" / "model.safetensors").stat().st_mtime_ns
-    assert train_set(tiny, out, "--method", "clt", "--set", "train.epochs=3") == 0
+    assert train_set(tiny, out, *clt_args) == 0
     assert (out / "clt" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -162,3 +166,17 @@ def test_featurekit_trace_on_a_clt_set(tiny, tmp_path, capsys):
     meta = read_json(tmp_path / "g.json")["metadata"]
     assert "cross-layer transcoder over 3 layers" in meta["info"]["description"]
     assert meta["featurekit"]["replacement_logit_error"] <= 1e-4 and meta["transcoder_list"] == [str(tmp_path / "clt" / "clt")]
+
+
+def test_layer_fvu_is_one_for_a_set_that_predicts_the_mean_output():
+    """A hand-checkable pair: on the tiny Llama, a CLT whose decoders are zero predicts each MLP output by its bias: with
+    the bias at the mean output the FVU is 1 (on the tokens the mean was taken from)."""
+    model, ids = tiny_llama(), torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    cset = random_clt()
+    with torch.no_grad(), capture(model, *[f"mlp_out.{layer}" for layer in range(3)]) as seen:
+        model(input_ids=ids)
+        cset.clt.W_dec.zero_()
+        cset.clt.b_dec.copy_(torch.cat([seen[f"mlp_out.{layer}"].reshape(-1, D).mean(0) for layer in range(3)]))
+    fvu = quality.layer_fvu(model, cset, ids, mask, batch_contexts=3)
+    assert fvu == pytest.approx({"0": 1.0, "1": 1.0, "2": 1.0}, abs=1e-4)

@@ -9,7 +9,9 @@ forward (which the earlier replacements already changed): per-layer transcoders 
 input when its MLP output is due and writes Σ_{l ≤ L} f_l W_dec,l→L + b_dec,L there. No error terms: this is
 the replacement model itself, not the exact local one of `replacement`. The zero-ablation baseline sets the
 same MLP outputs to 0; loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean); KL(clean ‖ spliced)
-per scored position (`evaluate.splice.score_splice`, the README's metric conventions).
+per scored position (`evaluate.splice.score_splice`, the README's metric conventions). Beside them, each
+layer's FVU of its MLP output predicted from the clean forward's inputs (`layer_fvu`), on the same kept tokens
+(not minus norm outliers).
 """
 
 from __future__ import annotations
@@ -48,6 +50,34 @@ def splice_clt(model: Any, cset: CrossLayerSet, keep: Tensor | None = None) -> I
 
 
 @torch.no_grad()
+def layer_fvu(model: Any, tset: AnySet, input_ids: Tensor, mask: Tensor, batch_contexts: int = 8) -> dict[str, float]:
+    """Each layer's FVU of mlp_out.L predicted from the CLEAN forward's MLP inputs (no replacement upstream):
+    Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the kept tokens, per layer of the set."""
+    sites = [f"{kind}.{layer}" for layer in tset.layers for kind in ("mlp_in", "mlp_out")]
+    device = next(unwrap(model).parameters()).device
+    sums = {layer: torch.zeros(3, dtype=torch.float64) for layer in tset.layers}  # Σ‖y−ŷ‖², Σ‖y‖², n
+    means = {layer: 0.0 for layer in tset.layers}
+    for start in range(0, len(input_ids), batch_contexts):
+        keep = mask[start:start + batch_contexts].to(device)
+        if not keep.any():
+            continue
+        with capture(model, *sites) as seen:
+            unwrap(model)(input_ids=input_ids[start:start + batch_contexts].to(device), use_cache=False)
+        codes: dict[int, Tensor] = {}
+        for layer in tset.layers:
+            m, y = seen[f"mlp_in.{layer}"][keep].float(), seen[f"mlp_out.{layer}"][keep].float()
+            codes[layer] = tset.encode(layer, m)
+            err = (y - tset.prediction(layer, codes, m)).double()
+            sums[layer] += torch.stack([err.pow(2).sum(), y.double().pow(2).sum(), torch.tensor(float(len(y)))])
+            means[layer] = means[layer] + y.double().sum(0)
+    out = {}
+    for layer, (sse, sq, n) in sums.items():
+        total = float(sq) - float((means[layer] ** 2).sum()) / float(n)   # Σ‖y − ȳ‖²
+        out[str(layer)] = float(sse) / total if total > 0 else float("nan")
+    return out
+
+
+@torch.no_grad()
 def replacement_quality(model: Any, tset: AnySet, input_ids: Tensor, mask: Tensor, batch_contexts: int = 8,
                         progress: bool = True) -> dict:
     """CE / KL / loss recovered with every MLP of the set's layers replaced at once (module docstring)."""
@@ -69,8 +99,10 @@ def replacement_quality(model: Any, tset: AnySet, input_ids: Tensor, mask: Tenso
                                         progress=progress)
         result.pop("spliced_sites", None)
         latents = sum(tc.n_latents for tc in tset.transcoders.values())
+    fvu = layer_fvu(model, tset, input_ids, mask, batch_contexts)
     return {"kind": tset.kind, "layers": tset.layers, "total_latents": latents,
-            "latents_per_layer": {str(layer): tset.width(layer) for layer in tset.layers}, "model_dtype": str(dtype), **result}
+            "latents_per_layer": {str(layer): tset.width(layer) for layer in tset.layers}, "model_dtype": str(dtype), **result,
+            "fvu_per_layer_clean_inputs": fvu}
 
 
 def describe(result: dict) -> str:
