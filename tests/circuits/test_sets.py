@@ -5,6 +5,10 @@ circuits.transcoder_set and scored by `featurekit circuits quality` (every MLP r
 import copy
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -180,3 +184,26 @@ def test_layer_fvu_is_one_for_a_set_that_predicts_the_mean_output():
         cset.clt.b_dec.copy_(torch.cat([seen[f"mlp_out.{layer}"].reshape(-1, D).mean(0) for layer in range(3)]))
     fvu = quality.layer_fvu(model, cset, ids, mask, batch_contexts=3)
     assert fvu == pytest.approx({"0": 1.0, "1": 1.0, "2": 1.0}, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_killed_clt_training_continues_from_its_checkpoint_to_the_same_weights(tiny, tmp_path):
+    """SIGKILL at the first checkpoint (a real process), then the same command: the CLT equals an uninterrupted one."""
+    args = ["circuits", "train-set", "--model", str(tiny / "model"), "--set", f"data.source={tiny / 'text.txt'}", *SMALL,
+            "--method", "clt", "--set", "train.epochs=3", "--set", "train.checkpoint_every=2"]
+    assert cli.main([*args[:2], str(tmp_path / "whole"), *args[2:]]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "featurekit.cli", *args[:2], str(killed), *args[2:]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (killed / ".clt_checkpoint" / "state.json").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (killed / transcoder_set.MANIFEST).exists()  # it was stopped mid-way
+    assert cli.main([*args[:2], str(killed), *args[2:]]) == 0
+    assert not (killed / ".clt_checkpoint").exists()
+    whole, resumed = transcoder_set.load(tmp_path / "whole").clt, transcoder_set.load(killed).clt
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name

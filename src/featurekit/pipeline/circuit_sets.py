@@ -14,8 +14,10 @@ asked layer is done, OUT/transcoder_set.json (circuits.transcoder_set) is writte
 A cross-layer transcoder (CLT, `dictionaries.clt`) reads every layer at once, so it is trained in one
 loop streamed from the model (`train_clt`): nothing is cached on disk, memory holds one buffer of
 (MLP in, MLP out) rows of all its layers (`train.buffer_tokens`; a training set that fits in one buffer is
-harvested once and reshuffled every epoch, a larger one harvested again each epoch). A killed CLT training starts again; a finished one (same
-config digest) is skipped. `dictionary.n_latents` and `dictionary.k` are per layer for both kinds, so a PLT
+harvested once and reshuffled every epoch, a larger one harvested again each epoch). Every `train.checkpoint_every`
+steps the CLT, Adam's state and the scales go to OUT/.clt_checkpoint (train.checkpoint's format); a killed training
+continues from there over the same batch stream (the harvest is deterministic, each epoch's order seeded), and a
+finished one (same config digest) is skipped. `dictionary.n_latents` and `dictionary.k` are per layer for both kinds, so a PLT
 set and a CLT with the same settings have the same total number of latents.
 """
 
@@ -41,6 +43,7 @@ from ..errors import FeaturekitError
 from ..models import load_model
 from ..models.loading import LoadedModel
 from ..models.sites import blocks, site_dim
+from ..train.checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
 from ..train.init import mean_norm_scale
 from ..train.schedule import lr_factor
 from .setup import config_digest, contexts, resolve, start
@@ -219,19 +222,39 @@ def train_clt(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedModel,
         clt.b_enc.copy_(-torch.einsum("ld,lfd->lf", xs, clt.W_enc.view(L, F, d)).flatten())  # π centred on the sample
 
     opt = torch.optim.Adam(clt.parameters(), lr=tc.lr)
-    gen = torch.Generator().manual_seed(tc.seed)
-    step, tokens, began, last = 0, 0, time.time(), {}
-    log(f"CLT over layers {layers}: {L} x {F} latents, k={params.k} per layer, {total_steps} steps of {tc.batch_size} tokens")
-    epoch = 0
-    while step < total_steps:
+    named = dict(clt.named_parameters())
+    ckpt = out / ".clt_checkpoint"
+    step, tokens, epoch, in_epoch, began, last = 0, 0, 0, 0, time.time(), {}
+    state = read_checkpoint_meta(ckpt)
+    if state is not None and state.get("digest") == digest and state["total_steps"] == total_steps:
+        tensors, state = load_checkpoint(ckpt)
+        clt.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
+        restore_optimizer(opt, named, tensors, state["optimizer_scalars"])
+        c_in, c_out = tensors["c_in"], tensors["c_out"]
+        s_in, s_out = c_in.repeat_interleave(d), c_out.repeat_interleave(d_out)
+        step, tokens, epoch, in_epoch = state["step"], state["tokens"], state["epoch"], state["in_epoch"]
+        log(f"CLT: continuing from the checkpoint at step {step}")
+
+    def save_state() -> None:
+        opt_t, opt_s = optimizer_tensors(opt, {p: n for n, p in named.items()})
+        save_checkpoint(ckpt, {**{f"sae.{k}": v for k, v in clt.state_dict().items()}, **opt_t, "c_in": c_in, "c_out": c_out},
+                        {"step": step, "tokens": tokens, "total_steps": total_steps, "digest": digest,
+                         "optimizer_scalars": opt_s, "epoch": epoch, "in_epoch": in_epoch})
+
+    def epoch_batches(epoch: int) -> Iterator[tuple]:
+        """Epoch `epoch`'s minibatches, the same on every run (the harvest is deterministic, the order seeded)."""
         if epoch == 0:
             buffers = itertools.chain([first], stream)
         elif int(mask.sum()) <= tc.buffer_tokens:
             buffers = iter([first])
         else:
             buffers = _buffers(_rows(loaded, ids, mask, layers, cfg), tc.buffer_tokens)
-        epoch += 1
-        for x, y in (batch for buffer in buffers for batch in _drain(*buffer, tc.batch_size, gen)):
+        gen = torch.Generator().manual_seed(tc.seed + epoch)
+        return (batch for buffer in buffers for batch in _drain(*buffer, tc.batch_size, gen))
+
+    log(f"CLT over layers {layers}: {L} x {F} latents, k={params.k} per layer, {total_steps} steps of {tc.batch_size} tokens")
+    while step < total_steps:
+        for x, y in itertools.islice(epoch_batches(epoch), in_epoch, None):
             if step >= total_steps:
                 break
             for group in opt.param_groups:
@@ -245,7 +268,7 @@ def train_clt(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedModel,
             loss.backward()
             clt.mask_decoder_grad()
             opt.step()
-            step, tokens = step + 1, tokens + len(x)
+            step, tokens, in_epoch = step + 1, tokens + len(x), in_epoch + 1
             if step % max(1, tc.log_every) == 0 or step == total_steps:
                 with torch.no_grad():
                     var = (y.view(len(y), L, d_out) - y.view(len(y), L, d_out).mean(0)).pow(2).mean((0, 2))
@@ -253,6 +276,9 @@ def train_clt(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedModel,
                             "l0": outp.l0()}
                 if progress:
                     log(f"step {step}/{total_steps}: loss {last['loss']:.4f}, FVU per layer {last['fvu']}")
+            if step % max(1, tc.checkpoint_every) == 0 and step < total_steps:
+                save_state()
+        epoch, in_epoch = epoch + 1, 0
     clt.eval()
     clt.fold_layer_scales(c_in, c_out)
     seconds = time.time() - began
@@ -263,6 +289,7 @@ def train_clt(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedModel,
                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "last_log": last,
                            "config_digest": digest, "threads": torch.get_num_threads()}}
     transcoder_set.save_clt(clt.cpu(), layers, out, cfg.model.name, meta)
+    shutil.rmtree(ckpt, ignore_errors=True)
     log(f"CLT done in {seconds:.0f} s ({step} steps, {tokens} tokens) -> {out}")
     return out
 
