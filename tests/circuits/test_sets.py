@@ -17,9 +17,9 @@ from featurekit import cli
 from featurekit._io import read_json
 from featurekit.circuits import quality, replacement, transcoder_set
 from featurekit.dictionaries import CrossLayerTranscoder, Transcoder
+from featurekit.errors import FeaturekitError
 from featurekit.evaluate.transcoders import replace_mlps
 from featurekit.models.hooks import capture
-from featurekit.errors import FeaturekitError
 from featurekit.pipeline.circuit_sets import parse_layers
 
 from .helpers import D, prompt, random_clt, tiny_llama
@@ -207,3 +207,11 @@ def test_a_killed_clt_training_continues_from_its_checkpoint_to_the_same_weights
     whole, resumed = transcoder_set.load(tmp_path / "whole").clt, transcoder_set.load(killed).clt
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_featurekit_run_refuses_a_clt_and_names_the_command():
+    from featurekit import pipeline
+    from featurekit.config import load_config
+
+    with pytest.raises(FeaturekitError, match="featurekit circuits train-set --method clt"):
+        pipeline.resolve(load_config(None, ["dictionary.method=clt", "site=mlp_in.3"]))

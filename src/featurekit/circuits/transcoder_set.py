@@ -288,7 +288,8 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> TranscoderSe
         return _load_clt(folder, manifest, manifest_path, device)
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("kind", KIND_PLT) != KIND_PLT:
         raise FeaturekitError(f"{manifest_path} has format_version {manifest.get('format_version')!r}; this featurekit "
-                              f"reads version {FORMAT_VERSION} ({KIND_PLT}) and {CLT_FORMAT_VERSION} ({KIND_CLT}): upgrade featurekit or re-save the set")
+                              f"reads version {FORMAT_VERSION} ({KIND_PLT}) and {CLT_FORMAT_VERSION} ({KIND_CLT}): "
+                              "upgrade featurekit or re-save the set")
     entries = manifest.get("layers")
     if not isinstance(entries, list) or not entries:
         raise FeaturekitError(f"{manifest_path} lists no layers; re-save the set")
