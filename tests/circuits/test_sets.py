@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from featurekit import cli
+from featurekit import cli, rundir
 from featurekit._io import read_json
 from featurekit.circuits import quality, replacement, transcoder_set
 from featurekit.dictionaries import CrossLayerTranscoder, Transcoder
@@ -45,7 +45,8 @@ def test_plt_set_layer_by_layer_then_resumed_and_scored(tiny, tmp_path, capsys):
     assert train_set(tiny, out, "--layers", "0,2") == 0
     tset = transcoder_set.load(out)
     assert tset.layers == [0, 2] and tset.model == str(tiny / "model")
-    assert sorted(p.name for p in out.iterdir()) == ["layer_0", "layer_2", "transcoder_set.json"]  # scratch runs deleted
+    kept = sorted(p.name for p in out.iterdir() if p.name != rundir.LOCK)
+    assert kept == ["layer_0", "layer_2", "transcoder_set.json"]  # the scratch runs (caches, checkpoints) are deleted
     # a kill after layer 0: its folder stays, the manifest is not there yet; the rerun trains only layer 2
     (out / transcoder_set.MANIFEST).unlink()
     shutil.rmtree(out / "layer_2")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, rundir
 from ..circuits import transcoder_set
 from ..config import RunConfig, validate
 from ..data.harvest import choose_dtype, harvest
@@ -87,9 +87,10 @@ def train_set(cfg: RunConfig, out: str | Path, layers: str | Sequence[int] | Non
                               f"got {method!r}")
     loaded = open_set_model(cfg)
     chosen = parse_layers(layers, len(blocks(loaded.model)))
-    if method == "clt":
-        return train_clt(cfg, out, chosen, loaded, progress, log)
-    return train_plt_set(cfg, out, chosen, loaded, progress, log)
+    with rundir.locked(out, f"circuits train-set --method {method}"):  # one process per set folder
+        if method == "clt":
+            return train_clt(cfg, out, chosen, loaded, progress, log)
+        return train_plt_set(cfg, out, chosen, loaded, progress, log)
 
 
 # -- per-layer transcoders ------------------------------------------------------------------------------
