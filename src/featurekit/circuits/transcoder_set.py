@@ -3,7 +3,7 @@
 On disk a set is a folder holding one featurekit dictionary folder per layer and a manifest,
 
     SET/transcoder_set.json   {"format": "featurekit-transcoder-set", "format_version": 1,
-                               "model": "<model name or null>",
+                               "kind": "transcoder_set" (optional), "model": "<model name or null>",
                                "layers": [{"layer": 0, "path": "layer_0"}, ...]}
     SET/layer_0/              model.safetensors + featurekit.json (fileformat.save)
 
