@@ -15,9 +15,10 @@ from featurekit.config import load_config, validate
 from featurekit.dictionaries import METHODS
 
 V1 = Path(__file__).parent / "fixtures" / "v1"
+NEWER_THAN_V1 = {"clt"}  # methods added after format v1: no v1 file of theirs exists
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(set(METHODS) - NEWER_THAN_V1))
 def test_every_v1_dictionary_file_loads_and_encodes(method):
     folder = V1 / "dictionaries" / method
     d = featurekit.load(folder)

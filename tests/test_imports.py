@@ -26,7 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "features": {"dictionaries", "models", "data", "evaluate"},
     "report": {"features"},
     "rundir": set(),
-    "pipeline": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "interop"},
+    "pipeline": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "interop",
+                 "circuits"},  # circuit_sets: trains transcoder sets, writes their manifest
     "bench": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "pipeline"},
     "app": {"models", "data", "dictionaries", "config", "evaluate", "features", "pipeline", "report", "rundir"},
     # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it

@@ -3,8 +3,8 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from featurekit.circuits.transcoder_set import TranscoderSet
-from featurekit.dictionaries import SkipTranscoder, Transcoder
+from featurekit.circuits.transcoder_set import CrossLayerSet, TranscoderSet
+from featurekit.dictionaries import CrossLayerTranscoder, SkipTranscoder, Transcoder
 
 D = 32
 
@@ -41,6 +41,18 @@ def random_transcoder(layer: int, skip: bool = False, n_latents: int = 64, k: in
 def random_set(layers: int = 3, model: str | None = None) -> TranscoderSet:
     """Layer 1 is a skip transcoder, the others plain."""
     return TranscoderSet({layer: random_transcoder(layer, skip=layer == 1) for layer in range(layers)}, model)
+
+
+def random_clt(layers: int = 3, per_layer: int = 64, k: int = 6, model: str | None = None) -> CrossLayerSet:
+    """A random CLT over every layer: decoders into the own layer and every later one (weights on the scale of a
+    tiny model's MLP output), the blocks into earlier layers zero."""
+    clt = CrossLayerTranscoder(layers * D, layers * per_layer, k=k, n_layers=layers, seed=3)
+    gen = torch.Generator().manual_seed(200)
+    with torch.no_grad():
+        clt.W_dec.copy_(torch.randn(clt.W_dec.shape, generator=gen) * 0.002 * clt.decoder_mask())
+        clt.b_dec.copy_(torch.randn(clt.d_out, generator=gen) * 0.001)
+        clt.b_enc.copy_(torch.randn(clt.n_latents, generator=gen) * 0.1)
+    return CrossLayerSet(clt.eval(), list(range(layers)), model)
 
 
 def prompt(n: int = 9) -> torch.Tensor:

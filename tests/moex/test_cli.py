@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from featurekit.cli import main
-from featurekit.errors import FeaturekitError
 from featurekit.data.tokens import tokenize
+from featurekit.errors import FeaturekitError
 from featurekit.models.hooks import capture_activations
 from featurekit.moex.hf import loaded_model
 from featurekit.moex.stream import char_tokens, read_stream

@@ -170,13 +170,16 @@ class _RowMaker:
         self.errors, self.tokens = slice(n_f, n_f + L * T), slice(n_f + L * T, n_f + L * T + T)
         self.W_U_mean = rm.W_U.mean(0)
         self.logit_ids = logit_ids
-        # the sources of each (layer, position): their node indices and written vectors f_i W_dec[i] (n, d)
+        # the sources of each (layer, position): their node indices and the vectors f_i W_dec[i] (n, d) they write
+        # into each target layer's MLP output (their own layer; every later one too for a cross-layer transcoder)
         self.groups = []
         for layer in range(L):
             for pos in range(T):
                 idx = ((feats.layer == layer) & (feats.pos == pos)).nonzero().flatten()
                 if idx.numel():
-                    self.groups.append((layer, pos, idx, rm.decoder_rows(layer, feats.latent[idx]) * feats.activation[idx, None]))
+                    for target in rm.targets(layer):
+                        vectors = rm.decoder_rows(layer, feats.latent[idx], target) * feats.activation[idx, None]
+                        self.groups.append((target, pos, idx, vectors))
 
     def seed(self, node: int) -> tuple[int, int, Tensor]:
         """Where target `node`'s gradient starts: (layer, position, vector)."""
@@ -191,9 +194,9 @@ class _RowMaker:
         rm = self.rm
         g_x0, g_writes = rm.backward([self.seed(node) for node in nodes])
         out = rm.zeros(len(nodes), self.N)
-        for layer, pos, idx, vectors in self.groups:
-            if g_writes[layer] is not None:
-                out[:, idx] = g_writes[layer][:, pos] @ vectors.T                    # features: f_i W_dec[i] · gradient
+        for target, pos, idx, vectors in self.groups:
+            if g_writes[target] is not None:                                       # features: Σ_targets f_i W_dec[i] · gradient
+                out[:, idx] += g_writes[target][:, pos] @ vectors.T
         g_err = torch.stack([torch.zeros_like(g_x0) if g is None else g for g in g_writes], 1)  # (B, L, T, d)
         out[:, self.errors] = (g_err * torch.stack(rm.errors)).sum(-1).flatten(1)  # error nodes: ε_L[t] · gradient
         out[:, self.tokens] = (g_x0 * rm.embeddings).sum(-1)                       # tokens: x_0[t] · gradient
@@ -213,8 +216,8 @@ def target_values(rm: LocalReplacement, graph: Graph, writes: Sequence[Tensor], 
         for layer in range(graph.n_layers):
             idx = (feats.layer == layer).nonzero().flatten()
             m = ins[layer][:, feats.pos[idx]]                                  # (B, n_L, d)
-            tc = rm.transcoders[layer]
-            parts.append((m * tc.W_enc[feats.latent[idx]]).sum(-1) + tc.b_enc[feats.latent[idx]])
+            latents = feats.latent[idx]
+            parts.append((m * rm.encoder_rows(layer, latents)).sum(-1) + rm.transcoders.encoder_bias(layer, latents))
         logits = rm.unembed(final[:, -1])[:, graph.logit_tokens]
         parts.append(logits - rm.unembed(final[:, -1]).mean(-1, keepdim=True))
     return torch.cat(parts, dim=1)

@@ -75,8 +75,9 @@ def node_records(graph: Graph, pruned: Pruned, token_strings: list[str], vocab_s
 
 def graph_document(graph: Graph, pruned: Pruned, *, slug: str, scan: str, prompt: str, token_strings: list[str],
                    vocab_strings: dict[int, str], transcoder_list: list[str], widths: dict[int, int],
-                   node_threshold: float, edge_threshold: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON document of a pruned graph."""
+                   node_threshold: float, edge_threshold: float, extra: dict[str, Any] | None = None,
+                   cross_layer: bool = False) -> dict[str, Any]:
+    """The JSON document of a pruned graph (`cross_layer`: its features are a cross-layer transcoder's)."""
     nodes = node_records(graph, pruned, token_strings, vocab_strings, widths)
     ids = {n.pop("_index"): n["node_id"] for n in nodes}
     targets, sources = pruned.edge_mask.nonzero(as_tuple=True)
@@ -87,7 +88,8 @@ def graph_document(graph: Graph, pruned: Pruned, *, slug: str, scan: str, prompt
     metadata = {
         "slug": slug, "scan": scan, "transcoder_list": transcoder_list, "prompt_tokens": token_strings, "prompt": prompt,
         "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION,
-        "info": {"description": f"attribution graph through {len(widths)} per-layer transcoders", "source_urls": transcoder_list,
+        "info": {"description": (f"attribution graph through a cross-layer transcoder over {len(widths)} layers" if cross_layer
+                                 else f"attribution graph through {len(widths)} per-layer transcoders"), "source_urls": transcoder_list,
                  "generator": dict(GENERATOR), "create_time_ms": int(time.time() * 1000)},
         "generation_settings": {k: settings[k] for k in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
                                 if k in settings},

@@ -6,13 +6,17 @@ Every MLP is replaced by its transcoder, every norm and attention pattern is fro
     x_0        = the clean residual entering block 0 (token embeddings; GPT-2: + position embeddings)
     x_mid,L    = x_L + attn_L(norm1_L(x_L))
     m_L        = norm2_L(x_mid,L)                                   the transcoder's input (mlp_in.L)
-    x_L+1      = x_mid,L + T_L(m_L) + ε_L                           T_L: transcoder prediction (skip included)
-    ε_L        = mlp_out.L − T_L(mlp_in.L)   (clean values, held fixed)
+    x_L+1      = x_mid,L + T_L(m_0..m_L) + ε_L                      T_L: the set's prediction of mlp_out.L
+    ε_L        = mlp_out.L − T_L(clean inputs)   (clean values, held fixed)
+
+T_L is a per-layer transcoder's f_L W_dec + b_dec (+ W_skip m_L), or for a cross-layer transcoder the sum
+Σ_{l ≤ L} f_l W_dec,l→L + b_dec,L of every earlier layer's latents' writes into layer L (`transcoder_set`).
     logits     = norm_f(x_n) W_Uᵀ + b_U
 
 With ε_L added, the replacement reproduces the clean logits (up to float rounding). With the features'
-activations also held fixed, T_L(m) = f W_dec + b_dec + W_skip m is affine in the residual stream, so
-the whole model is: x_0 and every layer's MLP write (features f_i·W_dec[i], errors, decoder biases)
+activations also held fixed, T_L is affine in the residual stream (its only input-dependent part is the
+skip path W_skip m_L), so the whole model is: x_0 and every layer's MLP write (features f_i·W_dec[i]
+into every layer they write to, errors, decoder biases)
 flow linearly, through frozen attention, frozen norms and skip paths, to every m_L and to norm_f(x_n).
 `frozen_forward` runs that linear model on a batch of injected writes; attribution differentiates it.
 """
@@ -30,7 +34,7 @@ from ..errors import FeaturekitError
 from ..models.hooks import capture
 from ..models.sites import blocks, unwrap
 from .frozen import FrozenLayer, FrozenNorm, block_parts, check_family, final_norm, freeze_attention, freeze_norm, unembedding
-from .transcoder_set import TranscoderSet
+from .transcoder_set import AnySet, TranscoderSet
 
 
 @dataclass
@@ -56,7 +60,7 @@ class LocalReplacement:
     final: FrozenNorm
     W_U: Tensor                   # (V, d)
     b_U: Tensor | None
-    transcoders: TranscoderSet    # folded copies: codes in raw units
+    transcoders: AnySet           # folded copies: codes in raw units (per-layer or cross-layer)
     mlp_in: list[Tensor]          # (T, d) clean transcoder inputs
     mlp_out: list[Tensor]         # (T, d) clean MLP outputs
     errors: list[Tensor]          # (T, d) ε_L
@@ -73,8 +77,7 @@ class LocalReplacement:
 
     def skip(self, layer: int, m: Tensor) -> Tensor | float:
         """The transcoder's linear skip path W_skip m (0 for a plain transcoder)."""
-        tc = self.transcoders[layer]
-        return tc.skip(m) if hasattr(tc, "skip") else 0.0
+        return self.transcoders.skip(layer, m)
 
     def zeros(self, *shape: int) -> Tensor:
         """A zero tensor on the replacement model's device, in its dtype."""
@@ -82,7 +85,7 @@ class LocalReplacement:
 
     def skip_vjp(self, layer: int, g: Tensor) -> Tensor | None:
         """The transposed skip path: W_skipᵀ g (None for a plain transcoder)."""
-        w = getattr(self.transcoders[layer], "W_skip", None)
+        w = self.transcoders.skip_weight(layer)
         return None if w is None else g @ w
 
     def run(self, x0: Tensor, write: Callable[[int, Tensor], Tensor]) -> tuple[list[Tensor], Tensor]:
@@ -131,10 +134,15 @@ class LocalReplacement:
         return logits if self.b_U is None else logits + self.b_U
 
     @torch.no_grad()
-    def replacement_logits(self) -> Tensor:
-        """(T, V) logits of the replacement model with live transcoders (codes recomputed from each m_L) plus ε."""
+    def replacement_logits(self, errors: bool = True) -> Tensor:
+        """(T, V) logits of the replacement model with live transcoders (codes recomputed from each m_L) plus ε
+        (without ε when not `errors`: the transcoders alone)."""
+        codes: dict[int, Tensor] = {}
+
         def write(layer: int, m: Tensor) -> Tensor:
-            return self.transcoders[layer].reconstruct(m) + self.errors[layer]
+            codes[layer] = self.transcoders.encode(layer, m)
+            prediction = self.transcoders.prediction(layer, codes, m)
+            return prediction + self.errors[layer] if errors else prediction
 
         _, final = self.run(self.embeddings[None], write)
         return self.unembed(final)[0]
@@ -147,16 +155,21 @@ class LocalReplacement:
         layer, pos, latent, act = (torch.cat(t) for t in zip(*parts))
         return ActiveFeatures(layer, pos, latent, act.float())
 
-    def decoder_rows(self, layer: int, latents: Tensor) -> Tensor:
-        """W_dec rows (n, d) of layer `layer`'s latents: the direction a unit code writes."""
-        return self.transcoders[layer].W_dec[latents]
+    def targets(self, layer: int) -> list[int]:
+        """The layers whose MLP output layer `layer`'s latents write to ([layer] for per-layer transcoders)."""
+        return self.transcoders.targets(layer)
+
+    def decoder_rows(self, layer: int, latents: Tensor, target: int | None = None) -> Tensor:
+        """W_dec rows (n, d) of layer `layer`'s latents into layer `target`'s MLP output (default: their own
+        layer): the direction a unit code writes there."""
+        return self.transcoders.decoder_rows(layer, layer if target is None else target, latents)
 
     def encoder_rows(self, layer: int, latents: Tensor) -> Tensor:
         """W_enc rows (n, d): the gradient of each latent's pre-activation with respect to m_L."""
-        return self.transcoders[layer].W_enc[latents]
+        return self.transcoders.encoder_rows(layer, latents)
 
     def pre_activations(self, layer: int, m: Tensor) -> Tensor:
-        return self.transcoders[layer].pre_activation(m)
+        return self.transcoders.pre_activation(layer, m)
 
     def writes(self, feature_scale: Tensor | None = None, error_scale: Tensor | None = None,
                bias: bool = True) -> list[Tensor]:
@@ -165,18 +178,17 @@ class LocalReplacement:
         B = 1 when neither scale is given. For perturbation checks and the bias terms of each node."""
         feats = self.active_features()
         B = max(1 if s is None else s.shape[0] for s in (feature_scale, error_scale))
-        out = []
-        for layer in range(self.n_layers):
-            sel = feats.layer == layer
-            w = self.zeros(B, self.n_pos, self.mlp_out[layer].shape[-1])
+        out = [self.zeros(B, self.n_pos, self.mlp_out[layer].shape[-1]) for layer in range(self.n_layers)]
+        for source in range(self.n_layers):
+            sel = feats.layer == source
             acts = feats.activation[sel].expand(B, -1) if feature_scale is None else feats.activation[sel] * feature_scale[:, sel]
-            contrib = acts[..., None] * self.decoder_rows(layer, feats.latent[sel])  # (B, n_L, d)
-            w = w.index_add(1, feats.pos[sel], contrib)
+            for target in self.targets(source):
+                contrib = acts[..., None] * self.decoder_rows(source, feats.latent[sel], target)  # (B, n_L, d)
+                out[target] = out[target].index_add(1, feats.pos[sel], contrib)
+        for layer, w in enumerate(out):
             err = self.errors[layer].expand(B, -1, -1)
             w = w + (err if error_scale is None else err * error_scale[:, layer, :, None])
-            if bias:
-                w = w + self.transcoders[layer].b_dec
-            out.append(w)
+            out[layer] = w + self.transcoders.output_bias(layer) if bias else w
         return out
 
 
@@ -200,7 +212,7 @@ def _clean_forward(model: Any, input_ids: Tensor, n: int) -> tuple[dict[str, Ten
     return acts, out.attentions, out.logits[0]
 
 
-def build(model: Any, transcoders: TranscoderSet, input_ids: Tensor | Sequence[int]) -> LocalReplacement:
+def build(model: Any, transcoders: AnySet, input_ids: Tensor | Sequence[int]) -> LocalReplacement:
     """The local replacement model of `model` on one prompt (`input_ids` (T,) or (1, T))."""
     family = check_family(model)
     layer_list = blocks(model)
@@ -213,7 +225,7 @@ def build(model: Any, transcoders: TranscoderSet, input_ids: Tensor | Sequence[i
     if ids.ndim != 1 or ids.numel() == 0:
         raise FeaturekitError(f"build needs one prompt's token ids, shape (T,) or (1, T); got {tuple(ids.shape)}")
     device = next(unwrap(model).parameters()).device
-    tset = TranscoderSet({layer: tc.to(device) for layer, tc in tset.transcoders.items()}, tset.model, tset.paths)
+    tset = tset.to(device)
     acts, patterns, logits = _clean_forward(model, ids.to(device), n)
 
     def act(site: str) -> Tensor:
@@ -224,14 +236,14 @@ def build(model: Any, transcoders: TranscoderSet, input_ids: Tensor | Sequence[i
         ln1, attn, ln2 = block_parts(family, block)
         x, mid = act(f"resid_pre.{layer}"), act(f"resid_pre.{layer}") + act(f"attn_out.{layer}")
         layers.append(FrozenLayer(freeze_norm(ln1, x), freeze_attention(family, attn, patterns[layer][0]), freeze_norm(ln2, mid)))
-        tc, m, y = tset[layer], act(f"mlp_in.{layer}"), act(f"mlp_out.{layer}")
+        m, y = act(f"mlp_in.{layer}"), act(f"mlp_out.{layer}")
         with torch.no_grad():
-            f = tc.encode(m).float()
-            prediction = tc.reconstruct_from(m, f).float()
-            _check_affine(tc, layer, m, f, prediction)
+            codes.append(tset.encode(layer, m).float())
+            prediction = tset.prediction(layer, dict(enumerate(codes)), m).float()
+            if isinstance(tset, TranscoderSet):
+                _check_affine(tset[layer], layer, m, codes[layer], prediction)
         mlp_in.append(m)
         mlp_out.append(y)
-        codes.append(f)
         errors.append(y - prediction)
     W_U, b_U = unembedding(model)
     final = freeze_norm(final_norm(model), act(f"resid_post.{n - 1}"))

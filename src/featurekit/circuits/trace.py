@@ -16,7 +16,7 @@ import torch
 from ..data.tokens import tokenize
 from ..errors import FeaturekitError
 from . import attribution, graph_json, prune, replacement
-from .transcoder_set import TranscoderSet
+from .transcoder_set import KIND_CLT, AnySet
 
 
 @dataclass
@@ -37,7 +37,7 @@ def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
     return ids[0]
 
 
-def trace(loaded: Any, transcoders: TranscoderSet, prompt: str, *, out: str | Path | None = None,
+def trace(loaded: Any, transcoders: AnySet, prompt: str, *, out: str | Path | None = None,
           target_tokens: Sequence[int] | None = None, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
           batch_size: int = 256, node_threshold: float = 0.8, edge_threshold: float = 0.98, slug: str | None = None,
           max_feature_nodes: int | None = None) -> TraceResult:
@@ -63,9 +63,8 @@ def trace(loaded: Any, transcoders: TranscoderSet, prompt: str, *, out: str | Pa
     document = graph_json.graph_document(
         graph, pruned, slug=slug or _slug(prompt), scan=str(transcoders.model or loaded.name), prompt=prompt,
         token_strings=token_strings, vocab_strings=vocab_strings,
-        transcoder_list=[transcoders.paths.get(layer, f"layer {layer}") for layer in transcoders.layers],
-        widths={layer: tc.n_latents for layer, tc in transcoders.transcoders.items()},
-        node_threshold=node_threshold, edge_threshold=edge_threshold, extra=extra)
+        transcoder_list=transcoders.listing(), widths={layer: transcoders.width(layer) for layer in transcoders.layers},
+        node_threshold=node_threshold, edge_threshold=edge_threshold, extra=extra, cross_layer=transcoders.kind == KIND_CLT)
     if out is not None:
         graph_json.write(document, out)
     return TraceResult(graph, pruned, scores, error, document, seconds)

@@ -21,6 +21,9 @@ group (runs, bench, interop, explain, circuits, moex), each with `add_parsers(su
     featurekit import PATH --name NAME [--model M] [--site S]   another library's dictionary as a run folder (eval, features, serve)
     featurekit explain RUN_DIR [--features IDS] [--judge SPEC] [--units U]   explain and score features with a judge LM
     featurekit trace (--set DIR | --transcoders DIR...) --prompt TEXT --out G.json   an attribution graph (circuits)
+    featurekit circuits train-set OUT_DIR [--model M] [--layers all|0,2|3-6] [--method transcoder|skiptranscoder|clt]
+                                                                a transcoder set (PLT layer by layer, or one CLT)
+    featurekit circuits quality SET_DIR [--text SOURCE] [--tokens N] [--out FILE]   every MLP replaced by the set: CE, KL
     featurekit moex train RUN_DIR --data FILE [--kind moex|switch|dense_gelu|dense_relu]   a small LM with MoE-X / baseline MLPs
 """
 

@@ -1,4 +1,4 @@
-"""featurekit trace: attribution graphs through transcoders (circuits)."""
+"""featurekit trace (attribution graphs through transcoders) and featurekit circuits train-set / quality (transcoder sets)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 from pathlib import Path
 
 from ..errors import FeaturekitError
+from .common import EPILOG
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _trace_parser(sub)
+    _circuits_parser(sub)
 
 
 def _trace_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,4 +65,88 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"trace": lambda args, progress: _trace(args)}
+def _circuits_parser(sub: argparse._SubParsersAction) -> None:
+    """`featurekit circuits train-set | quality`: transcoder sets for circuits."""
+    circuits = sub.add_parser("circuits", help="transcoder sets for attribution graphs: train one, measure its replacement quality"
+                              ).add_subparsers(dest="circuits", required=True)
+    p = circuits.add_parser(
+        "train-set", help="train a transcoder for every layer (or the chosen ones) of a model, or one cross-layer transcoder",
+        description="Per-layer transcoders (--method transcoder or skiptranscoder) are trained layer by layer, each an "
+                    "ordinary run on mlp_in.L -> mlp_out.L in a scratch folder inside OUT_DIR that is deleted once the layer's "
+                    "dictionary is moved to OUT_DIR/layer_L (one layer's activation cache on disk at a time); a rerun skips "
+                    "finished layers and continues a killed one from its checkpoint. --method clt trains one cross-layer "
+                    "transcoder over the layers jointly, streamed from the model (nothing cached). OUT_DIR/transcoder_set.json "
+                    "is written last; `featurekit trace --set OUT_DIR` and `featurekit circuits quality OUT_DIR` read it. "
+                    "dictionary.n_latents and dictionary.k are per layer for both kinds.", epilog=EPILOG)
+    p.add_argument("out", type=Path, metavar="OUT_DIR", help="the set folder to write (or continue)")
+    p.add_argument("--model", help="embedded name, local directory, .gguf file or Hub id (default: the config's model)")
+    p.add_argument("--layers", default="all", help="all (default), a list 0,3,5 or a range 2-6")
+    p.add_argument("--method", default="transcoder", help="transcoder (default), skiptranscoder or clt")
+    p.add_argument("--latents", type=int, help="latents per layer (dictionary.n_latents)")
+    p.add_argument("--k", type=int, help="active latents per token and layer (dictionary.k)")
+    p.add_argument("--tokens", type=int, help="training tokens (data.train_tokens)")
+    p.add_argument("--config", type=Path, help="YAML or JSON config file for the data, dictionary and train settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable); `featurekit config` lists the keys")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = circuits.add_parser(
+        "quality", help="replace every MLP of the set's layers by the set at once: CE and KL against the clean model and "
+                        "against zero-ablating the same MLPs (loss recovered), on held-out text",
+        description="Splice the whole set into the model (each layer's MLP output predicted from the same forward's MLP "
+                    "inputs; a CLT sums every earlier layer's decoders) and score next-token CE, KL(clean || replaced) and "
+                    "loss recovered against zero-ablating the same MLPs, on the held-out split of the text.")
+    p.add_argument("set", type=Path, metavar="SET_DIR", help="a transcoder set folder (transcoder_set.json)")
+    p.add_argument("--model", help="default: the model the set names")
+    p.add_argument("--text", help="text source (as data.source; default the config's, bbc)")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    p.add_argument("--context-len", type=int, help="tokens per context (data.context_len)")
+    p.add_argument("--batch-contexts", type=int, default=8, help="contexts per forward pass (default 8)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--out", type=Path, help="also write the result to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _circuits(args: argparse.Namespace, progress: bool) -> int:
+    if args.circuits == "train-set":
+        from ..config import load_config
+        from ..pipeline.circuit_sets import check_method, train_set
+
+        check_method(args.method)
+        flags = {"model.name": args.model, "dictionary.n_latents": args.latents, "dictionary.k": args.k,
+                 "data.train_tokens": args.tokens}
+        overrides = [f"dictionary.method={args.method}", *args.overrides,
+                     *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+        cfg = load_config(args.config, overrides)
+        out = train_set(cfg, args.out, args.layers, progress=progress)
+        print(f"transcoder set: {out}")
+        return 0
+    from .._io import atomic_write_json
+    from ..circuits import transcoder_set
+    from ..circuits.quality import describe, replacement_quality
+    from ..config import load_config
+    from ..models.loading import load_model
+    from ..pipeline import contexts
+
+    tset = transcoder_set.load(args.set)
+    name = args.model or tset.model
+    if not name:
+        raise FeaturekitError("the set does not name its model; pass --model")
+    overrides = [f"model.name={name}", *([f"data.source={args.text}"] if args.text else []),
+                 *([f"data.context_len={args.context_len}"] if args.context_len else [])]
+    cfg = load_config(None, overrides)
+    import torch
+
+    loaded = load_model(name, dtype=getattr(torch, args.dtype), device=args.device)
+    ids, mask = contexts(loaded, cfg, "test", args.tokens)
+    result = replacement_quality(loaded.model, tset, ids, mask, batch_contexts=args.batch_contexts, progress=progress)
+    result.update({"set": str(args.set), "model": name, "text": cfg.data.source, "split": "test",
+                   "context_len": cfg.data.context_len})
+    print(describe(result))
+    if args.out:
+        atomic_write_json(args.out, result)
+        print(f"-> {args.out}")
+    return 0
+
+
+HANDLERS = {"trace": lambda args, progress: _trace(args), "circuits": _circuits}

@@ -6,6 +6,7 @@ what puts it in `METHODS`, the one list of methods (docs/methods.md, "Adding a m
 from .base import Dictionary, Output
 from .batchtopk import BatchAbsTopKSAE, BatchTopKSAE
 from .choice import FeatureChoiceSAE, MutualChoiceSAE
+from .clt import CrossLayerTranscoder
 from .fileformat import build, build_from_config, load, read_meta, save
 from .gba import GBASAE
 from .gsae import GradientSAE
@@ -24,7 +25,7 @@ from .vsae import VariationalSAE
 __all__ = [
     "METHODS", "Dictionary", "HyperParams", "Output", "build", "build_from_config", "load", "method_class", "read_meta",
     "register", "save",
-    "AbsTopKSAE", "BatchAbsTopKSAE", "BatchTopKSAE", "FeatureChoiceSAE", "GBASAE", "GradientSAE", "ITDADictionary",
+    "AbsTopKSAE", "BatchAbsTopKSAE", "BatchTopKSAE", "CrossLayerTranscoder", "FeatureChoiceSAE", "GBASAE", "GradientSAE", "ITDADictionary",
     "ITDAFitter", "JumpReLUSAE", "MPSAE", "MatryoshkaSAE", "MutualChoiceSAE", "ReLUSAE", "SNMFDictionary", "SNMFFitter",
     "SkipTranscoder", "TopAFASAE", "TopKSAE", "Transcoder", "VariationalSAE",
 ]

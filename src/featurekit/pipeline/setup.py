@@ -40,6 +40,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
     validate(cfg)
     train_device(cfg.train.device)  # a device that is not there fails now, not after the harvest
     site = parse_site(cfg.site)  # bad syntax fails before anything is written
+    if cfg.dictionary.method == "clt":
+        raise FeaturekitError("dictionary.method=clt (cross-layer transcoder) reads the MLP inputs of many layers at once, "
+                              "not one site: train it with `featurekit circuits train-set --method clt OUT_DIR`")
     if METHODS[cfg.dictionary.method].transcodes and cfg.output_site is None:
         if site.kind != "mlp_in":
             raise FeaturekitError(f"dictionary.method={cfg.dictionary.method} predicts one site from another: with site={cfg.site} "
