@@ -26,16 +26,18 @@ ALLOWED: dict[str, set[str]] = {
     "features": {"dictionaries", "models", "data", "evaluate"},
     "report": {"features"},
     "rundir": set(),
-    "pipeline": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "interop"},
+    "pipeline": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "interop",
+                 "vision"},
     "bench": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "pipeline"},
     "app": {"models", "data", "dictionaries", "config", "evaluate", "features", "pipeline", "report", "rundir"},
     # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it
     "autointerp": {"models", "data", "dictionaries", "config", "features", "pipeline", "rundir"},
     "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app",
-            "autointerp", "interop", "circuits"},
+            "autointerp", "interop", "circuits", "vision"},
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
+    "vision": {"models", "data", "dictionaries"},  # a ViT's sites, image sources, harvest, the vision splice
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize
 }
 
