@@ -2,8 +2,8 @@
 
 Sources (``data.source`` of a vision run; several joined with ``+``, e.g. ``skimage+./my_photos``):
 
-* ``skimage``     the photos and scans scikit-image ships offline (`SKIMAGE_LOADERS`: 26 images; the
-                  25×25 ``lfw_subset`` faces are left out);
+* ``skimage``     the photos and scans scikit-image ships offline (`SKIMAGE_LOADERS`: 25 images; the
+                  25×25 ``lfw_subset`` faces and the random ``binary_blobs`` are left out);
 * ``sklearn``     scikit-learn's sample images (china.jpg, flower.jpg), where scikit-learn is installed;
 * ``opencv-doc``  Debian's opencv-doc example photos (``/usr/share/doc/opencv-doc/examples/data``), where installed;
 * ``photos``      all of the above that are installed here (at least one must be);
@@ -25,6 +25,7 @@ config and the saved dictionary record them, and `Preprocess.from_dict` rebuilds
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import math
@@ -40,7 +41,7 @@ from featurekit.errors import FeaturekitError
 SKIMAGE_LOADERS = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "chelsea", "clock", "coffee", "coins",
                    "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
                    "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom", "stereo_motorcycle",
-                   "text", "binary_blobs")
+                   "text")
 OPENCV_DOC = Path("/usr/share/doc/opencv-doc/examples/data")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEST_FRACTION = 0.15
@@ -67,14 +68,19 @@ def _rgb(array: np.ndarray) -> Image.Image:
 
 
 def skimage_images() -> list[NamedImage]:
-    """scikit-image's offline images (SKIMAGE_LOADERS)."""
+    """scikit-image's offline images (SKIMAGE_LOADERS), read once per process (about 4 s)."""
+    return list(_skimage_images())
+
+
+@functools.lru_cache(maxsize=1)
+def _skimage_images() -> tuple[NamedImage, ...]:
     from skimage import data
 
     out = []
     for name in SKIMAGE_LOADERS:
         array = getattr(data, name)()
         out.append(NamedImage(f"skimage:{name}", _rgb(array[0] if isinstance(array, tuple) else array)))
-    return out
+    return tuple(out)
 
 
 def sklearn_images() -> list[NamedImage]:
