@@ -39,6 +39,10 @@ EVAL_LABELS = {  # known eval.json keys, in display order: label, meaning
     "ce_zero_ablated": ("CE zero-ablated", "cross-entropy with the site set to zero"),
     "loss_recovered": ("loss recovered", "(CE_zero − CE_spliced) / (CE_zero − CE_clean)"),
     "kl_clean_spliced": ("KL(clean ‖ spliced)", "mean per-token KL divergence"),
+    "cls_cosine": ("CLS cosine", "vision: cos(final CLS clean, final CLS with the reconstruction spliced in), mean over views"),
+    "cls_cosine_zero": ("CLS cosine, zero-ablated", "vision: the same with the site's tokens set to zero"),
+    "patch_rel_change": ("patch change", "vision: ‖P_spliced − P_clean‖ / ‖P_clean‖ of the final patch tokens, mean over views"),
+    "patch_rel_change_zero": ("patch change, zero-ablated", "vision: the same with the site's tokens set to zero"),
 }
 CURVES = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"),
           ("aux_loss", "aux loss"), ("lr", "learning rate")]

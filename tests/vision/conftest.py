@@ -1,13 +1,23 @@
 import pytest
 
-from .tiny_vit import BUILDERS, write_tiny_vit
+from .tiny_vit import write_tiny_vit
+
+
+class _TinyVits(dict):
+    """{name: folder} of tiny random HF vision models (tests/vision/tiny_vit.py), each written on first use."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name):
+        self[name] = write_tiny_vit(self.root, name)
+        return self[name]
 
 
 @pytest.fixture(scope="session")
 def tiny_vits(tmp_path_factory):
-    """{name: folder} of tiny random HF vision models (tests/vision/tiny_vit.py)."""
-    root = tmp_path_factory.mktemp("tiny_vits")
-    return {name: write_tiny_vit(root, name) for name in BUILDERS}
+    return _TinyVits(tmp_path_factory.mktemp("tiny_vits"))
 
 
 @pytest.fixture(scope="session")

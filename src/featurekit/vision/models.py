@@ -20,6 +20,7 @@ import torch
 from featurekit.errors import FeaturekitError
 from featurekit.models.sites import FAMILY_OF_MODEL_TYPE, VISION_FAMILIES, detect_family, n_layers
 from featurekit.vision.onnx_weights import EMBEDDED_PREPROCESS, EMBEDDED_VISION, load_embedded_vit
+from featurekit.vision.vit import VitConfig
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -80,6 +81,37 @@ def load_vision_model(name: str, *, dtype: torch.dtype = torch.float32, device: 
                        n_prefix=n_prefix, patch_size=int(config.patch_size), preprocess=preprocess)
 
 
+def vision_config(name: str) -> Any:
+    """The config of vision model ``name`` without its weights (to check sites before loading)."""
+    if name in EMBEDDED_VISION:
+        return VitConfig()
+    import transformers as tf
+
+    from featurekit.models.loading import _from_hub
+
+    path = Path(name).expanduser()
+    config = (tf.AutoConfig.from_pretrained(str(path)) if path.is_dir()
+              else _from_hub(name, lambda **kw: tf.AutoConfig.from_pretrained(name, **kw)))
+    _check_family(name, config)
+    return config
+
+
+def preprocess_of(name: str) -> dict:
+    """The preprocessing model ``name`` expects (size, mean, std), without loading its weights."""
+    if name in EMBEDDED_VISION:
+        return dict(EMBEDDED_PREPROCESS)
+    path = Path(name).expanduser()
+    return _preprocess(vision_config(name), _preprocessor_config(path) if path.is_dir() else {})
+
+
+def _preprocess(config: Any, pre: dict) -> dict:
+    size = pre.get("crop_size") or pre.get("size") or config.image_size
+    if isinstance(size, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
+        size = size.get("height") or size.get("shortest_edge")
+    return {"size": int(size), "mean": list(pre.get("image_mean", IMAGENET["mean"])),
+            "std": list(pre.get("image_std", IMAGENET["std"]))}
+
+
 def _check_family(name: str, config: Any) -> str:
     family = detect_family(config) if getattr(config, "model_type", None) in FAMILY_OF_MODEL_TYPE else None
     if family not in VISION_FAMILIES:
@@ -97,20 +129,10 @@ def _load_hf(name: str) -> tuple[Any, dict]:
     from featurekit.models.loading import _from_hub
 
     path = Path(name).expanduser()
-    config = (tf.AutoConfig.from_pretrained(str(path)) if path.is_dir()
-              else _from_hub(name, lambda **kw: tf.AutoConfig.from_pretrained(name, **kw)))
-    _check_family(name, config)
+    preprocess = preprocess_of(name)  # checks the family before any weights load
     if path.is_dir():
-        model = tf.AutoModel.from_pretrained(str(path))
-        pre = _preprocessor_config(path)
-    else:
-        model = _from_hub(name, lambda **kw: tf.AutoModel.from_pretrained(name, **kw))
-        pre = {}
-    size = pre.get("crop_size") or pre.get("size") or model.config.image_size
-    if isinstance(size, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
-        size = size.get("height") or size.get("shortest_edge")
-    return model, {"size": int(size), "mean": list(pre.get("image_mean", IMAGENET["mean"])),
-                   "std": list(pre.get("image_std", IMAGENET["std"]))}
+        return tf.AutoModel.from_pretrained(str(path)), preprocess
+    return _from_hub(name, lambda **kw: tf.AutoModel.from_pretrained(name, **kw)), preprocess
 
 
 def _preprocessor_config(folder: Path) -> dict:
