@@ -101,3 +101,25 @@ def test_embedded_vision_preprocessing_is_resolved_without_weights(photos):
     cfg = resolve(load_config(None, ["model.name=dinov2-s-focus", f"data.source={photos}"]))
     assert (cfg.images.size, cfg.images.mean, cfg.images.std) == (224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert torch.tensor(cfg.images.std).shape == (3,)
+
+
+def test_feature_figure_draws_the_top_views(tiny_vits, photos, tmp_path):
+    from featurekit.pipeline.setup import open_model
+    from featurekit.pipeline.vision import views
+    from featurekit.vision.figures import feature_figure, latent_maps
+
+    cfg = resolve(load_config(None, _overrides(tiny_vits, photos, tmp_path, extra=["dictionary.k=8"])))
+    run_all(cfg, progress=False)
+    tops = json.loads((tmp_path / "run" / "features" / "top_patches.json").read_text())
+    vm, sae = open_model(cfg), load(tmp_path / "run" / "dictionary")
+    test = views(cfg, vm, "test", cfg.eval.tokens)
+    feature = max(tops, key=lambda f: len(f["top"]))
+    ids = list(dict.fromkeys(t["view"] for t in feature["top"]))[:3]
+    maps, cls = latent_maps(vm, sae, cfg.site, test, feature["latent"], ids)
+    assert maps.shape == (len(ids), 4, 4) and cls.shape == (len(ids),)
+    best = feature["top"][0]  # the map's largest patch code is the top example's value
+    if best["kind"] == "patch":
+        assert float(maps[ids.index(best["view"]), best["row"], best["col"]]) == pytest.approx(best["value"], rel=1e-4)
+    path = feature_figure(vm, sae, cfg.site, test, feature["latent"], ids, tmp_path / "f.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] == len(ids) * 232 + 8
