@@ -123,3 +123,13 @@ def test_feature_figure_draws_the_top_views(tiny_vits, photos, tmp_path):
     path = feature_figure(vm, sae, cfg.site, test, feature["latent"], ids, tmp_path / "f.png")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] == len(ids) * 232 + 8
+
+
+def test_text_only_steps_refuse_a_vision_run_by_name(tiny_vits, photos, tmp_path):
+    from featurekit.pipeline import run_eval, run_features
+
+    cfg = resolve(load_config(None, _overrides(tiny_vits, photos, tmp_path)))
+    with pytest.raises(FeaturekitError, match="is a vision run"):
+        run_eval(cfg)
+    with pytest.raises(FeaturekitError, match="is a vision run"):
+        run_features(cfg)
