@@ -89,6 +89,8 @@ def write_report(run_dir: str | Path) -> Path:
         ("features", "Features", _features_section(run_dir / "features" / "top_examples.json")),
         ("config", "Config", _config_section(config, config_note)),
     ]
+    if (run_dir / "features" / "top_patches.json").exists():  # a vision run: image tokens instead of text examples
+        sections[3] = ("features", "Image features", _image_features_section(run_dir / "features"))
     if (run_dir / "features" / "heads.json").exists():
         sections.insert(4, ("heads", "Attention heads", _heads_section(run_dir / "features" / "heads.json")))
     nav = "".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
@@ -252,6 +254,31 @@ def _features_section(path: Path) -> str:
     intro = _note("Top-activating examples; shading is proportional to act / max act, the peak token is outlined. "
                   "Hover a token for its activation.")
     return f'{intro}<div class="cards">{"".join(cards)}</div>{more}' if cards else _note("No features listed.")
+
+
+def _image_features_section(folder: Path, shown: int = 8) -> str:
+    """A vision run's features: how many fire on CLS or patch tokens only, and each listed latent's top tokens."""
+    data, note = _read_json(folder / "top_patches.json")
+    if note or not isinstance(data, list):
+        return _note(note or "top_patches.json is not a list of features.")
+    kinds, _ = _read_json(folder / "token_kinds.json")
+    intro = ""
+    if isinstance(kinds, dict) and isinstance(kinds.get("cls_fires"), list) and isinstance(kinds.get("patch_fires"), list):
+        pairs = list(zip(kinds["cls_fires"], kinds["patch_fires"]))
+        live = [(c, p) for c, p in pairs if _num(c) + _num(p) > 0]
+        intro = _note(f"{len(live)} live features on {kinds.get('n_cls_tokens')} CLS and {kinds.get('n_patch_tokens')} patch tokens: "
+                      f"{sum(1 for c, p in live if not _num(p))} fire on CLS tokens only, "
+                      f"{sum(1 for c, p in live if not _num(c))} on patches only.")
+    rows = []
+    for feat in data[:MAX_CARDS]:
+        if not isinstance(feat, dict):
+            continue
+        tops = [t for t in feat.get("top") or [] if isinstance(t, dict)][:shown]
+        cells = ", ".join(f"{_e(t.get('image'))} {_e('CLS' if t.get('kind') == 'cls' else (t.get('row'), t.get('col')))} "
+                          f"{_e(fmt(_num(t.get('value'))))}" for t in tops)
+        rows.append(f'<tr><td>{_e(feat.get("latent"))}</td><td class="num">{_e(fmt(_num(feat.get("density"))))}</td><td>{cells}</td></tr>')
+    return (f'{intro}<table><tr><th>latent</th><th>density</th><th>top tokens: view, CLS or patch (row, col), code</th></tr>'
+            f'{"".join(rows)}</table>')
 
 
 def _heads_section(path: Path, shown: int = 5) -> str:

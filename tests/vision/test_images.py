@@ -9,8 +9,7 @@ from PIL import Image
 
 from featurekit.errors import FeaturekitError
 from featurekit.vision.harvest import CLS, PATCH, harvest_views, token_mask
-from featurekit.vision.images import (OPENCV_DOC, SKIMAGE_LOADERS, Preprocess, held_out, images_digest, load_images,
-                                      make_views, split_images)
+from featurekit.vision.images import OPENCV_DOC, SKIMAGE_LOADERS, Preprocess, held_out, images_digest, load_images, make_views, split_images
 from featurekit.vision.models import load_vision_model
 
 PRE = Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

@@ -39,7 +39,8 @@ def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
     cfg = load_config(None, _overrides(tiny_vits, photos, tmp_path, extra=["dictionary.k=8"]))
     report = run_all(cfg, progress=False)
     run = tmp_path / "run"
-    assert report == run / "report.html" and "CLS cosine" in report.read_text()
+    html = report.read_text()
+    assert report == run / "report.html" and "CLS cosine" in html and "Image features" in html and "on patches only" in html
     saved = json.loads((run / "config.json").read_text())
     assert saved["images"]["size"] == 32 and saved["images"]["mean"] == [0.5] * 3  # filled from the model's preprocessor
     result = json.loads((run / "eval.json").read_text())

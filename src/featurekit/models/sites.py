@@ -43,8 +43,8 @@ Vision transformers (pre-norm; the tokens are CLS, if any, then the image patche
 
 * **dinov2** (HF Dinov2Model and featurekit's embedded ViT, ``encoder.layer[L]``): mlp_in = ``mlp``
   input (= ``norm2`` output); mlp_hidden = ``mlp.fc2`` input; attn_z = ``attention.o_proj`` input
-  (``attention.output.dense`` in the embedded model and before transformers 5); attn_out / mlp_out = ``layer_scale1`` / ``layer_scale2`` output (after the layer scale:
-  what is added to the residual).
+  (``attention.output.dense`` in the embedded model and before transformers 5); attn_out / mlp_out =
+  ``layer_scale1`` / ``layer_scale2`` output (after the layer scale: what is added to the residual).
 * **vit** (HF ViTModel, ``layers[L]``; ``encoder.layer[L]`` before transformers 5): mlp_in / mlp_out =
   ``mlp`` input / output, mlp_hidden = ``mlp.fc2`` input, attn_z / attn_out = ``attention.o_proj``
   input / output (before transformers 5 the bert names: ``intermediate``, ``output.dense``,

@@ -187,7 +187,8 @@ def run_vision(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -
     vm = open_model(cfg)
     start(cfg, overwrite)
     if dictionary_complete(cfg, vm):
-        note(f"{cfg.run_dir / 'dictionary'} is this config's finished dictionary on the same images and model: harvest and training skipped")
+        note(f"{cfg.run_dir / 'dictionary'} is this config's finished dictionary on the same images and model: "
+             f"harvest and training skipped")
     else:
         run_image_harvest(cfg, vm, progress)
         run_train(cfg, resume=(cfg.run_dir / "checkpoint" / "state.json").is_file(), progress=progress, loaded=vm)

@@ -208,7 +208,8 @@ class Preprocess:
         if self.crop not in ("center", "resize"):
             raise FeaturekitError(f"images.crop={self.crop!r}: use center (resize the shorter side, crop the centre) or resize")
         if not 0 < self.scale_min <= 1:
-            raise FeaturekitError(f"images.scale_min={self.scale_min} must be in (0, 1]: the smallest share of an image a random crop keeps")
+            raise FeaturekitError(f"images.scale_min={self.scale_min} must be in (0, 1]: the smallest share of an image "
+                                  f"a random crop keeps")
         if self.size < 1 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise FeaturekitError(f"bad preprocessing {self}: size ≥ 1, three means and three positive stds")
 

@@ -44,12 +44,10 @@ def vision_splice_eval(vm: VisionModel, dictionary: Dictionary, site: str, views
     if views.n_views == 0:
         raise FeaturekitError("the vision splice needs at least one view; raise eval.tokens")
     sums = {"cls_cosine": 0.0, "cls_cosine_zero": 0.0, "patch_rel_change": 0.0, "patch_rel_change_zero": 0.0}
-    recon = (lambda x: dictionary.reconstruct(x))
-    zero = (lambda x: torch.zeros_like(x))
     for start in tqdm(range(0, views.n_views, batch_size), desc="vision splice", disable=not progress):
         pixels = views.pixels(range(start, min(start + batch_size, views.n_views)))
         clean = vm.forward(pixels).float()
-        for suffix, fn in (("", recon), ("_zero", zero)):
+        for suffix, fn in (("", dictionary.reconstruct), ("_zero", torch.zeros_like)):
             with replace(vm.model, site, lambda act, fn=fn: _splice_at(act, keep.to(act.device), fn)):
                 out = vm.forward(pixels).float()
             sums["cls_cosine" + suffix] += float(F.cosine_similarity(_embedding(vm, clean), _embedding(vm, out), dim=-1).sum())
