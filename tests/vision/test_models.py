@@ -74,3 +74,10 @@ def test_embedded_vit_matches_onnxruntime_on_a_real_photo(embedded_vit):
     with torch.no_grad():
         other = vm.forward(Preprocess.from_dict(vm.preprocess).view(coffee.image, 0, 0, seed=0)[None])
     assert torch.nn.functional.cosine_similarity(final[0, 0], other[0, 0], dim=0) < 0.9
+
+
+def test_a_model_loads_with_the_same_weights_every_time(tiny_vits):
+    from featurekit.models.identity import model_digest
+
+    for name in ("vit", "siglip"):  # ViT saved without its pooler: no fresh random pooler on load
+        assert model_digest(load_vision_model(str(tiny_vits[name])).model) == model_digest(load_vision_model(str(tiny_vits[name])).model)

@@ -130,9 +130,12 @@ def _load_hf(name: str) -> tuple[Any, dict]:
 
     path = Path(name).expanduser()
     preprocess = preprocess_of(name)  # checks the family before any weights load
+    # ViT's pooler is never used here, and a checkpoint saved without it would get fresh random weights on every
+    # load (so another model digest each time): leave it out
+    extra = {"add_pooling_layer": False} if vision_config(name).model_type == "vit" else {}
     if path.is_dir():
-        return tf.AutoModel.from_pretrained(str(path)), preprocess
-    return _from_hub(name, lambda **kw: tf.AutoModel.from_pretrained(name, **kw)), preprocess
+        return tf.AutoModel.from_pretrained(str(path), **extra), preprocess
+    return _from_hub(name, lambda **kw: tf.AutoModel.from_pretrained(name, **kw, **extra)), preprocess
 
 
 def _preprocessor_config(folder: Path) -> dict:
