@@ -8,6 +8,7 @@ import torch
 from featurekit.errors import FeaturekitError
 from featurekit.models.hooks import capture, replace
 from featurekit.models.sites import KINDS, check_site, site_dim
+from featurekit.vision.harvest import capture_pixels
 from featurekit.vision.images import Preprocess, skimage_images
 from featurekit.vision.models import is_vision_model, load_vision_model
 
@@ -36,6 +37,9 @@ def test_every_site_of_a_tiny_hf_vision_model(tiny_vits, name):
     with replace(vm.model, "mlp_hidden.1", lambda a: torch.zeros_like(a)), torch.no_grad():
         changed = vm.forward(pixels)
     assert not torch.allclose(changed, out.last_hidden_state)
+    # the harvest's early-stopping capture gives the same activations
+    early = capture_pixels(vm, pixels, ["mlp_hidden.1", "attn_z.0"])
+    torch.testing.assert_close(early["mlp_hidden.1"], acts["mlp_hidden.1"])
     check_site(vm.model.config, "mlp_hidden.2")
     with pytest.raises(FeaturekitError, match="out of range"):
         check_site(vm.model.config, "mlp_hidden.3")

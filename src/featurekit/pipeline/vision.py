@@ -74,12 +74,11 @@ def preflight_images(cfg: RunConfig) -> None:
         check_site(config, site)
 
 
-def views(cfg: RunConfig, vm: VisionModel, split: str, n_tokens: int, max_views: int | None = None) -> Views:
+def views(cfg: RunConfig, vm: VisionModel, split: str, n_tokens: int) -> Views:
     """Views of the split's images holding n_tokens kept tokens (training: seed train.seed; held out: +1)."""
     keep = token_mask(vm, cfg.images.size, cfg.images.tokens)
     images = split_images(load_images(cfg.data.source), split)
-    v = make_views(images, preprocess(cfg), n_tokens, int(keep.sum()), seed=cfg.train.seed + (split == "test"))
-    return Views(v.images, v.preprocess, min(v.n_views, max_views), v.seed) if max_views else v
+    return make_views(images, preprocess(cfg), n_tokens, int(keep.sum()), seed=cfg.train.seed + (split == "test"))
 
 
 def run_image_harvest(cfg: RunConfig, vm: VisionModel | None = None, progress: bool = True) -> ActivationCache:

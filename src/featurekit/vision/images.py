@@ -291,14 +291,9 @@ class Views:
         return torch.stack(out) if out else torch.empty(0, 3, self.preprocess.size, self.preprocess.size)
 
 
-def make_views(images: list[NamedImage], preprocess: Preprocess, n_tokens: int, tokens_per_view: int, seed: int,
-               max_views_per_image: int | None = None) -> Views:
-    """Enough views of ``images`` to hold ``n_tokens`` tokens (⌈n_tokens / tokens_per_view⌉, at most
-    ``max_views_per_image`` per image when given)."""
+def make_views(images: list[NamedImage], preprocess: Preprocess, n_tokens: int, tokens_per_view: int, seed: int) -> Views:
+    """Enough views of ``images`` to hold ``n_tokens`` tokens: ⌈n_tokens / tokens_per_view⌉."""
     if not images:
         raise FeaturekitError(f"no images to view: {SOURCES_HELP}")
-    n = max(1, math.ceil(n_tokens / tokens_per_view))
-    if max_views_per_image is not None:
-        n = min(n, max_views_per_image * len(images))
-    return Views(tuple(images), preprocess, n, seed)
+    return Views(tuple(images), preprocess, max(1, math.ceil(n_tokens / tokens_per_view)), seed)
 

@@ -53,7 +53,8 @@ class VisionModel:
 
 def is_vision_model(name: str) -> bool:
     """Whether ``name`` names a vision model: an embedded one, or a local folder whose config.json is a
-    vision family's (no weights read). Hub ids are judged by their config only when it is cached."""
+    vision family's (no weights read). A Hub id is not recognised (a run takes a vision model from a local
+    folder: save it there first); `load_vision_model` itself loads Hub ids."""
     if name in EMBEDDED_VISION:
         return True
     config = Path(name).expanduser() / "config.json"
