@@ -7,15 +7,18 @@
 - ``features/density.json``     histogram of log10 firing rate, dead latents counted apart;
 - ``features/top_examples.json`` feature cards: top examples, tokens shaded by activation;
 - ``features/heads.json``       attention-output dictionaries only: each head's top features by decoder-norm share;
+- ``features/top_patches.json``, ``token_kinds.json``, ``figures.json`` (+ ``figures/*.png``)  vision runs: image
+                                features, CLS-token and patch features apart, drawn as heat-maps over their top views;
 - ``config.json``               the resolved config, pretty-printed.
 
 Every file is optional; a missing or unreadable one becomes a short note. The page has inline CSS
-and inline SVG only (no scripts, no external resources), and every string that comes from the run
+and inline SVG only, and a vision run's figures as inline PNG data (no scripts, no external resources), and every string that comes from the run
 (config, corpus tokens, metric names) is HTML-escaped.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import unicodedata
@@ -277,8 +280,26 @@ def _image_features_section(folder: Path, shown: int = 8) -> str:
         cells = ", ".join(f"{_e(t.get('image'))} {_e('CLS' if t.get('kind') == 'cls' else (t.get('row'), t.get('col')))} "
                           f"{_e(fmt(_num(t.get('value'))))}" for t in tops)
         rows.append(f'<tr><td>{_e(feat.get("latent"))}</td><td class="num">{_e(fmt(_num(feat.get("density"))))}</td><td>{cells}</td></tr>')
-    return (f'{intro}<table><tr><th>latent</th><th>density</th><th>top tokens: view, CLS or patch (row, col), code</th></tr>'
-            f'{"".join(rows)}</table>')
+    return (f'{intro}{_figures_html(folder)}<h3>Top tokens</h3><table><tr><th>latent</th><th>density</th>'
+            f'<th>top tokens: view, CLS or patch (row, col), code</th></tr>{"".join(rows)}</table>')
+
+
+def _figures_html(folder: Path) -> str:
+    """figures.json's PNGs inline, CLS-token features and patch features under separate headings."""
+    listing, note = _read_json(folder / "figures.json")
+    if note or not isinstance(listing, dict):
+        return ""
+    parts = []
+    for kind, title in (("cls", "CLS-token features"), ("patch", "Patch features")):
+        imgs = []
+        for item in listing.get(kind) or []:
+            path = folder / str(item.get("file", "")) if isinstance(item, dict) else None
+            if path is None or path.parent != folder / "figures" or path.suffix != ".png" or not path.is_file():
+                continue  # only the run's own figures folder
+            data = base64.b64encode(path.read_bytes()).decode()
+            imgs.append(f'<div><img alt="latent {_e(item.get("latent"))}" style="max-width:100%" src="data:image/png;base64,{data}"></div>')
+        parts.append(f"<h3>{title}</h3>" + ("".join(imgs) or _note("none fired on the held-out views")))
+    return "".join(parts)
 
 
 def _heads_section(path: Path, shown: int = 5) -> str:

@@ -52,6 +52,9 @@ def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
     assert kinds["n_cls_tokens"] == 20 and kinds["n_patch_tokens"] == 320
     tops = json.loads((run / "features" / "top_patches.json").read_text())
     assert len(tops) == 4 and all(t["kind"] in ("cls", "patch") for f in tops for t in f["top"])
+    figures = json.loads((run / "features" / "figures.json").read_text())
+    assert figures["patch"] and all((run / "features" / f["file"]).is_file() for kind in ("cls", "patch") for f in figures[kind])
+    assert "Patch features" in html and "data:image/png;base64," in html
     # the cache keeps the token kind of every row
     cache = ActivationCache(run / "activations")
     shard = next(iter(cache.iter_shards(sites=["resid_post.1"])))

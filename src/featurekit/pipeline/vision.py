@@ -153,6 +153,7 @@ def run_image_eval(cfg: RunConfig, vm: VisionModel, progress: bool = True) -> di
                                                       "cls_fires": fires["cls"].tolist(), "patch_fires": fires["patch"].tolist()})
     atomic_write_json(features / "top_patches.json", top_patches(stats, choose_latents(stats, cfg.report.n_features, seed=cfg.train.seed),
                                                                  test, vm))
+    draw_figures(cfg, vm, sae, test, stats, fires, features)
     result["complete"] = True
     atomic_write_json(out / "eval.json", result)
     return result
@@ -170,6 +171,34 @@ def top_patches(stats: FeatureStats, latents: list[int], test: Views, vm: Vision
                          **({"kind": "cls"} if patch < 0 else {"kind": "patch", "row": patch // grid, "col": patch % grid})})
         out.append({"latent": latent, "density": float(stats.density()[latent]), "top": tops})
     return out
+
+
+def draw_figures(cfg: RunConfig, vm: VisionModel, sae, test: Views, stats: FeatureStats, fires: dict[str, torch.Tensor],
+                 features: Path) -> dict:
+    """`vision.figures` pictures of a few features, CLS-token and patch features apart → features/figures/*.png and
+    features/figures.json {"cls": [{latent, file}], "patch": [...]}: the report.n_features // 4 (at least 1) latents
+    firing most often on CLS tokens, and as many of the most frequent patch features; each drawn on the distinct
+    held-out views of its top tokens (at most 4)."""
+    from ..vision.figures import feature_figure
+
+    per_kind = max(1, cfg.report.n_features // 4)
+    density = stats.density()
+    cls_fires, patch_fires = fires["cls"], fires["patch"]
+    cls_latents = [int(i) for i in cls_fires.argsort(descending=True)[:per_kind] if cls_fires[i] > 0]
+    patch_latents = [int(i) for i in patch_fires.argsort(descending=True) if patch_fires[i] > 0 and int(i) not in cls_latents][:per_kind]
+    listing: dict[str, list] = {"cls": [], "patch": []}
+    for kind, latents in (("cls", cls_latents), ("patch", patch_latents)):
+        for latent in latents:
+            ids = list(dict.fromkeys(view for _, view, _ in stats.top(latent)))[:4]
+            if not ids:
+                continue
+            name = f"latent_{latent}.png"
+            feature_figure(vm, sae, cfg.site, test, latent, ids, features / "figures" / name,
+                           title=f"latent {latent} at {cfg.site}: density {float(density[latent]):.4f}, "
+                                 f"{int(cls_fires[latent])} CLS firings")
+            listing[kind].append({"latent": latent, "file": f"figures/{name}", "density": float(density[latent])})
+    atomic_write_json(features / "figures.json", listing)
+    return listing
 
 
 def image_eval_complete(cfg: RunConfig) -> bool:
