@@ -60,10 +60,13 @@ def feature_figure(vm: VisionModel, dictionary: Dictionary, site: str, views: Vi
         x0 = 8 + i * (TILE + 8)
         sheet.paste(Image.fromarray(overlay.astype(np.uint8)).resize((TILE, TILE)), (x0, 36))
         r, c = divmod(int(maps[i].argmax()), g)
-        r0, c0 = min(max(r - 1, 0), g - 3), min(max(c - 1, 0), g - 3)
-        crop = image.crop((c0 * cell, r0 * cell, (c0 + 3) * cell, (r0 + 3) * cell)).resize((TILE // 2, TILE // 2), Image.NEAREST)
-        sheet.paste(crop, (x0, 36 + TILE + 8))
-        draw.text((x0 + TILE // 2 + 6, 36 + TILE + 12), f"max {float(maps[i].max()):.2f}\nat ({r},{c})\nCLS {float(cls[i]):.2f}",
-                  fill="black")
+        if float(maps[i].max()) > 0:  # the crop around the top patch (none when no patch fires)
+            r0, c0 = min(max(r - 1, 0), g - 3), min(max(c - 1, 0), g - 3)
+            crop = image.crop((c0 * cell, r0 * cell, (c0 + 3) * cell, (r0 + 3) * cell)).resize((TILE // 2, TILE // 2), Image.NEAREST)
+            sheet.paste(crop, (x0, 36 + TILE + 8))
+            label = f"patch max {float(maps[i].max()):.2f}\nat ({r},{c})"
+        else:
+            label = "no patch fires"
+        draw.text((x0 + TILE // 2 + 6, 36 + TILE + 12), f"{label}\nCLS {float(cls[i]):.2f}", fill="black")
         draw.text((x0, 36 + TILE + 8 + TILE // 2 + 4), views.name(v)[:34], fill="black")
     return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
