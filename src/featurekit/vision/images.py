@@ -112,6 +112,8 @@ def folder_images(folder: Path, label: str | None = None) -> list[NamedImage]:
 
 def hf_images(path: str) -> list[NamedImage]:
     """The first Image column of a ``datasets`` dataset saved on disk (``Dataset.save_to_disk``)."""
+    if importlib.util.find_spec("datasets") is None:
+        raise FeaturekitError(f"the image source hf:{path} needs the datasets package: pip install datasets")
     import datasets
 
     folder = Path(path).expanduser()
