@@ -27,18 +27,19 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"features"},
     "rundir": set(),
     "pipeline": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "interop",
-                 "circuits"},  # circuit_sets: trains transcoder sets, writes their manifest
+                 "circuits", "vision"},  # circuit_sets: trains transcoder sets, writes their manifest; vision runs
     "bench": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "pipeline"},
     "app": {"models", "data", "dictionaries", "config", "evaluate", "features", "pipeline", "report", "rundir"},
     # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it
     "autointerp": {"models", "data", "dictionaries", "config", "features", "pipeline", "rundir"},
     "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app",
-            "autointerp", "interop", "circuits", "moex"},
+            "autointerp", "interop", "circuits", "moex", "vision"},
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
     # MoE-X: its layers, LM and trainer (checkpoints, schedule, run folder); its LM resolves featurekit's sites
     "moex": {"train", "rundir", "models"},
+    "vision": {"models", "data", "dictionaries"},  # a ViT's sites, image sources, harvest, the vision splice
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize
 }
 

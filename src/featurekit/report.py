@@ -7,15 +7,18 @@
 - ``features/density.json``     histogram of log10 firing rate, dead latents counted apart;
 - ``features/top_examples.json`` feature cards: top examples, tokens shaded by activation;
 - ``features/heads.json``       attention-output dictionaries only: each head's top features by decoder-norm share;
+- ``features/top_patches.json``, ``token_kinds.json``, ``figures.json`` (+ ``figures/*.png``)  vision runs: image
+                                features, CLS-token and patch features apart, drawn as heat-maps over their top views;
 - ``config.json``               the resolved config, pretty-printed.
 
 Every file is optional; a missing or unreadable one becomes a short note. The page has inline CSS
-and inline SVG only (no scripts, no external resources), and every string that comes from the run
+and inline SVG only, and a vision run's figures as inline PNG data (no scripts, no external resources), and every string that comes from the run
 (config, corpus tokens, metric names) is HTML-escaped.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import unicodedata
@@ -39,6 +42,10 @@ EVAL_LABELS = {  # known eval.json keys, in display order: label, meaning
     "ce_zero_ablated": ("CE zero-ablated", "cross-entropy with the site set to zero"),
     "loss_recovered": ("loss recovered", "(CE_zero − CE_spliced) / (CE_zero − CE_clean)"),
     "kl_clean_spliced": ("KL(clean ‖ spliced)", "mean per-token KL divergence"),
+    "cls_cosine": ("CLS cosine", "vision: cos(final CLS clean, final CLS with the reconstruction spliced in), mean over views"),
+    "cls_cosine_zero": ("CLS cosine, zero-ablated", "vision: the same with the site's tokens set to zero"),
+    "patch_rel_change": ("patch change", "vision: ‖P_spliced − P_clean‖ / ‖P_clean‖ of the final patch tokens, mean over views"),
+    "patch_rel_change_zero": ("patch change, zero-ablated", "vision: the same with the site's tokens set to zero"),
 }
 CURVES = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"),
           ("aux_loss", "aux loss"), ("lr", "learning rate")]
@@ -85,6 +92,8 @@ def write_report(run_dir: str | Path) -> Path:
         ("features", "Features", _features_section(run_dir / "features" / "top_examples.json")),
         ("config", "Config", _config_section(config, config_note)),
     ]
+    if (run_dir / "features" / "top_patches.json").exists():  # a vision run: image tokens instead of text examples
+        sections[3] = ("features", "Image features", _image_features_section(run_dir / "features"))
     if (run_dir / "features" / "heads.json").exists():
         sections.insert(4, ("heads", "Attention heads", _heads_section(run_dir / "features" / "heads.json")))
     nav = "".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
@@ -248,6 +257,49 @@ def _features_section(path: Path) -> str:
     intro = _note("Top-activating examples; shading is proportional to act / max act, the peak token is outlined. "
                   "Hover a token for its activation.")
     return f'{intro}<div class="cards">{"".join(cards)}</div>{more}' if cards else _note("No features listed.")
+
+
+def _image_features_section(folder: Path, shown: int = 8) -> str:
+    """A vision run's features: how many fire on CLS or patch tokens only, and each listed latent's top tokens."""
+    data, note = _read_json(folder / "top_patches.json")
+    if note or not isinstance(data, list):
+        return _note(note or "top_patches.json is not a list of features.")
+    kinds, _ = _read_json(folder / "token_kinds.json")
+    intro = ""
+    if isinstance(kinds, dict) and isinstance(kinds.get("cls_fires"), list) and isinstance(kinds.get("patch_fires"), list):
+        pairs = list(zip(kinds["cls_fires"], kinds["patch_fires"]))
+        live = [(c, p) for c, p in pairs if _num(c) + _num(p) > 0]
+        intro = _note(f"{len(live)} live features on {kinds.get('n_cls_tokens')} CLS and {kinds.get('n_patch_tokens')} patch tokens: "
+                      f"{sum(1 for c, p in live if not _num(p))} fire on CLS tokens only, "
+                      f"{sum(1 for c, p in live if not _num(c))} on patches only.")
+    rows = []
+    for feat in data[:MAX_CARDS]:
+        if not isinstance(feat, dict):
+            continue
+        tops = [t for t in feat.get("top") or [] if isinstance(t, dict)][:shown]
+        cells = ", ".join(f"{_e(t.get('image'))} {_e('CLS' if t.get('kind') == 'cls' else (t.get('row'), t.get('col')))} "
+                          f"{_e(fmt(_num(t.get('value'))))}" for t in tops)
+        rows.append(f'<tr><td>{_e(feat.get("latent"))}</td><td class="num">{_e(fmt(_num(feat.get("density"))))}</td><td>{cells}</td></tr>')
+    return (f'{intro}{_figures_html(folder)}<h3>Top tokens</h3><table><tr><th>latent</th><th>density</th>'
+            f'<th>top tokens: view, CLS or patch (row, col), code</th></tr>{"".join(rows)}</table>')
+
+
+def _figures_html(folder: Path) -> str:
+    """figures.json's PNGs inline, CLS-token features and patch features under separate headings."""
+    listing, note = _read_json(folder / "figures.json")
+    if note or not isinstance(listing, dict):
+        return ""
+    parts = []
+    for kind, title in (("cls", "CLS-token features"), ("patch", "Patch features")):
+        imgs = []
+        for item in listing.get(kind) or []:
+            path = folder / str(item.get("file", "")) if isinstance(item, dict) else None
+            if path is None or path.parent != folder / "figures" or path.suffix != ".png" or not path.is_file():
+                continue  # only the run's own figures folder
+            data = base64.b64encode(path.read_bytes()).decode()
+            imgs.append(f'<div><img alt="latent {_e(item.get("latent"))}" style="max-width:100%" src="data:image/png;base64,{data}"></div>')
+        parts.append(f"<h3>{title}</h3>" + ("".join(imgs) or _note("none fired on the held-out views")))
+    return "".join(parts)
 
 
 def _heads_section(path: Path, shown: int = 5) -> str:

@@ -48,6 +48,6 @@ def memory_policy(cfg) -> None:
 
 def summary(result: dict) -> str:
     keys = ("n_tokens", "fvu", "l0", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated",
-            "loss_recovered", "kl_clean_spliced")
+            "loss_recovered", "kl_clean_spliced", "cls_cosine", "patch_rel_change")
     return "  ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys if k in result)
 

@@ -227,7 +227,8 @@ def _new_run(args: argparse.Namespace, progress: bool) -> int:
                 return 0
             print(summary(pipeline.read_json(cfg.run_dir / "eval.json")))
             print(f"report: {report}")
-            print(f"explore it: {featurekit_command()} serve {cfg.run_dir}")
+            if not pipeline.setup.is_vision(cfg):  # the explorer reads text runs only (docs/vision.md)
+                print(f"explore it: {featurekit_command()} serve {cfg.run_dir}")
             return 0
         pipeline.preflight(cfg)
         pipeline.start(cfg, overwrite=args.overwrite)

@@ -130,6 +130,21 @@ class FeaturesConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """Vision runs only (model.name a vision model: the embedded dinov2-s-focus, or a local ViT / DINOv2 / CLIP or
+    SigLIP vision-tower folder; data.source an image source, docs/vision.md). Null values are filled from the
+    model when the run starts, so the saved config and dictionary state the preprocessing in full."""
+
+    size: int | None = None  #: square input size in pixels (a multiple of the patch size); null: the model's
+    mean: list[float] | None = None  #: per-channel mean of the normalisation (RGB, pixels in [0, 1]); null: the model's
+    std: list[float] | None = None  #: per-channel std of the normalisation; null: the model's
+    crop: str = "center"  #: center (shorter side to size, centre crop) | resize (squash the whole image)
+    scale_min: float = 0.35  #: views after the first: random crops of scale_min–100 % of an image's area
+    flip: bool = True  #: views after the first: flipped left-right with probability 1/2
+    tokens: str = "all"  #: the tokens harvested and spliced: all (CLS and patches) | patches | cls
+
+
+@dataclass
 class ReportConfig:
     n_features: int = 24  #: live features shown with their top examples
     top_n: int = 8
@@ -147,6 +162,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     @property

@@ -86,6 +86,16 @@ def capture_activations(model: Any, input_ids: Tensor, sites: Sequence[str],
     the pass stops with StopForward right after the deepest block that a site needs: later blocks,
     the final norm and the head never run. Tensors keep the model's dtype and device.
     """
+    device = next(unwrap(model).parameters()).device
+    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask.to(device)
+    return capture_forward(model, sites, lambda: body_model(model)(**kwargs))
+
+
+def capture_forward(model: Any, sites: Sequence[str], forward: Callable[[], Any]) -> dict[str, Tensor]:
+    """`capture_activations` for any forward call: ``forward()`` runs the model (e.g. a vision model on
+    ``pixel_values``) under ``torch.inference_mode``, stopped after the deepest block a site needs."""
     points: dict[str, HookPoint] = {}
     for site in sites:
         point = resolve(model, site)  # before parse_site: resolve's errors also list the valid sites
@@ -97,13 +107,9 @@ def capture_activations(model: Any, input_ids: Tensor, sites: Sequence[str],
     acts: dict[str, Tensor] = {}
     handles = [_on_read(point, lambda t, name=name: acts.__setitem__(name, t)) for name, point in points.items()]
     handles.append(blocks(model)[deepest].register_forward_hook(_stop))  # after the readers
-    device = next(unwrap(model).parameters()).device
-    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask.to(device)
     try:
         with torch.inference_mode():
-            body_model(model)(**kwargs)
+            forward()
     except StopForward:
         pass
     finally:

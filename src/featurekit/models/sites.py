@@ -43,6 +43,22 @@ element of a returned tuple) each kind is, per family, relative to block ``L``:
   layer read as one wide MLP (zero for the experts a token was not routed to); mlp_out = ``mlp``
   output; attn_z / attn_out = ``attn.proj`` input / output.
 
+Vision transformers (pre-norm; the tokens are CLS, if any, then the image patches row by row; see
+`featurekit.vision`):
+
+* **dinov2** (HF Dinov2Model and featurekit's embedded ViT, ``encoder.layer[L]``): mlp_in = ``mlp``
+  input (= ``norm2`` output); mlp_hidden = ``mlp.fc2`` input; attn_z = ``attention.o_proj`` input
+  (``attention.output.dense`` in the embedded model and before transformers 5); attn_out / mlp_out =
+  ``layer_scale1`` / ``layer_scale2`` output (after the layer scale: what is added to the residual).
+* **vit** (HF ViTModel, ``layers[L]``; ``encoder.layer[L]`` before transformers 5): mlp_in / mlp_out =
+  ``mlp`` input / output, mlp_hidden = ``mlp.fc2`` input, attn_z / attn_out = ``attention.o_proj``
+  input / output (before transformers 5 the bert names: ``intermediate``, ``output.dense``,
+  ``attention.output.dense``); pre-norm, so resid_post is the block output before any norm.
+* **clip_vision** (CLIPVisionModel, SiglipVisionModel: ``encoder.layers[L]``, inside ``vision_model``
+  before transformers 5):
+  mlp_in = ``mlp`` input; mlp_hidden = ``mlp.fc2`` input; mlp_out = ``mlp`` output;
+  attn_z / attn_out = ``self_attn.out_proj`` input / output.
+
 Dropout after the projections is the identity in eval mode, so the projection outputs above are
 exactly the values added to the residual (gemma/bert: before their norms as stated).
 """
@@ -64,7 +80,9 @@ FAMILY_OF_MODEL_TYPE: dict[str, str] = {
     "llama": "llama", "smollm": "llama", "mistral": "llama", "qwen2": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3_text": "gemma",
     "gpt2": "gpt2", "gpt_neox": "neox", "bert": "bert", "featurekit_moex": "moex",
+    "dinov2": "dinov2", "vit": "vit", "clip_vision_model": "clip_vision", "siglip_vision_model": "clip_vision",
 }
+VISION_FAMILIES: frozenset[str] = frozenset({"dinov2", "vit", "clip_vision"})  #: their input is pixel_values
 
 _BLOCK = {"resid_pre": ("", "input"), "resid_post": ("", "output")}
 _LLAMA = {**_BLOCK, "mlp_in": ("mlp", "input"), "mlp_hidden": ("mlp.down_proj", "input"),
@@ -82,11 +100,22 @@ _BERT = {**_BLOCK, "mlp_in": ("intermediate", "input"), "mlp_hidden": ("output.d
          "attn_out": ("attention.output.dense", "output")}
 _MOEX = {**_BLOCK, "mlp_in": ("mlp", "input"), "mlp_hidden": ("mlp.down", "input"), "mlp_out": ("mlp", "output"),
          "attn_z": ("attn.proj", "input"), "attn_out": ("attn.proj", "output")}
+# Vision tables: "a|b" names alternatives, the first that exists wins (transformers 5 renamed the modules)
+_DINOV2 = {**_BLOCK, "mlp_in": ("mlp", "input"), "mlp_hidden": ("mlp.fc2", "input"),
+           "mlp_out": ("layer_scale2", "output"), "attn_z": ("attention.o_proj|attention.output.dense", "input"),
+           "attn_out": ("layer_scale1", "output")}
+_VIT = {**_BLOCK, "mlp_in": ("mlp|intermediate", "input"), "mlp_hidden": ("mlp.fc2|output.dense", "input"),
+        "mlp_out": ("mlp|output.dense", "output"), "attn_z": ("attention.o_proj|attention.output.dense", "input"),
+        "attn_out": ("attention.o_proj|attention.output.dense", "output")}
+_CLIP_VISION = {**_BLOCK, "mlp_in": ("mlp", "input"), "mlp_hidden": ("mlp.fc2", "input"), "mlp_out": ("mlp", "output"),
+                "attn_z": ("self_attn.out_proj", "input"), "attn_out": ("self_attn.out_proj", "output")}
 
 # family -> (path of the block list inside the body model, site table)
 _LAYOUTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "llama": ("layers", _LLAMA), "gemma": ("layers", _GEMMA_SANDWICH), "gpt2": ("h", _GPT2),
     "neox": ("layers", _NEOX), "bert": ("encoder.layer", _BERT), "moex": ("blocks", _MOEX),
+    "dinov2": ("encoder.layer", _DINOV2), "vit": ("layers|encoder.layer", _VIT),
+    "clip_vision": ("encoder.layers", _CLIP_VISION),
 }
 
 _GRAMMAR = ("a site is '<kind>.<layer>' with kind one of " + ", ".join(KINDS)
@@ -144,8 +173,10 @@ def body_model(model: Any) -> nn.Module:
     """The transformer body without the LM head (``model.base_model`` for HF models)."""
     m = unwrap(model)
     body = getattr(m, "base_model", m)
-    if not hasattr(body, _LAYOUTS[family_of(m)][0].split(".")[0]) and hasattr(body, "language_model"):
-        body = body.language_model  # multimodal wrappers (e.g. Gemma 3 with vision)
+    if not any(hasattr(body, path.split(".")[0]) for path in _LAYOUTS[family_of(m)][0].split("|")):
+        for inner in ("language_model", "vision_model"):  # multimodal wrappers (Gemma 3 with vision); CLIP/SigLIP vision towers
+            if hasattr(body, inner):
+                return getattr(body, inner)
     return body
 
 
@@ -158,7 +189,18 @@ def blocks(model: Any) -> nn.ModuleList:
     """The list of transformer blocks (layers) of the model."""
     m = unwrap(model)
     body = body_model(m)
-    return body.get_submodule(_LAYOUTS[family_of(m)][0])
+    return _submodule(body, _LAYOUTS[family_of(m)][0])
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``; ``path`` may name alternatives "a|b" (the first that exists)."""
+    options = path.split("|")
+    for option in options[:-1]:
+        try:
+            return root.get_submodule(option)
+        except AttributeError:
+            continue
+    return root.get_submodule(options[-1])
 
 
 def _table(model: Any) -> dict[str, tuple[str, str]]:
@@ -215,7 +257,7 @@ def resolve(model: Any, site: str | Site) -> HookPoint:
         raise FeaturekitError(f"site {str(parsed)!r} is out of range: {_valid_summary(model)}.")
     block = layers[parsed.layer]
     path, side = _table(model)[parsed.kind]
-    return HookPoint(block.get_submodule(path) if path else block, side, block)
+    return HookPoint(_submodule(block, path) if path else block, side, block)
 
 
 def d_model(model: Any) -> int:

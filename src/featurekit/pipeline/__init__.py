@@ -15,7 +15,8 @@
 RUN_DIR is `out_dir/name` for a new run; a run folder is self-contained and relocatable, so commands given
 a RUN_DIR (`load_run_config`) work in that folder wherever it lies. Modules, in the order a run meets them:
 `setup` (config, checks before any weights load, the run folder, model and contexts), `training` (harvest,
-cache identity, trainer, the saved dictionary), `evaluation`, `job` (the main job).
+cache identity, trainer, the saved dictionary), `evaluation`, `job` (the main job); `vision` (the same job
+for a vision transformer on images, dispatched on the model by `job`, `setup` and `training`).
 """
 
 from .._io import read_json

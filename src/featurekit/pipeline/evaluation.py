@@ -28,7 +28,7 @@ from ..features.heads import head_summary
 from ..models.hooks import capture_activations
 from ..models.loading import LoadedModel, has_lm_head
 from ..models.sites import n_heads, parse_site
-from .setup import contexts, dtype_name, eval_split_warning, harvest_sites, open_model, read_run_json, resolve, token_policy
+from .setup import contexts, dtype_name, eval_split_warning, harvest_sites, is_vision, open_model, read_run_json, resolve, token_policy
 
 OTHER_TEXT_KEYS = ("data.", "eval.", "report.")  # what an evaluation on other text may change
 
@@ -37,6 +37,9 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
              out_dir: Path | None = None) -> dict:
     """Reconstruction metrics on `split` of cfg.data.source, the splice CE/KL and feature examples →
     OUT/eval.json and OUT/features/, OUT = the run folder or `out_dir` (module docstring)."""
+    if is_vision(cfg):
+        raise FeaturekitError(f"{cfg.run_dir} is a vision run: `featurekit run` evaluates it on its held-out images "
+                              f"(docs/vision.md); featurekit eval and the feature store read text only")
     out = Path(out_dir or cfg.run_dir)
     loaded = loaded or open_model(cfg)
     weights = cfg.run_dir / "dictionary" / "model.safetensors"

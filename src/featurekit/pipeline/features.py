@@ -23,7 +23,7 @@ from ..features.store import FILENAME, FeatureStore
 from ..models.loading import LoadedModel
 from ..models.sites import n_heads, parse_site
 from ..train import distributed
-from .setup import contexts, open_model, token_policy
+from .setup import contexts, is_vision, open_model, token_policy
 
 
 def store_contexts(loaded: LoadedModel, cfg: RunConfig, text: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -49,6 +49,9 @@ def run_features(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
     """Build RUN_DIR/features.sqlite (module docstring). Under torchrun with `shard`, every rank takes a share of the
     contexts and rank 0 writes (without: this process builds it alone). Returns the store's path (None on the
     other ranks)."""
+    if is_vision(cfg):
+        raise FeaturekitError(f"{cfg.run_dir} is a vision run: the feature store reads text only; its features are in "
+                              f"features/top_patches.json and token_kinds.json (docs/vision.md)")
     loaded = loaded or open_model(cfg)
     weights = cfg.run_dir / "dictionary" / "model.safetensors"
     if not weights.is_file():

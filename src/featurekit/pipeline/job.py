@@ -18,7 +18,7 @@ from ..report import write_report
 from ..train import distributed
 from .evaluation import eval_complete, run_eval
 from .features import run_features, store_complete
-from .setup import contexts, open_model, preflight, resolve, start
+from .setup import contexts, is_vision, open_model, preflight, resolve, start
 from .training import dictionary_complete, run_harvest, run_train
 
 
@@ -27,6 +27,10 @@ def run_all(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> P
     Returns the report's path."""
     cfg = resolve(cfg)
     preflight(cfg)
+    if is_vision(cfg):  # images through a vision transformer: the same steps on image views (pipeline/vision.py)
+        from .vision import run_vision
+
+        return run_vision(cfg, progress, overwrite)
     loaded = open_model(cfg)
     contexts(loaded, cfg, "test", cfg.eval.tokens)  # a held-out split too short for one context fails now, not after training
     start(cfg, overwrite)

@@ -9,6 +9,7 @@ swept → config.json written. A check that fails leaves nothing behind.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 from .. import rundir
 from .._io import atomic_write_json, read_json
 from ..config import RunConfig, from_dict, validate
+from ..config.schema import ImagesConfig
 from ..data.harvest import choose_dtype
-from ..data.sources import TEST_FRACTION, is_test_document, load_texts
+from ..data.sources import TEST_FRACTION, is_test_document, load_texts, source_digest
 from ..data.tokens import pack, token_mask
 from ..dictionaries import METHODS
 from ..errors import FeaturekitError
@@ -54,8 +56,29 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.train.dead_tokens is None:
         cfg.train.dead_tokens = max(cfg.train.batch_size, min(10_000_000, total // 4))
     cfg.model.name = _absolute(cfg.model.name)
-    cfg.data.source = _absolute(cfg.data.source)
+    if is_vision(cfg):
+        from .vision import resolve_images
+
+        resolve_images(cfg)  # image sources made absolute; the preprocessing filled from the model
+    else:
+        cfg.data.source = _absolute(cfg.data.source)
     return cfg
+
+
+def is_vision(cfg: RunConfig) -> bool:
+    """Whether the run's model is a vision model (then the data are images: `pipeline.vision`)."""
+    from ..vision.models import is_vision_model
+
+    return is_vision_model(cfg.model.name)
+
+
+def data_digest(cfg: RunConfig) -> str:
+    """The content digest of the run's data: its text, or its images (name, size and pixels of each)."""
+    if is_vision(cfg):
+        from ..vision.images import images_digest, load_images
+
+        return images_digest(load_images(cfg.data.source))
+    return source_digest(cfg.data.source)
 
 
 def _absolute(name: str) -> str:
@@ -90,6 +113,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 def config_digest(cfg: RunConfig) -> str:
     """sha256 of everything in the config that shapes the dictionary (not where the run lies, not eval or report)."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "out_dir", "eval", "report", "features")}
+    if data.get("images") == dataclasses.asdict(ImagesConfig()):
+        del data["images"]  # a text run: its digest stays what it was before vision runs existed
     return hashlib.sha256(repr(sorted(_flat(data).items())).encode()).hexdigest()
 
 
@@ -127,7 +152,11 @@ def check_site(cfg: RunConfig) -> None:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Every check that needs no model weights: the text and the sites."""
+    """Every check that needs no model weights: the text (or images) and the sites."""
+    if is_vision(cfg):
+        from .vision import preflight_images
+
+        return preflight_images(cfg)
     check_text(cfg)
     check_site(cfg)
 
@@ -156,9 +185,15 @@ def eval_split_warning(cfg: RunConfig, split: str, ids: torch.Tensor, mask: torc
 
 # -- the model and its contexts ----------------------------------------------------------------------
 def open_model(cfg: RunConfig) -> LoadedModel:
-    """Load the configured model and check that the configured site exists in it."""
+    """Load the configured model (a vision run: a `vision.models.VisionModel`) and check that the configured
+    site exists in it."""
     dtype = choose_dtype(cfg.model.dtype, cfg.model.device)
-    loaded = load_model(cfg.model.name, dtype=dtype, device=cfg.model.device)
+    if is_vision(cfg):
+        from ..vision.models import load_vision_model
+
+        loaded = load_vision_model(cfg.model.name, dtype=dtype, device=cfg.model.device)
+    else:
+        loaded = load_model(cfg.model.name, dtype=dtype, device=cfg.model.device)
     for site in harvest_sites(cfg):
         site_dim(loaded.model, site)  # an unknown site fails here, listing the valid ones
     return loaded

@@ -27,7 +27,6 @@ from ..data.cache import ActivationCache, write_cache
 from ..data.harvest import harvest
 from ..data.prefetch import Prefetcher, split_threads
 from ..data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
-from ..data.sources import source_digest
 from ..dictionaries import METHODS, Dictionary, build_from_config, read_meta, save
 from ..dictionaries.kernels import kernel_choices
 from ..dictionaries.protocols import FoldsDecoderNorms
@@ -37,7 +36,7 @@ from ..models.loading import LoadedModel
 from ..models.sites import site_dim
 from ..train import Trainer, distributed
 from ..train.fit import fit_stream
-from .setup import config_digest, contexts, dtype_name, harvest_sites, open_model, token_policy
+from .setup import config_digest, contexts, data_digest, dtype_name, harvest_sites, is_vision, open_model, token_policy
 
 INIT_SAMPLE_TOKENS = 32_768
 TRANSCODER_SCALE_RULE = ("; target y (output_site): c_out = sqrt(d_out) / mean ||y|| on the same tokens (1 with normalize=none); "
@@ -47,12 +46,17 @@ TRANSCODER_SCALE_RULE = ("; target y (output_site): c_out = sqrt(d_out) / mean |
 # -- what identifies the training data ---------------------------------------------------------------
 def harvest_meta(cfg: RunConfig) -> dict:
     """What identifies a training activation set without loading the model: the data settings and the
-    text's content digest (stored in the cache manifest, checked before training)."""
+    text's content digest (stored in the cache manifest, checked before training). A vision run: the image
+    settings and the images' digest (under the same key, text_digest)."""
+    if is_vision(cfg):
+        return {"model": cfg.model.name, "sites": harvest_sites(cfg), "source": cfg.data.source, "split": "train",
+                "images": dataclasses.asdict(cfg.images), "tokens": cfg.data.train_tokens, "seed": cfg.train.seed,
+                "harvest_batch": cfg.data.harvest_batch, "text_digest": data_digest(cfg)}
     return {"model": cfg.model.name, "sites": harvest_sites(cfg), "source": cfg.data.source, "split": "train",
             "context_len": cfg.data.context_len, "token_policy": token_policy(cfg), "tokens": cfg.data.train_tokens,
             "harvest_batch": cfg.data.harvest_batch, **({"gradients": True} if cfg.data.gradients else {}),
             **({"holdout": cfg.data.holdout} if cfg.data.holdout != "documents" else {}),
-            "text_digest": source_digest(cfg.data.source)}
+            "text_digest": data_digest(cfg)}
 
 
 def loaded_identity(loaded: LoadedModel) -> dict:
@@ -60,7 +64,7 @@ def loaded_identity(loaded: LoadedModel) -> dict:
     from ..models.identity import model_digest, tokenizer_digest
 
     return {"dtype": dtype_name(loaded.model.dtype), "model_digest": model_digest(loaded.model),
-            "tokenizer_digest": tokenizer_digest(loaded.tokenizer)}
+            "tokenizer_digest": None if loaded.tokenizer is None else tokenizer_digest(loaded.tokenizer)}  # vision: no tokenizer
 
 
 IDENTITY_KEYS = ("text_digest", "model_digest", "tokenizer_digest")
@@ -97,7 +101,7 @@ def dictionary_complete(cfg: RunConfig, loaded: LoadedModel | None = None) -> bo
     except FeaturekitError:
         return False
     identity = meta.get("source", {}).get("identity", {})
-    expected = {"text_digest": source_digest(cfg.data.source), **(loaded_identity(loaded) if loaded is not None else {})}
+    expected = {"text_digest": data_digest(cfg), **(loaded_identity(loaded) if loaded is not None else {})}
     expected.pop("dtype", None)
     return (meta.get("provenance", {}).get("config_digest") == config_digest(cfg)
             and all(identity.get(k) == v for k, v in expected.items()))
@@ -107,6 +111,10 @@ def dictionary_complete(cfg: RunConfig, loaded: LoadedModel | None = None) -> bo
 def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool = True) -> ActivationCache:
     """Harvest the training activations into runs/NAME/activations (resumes an interrupted harvest; a cache
     of other text, weights, tokenizer or settings is refused)."""
+    if is_vision(cfg):
+        from .vision import run_image_harvest
+
+        return run_image_harvest(cfg, loaded, progress)
     loaded = loaded or open_model(cfg)
     meta = {**harvest_meta(cfg), **loaded_identity(loaded)}
     folder = cfg.run_dir / "activations"
@@ -305,10 +313,10 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
                           "rule": f"{cfg.train.normalize}: c = sqrt(d) / mean ||x|| on {INIT_SAMPLE_TOKENS} shuffled training tokens"
                                   + (TRANSCODER_SCALE_RULE if out.transcodes else "")},
         "source": {"model": cfg.model.name, "site": cfg.site, "d_model": sae.d_in, "harvest_dtype": harvest_dtype,
-                   "corpus": cfg.data.source, "context_len": cfg.data.context_len,
+                   "corpus": cfg.data.source, **({} if is_vision(cfg) else {"context_len": cfg.data.context_len}),
                    **({"output_site": cfg.output_site} if cfg.output_site else {}),
                    "identity": {k: (identity or {}).get(k) for k in IDENTITY_KEYS}},
-        "special_tokens": token_policy(cfg),
+        **({"images": dataclasses.asdict(cfg.images)} if is_vision(cfg) else {"special_tokens": token_policy(cfg)}),
         "provenance": {"featurekit_version": __version__, "tokens_seen": summary["tokens"], "steps": summary["steps"],
                        "train_seconds": round(seconds, 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        **({"threads": summary["threads"]} if "threads" in summary else {}),

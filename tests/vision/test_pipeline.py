@@ -1,0 +1,139 @@
+"""`featurekit run` on a vision model: a tiny random DINOv2 over a folder of random images, end to end, through
+the same config, cache, trainer, dictionary file and report as a text run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featurekit.config import RunConfig, load_config
+from featurekit.data.cache import ActivationCache
+from featurekit.dictionaries import load
+from featurekit.errors import FeaturekitError
+from featurekit.pipeline import config_digest, dictionary_complete, resolve, run_all
+from featurekit.pipeline.vision import preprocess
+from featurekit.vision.harvest import CLS, PATCH
+from featurekit.vision.images import Preprocess
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (48, 40 + 4 * i, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def _overrides(tiny_vits, photos, out, method="topk", extra=()):
+    return [f"model.name={tiny_vits['dinov2']}", f"data.source={photos}", "model.dtype=float32", f"out_dir={out}",
+            "name=run", "site=resid_post.1", "data.train_tokens=1700", "data.harvest_batch=8", "data.shard_tokens=1000",
+            f"dictionary.method={method}", "dictionary.n_latents=64", "train.batch_size=128", "train.epochs=2",
+            "train.buffer_tokens=512", "train.warmup_steps=2", "train.threads=1", "eval.tokens=340",
+            "eval.splice_contexts=4", "eval.batch_contexts=4", "report.n_features=4", "images.scale_min=0.5", *extra]
+
+
+def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
+    cfg = load_config(None, _overrides(tiny_vits, photos, tmp_path, extra=["dictionary.k=8"]))
+    report = run_all(cfg, progress=False)
+    run = tmp_path / "run"
+    html = report.read_text()
+    assert report == run / "report.html" and "CLS cosine" in html and "Image features" in html and "on patches only" in html
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["images"]["size"] == 32 and saved["images"]["mean"] == [0.5] * 3  # filled from the model's preprocessor
+    result = json.loads((run / "eval.json").read_text())
+    assert result["complete"] and result["modality"] == "vision" and result["held_out_images"] == 2
+    assert result["n_tokens"] == 340 and result["l0"] == pytest.approx(8.0)
+    assert 0 < result["fvu"] < 1.5 and -1 <= result["cls_cosine"] <= 1 and result["patch_rel_change"] >= 0
+    assert result["splice_views"] == 4 and result["cls_cosine_zero"] <= 1
+    kinds = json.loads((run / "features" / "token_kinds.json").read_text())
+    assert kinds["n_cls_tokens"] == 20 and kinds["n_patch_tokens"] == 320
+    tops = json.loads((run / "features" / "top_patches.json").read_text())
+    assert len(tops) == 4 and all(t["kind"] in ("cls", "patch") for f in tops for t in f["top"])
+    figures = json.loads((run / "features" / "figures.json").read_text())
+    assert figures["patch"] and all((run / "features" / f["file"]).is_file() for kind in ("cls", "patch") for f in figures[kind])
+    assert "Patch features" in html and "data:image/png;base64," in html
+    # the cache keeps the token kind of every row
+    cache = ActivationCache(run / "activations")
+    shard = next(iter(cache.iter_shards(sites=["resid_post.1"])))
+    assert set(shard.token_ids.unique().tolist()) == {CLS, PATCH} and cache.n_tokens == 100 * 17
+    # the dictionary file states the preprocessing, and it rebuilds the run's transform
+    sae = load(run / "dictionary")
+    assert Preprocess.from_dict(sae.metadata["images"]) == preprocess(resolve(cfg))
+    assert sae.metadata["images"]["tokens"] == "all" and "context_len" not in sae.metadata["source"]
+    # a rerun finds everything done
+    assert dictionary_complete(resolve(cfg))
+    weights = (run / "dictionary" / "model.safetensors").read_bytes()
+    run_all(cfg, progress=False)
+    assert (run / "dictionary" / "model.safetensors").read_bytes() == weights
+
+
+def test_vision_run_with_another_method_on_patch_tokens(tiny_vits, photos, tmp_path):
+    run_all(load_config(None, _overrides(tiny_vits, photos, tmp_path, method="relu", extra=["images.tokens=patches"])), progress=False)
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["n_tokens"] % 16 == 0 and result["cls_only_features"] == 0  # patches only: no CLS rows
+    assert 0 < result["fvu"] < 1.5 and result["patch_rel_change"] >= 0
+
+
+def test_vision_config_errors_name_the_fix(tiny_vits, photos, tmp_path):
+    def run(*extra, method="topk"):
+        return run_all(load_config(None, _overrides(tiny_vits, photos, tmp_path, method=method, extra=list(extra))), progress=False)
+
+    with pytest.raises(FeaturekitError, match="multiple of the model's patch size 8"):
+        run("images.size=30")
+    with pytest.raises(FeaturekitError, match="language-model loss"):
+        run("data.gradients=true", method="gsae")
+    with pytest.raises(FeaturekitError, match="out of range"):
+        run("site=mlp_hidden.3")
+    with pytest.raises(FeaturekitError, match="unknown image source"):
+        run("data.source=nowhere")
+    assert not (tmp_path / "run").exists()  # every check ran before anything was written
+
+
+def test_text_run_digests_do_not_see_the_images_section():
+    cfg = RunConfig()
+    before = config_digest(cfg)
+    cfg.images.size = 224
+    assert config_digest(cfg) != before
+    cfg.images.size = None
+    assert config_digest(cfg) == before
+
+
+def test_embedded_vision_preprocessing_is_resolved_without_weights(photos):
+    cfg = resolve(load_config(None, ["model.name=dinov2-s-focus", f"data.source={photos}"]))
+    assert (cfg.images.size, cfg.images.mean, cfg.images.std) == (224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert torch.tensor(cfg.images.std).shape == (3,)
+
+
+def test_feature_figure_draws_the_top_views(tiny_vits, photos, tmp_path):
+    from featurekit.pipeline.setup import open_model
+    from featurekit.pipeline.vision import views
+    from featurekit.vision.figures import feature_figure, latent_maps
+
+    cfg = resolve(load_config(None, _overrides(tiny_vits, photos, tmp_path, extra=["dictionary.k=8"])))
+    run_all(cfg, progress=False)
+    tops = json.loads((tmp_path / "run" / "features" / "top_patches.json").read_text())
+    vm, sae = open_model(cfg), load(tmp_path / "run" / "dictionary")
+    test = views(cfg, vm, "test", cfg.eval.tokens)
+    feature = max(tops, key=lambda f: len(f["top"]))
+    ids = list(dict.fromkeys(t["view"] for t in feature["top"]))[:3]
+    maps, cls = latent_maps(vm, sae, cfg.site, test, feature["latent"], ids)
+    assert maps.shape == (len(ids), 4, 4) and cls.shape == (len(ids),)
+    best = feature["top"][0]  # the map's largest patch code is the top example's value
+    if best["kind"] == "patch":
+        assert float(maps[ids.index(best["view"]), best["row"], best["col"]]) == pytest.approx(best["value"], rel=1e-4)
+    path = feature_figure(vm, sae, cfg.site, test, feature["latent"], ids, tmp_path / "f.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] == len(ids) * 232 + 8
+
+
+def test_text_only_steps_refuse_a_vision_run_by_name(tiny_vits, photos, tmp_path):
+    from featurekit.pipeline import run_eval, run_features
+
+    cfg = resolve(load_config(None, _overrides(tiny_vits, photos, tmp_path)))
+    with pytest.raises(FeaturekitError, match="is a vision run"):
+        run_eval(cfg)
+    with pytest.raises(FeaturekitError, match="is a vision run"):
+        run_features(cfg)
