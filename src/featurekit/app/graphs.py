@@ -36,7 +36,7 @@ MAX_CLAMPS = 4
 MAX_VALUE = 1e4
 TOP_LOGITS = 10
 KINDS = {"embedding": "emb", "logit": "logit", "mlp reconstruction error": "err"}
-ROW_H, CELL_MIN_W, NODE_GAP, LEFT, TOP, BOTTOM = 46, 64, 13, 56, 22, 64
+ROW_H, CELL_MIN_W, NODE_GAP, LEFT, TOP, BOTTOM = 46, 64, 13, 56, 84, 64
 
 
 def node_kind(node: dict) -> str:
@@ -177,6 +177,7 @@ class ServedGraph:
             record = {"id": n["node_id"], "kind": kind, "x": x, "y": y, "layer": str(n.get("layer", "")), "pos": pos,
                       "token": self.tokens[pos] if 0 <= pos < len(self.tokens) else "", "act": _num(n.get("activation")),
                       "influence": _num(n.get("influence")), "label": str(n.get("clerp") or ""), "run": "",
+                      "short": str(n.get("clerp") or "").removeprefix("Output "),
                       "explanation": "", "top": [], "latent": f[1] if f else None, "prob": _num(n.get("token_prob"))}
             if f and f[0] in links:
                 run, s = links[f[0]], summaries.get(f[0], {}).get(f[1])

@@ -98,7 +98,7 @@
 
   function lines(n) {
     const d = n.dataset, out = [];
-    const name = d.kind === "feat" ? "feature " + d.layer + "/#" + d.latent : kinds[d.kind] + (d.kind === "logit" ? "" : " " + d.layer);
+    const name = d.kind === "feat" ? "feature L" + d.layer + " #" + d.latent : kinds[d.kind] + (d.kind === "logit" ? "" : " " + d.layer);
     out.push(name + "  ·  position " + d.pos + " " + JSON.stringify(d.tok));
     if (d.kind === "logit" || d.kind === "emb") { if (d.label) out.push(d.label); }
     if (d.act) out.push((d.kind === "err" ? "error norm " : "activation ") + d.act);
