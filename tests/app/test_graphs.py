@@ -77,3 +77,19 @@ def test_intervention_refusals(server, graph_files):
     status, answer = post(server, "/g/nope/intervene", {"clamps": []})
     assert status == 404 and "no graph" in answer["error"]
     assert request(server, "/g/tiny/intervene")[0] == 405
+
+
+def test_graph_files_are_checked(tmp_path, graph_files):
+    import pytest
+
+    from featurekit.app.graphs import Graphs
+    from featurekit.errors import FeaturekitError
+
+    for text, message in [("{", "not a JSON file"), ('{"nodes": 3}', "not an attribution graph"), ("[]", "not an attribution graph")]:
+        (tmp_path / "g.json").write_text(text, encoding="utf-8")
+        with pytest.raises(FeaturekitError, match=message):
+            Graphs([tmp_path / "g.json"])
+    with pytest.raises(FeaturekitError, match="cannot read the graph file"):
+        Graphs([tmp_path / "missing.json"])
+    graphs = Graphs([graph_files["tiny"], graph_files["tiny"], graph_files["bare"]])
+    assert [g.name for g in graphs] == ["tiny", "tiny-2", "bare"] and graphs.get("1").name == "tiny-2"
