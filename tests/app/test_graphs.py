@@ -66,8 +66,10 @@ def test_intervention_refusals(server, graph_files):
     emb, err = (next(n["node_id"] for n in doc["nodes"] if n["feature_type"] == kind) for kind in ("embedding", "mlp reconstruction error"))
     feature = next(n["node_id"] for n in doc["nodes"] if n["node_id"].startswith("1_"))
     cases = [(b"not json", "not JSON"), ({"clamps": []}, "clamps"), ({"clamps": [{"node": "9_9_9", "value": 1}]}, "not a node"),
-             ({"clamps": [{"node": emb, "value": 1}]}, "only feature nodes"), ({"clamps": [{"node": err, "value": 1}]}, "only feature nodes"),
-             ({"clamps": [{"node": feature, "value": "x"}]}, "not a number"), ({"clamps": [{"node": feature, "value": 1}] * 5}, "at most 4")]
+             ({"clamps": [{"node": emb, "value": 1}]}, "only feature nodes"),
+             ({"clamps": [{"node": err, "value": 1}]}, "only feature nodes"),
+             ({"clamps": [{"node": feature, "value": "x"}]}, "not a number"),
+             ({"clamps": [{"node": feature, "value": 1}] * 5}, "at most 4")]
     for body, message in cases:
         status, answer = post(server, "/g/tiny/intervene", body)
         assert status in (400, 404) and answer["error"], (body, answer)

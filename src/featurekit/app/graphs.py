@@ -143,7 +143,7 @@ class ServedGraph:
             pos = n.get("ctx_idx") if isinstance(n.get("ctx_idx"), int) else 0
             cells.setdefault((row_of[n["node_id"]], pos), []).append(n)
         widths = [CELL_MIN_W] * max(n_pos, 1)
-        for (row, pos), members in cells.items():
+        for (_, pos), members in cells.items():
             if 0 <= pos < len(widths):
                 widths[pos] = max(widths[pos], NODE_GAP * len(members) + 16)
         starts = [LEFT]

@@ -82,7 +82,8 @@ class Explorer:
         return run
 
     def page(self, template: str, request: Request, run: Run | None = None, status: int = 200, **context: Any) -> HTMLResponse:
-        text = views.render(template, runs=list(self.runs), graphs=list(self.graphs), run=run, path=request.url.path, q=context.pop("q", ""),
+        text = views.render(template, runs=list(self.runs), graphs=list(self.graphs), run=run, path=request.url.path,
+                            q=context.pop("q", ""),
                             section=context.pop("section", ""), **context)
         return HTMLResponse(text, status_code=status, headers={"cache-control": "no-store"})
 
