@@ -8,6 +8,8 @@ Routes (a run is addressed by its name or index, `runs.py`):
     /r/RUN/search?q=&by=auto|token|id|explanation
     /r/RUN/f/ID                     the feature page
     /r/RUN/api/features/ID          the same data as JSON
+    /r/RUN/f/ID/connections         a transcoder feature's up- and downstream features in the other transcoder runs
+                                    (virtual weights, `connections.py`)
     /r/RUN/try   (GET ?text=, POST)  features on each token of a text (the model runs live)
     /r/RUN/steer (GET, POST)        greedy continuation with features added, beside the plain one
     /g/                             the attribution graphs served (`serve --graphs G.json ...`, `graphs.py`)
@@ -48,6 +50,7 @@ from starlette.routing import Route
 
 from ..errors import FeaturekitError
 from ..features.store import FeatureStore
+from . import connections as connections_mod
 from . import graphs as graphs_mod
 from . import live, queries, views
 from .graphs import Graphs
@@ -173,6 +176,12 @@ class Explorer:
         rows = (rows + [("", "1")] * live.MAX_STEER_FEATURES)[:live.MAX_STEER_FEATURES]
         return self.page("steer.html", request, run, section="steer", prompt=prompt, rows=rows, n=new_tokens, result=result,
                          limits=live, loaded=self.models.loaded(run))
+
+    async def connections(self, request: Request) -> Response:
+        run = self.run(request)
+        feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        data = await run_in_threadpool(connections_mod.connections, self.models, self.runs, run, feature)
+        return self.page("connections.html", request, run, section="features", fid=feature, c=data)
 
     async def graph_list(self, request: Request) -> Response:
         return self.page("graphs.html", request, section="graphs")
@@ -325,6 +334,7 @@ def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None
         Route("/r/{run}/search", g(ex.search)),
         Route("/r/{run}/f/{feature}", g(ex.feature)),
         Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),
+        Route("/r/{run}/f/{feature}/connections", g(ex.connections)),
         Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),
         Route("/r/{run}/steer", g(ex.steer), methods=["GET", "POST"]),
         Route("/g/", g(ex.graph_list)),
