@@ -82,6 +82,35 @@ def app_runs(xss_tiny, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+GRAPH_PROMPT = "the cat sat on " + XSS[0] + " the"
+
+
+@pytest.fixture(scope="session")
+def graph_files(xss_tiny, app_runs, tmp_path_factory) -> dict[str, Path]:
+    """Graph files for `serve --graphs`: "tiny" (traced through random transcoders at layers 0 and 2 and the
+    `transcoder` run's dictionary at layer 1, so its layer-1 features link to that run's pages) and "bare" (the
+    same graph with no edges and an extra feature node whose latent no transcoder has)."""
+    import json
+
+    from featurekit.circuits import transcoder_set
+    from featurekit.circuits.trace import trace
+    from featurekit.models.loading import load_model
+
+    from ..circuits.helpers import random_set
+
+    out = tmp_path_factory.mktemp("graphs")
+    model = str(xss_tiny / "model")
+    transcoder_set.save(random_set(), out / "set", model=model)
+    tset = transcoder_set.from_folders([out / "set" / "layer_0", app_runs["transcoder"] / "dictionary", out / "set" / "layer_2"])
+    trace(load_model(model), tset, GRAPH_PROMPT, out=out / "tiny.json", node_threshold=0.995, edge_threshold=0.99)
+    doc = json.loads((out / "tiny.json").read_text(encoding="utf-8"))
+    doc["links"] = []
+    doc["nodes"].append({**next(n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"),
+                         "node_id": "1_999_2", "jsNodeId": "1_999-0", "ctx_idx": 2, "activation": 1.5})
+    (out / "bare.json").write_text(json.dumps(doc), encoding="utf-8")
+    return {"tiny": out / "tiny.json", "bare": out / "bare.json"}
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """path → (size, mtime_ns) of everything under `folder`."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
@@ -93,12 +122,13 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(app_runs) -> Server:
-    """`python -m featurekit serve` over every run of `app_runs`, on a free loopback port."""
+def server(app_runs, graph_files) -> Server:
+    """`python -m featurekit serve` over every run of `app_runs` and the graphs of `graph_files`, on a free loopback port."""
     before = {name: snapshot(path) for name, path in app_runs.items()}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "featurekit", "serve", *map(str, app_runs.values()), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "featurekit", "serve", *map(str, app_runs.values()), "--port", "0",
+                             "--graphs", *map(str, graph_files.values())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url, lines, deadline = None, [], time.monotonic() + 90
     while url is None and time.monotonic() < deadline:

@@ -167,3 +167,66 @@ def test_xss_corpus_renders_as_text(page):
     page.goto("/r/topk/f/" + quote(XSS[0], safe=""))
     assert XSS[0] in p.locator(".error .msg").inner_text()
     page.check_clean()
+
+
+def test_graph_viewer(page):
+    """Hover a feature node (its details, top tokens from the run's store), prune edges and nodes with the sliders,
+    pin a node, clamp it and read the new top logits, then open its feature page from the pinned list."""
+    p = page.page
+    page.goto("/g/tiny/")
+    edges, nodes = p.locator("#graph line.e"), p.locator("#graph .nd")
+    n_edges, n_nodes = edges.count(), nodes.count()
+    assert n_edges > 10 and XSS[0] in p.locator(".gprompt").inner_text() and XSS[0][:12] in p.locator("#graph").text_content()
+    feature = p.locator('#graph .nd.feat[data-run="transcoder"]').first
+    fid, latent = feature.get_attribute("data-id"), feature.get_attribute("data-latent")
+    feature.hover()
+    tip = p.locator("#tip")
+    tip.wait_for(state="visible")
+    assert f"feature L1 #{latent}" in tip.inner_text() and "top tokens:" in tip.inner_text() and "activation" in tip.inner_text()
+    assert p.locator("#graph line.e.hl").count() > 0  # its edges highlighted
+
+    def set_slider(sel: str, value: float) -> None:
+        p.eval_on_selector(sel, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", value)
+
+    set_slider("#g-edge", 0.5)
+    hidden = p.locator("#graph line.e.off").count()
+    assert 0 < hidden < n_edges and not p.locator("#graph line.e.off").first.is_visible()
+    assert f"{n_edges - hidden} of {n_edges} edges" in p.locator("#g-count").inner_text()
+    set_slider("#g-edge", 0)
+    set_slider("#g-node", 0.5)
+    assert 0 < p.locator("#graph .nd.off").count() < n_nodes and p.locator("#graph line.e.off").count() > 0
+    set_slider("#g-node", 1)
+    assert p.locator("#graph .nd.off").count() == 0 and p.locator("#graph line.e.off").count() == 0
+
+    feature.click()
+    assert "pin" in feature.get_attribute("class")
+    pinned = p.locator("#g-pinned li")
+    assert pinned.count() == 1 and f"feature L1 #{latent}" in pinned.first.inner_text()
+    assert p.input_value("#g-int-node") == fid
+    p.fill("#g-int-value", "500")
+    p.click("#g-int button[type=submit]")
+    p.wait_for_selector("#g-int-out table")
+    assert p.locator("#g-int-out table").count() == 2 and p.locator("#g-int-out table").first.locator("tbody tr").count() == 10
+    assert f"{fid} set to 500" in p.locator("#g-int-msg").inner_text()
+    p.fill("#g-int-node", "err_0_0")
+    p.click("#g-int button[type=submit]")
+    p.wait_for_selector("#g-int-msg.bad")
+    assert "error:" in p.locator("#g-int-msg").inner_text() and p.locator("#g-int-out table").count() == 0
+    pinned.first.locator("a.flink").click()
+    p.wait_for_url(re.compile(rf"/r/transcoder/f/{latent}$"))
+    page.check_clean()
+
+
+def test_graph_viewer_without_edges(page):
+    p = page.page
+    page.goto("/g/bare/")
+    assert p.locator("#graph line.e").count() == 0 and "no kept edges" in p.locator("main").inner_text()
+    unknown = p.locator('#graph .nd[data-id="1_999_2"]')
+    unknown.hover()
+    p.locator("#tip").wait_for(state="visible")
+    assert "no feature page" in p.locator("#tip").inner_text()
+    unknown.click()
+    p.click("#g-int button[type=submit]")
+    p.wait_for_selector("#g-int-msg.bad")
+    assert "not a feature of the graph's transcoders" in p.locator("#g-int-msg").inner_text()
+    page.check_clean()

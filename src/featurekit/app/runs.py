@@ -137,8 +137,8 @@ class Run:
 class Runs:
     """The served runs, in command-line order."""
 
-    def __init__(self, paths: Sequence[str | Path]) -> None:
-        if not paths:
+    def __init__(self, paths: Sequence[str | Path], allow_empty: bool = False) -> None:
+        if not paths and not allow_empty:
             raise FeaturekitError("featurekit serve needs at least one run folder")
         self.runs: list[Run] = []
         seen: set[str] = set()

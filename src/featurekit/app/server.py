@@ -8,8 +8,13 @@ Routes (a run is addressed by its name or index, `runs.py`):
     /r/RUN/search?q=&by=auto|token|id|explanation
     /r/RUN/f/ID                     the feature page
     /r/RUN/api/features/ID          the same data as JSON
+    /r/RUN/f/ID/connections         a transcoder feature's up- and downstream features in the other transcoder runs
+                                    (virtual weights, `connections.py`)
     /r/RUN/try   (GET ?text=, POST)  features on each token of a text (the model runs live)
     /r/RUN/steer (GET, POST)        greedy continuation with features added, beside the plain one
+    /g/                             the attribution graphs served (`serve --graphs G.json ...`, `graphs.py`)
+    /g/GRAPH/                       the graph viewer: layer × position layout, hover, pruning sliders, pins
+    /g/GRAPH/intervene (POST JSON)  set feature activations, get the replacement model's new top logits (JSON)
     /static/NAME                    the stylesheet and script (package data)
 
 Every response carries a Content-Security-Policy (scripts and styles from /static only, no inline script or
@@ -45,7 +50,10 @@ from starlette.routing import Route
 
 from ..errors import FeaturekitError
 from ..features.store import FeatureStore
+from . import connections as connections_mod
+from . import graphs as graphs_mod
 from . import live, queries, views
+from .graphs import Graphs
 from .runs import Run, Runs
 
 MAX_BODY = 64 * 1024
@@ -61,8 +69,9 @@ STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; char
 class Explorer:
     """The served runs, the live models, and the page handlers."""
 
-    def __init__(self, runs: Runs) -> None:
+    def __init__(self, runs: Runs, graphs: Graphs | None = None) -> None:
         self.runs = runs
+        self.graphs = graphs if graphs is not None else Graphs([])
         self.models = live.Models()
         files = resources.files("featurekit.app") / "static"
         self.static = {f.name: (f.read_bytes(), STATIC_TYPES[Path(f.name).suffix])
@@ -76,13 +85,16 @@ class Explorer:
         return run
 
     def page(self, template: str, request: Request, run: Run | None = None, status: int = 200, **context: Any) -> HTMLResponse:
-        text = views.render(template, runs=list(self.runs), run=run, path=request.url.path, q=context.pop("q", ""),
+        text = views.render(template, runs=list(self.runs), graphs=list(self.graphs), run=run, path=request.url.path,
+                            q=context.pop("q", ""),
                             section=context.pop("section", ""), **context)
         return HTMLResponse(text, status_code=status, headers={"cache-control": "no-store"})
 
     # -- pages -------------------------------------------------------------------------------------------------
     async def index(self, request: Request) -> Response:
-        if len(self.runs) == 1:
+        if len(self.runs) == 0:
+            return RedirectResponse("/g/", status_code=307)
+        if len(self.runs) == 1 and not len(self.graphs):
             return RedirectResponse(views.url("r", self.runs.runs[0].name, ""), status_code=307)
         return self.page("index.html", request, section="runs")
 
@@ -164,6 +176,43 @@ class Explorer:
         rows = (rows + [("", "1")] * live.MAX_STEER_FEATURES)[:live.MAX_STEER_FEATURES]
         return self.page("steer.html", request, run, section="steer", prompt=prompt, rows=rows, n=new_tokens, result=result,
                          limits=live, loaded=self.models.loaded(run))
+
+    async def connections(self, request: Request) -> Response:
+        run = self.run(request)
+        feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        data = await run_in_threadpool(connections_mod.connections, self.models, self.runs, run, feature)
+        return self.page("connections.html", request, run, section="features", fid=feature, c=data)
+
+    async def graph_list(self, request: Request) -> Response:
+        return self.page("graphs.html", request, section="graphs")
+
+    async def graph_view(self, request: Request) -> Response:
+        graph = self.graphs.get(request.path_params["graph"])
+        layout = await run_in_threadpool(graph.layout, self.runs)
+        return self.page("graph.html", request, section="graphs", graph=graph, g=layout, limits=graphs_mod)
+
+    async def intervene(self, request: Request) -> Response:
+        """JSON in, JSON out; an error is {"error": message} with its status (400, 404, 413, 500)."""
+        try:
+            graph = self.graphs.get(request.path_params["graph"])
+            try:
+                body = json.loads(await request.body())
+            except (UnicodeDecodeError, ValueError):
+                raise queries.BadRequest('the request body is not JSON: send {"clamps": [{"node": ID, "value": V}]}') from None
+            clamps = graphs_mod.parse_clamps(body, graph)
+            return JSONResponse(await run_in_threadpool(graph.intervener.intervene, clamps), headers={"cache-control": "no-store"})
+        except queries.NotFound as err:
+            return JSONResponse({"error": str(err)}, status_code=404)
+        except live.TooLarge as err:
+            return JSONResponse({"error": str(err)}, status_code=413)
+        except queries.BadRequest as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        except FeaturekitError as err:
+            return JSONResponse({"error": str(err)}, status_code=500)
+        except Exception as err:  # noqa: BLE001 — a message, not a traceback; the log keeps it
+            traceback.print_exc(file=sys.stderr)
+            return JSONResponse({"error": f"the intervention failed ({type(err).__name__}); the server's log has the details"},
+                                status_code=500)
 
     async def static_file(self, request: Request) -> Response:
         entry = self.static.get(request.path_params["name"])
@@ -272,10 +321,10 @@ class Guard:
         await self.app(scope, bounded_receive, send_secured)
 
 
-def create_app(runs: Runs, host: str = "127.0.0.1") -> Guard:
-    """The ASGI application serving `runs` (wrapped in `Guard`). Requests must name a loopback host when `host` is
-    one (no DNS rebinding from a web page)."""
-    ex = Explorer(runs)
+def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None) -> Guard:
+    """The ASGI application serving `runs` and `graphs` (wrapped in `Guard`). Requests must name a loopback host when
+    `host` is one (no DNS rebinding from a web page)."""
+    ex = Explorer(runs, graphs)
     g = ex.guarded
     routes = [
         Route("/", g(ex.index)),
@@ -285,8 +334,12 @@ def create_app(runs: Runs, host: str = "127.0.0.1") -> Guard:
         Route("/r/{run}/search", g(ex.search)),
         Route("/r/{run}/f/{feature}", g(ex.feature)),
         Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),
+        Route("/r/{run}/f/{feature}/connections", g(ex.connections)),
         Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),
         Route("/r/{run}/steer", g(ex.steer), methods=["GET", "POST"]),
+        Route("/g/", g(ex.graph_list)),
+        Route("/g/{graph}/", g(ex.graph_view)),
+        Route("/g/{graph}/intervene", ex.intervene, methods=["POST"]),
     ]
     hosts = ["127.0.0.1", "localhost", host] if _loopback(host) and ":" not in host else ["*"]  # IPv6: Starlette reads "[::1]" badly
     app = Starlette(routes=routes, exception_handlers={HTTPException: ex.http_error},
@@ -303,11 +356,16 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT, log: Callable[[str], None] = print) -> int:
-    """Serve the runs in `paths` until interrupted; prints the address first (`--port 0`: any free port)."""
+def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFAULT_PORT, log: Callable[[str], None] = print,
+          graph_paths: Sequence[str | Path] = ()) -> int:
+    """Serve the runs in `paths` and the graph files in `graph_paths` until interrupted; prints the address first
+    (`--port 0`: any free port)."""
     import uvicorn
 
-    runs = Runs(paths)
+    if not paths and not graph_paths:
+        raise FeaturekitError("featurekit serve needs at least one run folder (or a graph file: --graphs G.json)")
+    graphs = Graphs(graph_paths)
+    runs = Runs(paths, allow_empty=bool(graph_paths))
     if not _loopback(host):
         print(f"featurekit serve: warning: listening on {host}, not on loopback: anyone who can reach this machine on port "
               f"{port} can browse these runs and make the server run the model", file=sys.stderr, flush=True)
@@ -326,9 +384,13 @@ def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFA
     for run in runs:
         sites = f"{run.site} → {run.output_site}" if run.output_site else run.site
         log(f"  {run.name}: {run.path} ({run.method}, {run.n_latents:,} features at {sites})")
+    for graph in graphs:
+        linked = graph.layer_runs(runs)
+        log(f"  graph {graph.name}: {graph.path} ({len(graph.nodes):,} nodes, {len(graph.links):,} edges"
+            + (f"; layers {sorted(linked)} link to runs" if linked else "") + f") at /g/{graph.name}/")
     log(f"featurekit explorer: http://{shown}:{bound}/  (Ctrl-C stops it)")
     sys.stdout.flush()
-    config = uvicorn.Config(create_app(runs, host), log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+    config = uvicorn.Config(create_app(runs, host, graphs), log_level="warning", access_log=False, timeout_graceful_shutdown=2,
                             limit_concurrency=64, h11_max_incomplete_event_size=MAX_QUERY + 8 * 1024)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -23,7 +23,7 @@ flow linearly, through frozen attention, frozen norms and skip paths, to every m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,13 +134,23 @@ class LocalReplacement:
         return logits if self.b_U is None else logits + self.b_U
 
     @torch.no_grad()
-    def replacement_logits(self, errors: bool = True) -> Tensor:
+    def replacement_logits(self, errors: bool = True, clamps: Mapping[tuple[int, int, int], float] | None = None) -> Tensor:
         """(T, V) logits of the replacement model with live transcoders (codes recomputed from each m_L) plus ε
-        (without ε when not `errors`: the transcoders alone)."""
+        (without ε when not `errors`: the transcoders alone). `clamps` {(layer, pos, latent): value} holds those
+        codes at the value (raw units, as the graph's activations) while every other code stays live: an
+        intervention on the local replacement model (attention patterns and norm scales stay frozen)."""
         codes: dict[int, Tensor] = {}
+        clamps = dict(clamps or {})
+        for layer, pos, latent in clamps:
+            if not (0 <= layer < self.n_layers and 0 <= pos < self.n_pos and 0 <= latent < self.codes[layer].shape[-1]):
+                raise FeaturekitError(f"no feature ({layer}, {pos}, {latent}) in this replacement model: it has "
+                                      f"{self.n_layers} layers, {self.n_pos} positions and {self.codes[0].shape[-1]} latents a layer")
 
         def write(layer: int, m: Tensor) -> Tensor:
             codes[layer] = self.transcoders.encode(layer, m)
+            for (at, pos, latent), value in clamps.items():
+                if at == layer:
+                    codes[layer][..., pos, latent] = value
             prediction = self.transcoders.prediction(layer, codes, m)
             return prediction + self.errors[layer] if errors else prediction
 

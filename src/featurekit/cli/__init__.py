@@ -8,7 +8,7 @@ group (runs, bench, interop, explain, circuits, moex), each with `add_parsers(su
     featurekit eval    RUN_DIR [--text SOURCE] [--set data.*=…]  held-out metrics → eval.json (other text → evals/LABEL/)
                        [--suite core,probing,absorption,steering] [--full]  … sparse probing, absorption, KL-matched steering → evals/*.json
     featurekit features RUN_DIR [--text SOURCE]                 every latent's statistics and examples → features.sqlite
-    featurekit serve   RUN_DIR [RUN_DIR ...] [--port N] [--host H]   the explorer: browse features, try a text, steer (web app)
+    featurekit serve   RUN_DIR [RUN_DIR ...] [--port N] [--host H] [--graphs G ...]   the explorer (web app; graphs: /g/)
     featurekit report  RUN_DIR                                  → report.html
     featurekit clean   RUN_DIR                                  remove the activation cache and checkpoint of a finished run
     featurekit config  [--methods]                              every config key with its default and meaning

@@ -68,7 +68,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "http://127.0.0.1:PORT/: run overview, feature list and search (by token, id, explanation), "
                                    "feature pages, and live model calls (the features on each token of a text; steering). "
                                    "Read-only: nothing is written into a run folder. Ctrl-C stops it.")
-    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several: switch between them")
+    p.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several: switch between them")
+    p.add_argument("--graphs", type=Path, nargs="+", default=[], metavar="G.json",
+                   help="attribution graph files (`featurekit trace --out`) to view at /g/NAME/: layer x position layout, "
+                        "hover, pruning, pins, interventions; feature nodes link to the served run whose dictionary is "
+                        "that layer's transcoder (docs/circuits.md, Viewer)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port, printed at start)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; another address prints a warning: "
@@ -85,7 +89,7 @@ def config(args: argparse.Namespace, progress: bool) -> int:
 def serve(args: argparse.Namespace, progress: bool) -> int:
     from ..app.server import serve
 
-    return serve(args.run_dirs, host=args.host, port=args.port)
+    return serve(args.run_dirs, host=args.host, port=args.port, graph_paths=args.graphs)
 
 
 def run_or_folder(args: argparse.Namespace, progress: bool) -> int:
