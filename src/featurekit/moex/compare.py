@@ -23,7 +23,8 @@
    of the evaluation games, scored on the second half; coverage over all evaluation positions.
 6. ``results.json`` and ``results.md``, written atomically, beside the paper's numbers.
 
-Everything runs on one thread unless ``threads`` says otherwise. Guide: docs/moex.md.
+The library uses the caller's torch thread count; `featurekit moex compare` sets one thread (``--threads``).
+Guide: docs/moex.md.
 """
 
 from __future__ import annotations
@@ -40,8 +41,20 @@ import torch
 from .._io import atomic_write_json, atomic_write_text, read_json
 from ..errors import FeaturekitError
 from ..models.hooks import capture_activations
-from .chess import (VOCAB, GameSpec, board_reconstruction, bsp_coverage, bsp_table, build_dataset, encode, greedy_sampler,
-                    legal_move_rate, move_prefixes, read_games, token_stream)
+from .chess import (
+    VOCAB,
+    GameSpec,
+    board_reconstruction,
+    bsp_coverage,
+    bsp_table,
+    build_dataset,
+    encode,
+    greedy_sampler,
+    legal_move_rate,
+    move_prefixes,
+    read_games,
+    token_stream,
+)
 from .lm import LMConfig, MoexLM
 from .train import TrainSettings, batch_at, evaluate_loss, load_lm, split_stream, train_lm
 
@@ -391,7 +404,7 @@ def _f(v: Any, nd: int = 3) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
-    lines = [f"# MoE-X comparison on chess (featurekit moex compare)", "",
+    lines = ["# MoE-X comparison on chess (featurekit moex compare)", "",
              f"d_model {s['d_model']}, {s['n_layer']} layers, seq_len {s['seq_len']}, {s['n_experts']} experts top-{s['top_k']}; "
              f"{doc['steps']} steps × {s['batch_size']} × {s['seq_len']} = {doc['tokens_per_model']:,} tokens per model; "
              f"{s['games']} training games ({doc['train_chars']:,} characters), {doc['eval_games']} evaluation games; "
@@ -404,10 +417,12 @@ def markdown(doc: dict[str, Any]) -> str:
         ref = f"{paper['coverage']:.3f} / {paper['reconstruction']:.3f} ({paper['source']})" if paper else "— (Fig. 3 only)"
         name = r["name"] + (f" (TopK k={r['sae_k']}, spliced)" if r["name"] == "sae" else "")
         lines.append(f"| {name} | {_f(r['val_loss'])} | {_f(r['legal_move_rate'])} ({r['legal']}/{r['legal_total']}) | "
-                     f"{_f(r['coverage'])} | {_f(r['reconstruction'])} | {_f(r['reconstruction_no_start'])} | {r['units']} | {_f(r['l0'], 1)} | "
+                     f"{_f(r['coverage'])} | {_f(r['reconstruction'])} | {_f(r['reconstruction_no_start'])} | {r['units']} | "
+                     f"{_f(r['l0'], 1)} | "
                      f"{_f(r.get('train_wall_s'), 0)} | {ref} |")
     lines += ["", "Coverage and reconstruction: Karvonen et al.'s metrics on the `board` properties (piece on square) at the "
               "`.` positions; reconstruction labels from the first half of the evaluation games, scored on the second; "
               "'w/o start squares' leaves out the 32 (piece, square) pairs of the starting position, as one version of "
-              "their code does. L0: mean nonzero units per evaluated position. Paper: Yang et al. 2025, chess, equal activated parameters (val loss there is on real games).", ""]
+              "their code does. L0: mean nonzero units per evaluated position. Paper: Yang et al. 2025, chess, equal activated "
+              "parameters (val loss there is on real games).", ""]
     return "\n".join(lines)
