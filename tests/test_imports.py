@@ -37,8 +37,9 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
-    # MoE-X: its layers, LM and trainer (checkpoints, schedule, run folder); its LM resolves featurekit's sites
-    "moex": {"train", "rundir", "models"},
+    # MoE-X: its layers, LM and trainer (checkpoints, schedule, run folder); its LM resolves featurekit's sites;
+    # compare.py trains a TopK SAE (dictionaries, config, train) on a dense model's MLP for the comparison
+    "moex": {"train", "rundir", "models", "dictionaries", "config"},
     "vision": {"models", "data", "dictionaries"},  # a ViT's sites, image sources, harvest, the vision splice
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize
 }

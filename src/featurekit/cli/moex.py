@@ -13,7 +13,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _moex_parser(sub: argparse._SubParsersAction) -> None:
     """`featurekit moex train`: a small LM with dense, Switch or MoE-X MLPs on a token stream (docs/moex.md)."""
     moex = sub.add_parser("moex", help="MoE-X: train small LMs whose MLP is dense, Switch-style MoE or MoE-X (docs/moex.md)")
-    p = moex.add_subparsers(dest="moex", required=True).add_parser(
+    kinds = moex.add_subparsers(dest="moex", required=True)
+    _compare_parser(kinds)
+    p = kinds.add_parser(
         "train", help="train (or resume) a small GPT-style LM in RUN_DIR",
         description="Train a small GPT-style LM whose MLPs are dense GELU/ReLU, Switch-style top-k MoE or MoE-X (ReLU experts, "
                     "sparsity-aware router), every kind at the same activated MLP parameters. Checkpoints let a killed run "
@@ -43,6 +45,59 @@ def _moex_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _compare_parser(kinds: argparse._SubParsersAction) -> None:
+    """`featurekit moex compare`: the chess comparison of issue 24 (moex/compare.py)."""
+    from ..moex.compare import CompareSettings
+
+    p = kinds.add_parser(
+        "compare", help="train dense GELU/ReLU, Switch, MoE-X (scratch, upcycled) and an SAE on chess; tabulate their units",
+        description="The MoE-X comparison on chess: builds random/greedy legal games, trains five small LMs at equal activated "
+                    "parameters and the same token budget (dense GELU, dense ReLU, Switch, MoE-X from scratch, MoE-X upcycled "
+                    "from the dense ReLU run) and a TopK SAE on the dense GELU model's MLP hidden layer, then measures validation "
+                    "loss, legal-move rate, BSP coverage and board reconstruction on one layer's units. Writes OUT_DIR/results.json "
+                    "and results.md beside the paper's Table 1. Resumable: the same command skips what is finished.")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the comparison folder (data/, runs/, plan.json, results.*)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int, default=0, help="optimiser steps per model (the same for all)")
+    budget.add_argument("--minutes-per-model", type=float, default=0.0,
+                        help="time MoE-X's steps once and give every model the steps that take MoE-X about this long")
+    d = CompareSettings.__dataclass_fields__
+    for flag, what in [("d_model", "residual width"), ("n_layer", "blocks"), ("n_head", "attention heads"),
+                       ("seq_len", "context length"), ("n_experts", "experts M"), ("top_k", "experts per token"),
+                       ("batch_size", "sequences per step"), ("checkpoint_every", "steps between checkpoints"),
+                       ("games", "training games"), ("eval_games", "held-out games"),
+                       ("max_chars", "game length cap in characters (≤ seq_len)"),
+                       ("layer", "layer whose units are measured (-1: the last)"),
+                       ("legal_prefixes", "held-out prefixes for the legal-move rate"),
+                       ("sae_k", "SAE top-k (0: MoE-X's measured L0 at the layer)"),
+                       ("sae_latents", "SAE latents (0: MoE-X's unit count)"), ("sae_tokens", "activations to train the SAE on"),
+                       ("seed", "seed of data, init and batches")]:
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=d[flag].default, help=f"{what} (default {d[flag].default})")
+    p.add_argument("--lr", type=float, default=d["lr"].default, help=f"AdamW learning rate (default {d['lr'].default})")
+    p.add_argument("--greedy", type=float, default=d["greedy"].default,
+                   help=f"chance of the one-ply heuristic's move in generated games (default {d['greedy'].default})")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _moex_compare(args: argparse.Namespace, progress: bool) -> int:
+    import torch
+
+    from ..moex.compare import CompareSettings, compare
+
+    torch.set_num_threads(args.threads)
+    names = [n for n in CompareSettings.__dataclass_fields__ if hasattr(args, n)]
+    settings = CompareSettings(**{n: getattr(args, n) for n in names})
+    doc = compare(args.out_dir, settings, progress=progress)
+    print((args.out_dir / "results.md").read_text(encoding="utf-8"))
+    print(f"{len(doc['models'])} rows -> {args.out_dir / 'results.json'}")
+    return 0
+
+
+def _moex(args: argparse.Namespace, progress: bool) -> int:
+    return _moex_compare(args, progress) if args.moex == "compare" else _moex_train(args, progress)
+
+
 def _moex_train(args: argparse.Namespace, progress: bool) -> int:
     import torch
 
@@ -66,4 +121,4 @@ def _moex_train(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
-HANDLERS = {"moex": _moex_train}
+HANDLERS = {"moex": _moex}
