@@ -99,7 +99,7 @@ def test_eval_suite_probing_writes_saebench_fields(tiny, tmp_path):
     (run / "config.json").write_text(json.dumps(config))
 
     bad = cli("eval", str(run), "--suite", "core,probes", "--quiet")
-    assert bad.returncode != 0 and "valid: core, probing, absorption, steering" in bad.stderr
+    assert bad.returncode != 0 and "valid: core, probing, probing_source, probing_tokens, absorption, steering" in bad.stderr
     done = cli("eval", str(run), "--suite", "probing", "--quiet")
     assert done.returncode == 0, done.stderr
     assert not (run / "eval.json").exists()  # core was not asked for

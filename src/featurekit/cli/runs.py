@@ -35,8 +35,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", default="core", metavar="NAMES",
                    help="comma-separated evaluations: core (held-out metrics, splice, feature examples; the default), "
                         "probing (sparse probing on BBC News's topics → RUN_DIR/evals/sparse_probing.json, SAEBench's format; "
-                        "settings eval.probing_*), absorption (first-letter feature absorption → "
-                        "evals/absorption_first_letter.json; eval.absorption_*), steering (KL-matched steering of features "
+                        "settings eval.probing_*), probing_source (which corpus a text chunk comes from: news / Bible / Shakespeare "
+                        "[/ Wikipedia] → evals/sparse_probing_source.json), probing_tokens (digit, capitalised word, plural-looking, "
+                        "month tokens on per-token codes → evals/sparse_probing_tokens.json), absorption (first-letter feature absorption "
+                        "→ evals/absorption_first_letter.json; eval.absorption_*), steering (KL-matched steering of features "
                         "against random, difference-of-means and PCA directions → evals/steering_kl_matched.json; eval.steering_*)")
     p.add_argument("--full", action="store_true",
                    help="absorption and steering with their full settings (every single-token word of the vocabulary; "
@@ -156,7 +158,7 @@ def _features(args: argparse.Namespace, cfg, progress: bool) -> None:
         print(f"browse it: featurekit serve {cfg.run_dir}")
 
 
-EVAL_SUITES = ("core", "probing", "absorption", "steering")
+EVAL_SUITES = ("core", "probing", "probing_source", "probing_tokens", "absorption", "steering")
 
 
 def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
@@ -184,6 +186,16 @@ def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
         print("sparse probing (BBC topics, held-out accuracy): " + ", ".join(
             f"{name} {value:.3f}" for name, value in result["eval_result_details"][0].items() if name.endswith("_accuracy")))
         print(f"results: {(out or cfg.run_dir / 'evals') / 'sparse_probing.json'}")
+    for name, what in (("probing_source", "text source"), ("probing_tokens", "token classes")):
+        if name in suite:
+            from ..pipeline import probing_tasks
+
+            result = getattr(probing_tasks, f"run_{name}")(cfg, loaded, out_dir=out)
+            mean = {k: v for group in result["eval_result_metrics"].values() for k, v in group.items()}
+            print(f"sparse probing ({what}, held-out accuracy): " + (", ".join(f"{k} {v:.3f}" for k, v in mean.items()) or "no task"))
+            for task, why in (result["eval_result_unstructured"].get("skipped") or {}).items():
+                print(f"  skipped {task}: {why}")
+            print(f"results: {(out or cfg.run_dir / 'evals') / f'sparse_{name}.json'}")
     if args.full:
         from ..pipeline.absorption import FULL_SETTINGS as full_absorption
         from ..pipeline.steering import FULL_SETTINGS as full_steering

@@ -72,13 +72,16 @@ def balanced_task(labels: Sequence[str], cls: str, seed: int) -> tuple[torch.Ten
 
 
 def probe_accuracies(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-                     train_labels: Sequence[str], test_labels: Sequence[str], ks: Sequence[int], seed: int = 0) -> dict:
-    """Per class and averaged: the accuracies of the module docstring. `train`/`test` are (dense, codes)."""
+                     train_labels: Sequence[str], test_labels: Sequence[str], ks: Sequence[int], seed: int = 0,
+                     classes: Sequence[str] | None = None) -> dict:
+    """Per class and averaged: the accuracies of the module docstring. `train`/`test` are (dense, codes).
+    `classes` (default: every label) are the classes probed one-vs-rest, e.g. only "yes" of a binary task."""
     (dense_tr, codes_tr), (dense_te, codes_te) = train, test
-    classes = sorted(set(train_labels))
-    if len(classes) < 2 or set(test_labels) - set(classes) or not set(test_labels):
+    every = sorted(set(train_labels))
+    classes = list(classes) if classes is not None else every
+    if len(every) < 2 or set(test_labels) - set(every) or not set(test_labels) or set(classes) - set(every):
         raise FeaturekitError(f"probing needs two or more classes in the training documents and only those in the held-out ones "
-                              f"(train: {classes}, held out: {sorted(set(test_labels))})")
+                              f"(train: {every}, held out: {sorted(set(test_labels))})")
     pca_mean, pca = pca_basis(dense_tr, min(max(ks), *dense_tr.shape))
     per_class = {}
     for j, cls in enumerate(classes):
@@ -100,3 +103,41 @@ def probe_accuracies(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch
     keys = [k for k in per_class[classes[0]] if k.endswith("_accuracy")]
     mean = {k: sum(per_class[c][k] for c in classes) / len(classes) for k in keys}
     return {"mean": mean, "per_class": per_class}
+
+
+@torch.no_grad()
+def token_documents(tokenizer, docs: Sequence[str], n_tokens: int, *, exclude_first: bool = True,
+                    exclude_special: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(ids (n, n_tokens), kept-token mask (n, n_tokens), kept): each document's first n_tokens tokens, for the
+    documents that fill them; `kept` indexes them into `docs`."""
+    rows, kept = [], []
+    for i, doc in enumerate(docs):
+        try:
+            rows.append(pack([doc], tokenizer, n_tokens, max_contexts=1))
+            kept.append(i)
+        except FeaturekitError:
+            continue
+    if not rows:
+        raise FeaturekitError(f"no document fills {n_tokens} tokens: lower eval.probing_tokens")
+    ids = torch.cat(rows)
+    return ids, token_mask(ids, tokenizer, exclude_first=exclude_first, exclude_special=exclude_special), kept
+
+
+@torch.no_grad()
+def token_codes(model, sae, site: str, ids: torch.Tensor, positions: torch.Tensor, *,
+                batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense (p, d), codes (p, m)): the site's activation and the dictionary's code at each (row, column) of
+    `positions` (p, 2), per token, not pooled; rows are run through the model in batches."""
+    device = next(model.parameters()).device
+    dense = [None] * len(positions)
+    codes = [None] * len(positions)
+    for start in range(0, len(ids), batch_size):
+        inside = ((positions[:, 0] >= start) & (positions[:, 0] < start + batch_size)).nonzero().flatten()
+        if not len(inside):
+            continue
+        acts = capture_activations(model, ids[start:start + batch_size].to(device), [site])[site].float()
+        x = acts[positions[inside, 0] - start, positions[inside, 1]]
+        c = sae.encode(x).float().cpu()
+        for j, i in enumerate(inside.tolist()):
+            dense[i], codes[i] = x[j].cpu(), c[j]
+    return torch.stack(dense), torch.stack(codes)

@@ -1,0 +1,88 @@
+"""The text-source and token-class probing tasks: labels from token strings, chunking and the by-document split
+on hand-made corpora, and `featurekit eval --suite probing_source,probing_tokens` on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+from featurekit.data.probe_labels import chunks, held_out_documents, source_chunks, token_labels
+from featurekit.data.sources import is_test_document
+from featurekit.dictionaries import TopKSAE
+from featurekit.interop import export
+from featurekit.pipeline.probing_tasks import select_tokens
+
+from .test_probing import cli
+
+
+def positive(token: str) -> set[str]:
+    return {task for task, yes in token_labels(token).items() if yes}
+
+
+def test_token_labels_come_from_the_token_string():
+    assert positive("2004") == {"digit"} and positive(" 7") == {"digit"} and positive("12a") == set()
+    assert positive(" London") == {"capitalised_word"} and positive("London") == set()  # not a word start
+    assert positive(" BBC") == set() and positive(" McDonald") == set()  # only one capital, then lower case
+    assert positive(" cats") == {"plural_looking"} and positive(" class") == set() and positive(" is") == set()
+    assert positive("cats") == set() and positive(" Cats") == {"capitalised_word"}
+    assert positive(" January") == {"capitalised_word", "month"} and positive(" May") == {"capitalised_word"}
+    assert positive(" january") == set() and positive("January") == set()
+
+
+def test_chunks_are_equal_length_and_drop_the_tail():
+    assert chunks("abcdefghij", 3) == ["abc", "def", "ghi"]
+    assert chunks("ab", 3) == []
+
+
+def corpora() -> dict[str, list[str]]:
+    return {"a": [f"alpha document {i} " * (3 + i % 4) for i in range(30)],
+            "b": [f"beta work {i} " * 40 for i in range(6)]}
+
+
+def test_source_chunks_never_put_a_held_out_document_in_training():
+    data = corpora()
+    train, test = source_chunks(data, 20, 50, "train"), source_chunks(data, 20, 50, "test")
+    for name, docs in data.items():
+        held = held_out_documents(docs, 0.2)
+        assert len(held) == max(1, -(-len(docs) // 5))
+        assert {i for _, n, i in train if n == name}.isdisjoint(held)
+        assert {i for _, n, i in test if n == name} <= held
+        assert {i for i, d in enumerate(docs) if is_test_document(d)} <= held
+    assert all(len(c) == 20 and c in data[n][i] for c, n, i in train + test)
+    # balanced where there is enough text, round-robin: every training document of "b" gives a chunk before any gives two
+    few = source_chunks(data, 20, 5, "train")
+    assert sum(n == "a" for _, n, _ in few) == 5 and sum(n == "b" for _, n, _ in few) == 5
+    b_train = set(range(6)) - held_out_documents(data["b"], 0.2)
+    assert len(b_train) == 4 and {i for _, n, i in few if n == "b"} == b_train
+
+
+def test_select_tokens_balances_and_caps():
+    labels = [i % 5 == 0 for i in range(100)]  # 20 positives, 80 negatives
+    idx, y = select_tokens(labels, cap=8, seed=0)
+    assert int(y.sum()) == 8 and len(idx) == 16 and all(labels[i] == t for i, t in zip(idx.tolist(), y.tolist()))
+    idx, y = select_tokens(labels, cap=1000, seed=0)
+    assert int(y.sum()) == 20 and len(idx) == 40
+
+
+def test_eval_suites_probing_source_and_tokens_on_the_tiny_model(tiny, tmp_path):
+    model = str((tiny / "model").resolve())
+    sae = TopKSAE(32, 64, k=4, seed=0)
+    sae.metadata = {"source": {"model": model, "site": "resid_post.1"}}
+    folder = export(sae, "saelens", tmp_path / "saelens_sae")
+    done = cli("import", str(folder), "--name", "r", "--set", f"out_dir={tmp_path / 'runs'}", "--set", "model.dtype=float32",
+               "--set", f"data.source={tiny / 'text.txt'}", "--set", "data.context_len=16")
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "runs" / "r"
+    config = json.loads((run / "config.json").read_text())
+    config["eval"].update(probing_train_docs=6, probing_test_docs=4, probing_tokens=16, probing_ks="1,2")
+    (run / "config.json").write_text(json.dumps(config))
+    done = cli("eval", str(run), "--suite", "probing_source,probing_tokens", "--quiet")
+    assert done.returncode == 0, done.stderr
+    source = json.loads((run / "evals" / "sparse_probing_source.json").read_text())
+    assert source["eval_type_id"] == "sparse_probing" and source["eval_config"]["task"] == "text_source"
+    assert {"bbc", "bible", "shakespeare"} <= set(source["eval_result_unstructured"]["per_class"])
+    assert set(source["eval_result_metrics"]["sae"]) == {"sae_test_accuracy", "sae_top_1_test_accuracy", "sae_top_2_test_accuracy"}
+    assert source["eval_result_details"][0]["dataset_name"] == "text_source_results"
+    tokens = json.loads((run / "evals" / "sparse_probing_tokens.json").read_text())
+    # the tiny word-level vocabulary has no digits, capitals, months or words ending in s: every task is skipped, said so
+    assert set(tokens["eval_result_unstructured"]["skipped"]) == {"digit", "capitalised_word", "plural_looking", "month"}
+    assert tokens["eval_result_details"] == [] and "skipped digit" in done.stdout
