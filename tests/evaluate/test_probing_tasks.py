@@ -86,3 +86,25 @@ def test_eval_suites_probing_source_and_tokens_on_the_tiny_model(tiny, tmp_path)
     # the tiny word-level vocabulary has no digits, capitals, months or words ending in s: every task is skipped, said so
     assert set(tokens["eval_result_unstructured"]["skipped"]) == {"digit", "capitalised_word", "plural_looking", "month"}
     assert tokens["eval_result_details"] == [] and "skipped digit" in done.stdout
+
+
+def test_token_codes_read_each_asked_position_of_each_document(tiny):
+    """Per-token rows equal the site's activation at that (document, position), across batch boundaries."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from featurekit.evaluate.probing import token_codes, token_documents
+    from featurekit.models.hooks import capture_activations
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    docs = ["the cat sat on the mat and the dog ran far away", "short", "a big red bird sat under the old tree at night"]
+    ids, mask, kept = token_documents(tokenizer, docs, 8)
+    assert kept == [0, 2] and ids.shape == (2, 8) and not mask[:, 0].any()
+    positions = torch.tensor([[1, 5], [0, 3], [1, 2]])
+    sae = TopKSAE(32, 16, k=2, seed=0)
+    dense, codes = token_codes(model, sae, "resid_post.1", ids, positions, batch_size=1)
+    with torch.no_grad():
+        acts = capture_activations(model, ids, ["resid_post.1"])["resid_post.1"]
+        want = acts[positions[:, 0], positions[:, 1]]
+        assert torch.allclose(dense, want, atol=1e-5) and torch.allclose(codes, sae.encode(want), atol=1e-5)

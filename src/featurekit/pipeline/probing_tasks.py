@@ -116,24 +116,31 @@ def run_probing_tokens(cfg: RunConfig, loaded: LoadedModel | None = None, out_di
         positions = mask.nonzero()
         strings = {t: token_labels(loaded.tokenizer.decode([t])) for t in ids[mask].unique().tolist()}
         sides[split] = (ids, positions, [strings[t] for t in ids[mask].tolist()], n_docs)
-    details, skipped, per_task, means = [], {}, {}, []
+    picked, skipped = {}, {}
     for j, task in enumerate(TOKEN_TASKS):
-        picked = {}
-        for split, (_, _, labels, n_docs) in sides.items():
-            picked[split] = select_tokens([lab[task] for lab in labels], n_docs, cfg.train.seed + 2 * j + (split == "test"))
-        counts = {split: int(y.sum()) for split, (_, y) in picked.items()}
+        picked[task] = {split: select_tokens([lab[task] for lab in labels], n_docs, cfg.train.seed + 2 * j + (split == "test"))
+                        for split, (_, _, labels, n_docs) in sides.items()}
+        counts = {split: int(y.sum()) for split, (_, y) in picked[task].items()}
         if min(counts.values()) < MIN_POSITIVES:
             skipped[task] = f"too few positive tokens (train {counts['train']}, held out {counts['test']}; need {MIN_POSITIVES})"
-            continue
+            del picked[task]
+    rows = {}  # one pass through the model per split, at the union of every task's tokens
+    for split, (ids, positions, _, _) in sides.items():
+        union = sorted({i for task in picked for i in picked[task][split][0].tolist()})
+        if union:
+            dense, codes = token_codes(loaded.model, sae, cfg.site, ids, positions[union], batch_size=cfg.eval.batch_contexts)
+            rows[split] = ({i: r for r, i in enumerate(union)}, dense, codes)
+    details, per_task, means = [], {}, []
+    for task, sides_picked in picked.items():
         data = {}
-        for split, (idx, y) in picked.items():
-            ids, positions = sides[split][0], sides[split][1]
-            dense, codes = token_codes(loaded.model, sae, cfg.site, ids, positions[idx], batch_size=cfg.eval.batch_contexts)
-            data[split] = (dense, codes, ["yes" if t else "no" for t in y.tolist()])
+        for split, (idx, y) in sides_picked.items():
+            where, dense, codes = rows[split]
+            at = torch.tensor([where[i] for i in idx.tolist()], dtype=torch.long)
+            data[split] = (dense[at], codes[at], ["yes" if t else "no" for t in y.tolist()])
         (d_tr, c_tr, y_tr), (d_te, c_te, y_te) = data["train"], data["test"]
         acc = probe_accuracies((d_tr, c_tr), (d_te, c_te), y_tr, y_te, ks, seed=cfg.train.seed, classes=["yes"])
         details.append({"dataset_name": f"token_{task}_results", **acc["mean"]})
-        per_task[task] = {**acc["per_class"]["yes"], "n_positive_train": counts["train"], "n_positive_test": counts["test"]}
+        per_task[task] = {**acc["per_class"]["yes"], "n_positive_train": y_tr.count("yes"), "n_positive_test": y_te.count("yes")}
         means.append(acc["mean"])
     mean = {k: sum(m[k] for m in means) / len(means) for k in means[0]} if means else {}
     config = _config(cfg, loaded, "token_classes", ks, tasks=list(TOKEN_TASKS), text="bbc",
