@@ -6,7 +6,8 @@ group (runs, bench, interop, explain, circuits, moex), each with `add_parsers(su
     featurekit train   [--config FILE] [--set key=value ...]    cache → runs/NAME/dictionary
     featurekit train   --resume RUN_DIR                         continue a killed run exactly
     featurekit eval    RUN_DIR [--text SOURCE] [--set data.*=…]  held-out metrics → eval.json (other text → evals/LABEL/)
-                       [--suite core,probing,absorption,steering] [--full]  … sparse probing, absorption, KL-matched steering → evals/*.json
+                       [--suite core,probing,probing_source,probing_tokens,absorption,steering] [--full]
+                       … sparse probing (BBC topics, text source, token classes), absorption, KL-matched steering → evals/*.json
     featurekit features RUN_DIR [--text SOURCE]                 every latent's statistics and examples → features.sqlite
     featurekit serve   RUN_DIR [RUN_DIR ...] [--port N] [--host H] [--graphs G ...]   the explorer (web app; graphs: /g/)
     featurekit report  RUN_DIR                                  → report.html

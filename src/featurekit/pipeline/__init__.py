@@ -10,6 +10,7 @@
     RUN_DIR/features.sqlite      the feature store: every latent (`featurekit serve` reads it)
     RUN_DIR/evals/LABEL/         evaluations on other text (eval.json, features/)
     RUN_DIR/evals/sparse_probing.json  sparse probing (SAEBench's format; `featurekit eval --suite probing`)
+    RUN_DIR/evals/sparse_probing_{source,tokens}.json  text-source and token-class probing (--suite probing_source,probing_tokens)
     RUN_DIR/report.html          the report
 
 RUN_DIR is `out_dir/name` for a new run; a run folder is self-contained and relocatable, so commands given
