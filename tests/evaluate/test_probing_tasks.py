@@ -108,3 +108,42 @@ def test_token_codes_read_each_asked_position_of_each_document(tiny):
         acts = capture_activations(model, ids, ["resid_post.1"])["resid_post.1"]
         want = acts[positions[:, 0], positions[:, 1]]
         assert torch.allclose(dense, want, atol=1e-5) and torch.allclose(codes, sae.encode(want), atol=1e-5)
+
+
+def test_probing_tokens_probes_a_task_with_positives_and_skips_the_others(tmp_path):
+    """A tiny random Llama whose word vocabulary holds numbers: on BBC text the digit task has positives and is
+    probed (held-out accuracy in [0, 1], balanced counts); the other three have none and are skipped."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from featurekit.pipeline.importing import import_run
+    from featurekit.pipeline.probing_tasks import run_probing_tokens
+    from featurekit.pipeline.setup import load_run_config
+
+    from ..tiny import WORDS
+
+    words = WORDS + [str(n) for n in range(100)] + [str(n) for n in range(1990, 2010)]
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<pad>", "<bos>", "<eos>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=2, eos_token_id=3, pad_token_id=1))
+    model.save_pretrained(tmp_path / "model")
+    hf_tok.save_pretrained(tmp_path / "model")
+    sae = TopKSAE(32, 64, k=4, seed=0)
+    sae.metadata = {"source": {"model": str(tmp_path / "model"), "site": "resid_post.1"}}
+    folder = export(sae, "saelens", tmp_path / "saelens_sae")
+    import_run(str(folder), [f"out_dir={tmp_path / 'runs'}", "model.dtype=float32", "name=r", "eval.probing_train_docs=12",
+                             "eval.probing_test_docs=8", "eval.probing_tokens=32", "eval.probing_ks=1,2"])
+    result = run_probing_tokens(load_run_config(tmp_path / "runs" / "r"))
+    unstructured = result["eval_result_unstructured"]
+    assert set(unstructured["skipped"]) == {"capitalised_word", "plural_looking", "month"}
+    digit = unstructured["per_task"]["digit"]
+    assert digit["n_train"] == 2 * digit["n_positive_train"] >= 8 and digit["n_test"] == 2 * digit["n_positive_test"] >= 8
+    assert [d["dataset_name"] for d in result["eval_result_details"]] == ["token_digit_results"]
+    assert all(0.0 <= v <= 1.0 for group in result["eval_result_metrics"].values() for v in group.values())
+    assert (tmp_path / "runs" / "r" / "evals" / "sparse_probing_tokens.json").is_file()
