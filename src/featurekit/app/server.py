@@ -15,6 +15,8 @@ Routes (a run is addressed by its name or index, `runs.py`):
     /g/                             the attribution graphs served (`serve --graphs G.json ...`, `graphs.py`)
     /g/GRAPH/                       the graph viewer: layer × position layout, hover, pruning sliders, pins
     /g/GRAPH/intervene (POST JSON)  set feature activations, get the replacement model's new top logits (JSON)
+    /r/RUN/f/ID/heat/VIEW.png       a vision run's feature over a held-out view (drawn on request, `vision.py`)
+    /r/RUN/f/ID/crop/I.png          the patches around its I-th top example
     /static/NAME                    the stylesheet and script (package data)
 
 Every response carries a Content-Security-Policy (scripts and styles from /static only, no inline script or
@@ -55,10 +57,12 @@ from . import graphs as graphs_mod
 from . import live, queries, views
 from .graphs import Graphs
 from .runs import Run, Runs
+from .vision import VisionRun
 
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 DEFAULT_PORT = 8765
+VISION_PAGES = {"overview", "feature", "picture"}  # the pages a vision run has
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
@@ -82,6 +86,9 @@ class Explorer:
         if run is None:
             raise queries.NotFound(f"no run {request.path_params['run']!r} is served here: the runs are "
                                    f"{', '.join(r.name for r in self.runs)}")
+        if isinstance(run, VisionRun) and request.scope["endpoint"].__name__ not in VISION_PAGES:
+            raise queries.BadRequest(f"{run.name} is a vision run: it has an overview and feature pages with pictures "
+                                     f"({views.url('r', run.name, '')}), no text pages")
         return run
 
     def page(self, template: str, request: Request, run: Run | None = None, status: int = 200, **context: Any) -> HTMLResponse:
@@ -100,6 +107,8 @@ class Explorer:
 
     async def overview(self, request: Request) -> Response:
         run = self.run(request)
+        if isinstance(run, VisionRun):
+            return self.page("vision_overview.html", request, run, section="overview", v=run.overview())
 
         def build() -> dict:
             return {"curves": views.curves(run.metrics()), "density": views.density_histogram(run.densities()),
@@ -125,6 +134,8 @@ class Explorer:
     async def feature(self, request: Request) -> Response:
         run = self.run(request)
         feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        if isinstance(run, VisionRun):
+            return self.page("vision_feature.html", request, run, section="features", f=run.feature(feature), fid=feature)
         page = await run_in_threadpool(queries.feature_page, run, feature)
         others = await run_in_threadpool(self.nearest_in_other_runs, run, feature)
         return self.page("feature.html", request, run, section="features", f=page, others=others,
@@ -213,6 +224,17 @@ class Explorer:
             traceback.print_exc(file=sys.stderr)
             return JSONResponse({"error": f"the intervention failed ({type(err).__name__}); the server's log has the details"},
                                 status_code=500)
+
+    async def picture(self, request: Request) -> Response:
+        """A vision run's feature picture, drawn on request: /r/RUN/f/ID/heat/VIEW.png or /r/RUN/f/ID/crop/I.png."""
+        run = self.run(request)
+        if not isinstance(run, VisionRun):
+            raise queries.NotFound(f"{run.name} is not a vision run: it has no pictures")
+        feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        n = _int(request.path_params["n"], "picture number", not_found=True)
+        draw = run.heat_png if request.url.path.rsplit("/", 2)[-2] == "heat" else run.crop_png
+        png = await run_in_threadpool(draw, feature, n)
+        return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
 
     async def static_file(self, request: Request) -> Response:
         entry = self.static.get(request.path_params["name"])
@@ -334,6 +356,8 @@ def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None
         Route("/r/{run}/search", g(ex.search)),
         Route("/r/{run}/f/{feature}", g(ex.feature)),
         Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),
+        Route("/r/{run}/f/{feature}/heat/{n}.png", g(ex.picture)),
+        Route("/r/{run}/f/{feature}/crop/{n}.png", g(ex.picture)),
         Route("/r/{run}/f/{feature}/connections", g(ex.connections)),
         Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),
         Route("/r/{run}/steer", g(ex.steer), methods=["GET", "POST"]),

@@ -1,0 +1,158 @@
+"""Vision runs in the explorer: a run whose eval.json says ``"modality": "vision"`` has no feature store; its
+pages come from what `pipeline.vision` wrote (features/top_patches.json, token_kinds.json, figures.json) and
+its pictures are drawn on request, never written into the run folder:
+
+* the overview lists the features firing mostly on the CLS token apart from the patch features;
+* a feature page shows each top example as a crop around its patch (3 × 3 patches) and as a heat-map of the
+  feature's code over the whole held-out view (`vision.figures.latent_maps`; the model and the dictionary are
+  loaded on the first picture, the held-out views rebuilt from the saved config).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import FeaturekitError
+
+HEAT_SIZE = 224
+CROP_SIZE = 112
+
+
+def is_vision_run(path: Path) -> bool:
+    data = _read_json(path / "eval.json")
+    return isinstance(data, dict) and data.get("modality") == "vision"
+
+
+class VisionRun:
+    """One vision run folder (the attributes the shared page frame reads, as on `runs.Run`)."""
+
+    vision = True
+    signed = False
+    output_site = None
+
+    def __init__(self, index: int, name: str, path: Path) -> None:
+        self.index, self.name, self.path = index, name, path
+        self.config = _read_json(path / "config.json") or {}
+        self.eval = _read_json(path / "eval.json") or {}
+        features = path / "features"
+        tops, kinds = _read_json(features / "top_patches.json"), _read_json(features / "token_kinds.json")
+        if not isinstance(tops, list) or not isinstance(kinds, dict):
+            raise FeaturekitError(f"{path} is a vision run without features/top_patches.json and token_kinds.json: finish it "
+                                  f"with `featurekit run --config {path / 'config.json'}` (it continues where it stopped)")
+        self.tops = {int(f["latent"]): f for f in tops}
+        self.cls_fires = [int(v) for v in kinds.get("cls_fires", [])]
+        self.patch_fires = [int(v) for v in kinds.get("patch_fires", [])]
+        self.n_cls_tokens, self.n_patch_tokens = int(kinds.get("n_cls_tokens", 0)), int(kinds.get("n_patch_tokens", 0))
+        self.meta: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._loaded: tuple | None = None
+
+    site = property(lambda self: str(self.eval.get("site") or self.config.get("site", "?")))
+    decoder_site = site
+    model = property(lambda self: str(self.eval.get("model") or self.config.get("model", {}).get("name", "?")))
+    method = property(lambda self: str(self.config.get("dictionary", {}).get("method", "?")))
+    n_latents = property(lambda self: len(self.patch_fires))
+
+    def kind(self, latent: int) -> str:
+        """"cls" where the latent fires more often on CLS tokens than on patches, "patch" where on patches, "dead"."""
+        c, p = self.cls_fires[latent], self.patch_fires[latent]
+        return "dead" if c + p == 0 else "cls" if c > p else "patch"
+
+    def overview(self) -> dict:
+        """The features with top examples, CLS-token and patch features apart, each with its firing counts."""
+        groups: dict[str, list[dict]] = {"cls": [], "patch": [], "dead": []}
+        for latent, f in sorted(self.tops.items()):
+            groups[self.kind(latent)].append({"latent": latent, "density": f.get("density", 0.0), "n_top": len(f.get("top", [])),
+                                              "cls_fires": self.cls_fires[latent], "patch_fires": self.patch_fires[latent]})
+        counts = {k: sum(self.kind(i) == k for i in range(self.n_latents)) for k in groups}
+        return {"groups": groups, "counts": counts}
+
+    def feature(self, latent: int) -> dict:
+        if latent not in self.tops:
+            listed = ", ".join(map(str, sorted(self.tops)))
+            raise _not_found(f"latent {latent} has no top patches in this run (the run kept those of latents {listed}; "
+                                   f"report.n_features sets how many)")
+        f = self.tops[latent]
+        return {**f, "kind": self.kind(latent), "cls_fires": self.cls_fires[latent], "patch_fires": self.patch_fires[latent],
+                "views": list(dict.fromkeys(int(t["view"]) for t in f.get("top", [])))}
+
+    # -- pictures (drawn on request) -----------------------------------------------------------------------------
+    def _model(self) -> tuple:
+        with self._lock:
+            if self._loaded is None:
+                from ..dictionaries import load
+                from ..pipeline.setup import load_run_config, open_model
+                from ..pipeline.vision import views
+
+                cfg = load_run_config(self.path)
+                vm = open_model(cfg)
+                sae = load(self.path / "dictionary")
+                sae.eval()
+                self._loaded = (cfg, vm, sae, views(cfg, vm, "test", cfg.eval.tokens))
+            return self._loaded
+
+    def _view(self, latent: int, view: int) -> tuple[Image.Image, np.ndarray, float]:
+        """The view's image, the latent's (g, g) patch codes on it, and its code at the CLS token."""
+        from ..vision.figures import _denormalised, latent_maps
+
+        if view not in self.feature(latent)["views"]:
+            raise _not_found(f"view {view} is not among latent {latent}'s top examples")
+        cfg, vm, sae, test = self._model()
+        with self._lock:
+            maps, cls = latent_maps(vm, sae, cfg.site, test, latent, [view])
+            image = _denormalised(test, view)
+        return image, maps[0].numpy(), float(cls[0])
+
+    def heat_png(self, latent: int, view: int) -> bytes:
+        """The view with the latent's code over each patch in red (opacity ∝ code / the map's largest code)."""
+        image, codes, _ = self._view(latent, view)
+        image = image.resize((HEAT_SIZE, HEAT_SIZE))
+        heat = np.clip(codes / (codes.max() if codes.max() > 0 else 1.0), 0, 1)
+        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((HEAT_SIZE, HEAT_SIZE), Image.NEAREST),
+                          dtype=np.float32)[..., None] / 255
+        out = np.asarray(image, dtype=np.float32) * (1 - 0.6 * heat) + np.array([255.0, 0, 0]) * 0.6 * heat
+        return _png(Image.fromarray(out.astype(np.uint8)))
+
+    def crop_png(self, latent: int, index: int) -> bytes:
+        """The 3 × 3 patches around the index-th top example's patch (the whole view for a CLS example), enlarged."""
+        top = self.feature(latent).get("top", [])
+        if not 0 <= index < len(top):
+            raise _not_found(f"latent {latent} has {len(top)} top examples, not {index + 1}")
+        t = top[index]
+        image, codes, _ = self._view(latent, int(t["view"]))
+        if t.get("kind") != "patch":
+            return _png(image.resize((CROP_SIZE, CROP_SIZE)))
+        g = codes.shape[0]
+        cell = image.size[0] / g
+        r0, c0 = min(max(int(t["row"]) - 1, 0), g - 3), min(max(int(t["col"]) - 1, 0), g - 3)
+        box = tuple(round(v) for v in (c0 * cell, r0 * cell, (c0 + 3) * cell, (r0 + 3) * cell))
+        return _png(image.crop(box).resize((CROP_SIZE, CROP_SIZE), Image.NEAREST))
+
+    def close(self) -> None:
+        pass
+
+
+def _not_found(message: str) -> FeaturekitError:
+    from .queries import NotFound  # queries imports runs, which imports this module
+
+    return NotFound(message)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

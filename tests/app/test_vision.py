@@ -1,0 +1,112 @@
+"""`featurekit serve` on a vision run: a tiny random DINOv2 run over random images (as in tests/vision), served
+by a real subprocess; CLS-token and patch features apart on the overview, crops and heat-maps drawn on
+request as PNGs, text pages refused by name, file names escaped, nothing written into the run folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ..vision.tiny_vit import write_tiny_vit
+from .conftest import snapshot, start_serve, stop
+
+EVIL = '<img src=x onerror=alert(1)>'
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory) -> Path:
+    from featurekit.config import load_config
+    from featurekit.pipeline import run_all
+
+    root = tmp_path_factory.mktemp("vision_app")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        name = f"{EVIL}{i}.png" if i % 2 else f"p{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40 + 4 * i, 3), dtype=np.uint8)).save(photos / name)
+    model = write_tiny_vit(root, "dinov2")
+    run_all(load_config(None, [
+        f"model.name={model}", f"data.source={photos}", "model.dtype=float32", f"out_dir={root}", "name=vis",
+        "site=resid_post.1", "data.train_tokens=1700", "data.harvest_batch=8", "data.shard_tokens=1000",
+        "dictionary.method=topk", "dictionary.k=8", "dictionary.n_latents=64", "train.batch_size=128", "train.epochs=2",
+        "train.buffer_tokens=512", "train.warmup_steps=2", "train.threads=1", "eval.tokens=340", "eval.splice_contexts=4",
+        "eval.batch_contexts=4", "report.n_features=8", "images.scale_min=0.5"]), progress=False)
+    return root / "vis"
+
+
+@pytest.fixture(scope="module")
+def vision_server(vision_run):
+    before = snapshot(vision_run)
+    proc, url, lines = start_serve(str(vision_run))
+    yield url, before, lines
+    stop(proc)
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, r.headers.get("content-type", ""), r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("content-type", ""), err.read()
+
+
+def test_overview_lists_cls_and_patch_features_apart(vision_run, vision_server):
+    url = vision_server[0]
+    status, _, body = get(url + "/r/vis/")
+    page = body.decode()
+    assert status == 200 and ("CLS-token features" in page or "Patch features" in page)
+    kinds = json.loads((vision_run / "features" / "token_kinds.json").read_text())
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    for f in tops:  # every kept latent is linked, under the heading of the token kind it fires on most
+        i = f["latent"]
+        c, p = kinds["cls_fires"][i], kinds["patch_fires"][i]
+        kind = "dead" if c + p == 0 else "cls" if c > p else "patch"
+        section = re.search(rf'<section class="vision-{kind}">(.*?)</section>', page, re.S)
+        assert section and f'/r/vis/f/{i}"' in section.group(1)
+    assert "CLS cosine" in page and "Try a text" not in page
+
+
+def test_feature_page_crops_and_heat_maps_are_pngs(vision_run, vision_server):
+    url, before, _ = vision_server
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    feature = max(tops, key=lambda f: len(f["top"]))
+    status, _, body = get(f"{url}/r/vis/f/{feature['latent']}")
+    page = body.decode()
+    assert status == 200 and EVIL not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    srcs = re.findall(r'<img class="(crop|heat)" src="([^"]+)"', page)
+    assert len(srcs) == 2 * len(feature["top"])
+    for kind, src in srcs:
+        status, ctype, png = get(url + src)
+        assert status == 200 and ctype == "image/png"
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.size == ((112, 112) if kind == "crop" else (224, 224))
+    heat = next(src for kind, src in srcs if kind == "heat")
+    with Image.open(io.BytesIO(get(url + heat)[2])) as im:  # the hottest patch is red
+        r, g, b = (np.asarray(im.convert("RGB"), dtype=float).reshape(-1, 3).T)
+        assert (r - g).max() > 100
+    assert snapshot(vision_run) == before  # nothing written into the run folder
+
+
+def test_vision_run_errors_are_clear(vision_run, vision_server):
+    url = vision_server[0]
+    status, _, body = get(url + "/r/vis/features")
+    assert status == 400 and "is a vision run" in body.decode()
+    status, _, body = get(url + "/r/vis/try?text=hello")
+    assert status == 400 and "no text pages" in body.decode()
+    status, _, body = get(url + "/r/vis/f/9999")
+    assert status == 404 and "has no top patches" in body.decode()
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    latent = tops[0]["latent"]
+    status, _, body = get(f"{url}/r/vis/f/{latent}/heat/9999.png")
+    assert status == 404 and "not among" in body.decode()
+    status, _, body = get(f"{url}/r/vis/f/{latent}/crop/99.png")
+    assert status == 404 and "top examples" in body.decode()
