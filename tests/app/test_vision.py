@@ -110,3 +110,24 @@ def test_vision_run_errors_are_clear(vision_run, vision_server):
     assert status == 404 and "not among" in body.decode()
     status, _, body = get(f"{url}/r/vis/f/{latent}/crop/99.png")
     assert status == 404 and "top examples" in body.decode()
+
+
+def test_try_an_image_shows_the_top_features_and_a_heat_map(vision_run, vision_server):
+    url = vision_server[0]
+    status, _, body = get(url + "/r/vis/try-image")
+    page = body.decode()
+    assert status == 200 and page.count("<option") == 20 and EVIL not in page  # the 2 held-out images × 10 views
+    status, _, body = get(url + "/r/vis/try-image?view=1")
+    page = body.decode()
+    rows = re.findall(r'try-image\?view=1&amp;feature=(\d+)">#\d+</a></td><td>([^<]+)</td><td>(CLS token|patch \(\d, \d\))', page)
+    assert status == 200 and 8 <= len(rows) <= 10  # TopK k=8 on every token: at least 8 features fire; the top 10 shown
+    values = [float(v) for _, v, _ in rows]
+    assert values == sorted(values, reverse=True) and values[-1] > 0
+    top = rows[0][0]
+    assert f'/r/vis/view/1/{top}.png' in page
+    status, ctype, png = get(f"{url}/r/vis/view/1/{top}.png")
+    assert status == 200 and ctype == "image/png" and Image.open(io.BytesIO(png)).size == (224, 224)
+    assert get(url + "/r/vis/try-image?view=999")[0] == 404
+    status, _, body = get(url + "/r/vis/try-image?view=1&feature=9999")
+    assert status == 400 and "does not exist" in body.decode()
+    assert get(f"{url}/r/vis/view/1/9999.png")[0] == 404

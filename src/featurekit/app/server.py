@@ -17,6 +17,8 @@ Routes (a run is addressed by its name or index, `runs.py`):
     /g/GRAPH/intervene (POST JSON)  set feature activations, get the replacement model's new top logits (JSON)
     /r/RUN/f/ID/heat/VIEW.png       a vision run's feature over a held-out view (drawn on request, `vision.py`)
     /r/RUN/f/ID/crop/I.png          the patches around its I-th top example
+    /r/RUN/try-image?view=&feature=   a vision run: a held-out view's top features, one's heat-map over it
+    /r/RUN/view/VIEW/ID.png         that heat-map
     /static/NAME                    the stylesheet and script (package data)
 
 Every response carries a Content-Security-Policy (scripts and styles from /static only, no inline script or
@@ -62,7 +64,7 @@ from .vision import VisionRun
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 DEFAULT_PORT = 8765
-VISION_PAGES = {"overview", "feature", "picture"}  # the pages a vision run has
+VISION_PAGES = {"overview", "feature", "picture", "try_image", "view_picture"}  # the pages a vision run has
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
@@ -236,6 +238,30 @@ class Explorer:
         png = await run_in_threadpool(draw, feature, n)
         return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
 
+    async def try_image(self, request: Request) -> Response:
+        """A vision run's try page: ?view=N (a held-out view) &feature=F (its heat-map; default: the top feature)."""
+        run = self.run(request)
+        if not isinstance(run, VisionRun):
+            raise queries.NotFound(f"{run.name} is not a vision run: try a text at {views.url('r', run.name, 'try')}")
+        p = request.query_params
+        view = _int(p["view"], "view") if p.get("view") else None
+        choices = await run_in_threadpool(run.views)
+        top = await run_in_threadpool(run.top_on_view, view) if view is not None else []
+        feature = _int(p["feature"], "feature") if p.get("feature") else (top[0]["latent"] if top else None)
+        if feature is not None and feature >= run.n_latents:
+            raise queries.BadRequest(f"feature {feature} does not exist: this dictionary has {run.n_latents} (0 to {run.n_latents - 1})")
+        return self.page("vision_try.html", request, run, section="try", choices=choices, view=view, top=top, feature=feature)
+
+    async def view_picture(self, request: Request) -> Response:
+        """/r/RUN/view/N/F.png: feature F's heat-map over held-out view N (any view, any feature)."""
+        run = self.run(request)
+        if not isinstance(run, VisionRun):
+            raise queries.NotFound(f"{run.name} is not a vision run: it has no pictures")
+        view = _int(request.path_params["view"], "view", not_found=True)
+        feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        png = await run_in_threadpool(run.heat_png, feature, view, False)
+        return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
+
     async def static_file(self, request: Request) -> Response:
         entry = self.static.get(request.path_params["name"])
         if entry is None:
@@ -358,6 +384,8 @@ def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None
         Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),
         Route("/r/{run}/f/{feature}/heat/{n}.png", g(ex.picture)),
         Route("/r/{run}/f/{feature}/crop/{n}.png", g(ex.picture)),
+        Route("/r/{run}/try-image", g(ex.try_image)),
+        Route("/r/{run}/view/{view}/{feature}.png", g(ex.view_picture)),
         Route("/r/{run}/f/{feature}/connections", g(ex.connections)),
         Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),
         Route("/r/{run}/steer", g(ex.steer), methods=["GET", "POST"]),

@@ -5,7 +5,9 @@ its pictures are drawn on request, never written into the run folder:
 * the overview lists the features firing mostly on the CLS token apart from the patch features;
 * a feature page shows each top example as a crop around its patch (3 × 3 patches) and as a heat-map of the
   feature's code over the whole held-out view (`vision.figures.latent_maps`; the model and the dictionary are
-  loaded on the first picture, the held-out views rebuilt from the saved config).
+  loaded on the first picture, the held-out views rebuilt from the saved config);
+* "try an image": a held-out view chosen from a list, its top features (where each fires most), and the
+  heat-map of one of them (any latent) over it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..errors import FeaturekitError
 
 HEAT_SIZE = 224
 CROP_SIZE = 112
+MAX_VIEWS = 200  # the held-out views offered on the try page
 
 
 def is_vision_run(path: Path) -> bool:
@@ -102,16 +106,48 @@ class VisionRun:
         """The view's image, the latent's (g, g) patch codes on it, and its code at the CLS token."""
         from ..vision.figures import _denormalised, latent_maps
 
-        if view not in self.feature(latent)["views"]:
-            raise _not_found(f"view {view} is not among latent {latent}'s top examples")
         cfg, vm, sae, test = self._model()
+        if not 0 <= view < test.n_views:
+            raise _not_found(f"view {view} is not one of this run's {test.n_views} held-out views")
+        if not 0 <= latent < sae.n_latents:
+            raise _not_found(f"feature {latent} does not exist: this dictionary has {sae.n_latents} (0 to {sae.n_latents - 1})")
         with self._lock:
             maps, cls = latent_maps(vm, sae, cfg.site, test, latent, [view])
             image = _denormalised(test, view)
         return image, maps[0].numpy(), float(cls[0])
 
-    def heat_png(self, latent: int, view: int) -> bytes:
-        """The view with the latent's code over each patch in red (opacity ∝ code / the map's largest code)."""
+    def views(self) -> list[tuple[int, str]]:
+        """(index, image name) of the held-out views (the first MAX_VIEWS)."""
+        test = self._model()[3]
+        return [(v, test.name(v)) for v in range(min(test.n_views, MAX_VIEWS))]
+
+    @torch.no_grad()
+    def top_on_view(self, view: int, k: int = 10) -> list[dict]:
+        """The k features with the largest code on any token of the view: where (the patch, or CLS), how much."""
+        from ..vision.harvest import capture_pixels
+
+        cfg, vm, sae, test = self._model()
+        if not 0 <= view < test.n_views:
+            raise _not_found(f"view {view} is not one of this run's {test.n_views} held-out views")
+        with self._lock:
+            acts = capture_pixels(vm, test.pixels([view]), [cfg.site])[cfg.site][0].float()
+            codes = sae.encode(acts).cpu()
+        peak, where = codes.max(0)
+        g = vm.grid(test.preprocess.size)
+        out = []
+        for latent in peak.argsort(descending=True)[:k].tolist():
+            if peak[latent] <= 0:
+                break
+            patch = int(where[latent]) - vm.n_prefix
+            out.append({"latent": latent, "value": float(peak[latent]), "kind": self.kind(latent),
+                        "where": "CLS token" if patch < 0 else f"patch ({patch // g}, {patch % g})"})
+        return out
+
+    def heat_png(self, latent: int, view: int, top_only: bool = True) -> bytes:
+        """The view with the latent's code over each patch in red (opacity ∝ code / the map's largest code);
+        `top_only`: only the views of the latent's top examples."""
+        if top_only and view not in self.feature(latent)["views"]:
+            raise _not_found(f"view {view} is not among latent {latent}'s top examples")
         image, codes, _ = self._view(latent, view)
         image = image.resize((HEAT_SIZE, HEAT_SIZE))
         heat = np.clip(codes / (codes.max() if codes.max() > 0 else 1.0), 0, 1)
