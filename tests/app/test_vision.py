@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from ..vision.tiny_vit import write_tiny_vit
 from .conftest import snapshot, start_serve, stop
 
 EVIL = '<img src=x onerror=alert(1)>'
+LOADED = "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"  # every picture arrived and decoded
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,34 @@ def test_try_an_image_shows_the_top_features_and_a_heat_map(vision_run, vision_s
     status, _, body = get(url + "/r/vis/try-image?view=1&feature=9999")
     assert status == 400 and "does not exist" in body.decode()
     assert get(f"{url}/r/vis/view/1/9999.png")[0] == 404
+
+
+def test_feature_page_in_a_browser(vision_run, vision_server, tmp_path):
+    """Chromium loads the feature page's pictures (CSP allows them) with no dialog and no CSP error; then the try
+    page. The screenshots land in tmp_path (docs/img/vision-explorer-*.png were taken this way)."""
+    from .test_browser import ARGS, CHROMIUM, Page
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"browser tests need Chromium at {CHROMIUM}: apt-get install chromium")
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="browser tests need Playwright").sync_playwright
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    feature = max(tops, key=lambda f: len(f["top"]))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = Page(browser, vision_server[0])
+        try:
+            page.goto(f"/r/vis/f/{feature['latent']}")
+            assert page.page.locator("img").evaluate_all(LOADED) and page.page.locator("img.heat").count() == len(feature["top"])
+            page.page.screenshot(path=str(tmp_path / "vision-explorer-feature.png"), full_page=True)
+            page.goto("/r/vis/try-image")
+            page.page.select_option("select[name=view]", "1")
+            with page.page.expect_navigation():
+                page.page.click("button[type=submit]")
+            page.page.wait_for_load_state("load")
+            assert page.page.locator("img").evaluate_all(LOADED) and "view=1" in page.page.url
+            assert page.page.locator("img.vision-heat").count() == 1
+            page.page.screenshot(path=str(tmp_path / "vision-explorer-try.png"), full_page=True)
+            page.check_clean()
+        finally:
+            page.context.close()
+            browser.close()
