@@ -4,11 +4,13 @@ request as PNGs, text pages refused by name, file names escaped, nothing written
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -164,3 +166,50 @@ def test_feature_page_in_a_browser(vision_run, vision_server, tmp_path):
         finally:
             page.context.close()
             browser.close()
+
+
+def post(url: str, data: bytes, ctype: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, method="POST", headers={"content-type": ctype})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_upload_an_image(vision_server):
+    url = vision_server[0] + "/r/vis/try-image/upload"
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    for fmt, ctype in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        status, out = post(url, encoded(photo, fmt), ctype)
+        assert status == 200 and out["size"] == [56, 40] and 8 <= len(out["top"]) <= 10
+        assert out["feature"] == out["top"][0]["latent"] and out["heat"].startswith("data:image/png;base64,")
+    status, out = post(url + "?feature=5", encoded(photo, "PNG"), "image/png")
+    assert status == 200 and out["feature"] == 5
+    status, out = post(url, b"GIF89a not an image", "image/png")
+    assert status == 400 and "not a PNG or JPEG" in out["error"]
+    status, out = post(url, encoded(photo, "GIF"), "image/png")  # a real GIF: refused, only PNG and JPEG are decoded
+    assert status == 400 and "not a PNG or JPEG" in out["error"]
+    status, out = post(url, encoded(photo, "PNG"), "text/plain")
+    assert status == 400 and "image/png or image/jpeg" in out["error"]
+    status, out = post(url, encoded(Image.new("L", (5000, 4000)), "PNG"), "image/png")  # small file, 20 M pixels
+    assert status == 413 and "more than 16,000,000" in out["error"]
+    status, out = post(url + "?feature=9999", encoded(photo, "PNG"), "image/png")
+    assert status == 400 and "does not exist" in out["error"]
+    # a body above the upload limit is refused from its content-length, before it is read
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.putrequest("POST", parts.path)
+    conn.putheader("content-type", "image/png")
+    conn.putheader("content-length", str(4 * 2**20 + 1))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "4096 KiB" in response.read().decode()
+    conn.close()

@@ -19,6 +19,7 @@ Routes (a run is addressed by its name or index, `runs.py`):
     /r/RUN/f/ID/crop/I.png          the patches around its I-th top example
     /r/RUN/try-image?view=&feature=   a vision run: a held-out view's top features, one's heat-map over it
     /r/RUN/view/VIEW/ID.png         that heat-map
+    /r/RUN/try-image/upload (POST image/png|jpeg bytes, ?feature=)  the same for an uploaded image (JSON)
     /static/NAME                    the stylesheet and script (package data)
 
 Every response carries a Content-Security-Policy (scripts and styles from /static only, no inline script or
@@ -59,12 +60,13 @@ from . import graphs as graphs_mod
 from . import live, queries, views
 from .graphs import Graphs
 from .runs import Run, Runs
-from .vision import VisionRun
+from .vision import MAX_UPLOAD, VisionRun
 
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 DEFAULT_PORT = 8765
-VISION_PAGES = {"overview", "feature", "picture", "try_image", "view_picture"}  # the pages a vision run has
+VISION_PAGES = {"overview", "feature", "picture", "try_image", "view_picture", "upload_image"}
+UPLOAD_PATH = "/try-image/upload"  # the one route whose body may be up to vision.MAX_UPLOAD bytes  # the pages a vision run has
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
@@ -262,6 +264,34 @@ class Explorer:
         png = await run_in_threadpool(run.heat_png, feature, view, False)
         return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
 
+    async def upload_image(self, request: Request) -> Response:
+        """POST an image's bytes (content-type image/png or image/jpeg; ?feature=F) → JSON {top, feature, heat}, or
+        {"error": message} with 400/404/413."""
+        try:
+            run = self.run(request)
+            if not isinstance(run, VisionRun):
+                raise queries.NotFound(f"{run.name} is not a vision run: it takes no images")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip()
+            if ctype not in ("image/png", "image/jpeg"):
+                raise queries.BadRequest(f"send the image's bytes as image/png or image/jpeg, not {ctype[:60]!r}")
+            p = request.query_params
+            feature = _int(p["feature"], "feature") if p.get("feature") else None
+            if feature is not None and feature >= run.n_latents:
+                raise queries.BadRequest(f"feature {feature} does not exist: this dictionary has {run.n_latents} "
+                                         f"(0 to {run.n_latents - 1})")
+            data = await request.body()
+            return JSONResponse(await run_in_threadpool(run.upload, data, feature), headers={"cache-control": "no-store"})
+        except queries.NotFound as err:
+            return JSONResponse({"error": str(err)}, status_code=404)
+        except live.TooLarge as err:
+            return JSONResponse({"error": str(err)}, status_code=413)
+        except queries.BadRequest as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        except Exception as err:  # noqa: BLE001 — a message, not a traceback; the log keeps it
+            traceback.print_exc(file=sys.stderr)
+            return JSONResponse({"error": f"the image could not be scored ({type(err).__name__}); the server's log has the details"},
+                                status_code=500)
+
     async def static_file(self, request: Request) -> Response:
         entry = self.static.get(request.path_params["name"])
         if entry is None:
@@ -345,11 +375,12 @@ class Guard:
             await send(message)
 
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        max_body = self.max_body if not scope.get("path", "").endswith(UPLOAD_PATH) else MAX_UPLOAD
         too_long = None
         if len(scope.get("query_string", b"")) > self.max_query:
             too_long = (414, f"the address's query is longer than {self.max_query // 1024} KiB")
-        elif not length.isdigit() or int(length) > self.max_body:
-            too_long = (413, f"the request body is larger than {self.max_body // 1024} KiB: send a shorter text")
+        elif not length.isdigit() or int(length) > max_body:
+            too_long = (413, f"the request body is larger than {max_body // 1024} KiB: send a shorter text or a smaller image")
         if too_long:
             request = Request(scope)
             response = self.explorer.error(request, *too_long)
@@ -362,8 +393,8 @@ class Guard:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise live.TooLarge(f"the request body is larger than {self.max_body // 1024} KiB: send a shorter text")
+            if received > max_body:
+                raise live.TooLarge(f"the request body is larger than {max_body // 1024} KiB: send a shorter text or a smaller image")
             return message
 
         await self.app(scope, bounded_receive, send_secured)
@@ -385,6 +416,7 @@ def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None
         Route("/r/{run}/f/{feature}/heat/{n}.png", g(ex.picture)),
         Route("/r/{run}/f/{feature}/crop/{n}.png", g(ex.picture)),
         Route("/r/{run}/try-image", g(ex.try_image)),
+        Route("/r/{run}" + UPLOAD_PATH, ex.upload_image, methods=["POST"]),
         Route("/r/{run}/view/{view}/{feature}.png", g(ex.view_picture)),
         Route("/r/{run}/f/{feature}/connections", g(ex.connections)),
         Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),

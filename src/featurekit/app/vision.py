@@ -7,7 +7,8 @@ its pictures are drawn on request, never written into the run folder:
   feature's code over the whole held-out view (`vision.figures.latent_maps`; the model and the dictionary are
   loaded on the first picture, the held-out views rebuilt from the saved config);
 * "try an image": a held-out view chosen from a list, its top features (where each fires most), and the
-  heat-map of one of them (any latent) over it.
+  heat-map of one of them (any latent) over it; or an uploaded PNG/JPEG (`decode_upload`: size-limited,
+  decoded by PIL from those two formats only), preprocessed as the run's plain views.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ..errors import FeaturekitError
 HEAT_SIZE = 224
 CROP_SIZE = 112
 MAX_VIEWS = 200  # the held-out views offered on the try page
+MAX_UPLOAD = 4 * 2**20  # bytes of an uploaded image
+MAX_PIXELS = 16_000_000  # pixels of an uploaded image (PIL's own bomb check warns at 89 M)
 
 
 def is_vision_run(path: Path) -> bool:
@@ -102,11 +105,12 @@ class VisionRun:
                 self._loaded = (cfg, vm, sae, views(cfg, vm, "test", cfg.eval.tokens))
             return self._loaded
 
-    def _view(self, latent: int, view: int) -> tuple[Image.Image, np.ndarray, float]:
+    def _view(self, latent: int, view: int, views: Any = None) -> tuple[Image.Image, np.ndarray, float]:
         """The view's image, the latent's (g, g) patch codes on it, and its code at the CLS token."""
         from ..vision.figures import _denormalised, latent_maps
 
         cfg, vm, sae, test = self._model()
+        test = views or test
         if not 0 <= view < test.n_views:
             raise _not_found(f"view {view} is not one of this run's {test.n_views} held-out views")
         if not 0 <= latent < sae.n_latents:
@@ -122,11 +126,13 @@ class VisionRun:
         return [(v, test.name(v)) for v in range(min(test.n_views, MAX_VIEWS))]
 
     @torch.no_grad()
-    def top_on_view(self, view: int, k: int = 10) -> list[dict]:
-        """The k features with the largest code on any token of the view: where (the patch, or CLS), how much."""
+    def top_on_view(self, view: int, k: int = 10, views: Any = None) -> list[dict]:
+        """The k features with the largest code on any token of the view: where (the patch, or CLS), how much.
+        `views`: another `vision.images.Views` (an uploaded image) instead of the held-out ones."""
         from ..vision.harvest import capture_pixels
 
         cfg, vm, sae, test = self._model()
+        test = views or test
         if not 0 <= view < test.n_views:
             raise _not_found(f"view {view} is not one of this run's {test.n_views} held-out views")
         with self._lock:
@@ -143,12 +149,29 @@ class VisionRun:
                         "where": "CLS token" if patch < 0 else f"patch ({patch // g}, {patch % g})"})
         return out
 
-    def heat_png(self, latent: int, view: int, top_only: bool = True) -> bytes:
+    def upload(self, data: bytes, feature: int | None) -> dict:
+        """An uploaded PNG or JPEG (at most MAX_UPLOAD bytes and MAX_PIXELS pixels), preprocessed as the run's plain
+        views: its top features and the heat-map of `feature` (default: the top one) as a data: URL."""
+        import base64
+
+        from ..vision.images import NamedImage, Views
+
+        image = decode_upload(data)
+        test = self._model()[3]
+        views = Views((NamedImage("upload", image),), test.preprocess, 1, test.seed)
+        top = self.top_on_view(0, views=views)
+        feature = feature if feature is not None else (top[0]["latent"] if top else None)
+        heat = None
+        if feature is not None:
+            heat = "data:image/png;base64," + base64.b64encode(self.heat_png(feature, 0, top_only=False, views=views)).decode()
+        return {"size": list(image.size), "top": top, "feature": feature, "heat": heat}
+
+    def heat_png(self, latent: int, view: int, top_only: bool = True, views: Any = None) -> bytes:
         """The view with the latent's code over each patch in red (opacity ∝ code / the map's largest code);
         `top_only`: only the views of the latent's top examples."""
         if top_only and view not in self.feature(latent)["views"]:
             raise _not_found(f"view {view} is not among latent {latent}'s top examples")
-        image, codes, _ = self._view(latent, view)
+        image, codes, _ = self._view(latent, view, views)
         image = image.resize((HEAT_SIZE, HEAT_SIZE))
         heat = np.clip(codes / (codes.max() if codes.max() > 0 else 1.0), 0, 1)
         heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((HEAT_SIZE, HEAT_SIZE), Image.NEAREST),
@@ -173,6 +196,30 @@ class VisionRun:
 
     def close(self) -> None:
         pass
+
+
+def decode_upload(data: bytes) -> Image.Image:
+    """The RGB image in `data`, or a clear error: only PNG and JPEG, at most MAX_UPLOAD bytes and MAX_PIXELS pixels
+    (checked from the header before anything is decompressed)."""
+    from .live import TooLarge
+    from .queries import BadRequest
+
+    if len(data) > MAX_UPLOAD:
+        raise TooLarge(f"the image is larger than {MAX_UPLOAD // 2**20} MiB: send a smaller PNG or JPEG")
+    if not data:
+        raise BadRequest("no image was sent: choose a PNG or JPEG file")
+    bad = "the file is not a PNG or JPEG image that can be read ({}): send a PNG or JPEG"
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadRequest(bad.format(type(err).__name__)) from None
+    if image.width * image.height > MAX_PIXELS:  # from the header: nothing decompressed yet
+        raise TooLarge(f"the image has {image.width} × {image.height} pixels, more than {MAX_PIXELS:,}: send a smaller one")
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadRequest(bad.format(type(err).__name__)) from None
 
 
 def _not_found(message: str) -> FeaturekitError:
