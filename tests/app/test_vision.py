@@ -152,15 +152,23 @@ def test_feature_page_in_a_browser(vision_run, vision_server, tmp_path):
         page = Page(browser, vision_server[0])
         try:
             page.goto(f"/r/vis/f/{feature['latent']}")
-            assert page.page.locator("img").evaluate_all(LOADED) and page.page.locator("img.heat").count() == len(feature["top"])
+            assert page.page.locator("img[src]").evaluate_all(LOADED) and page.page.locator("img.heat").count() == len(feature["top"])
             page.page.screenshot(path=str(tmp_path / "vision-explorer-feature.png"), full_page=True)
             page.goto("/r/vis/try-image")
             page.page.select_option("select[name=view]", "1")
             with page.page.expect_navigation():
                 page.page.click("button[type=submit]")
             page.page.wait_for_load_state("load")
-            assert page.page.locator("img").evaluate_all(LOADED) and "view=1" in page.page.url
+            assert page.page.locator("img[src]").evaluate_all(LOADED) and "view=1" in page.page.url
             assert page.page.locator("img.vision-heat").count() == 1
+            photo = tmp_path / "mine.png"
+            Image.fromarray(np.random.default_rng(2).integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(photo)
+            page.page.set_input_files("input[type=file]", str(photo))
+            page.page.click("#upload button[type=submit]")
+            page.page.locator("#upload-result").wait_for(state="visible")
+            assert page.page.locator("#upload-rows tr").count() >= 8
+            assert "44 × 36" in page.page.locator("#upload-title").inner_text()
+            assert page.page.locator("#upload-heat").evaluate("i => i.complete && i.naturalWidth") == 224
             page.page.screenshot(path=str(tmp_path / "vision-explorer-try.png"), full_page=True)
             page.check_clean()
         finally:
