@@ -221,3 +221,18 @@ def test_upload_an_image(vision_server):
     response = conn.getresponse()
     assert response.status == 413 and "4096 KiB" in response.read().decode()
     conn.close()
+
+
+def test_a_vision_run_beside_a_text_run(vision_run, app_runs):
+    """Served together: the runs page lists both; the text run's pages do not offer the vision run as a peer."""
+    proc, url, _ = start_serve(str(app_runs["topk"]), str(vision_run))
+    try:
+        status, _, body = get(url + "/")
+        page = body.decode()
+        assert status == 200 and 'href="/r/vis/"' in page and 'href="/r/topk/"' in page
+        status, _, body = get(url + "/r/topk/features")
+        assert status == 200 and 'href="/r/vis/"' in body.decode()  # the run bar links a vision run to its overview
+        assert get(url + "/r/topk/f/0")[0] == 200
+        assert get(url + "/r/vis/")[0] == 200
+    finally:
+        stop(proc)
