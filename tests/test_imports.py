@@ -29,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "interop",
                  "circuits", "vision"},  # circuit_sets: trains transcoder sets, writes their manifest; vision runs
     "bench": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "pipeline"},
-    "app": {"models", "data", "dictionaries", "config", "evaluate", "features", "pipeline", "report", "rundir", "circuits"},
+    "app": {"models", "data", "dictionaries", "config", "evaluate", "features", "pipeline", "report", "rundir", "circuits",
+            "vision"},  # app/vision.py: heat-maps of a vision run's features
     # autointerp reads runs like bench does (pipeline: the run's config, model and token stream); only run.py imports it
     "autointerp": {"models", "data", "dictionaries", "config", "features", "pipeline", "rundir"},
     "cli": {"models", "data", "dictionaries", "config", "train", "evaluate", "features", "report", "rundir", "pipeline", "bench", "app",

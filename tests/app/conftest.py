@@ -121,14 +121,11 @@ class Server:
         self.proc, self.url, self.runs, self.before, self.log = proc, url, runs, before, log
 
 
-@pytest.fixture(scope="session")
-def server(app_runs, graph_files) -> Server:
-    """`python -m featurekit serve` over every run of `app_runs` and the graphs of `graph_files`, on a free loopback port."""
-    before = {name: snapshot(path) for name, path in app_runs.items()}
+def start_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """`python -m featurekit serve ARGS --port 0` as a subprocess: (process, its http://127.0.0.1:PORT, its output lines)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "featurekit", "serve", *map(str, app_runs.values()), "--port", "0",
-                             "--graphs", *map(str, graph_files.values())],
+    proc = subprocess.Popen([sys.executable, "-m", "featurekit", "serve", *args, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url, lines, deadline = None, [], time.monotonic() + 90
     while url is None and time.monotonic() < deadline:
@@ -142,10 +139,22 @@ def server(app_runs, graph_files) -> Server:
         proc.kill()
         pytest.fail("featurekit serve did not start:\n" + "".join(lines))
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # keep the pipe drained
-    yield Server(proc, url, app_runs, before, lines)
+    return proc, url, lines
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(app_runs, graph_files) -> Server:
+    """`python -m featurekit serve` over every run of `app_runs` and the graphs of `graph_files`, on a free loopback port."""
+    before = {name: snapshot(path) for name, path in app_runs.items()}
+    proc, url, lines = start_serve(*map(str, app_runs.values()), "--graphs", *map(str, graph_files.values()))
+    yield Server(proc, url, app_runs, before, lines)
+    stop(proc)

@@ -20,6 +20,7 @@ import torch
 from ..dictionaries import Dictionary, load
 from ..errors import FeaturekitError
 from ..features.store import FILENAME, FeatureStore
+from .vision import VisionRun, is_vision_run
 
 T = TypeVar("T")
 
@@ -140,7 +141,7 @@ class Runs:
     def __init__(self, paths: Sequence[str | Path], allow_empty: bool = False) -> None:
         if not paths and not allow_empty:
             raise FeaturekitError("featurekit serve needs at least one run folder")
-        self.runs: list[Run] = []
+        self.runs: list[Run | VisionRun] = []
         seen: set[str] = set()
         for i, path in enumerate(paths):
             path = Path(path)
@@ -149,7 +150,7 @@ class Runs:
             while name in seen or name.isdigit():  # a digit-only name would read as an index
                 name, n = f"{base}-{n}", n + 1
             seen.add(name)
-            self.runs.append(Run(i, name, path))
+            self.runs.append(VisionRun(i, name, path) if is_vision_run(path) else Run(i, name, path))
 
     def __iter__(self):
         return iter(self.runs)
@@ -168,7 +169,8 @@ class Runs:
 
     def peers(self, run: Run) -> list[Run]:
         """The other runs whose decoder rows live in the same space: the same model and decoder site."""
-        return [o for o in self.runs if o is not run and o.model == run.model and o.decoder_site == run.decoder_site]
+        return [o for o in self.runs if o is not run and not isinstance(o, VisionRun)
+                and o.model == run.model and o.decoder_site == run.decoder_site]
 
     def nearest(self, run: Run, feature: int, other: Run, k: int = 5) -> list[tuple[int, float]]:
         """The `k` features of `other` whose decoder rows have the largest cosine with `feature`'s in `run`."""

@@ -15,6 +15,11 @@ Routes (a run is addressed by its name or index, `runs.py`):
     /g/                             the attribution graphs served (`serve --graphs G.json ...`, `graphs.py`)
     /g/GRAPH/                       the graph viewer: layer × position layout, hover, pruning sliders, pins
     /g/GRAPH/intervene (POST JSON)  set feature activations, get the replacement model's new top logits (JSON)
+    /r/RUN/f/ID/heat/VIEW.png       a vision run's feature over a held-out view (drawn on request, `vision.py`)
+    /r/RUN/f/ID/crop/I.png          the patches around its I-th top example
+    /r/RUN/try-image?view=&feature=   a vision run: a held-out view's top features, one's heat-map over it
+    /r/RUN/view/VIEW/ID.png         that heat-map
+    /r/RUN/try-image/upload (POST image/png|jpeg bytes, ?feature=)  the same for an uploaded image (JSON)
     /static/NAME                    the stylesheet and script (package data)
 
 Every response carries a Content-Security-Policy (scripts and styles from /static only, no inline script or
@@ -55,10 +60,13 @@ from . import graphs as graphs_mod
 from . import live, queries, views
 from .graphs import Graphs
 from .runs import Run, Runs
+from .vision import MAX_UPLOAD, VisionRun
 
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 DEFAULT_PORT = 8765
+VISION_PAGES = {"overview", "feature", "picture", "try_image", "view_picture", "upload_image"}
+UPLOAD_PATH = "/try-image/upload"  # the one route whose body may be up to vision.MAX_UPLOAD bytes  # the pages a vision run has
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
@@ -82,6 +90,9 @@ class Explorer:
         if run is None:
             raise queries.NotFound(f"no run {request.path_params['run']!r} is served here: the runs are "
                                    f"{', '.join(r.name for r in self.runs)}")
+        if isinstance(run, VisionRun) and request.scope["endpoint"].__name__ not in VISION_PAGES:
+            raise queries.BadRequest(f"{run.name} is a vision run: it has an overview and feature pages with pictures "
+                                     f"({views.url('r', run.name, '')}), no text pages")
         return run
 
     def page(self, template: str, request: Request, run: Run | None = None, status: int = 200, **context: Any) -> HTMLResponse:
@@ -100,6 +111,8 @@ class Explorer:
 
     async def overview(self, request: Request) -> Response:
         run = self.run(request)
+        if isinstance(run, VisionRun):
+            return self.page("vision_overview.html", request, run, section="overview", v=run.overview())
 
         def build() -> dict:
             return {"curves": views.curves(run.metrics()), "density": views.density_histogram(run.densities()),
@@ -125,6 +138,8 @@ class Explorer:
     async def feature(self, request: Request) -> Response:
         run = self.run(request)
         feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        if isinstance(run, VisionRun):
+            return self.page("vision_feature.html", request, run, section="features", f=run.feature(feature), fid=feature)
         page = await run_in_threadpool(queries.feature_page, run, feature)
         others = await run_in_threadpool(self.nearest_in_other_runs, run, feature)
         return self.page("feature.html", request, run, section="features", f=page, others=others,
@@ -214,6 +229,69 @@ class Explorer:
             return JSONResponse({"error": f"the intervention failed ({type(err).__name__}); the server's log has the details"},
                                 status_code=500)
 
+    async def picture(self, request: Request) -> Response:
+        """A vision run's feature picture, drawn on request: /r/RUN/f/ID/heat/VIEW.png or /r/RUN/f/ID/crop/I.png."""
+        run = self.run(request)
+        if not isinstance(run, VisionRun):
+            raise queries.NotFound(f"{run.name} is not a vision run: it has no pictures")
+        feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        n = _int(request.path_params["n"], "picture number", not_found=True)
+        draw = run.heat_png if request.url.path.rsplit("/", 2)[-2] == "heat" else run.crop_png
+        png = await run_in_threadpool(draw, feature, n)
+        return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
+
+    async def try_image(self, request: Request) -> Response:
+        """A vision run's try page: ?view=N (a held-out view) &feature=F (its heat-map; default: the top feature)."""
+        run = self.run(request)
+        if not isinstance(run, VisionRun):
+            raise queries.NotFound(f"{run.name} is not a vision run: try a text at {views.url('r', run.name, 'try')}")
+        p = request.query_params
+        view = _int(p["view"], "view") if p.get("view") else None
+        choices = await run_in_threadpool(run.views)
+        top = await run_in_threadpool(run.top_on_view, view) if view is not None else []
+        feature = _int(p["feature"], "feature") if p.get("feature") else (top[0]["latent"] if top else None)
+        if feature is not None and feature >= run.n_latents:
+            raise queries.BadRequest(f"feature {feature} does not exist: this dictionary has {run.n_latents} (0 to {run.n_latents - 1})")
+        return self.page("vision_try.html", request, run, section="try", choices=choices, view=view, top=top, feature=feature)
+
+    async def view_picture(self, request: Request) -> Response:
+        """/r/RUN/view/N/F.png: feature F's heat-map over held-out view N (any view, any feature)."""
+        run = self.run(request)
+        if not isinstance(run, VisionRun):
+            raise queries.NotFound(f"{run.name} is not a vision run: it has no pictures")
+        view = _int(request.path_params["view"], "view", not_found=True)
+        feature = _int(request.path_params["feature"], "feature id", not_found=True)
+        png = await run_in_threadpool(run.heat_png, feature, view, False)
+        return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
+
+    async def upload_image(self, request: Request) -> Response:
+        """POST an image's bytes (content-type image/png or image/jpeg; ?feature=F) → JSON {top, feature, heat}, or
+        {"error": message} with 400/404/413."""
+        try:
+            run = self.run(request)
+            if not isinstance(run, VisionRun):
+                raise queries.NotFound(f"{run.name} is not a vision run: it takes no images")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip()
+            if ctype not in ("image/png", "image/jpeg"):
+                raise queries.BadRequest(f"send the image's bytes as image/png or image/jpeg, not {ctype[:60]!r}")
+            p = request.query_params
+            feature = _int(p["feature"], "feature") if p.get("feature") else None
+            if feature is not None and feature >= run.n_latents:
+                raise queries.BadRequest(f"feature {feature} does not exist: this dictionary has {run.n_latents} "
+                                         f"(0 to {run.n_latents - 1})")
+            data = await request.body()
+            return JSONResponse(await run_in_threadpool(run.upload, data, feature), headers={"cache-control": "no-store"})
+        except queries.NotFound as err:
+            return JSONResponse({"error": str(err)}, status_code=404)
+        except live.TooLarge as err:
+            return JSONResponse({"error": str(err)}, status_code=413)
+        except queries.BadRequest as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        except Exception as err:  # noqa: BLE001 — a message, not a traceback; the log keeps it
+            traceback.print_exc(file=sys.stderr)
+            return JSONResponse({"error": f"the image could not be scored ({type(err).__name__}); the server's log has the details"},
+                                status_code=500)
+
     async def static_file(self, request: Request) -> Response:
         entry = self.static.get(request.path_params["name"])
         if entry is None:
@@ -297,11 +375,12 @@ class Guard:
             await send(message)
 
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        max_body = self.max_body if not scope.get("path", "").endswith(UPLOAD_PATH) else MAX_UPLOAD
         too_long = None
         if len(scope.get("query_string", b"")) > self.max_query:
             too_long = (414, f"the address's query is longer than {self.max_query // 1024} KiB")
-        elif not length.isdigit() or int(length) > self.max_body:
-            too_long = (413, f"the request body is larger than {self.max_body // 1024} KiB: send a shorter text")
+        elif not length.isdigit() or int(length) > max_body:
+            too_long = (413, f"the request body is larger than {max_body // 1024} KiB: send a shorter text or a smaller image")
         if too_long:
             request = Request(scope)
             response = self.explorer.error(request, *too_long)
@@ -314,8 +393,8 @@ class Guard:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise live.TooLarge(f"the request body is larger than {self.max_body // 1024} KiB: send a shorter text")
+            if received > max_body:
+                raise live.TooLarge(f"the request body is larger than {max_body // 1024} KiB: send a shorter text or a smaller image")
             return message
 
         await self.app(scope, bounded_receive, send_secured)
@@ -334,6 +413,11 @@ def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None
         Route("/r/{run}/search", g(ex.search)),
         Route("/r/{run}/f/{feature}", g(ex.feature)),
         Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),
+        Route("/r/{run}/f/{feature}/heat/{n}.png", g(ex.picture)),
+        Route("/r/{run}/f/{feature}/crop/{n}.png", g(ex.picture)),
+        Route("/r/{run}/try-image", g(ex.try_image)),
+        Route("/r/{run}" + UPLOAD_PATH, ex.upload_image, methods=["POST"]),
+        Route("/r/{run}/view/{view}/{feature}.png", g(ex.view_picture)),
         Route("/r/{run}/f/{feature}/connections", g(ex.connections)),
         Route("/r/{run}/try", g(ex.try_text), methods=["GET", "POST"]),
         Route("/r/{run}/steer", g(ex.steer), methods=["GET", "POST"]),

@@ -69,6 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Serve RUN_DIR's feature store (and those of further runs, side by side) as a web app on "
                                    "http://127.0.0.1:PORT/: run overview, feature list and search (by token, id, explanation), "
                                    "feature pages, and live model calls (the features on each token of a text; steering). "
+                                   "A vision run (no feature store): CLS-token and patch features apart, feature pages with "
+                                   "crops and heat-maps of the top patches, try an image (docs/vision.md). "
                                    "Read-only: nothing is written into a run folder. Ctrl-C stops it.")
     p.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several: switch between them")
     p.add_argument("--graphs", type=Path, nargs="+", default=[], metavar="G.json",

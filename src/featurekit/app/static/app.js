@@ -249,3 +249,42 @@
       .catch(function (err) { msg.className = "gmsg bad"; msg.textContent = "error: " + err; });
   });
 })();
+
+// A vision run's "try an image" upload: the file's bytes go as the POST body (image/png or image/jpeg); the JSON
+// answer fills the heat-map (a data: URL) and the table, every string through textContent.
+(function () {
+  const form = document.getElementById("upload");
+  if (!form) return;
+  const result = document.getElementById("upload-result");
+  const error = document.getElementById("upload-error");
+  form.addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    const file = form.elements.image.files[0];
+    error.hidden = true;
+    if (!file) { error.textContent = "choose a PNG or JPEG file first"; error.hidden = false; return; }
+    const feature = form.elements.feature.value.trim();
+    const target = form.action + (feature ? "?feature=" + encodeURIComponent(feature) : "");
+    fetch(target, { method: "POST", body: file, headers: { "content-type": file.type || "application/octet-stream" } })
+      .then(function (r) { return r.json(); })
+      .then(function (data) {
+        if (data.error) { error.textContent = data.error; error.hidden = false; result.hidden = true; return; }
+        document.getElementById("upload-title").textContent = data.feature === null ? "Your image: no feature fires"
+          : "Feature #" + data.feature + " over your image (" + data.size[0] + " × " + data.size[1] + ")";
+        const img = document.getElementById("upload-heat");
+        if (data.heat) img.src = data.heat; else img.removeAttribute("src");
+        const rows = document.getElementById("upload-rows");
+        rows.textContent = "";
+        data.top.forEach(function (t) {
+          const tr = document.createElement("tr");
+          ["#" + t.latent, t.value.toPrecision(4), t.where, t.kind].forEach(function (v) {
+            const td = document.createElement("td");
+            td.textContent = v;
+            tr.appendChild(td);
+          });
+          rows.appendChild(tr);
+        });
+        result.hidden = false;
+      })
+      .catch(function (err) { error.textContent = "the upload failed: " + err; error.hidden = false; });
+  });
+})();

@@ -1,0 +1,238 @@
+"""`featurekit serve` on a vision run: a tiny random DINOv2 run over random images (as in tests/vision), served
+by a real subprocess; CLS-token and patch features apart on the overview, crops and heat-maps drawn on
+request as PNGs, text pages refused by name, file names escaped, nothing written into the run folder."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ..vision.tiny_vit import write_tiny_vit
+from .conftest import snapshot, start_serve, stop
+
+EVIL = '<img src=x onerror=alert(1)>'
+LOADED = "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"  # every picture arrived and decoded
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory) -> Path:
+    from featurekit.config import load_config
+    from featurekit.pipeline import run_all
+
+    root = tmp_path_factory.mktemp("vision_app")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        name = f"{EVIL}{i}.png" if i % 2 else f"p{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40 + 4 * i, 3), dtype=np.uint8)).save(photos / name)
+    model = write_tiny_vit(root, "dinov2")
+    run_all(load_config(None, [
+        f"model.name={model}", f"data.source={photos}", "model.dtype=float32", f"out_dir={root}", "name=vis",
+        "site=resid_post.1", "data.train_tokens=1700", "data.harvest_batch=8", "data.shard_tokens=1000",
+        "dictionary.method=topk", "dictionary.k=8", "dictionary.n_latents=64", "train.batch_size=128", "train.epochs=2",
+        "train.buffer_tokens=512", "train.warmup_steps=2", "train.threads=1", "eval.tokens=340", "eval.splice_contexts=4",
+        "eval.batch_contexts=4", "report.n_features=8", "images.scale_min=0.5"]), progress=False)
+    return root / "vis"
+
+
+@pytest.fixture(scope="module")
+def vision_server(vision_run):
+    before = snapshot(vision_run)
+    proc, url, lines = start_serve(str(vision_run))
+    yield url, before, lines
+    stop(proc)
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, r.headers.get("content-type", ""), r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("content-type", ""), err.read()
+
+
+def test_overview_lists_cls_and_patch_features_apart(vision_run, vision_server):
+    url = vision_server[0]
+    status, _, body = get(url + "/r/vis/")
+    page = body.decode()
+    assert status == 200 and ("CLS-token features" in page or "Patch features" in page)
+    kinds = json.loads((vision_run / "features" / "token_kinds.json").read_text())
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    for f in tops:  # every kept latent is linked, under the heading of the token kind it fires on most
+        i = f["latent"]
+        c, p = kinds["cls_fires"][i], kinds["patch_fires"][i]
+        kind = "dead" if c + p == 0 else "cls" if c > p else "patch"
+        section = re.search(rf'<section class="vision-{kind}">(.*?)</section>', page, re.S)
+        assert section and f'/r/vis/f/{i}"' in section.group(1)
+    assert "CLS cosine" in page and "Try a text" not in page
+
+
+def test_feature_page_crops_and_heat_maps_are_pngs(vision_run, vision_server):
+    url, before, _ = vision_server
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    feature = max(tops, key=lambda f: len(f["top"]))
+    status, _, body = get(f"{url}/r/vis/f/{feature['latent']}")
+    page = body.decode()
+    assert status == 200 and EVIL not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    srcs = re.findall(r'<img class="(crop|heat)" src="([^"]+)"', page)
+    assert len(srcs) == 2 * len(feature["top"])
+    for kind, src in srcs:
+        status, ctype, png = get(url + src)
+        assert status == 200 and ctype == "image/png"
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.size == ((112, 112) if kind == "crop" else (224, 224))
+    heat = next(src for kind, src in srcs if kind == "heat")
+    with Image.open(io.BytesIO(get(url + heat)[2])) as im:  # the hottest patch is red
+        r, g, b = (np.asarray(im.convert("RGB"), dtype=float).reshape(-1, 3).T)
+        assert (r - g).max() > 100
+    assert snapshot(vision_run) == before  # nothing written into the run folder
+
+
+def test_vision_run_errors_are_clear(vision_run, vision_server):
+    url = vision_server[0]
+    status, _, body = get(url + "/r/vis/features")
+    assert status == 400 and "is a vision run" in body.decode()
+    status, _, body = get(url + "/r/vis/try?text=hello")
+    assert status == 400 and "no text pages" in body.decode()
+    status, _, body = get(url + "/r/vis/f/9999")
+    assert status == 404 and "has no top patches" in body.decode()
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    latent = tops[0]["latent"]
+    status, _, body = get(f"{url}/r/vis/f/{latent}/heat/9999.png")
+    assert status == 404 and "not among" in body.decode()
+    status, _, body = get(f"{url}/r/vis/f/{latent}/crop/99.png")
+    assert status == 404 and "top examples" in body.decode()
+
+
+def test_try_an_image_shows_the_top_features_and_a_heat_map(vision_run, vision_server):
+    url = vision_server[0]
+    status, _, body = get(url + "/r/vis/try-image")
+    page = body.decode()
+    assert status == 200 and page.count("<option") == 20 and EVIL not in page  # the 2 held-out images × 10 views
+    status, _, body = get(url + "/r/vis/try-image?view=1")
+    page = body.decode()
+    rows = re.findall(r'try-image\?view=1&amp;feature=(\d+)">#\d+</a></td><td>([^<]+)</td><td>(CLS token|patch \(\d, \d\))', page)
+    assert status == 200 and 8 <= len(rows) <= 10  # TopK k=8 on every token: at least 8 features fire; the top 10 shown
+    values = [float(v) for _, v, _ in rows]
+    assert values == sorted(values, reverse=True) and values[-1] > 0
+    top = rows[0][0]
+    assert f'/r/vis/view/1/{top}.png' in page
+    status, ctype, png = get(f"{url}/r/vis/view/1/{top}.png")
+    assert status == 200 and ctype == "image/png" and Image.open(io.BytesIO(png)).size == (224, 224)
+    assert get(url + "/r/vis/try-image?view=999")[0] == 404
+    status, _, body = get(url + "/r/vis/try-image?view=1&feature=9999")
+    assert status == 400 and "does not exist" in body.decode()
+    assert get(f"{url}/r/vis/view/1/9999.png")[0] == 404
+
+
+def test_feature_page_in_a_browser(vision_run, vision_server, tmp_path):
+    """Chromium loads the feature page's pictures (CSP allows them) with no dialog and no CSP error; then the try
+    page. The screenshots land in tmp_path (docs/img/vision-explorer-*.png were taken this way)."""
+    from .test_browser import ARGS, CHROMIUM, Page
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"browser tests need Chromium at {CHROMIUM}: apt-get install chromium")
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="browser tests need Playwright").sync_playwright
+    tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
+    feature = max(tops, key=lambda f: len(f["top"]))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = Page(browser, vision_server[0])
+        try:
+            page.goto(f"/r/vis/f/{feature['latent']}")
+            assert page.page.locator("img[src]").evaluate_all(LOADED) and page.page.locator("img.heat").count() == len(feature["top"])
+            page.page.screenshot(path=str(tmp_path / "vision-explorer-feature.png"), full_page=True)
+            page.goto("/r/vis/try-image")
+            page.page.select_option("select[name=view]", "1")
+            with page.page.expect_navigation():
+                page.page.click("button[type=submit]")
+            page.page.wait_for_load_state("load")
+            assert page.page.locator("img[src]").evaluate_all(LOADED) and "view=1" in page.page.url
+            assert page.page.locator("img.vision-heat").count() == 1
+            photo = tmp_path / "mine.png"
+            Image.fromarray(np.random.default_rng(2).integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(photo)
+            page.page.set_input_files("input[type=file]", str(photo))
+            page.page.click("#upload button[type=submit]")
+            page.page.locator("#upload-result").wait_for(state="visible")
+            assert page.page.locator("#upload-rows tr").count() >= 8
+            assert "44 × 36" in page.page.locator("#upload-title").inner_text()
+            assert page.page.locator("#upload-heat").evaluate("i => i.complete && i.naturalWidth") == 224
+            page.page.screenshot(path=str(tmp_path / "vision-explorer-try.png"), full_page=True)
+            page.check_clean()
+        finally:
+            page.context.close()
+            browser.close()
+
+
+def post(url: str, data: bytes, ctype: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, method="POST", headers={"content-type": ctype})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_upload_an_image(vision_server):
+    url = vision_server[0] + "/r/vis/try-image/upload"
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    for fmt, ctype in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        status, out = post(url, encoded(photo, fmt), ctype)
+        assert status == 200 and out["size"] == [56, 40] and 8 <= len(out["top"]) <= 10
+        assert out["feature"] == out["top"][0]["latent"] and out["heat"].startswith("data:image/png;base64,")
+    status, out = post(url + "?feature=5", encoded(photo, "PNG"), "image/png")
+    assert status == 200 and out["feature"] == 5
+    status, out = post(url, b"GIF89a not an image", "image/png")
+    assert status == 400 and "not a PNG or JPEG" in out["error"]
+    status, out = post(url, encoded(photo, "GIF"), "image/png")  # a real GIF: refused, only PNG and JPEG are decoded
+    assert status == 400 and "not a PNG or JPEG" in out["error"]
+    status, out = post(url, encoded(photo, "PNG"), "text/plain")
+    assert status == 400 and "image/png or image/jpeg" in out["error"]
+    status, out = post(url, encoded(Image.new("L", (5000, 4000)), "PNG"), "image/png")  # small file, 20 M pixels
+    assert status == 413 and "more than 16,000,000" in out["error"]
+    status, out = post(url + "?feature=9999", encoded(photo, "PNG"), "image/png")
+    assert status == 400 and "does not exist" in out["error"]
+    # a body above the upload limit is refused from its content-length, before it is read
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.putrequest("POST", parts.path)
+    conn.putheader("content-type", "image/png")
+    conn.putheader("content-length", str(4 * 2**20 + 1))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "4096 KiB" in response.read().decode()
+    conn.close()
+
+
+def test_a_vision_run_beside_a_text_run(vision_run, app_runs):
+    """Served together: the runs page lists both; the text run's pages do not offer the vision run as a peer."""
+    proc, url, _ = start_serve(str(app_runs["topk"]), str(vision_run))
+    try:
+        status, _, body = get(url + "/")
+        page = body.decode()
+        assert status == 200 and 'href="/r/vis/"' in page and 'href="/r/topk/"' in page
+        status, _, body = get(url + "/r/topk/features")
+        assert status == 200 and 'href="/r/vis/"' in body.decode()  # the run bar links a vision run to its overview
+        assert get(url + "/r/topk/f/0")[0] == 200
+        assert get(url + "/r/vis/")[0] == 200
+    finally:
+        stop(proc)
