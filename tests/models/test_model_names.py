@@ -89,7 +89,7 @@ def test_unreachable_hub_reads_the_local_cache_only(online, monkeypatch, closed_
     start = time.monotonic()
     with pytest.raises(FeaturekitError, match=rf"not in the local Hugging Face cache \(the Hub at "
                                               rf"http://127.0.0.1:{closed_port} could not be reached"):
-        loading._from_hub("smollm2", load)
+        loading.from_hub("smollm2", load)
     assert calls == [{"local_files_only": True}]
     assert time.monotonic() - start < 5
 
@@ -104,9 +104,9 @@ def test_reachable_hub_is_used_and_its_answer_reported(online, monkeypatch, list
 
     with pytest.raises(FeaturekitError, match=r"the Hugging Face Hub could not serve it \(OSError: smollm2 is not a "
                                               r"valid model identifier\)\. Did you mean 'smollm2-135m'\?"):
-        loading._from_hub("smollm2", load)
+        loading.from_hub("smollm2", load)
     assert calls == [{}]
-    assert loading._from_hub("org/model", lambda **kw: ("loaded", kw)) == ("loaded", {})
+    assert loading.from_hub("org/model", lambda **kw: ("loaded", kw)) == ("loaded", {})
 
 
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])

@@ -107,7 +107,7 @@ class VisionRun:
 
     def _view(self, latent: int, view: int, views: Any = None) -> tuple[Image.Image, np.ndarray, float]:
         """The view's image, the latent's (g, g) patch codes on it, and its code at the CLS token."""
-        from ..vision.figures import _denormalised, latent_maps
+        from ..vision.figures import denormalised, latent_maps
 
         cfg, vm, sae, test = self._model()
         test = views or test
@@ -117,7 +117,7 @@ class VisionRun:
             raise _not_found(f"feature {latent} does not exist: this dictionary has {sae.n_latents} (0 to {sae.n_latents - 1})")
         with self._lock:
             maps, cls = latent_maps(vm, sae, cfg.site, test, latent, [view])
-            image = _denormalised(test, view)
+            image = denormalised(test, view)
         return image, maps[0].numpy(), float(cls[0])
 
     def views(self) -> list[tuple[int, str]]:

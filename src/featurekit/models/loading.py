@@ -68,7 +68,7 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "
     elif kind == "gguf":
         model, tokenizer = _load_gguf(path, dtype)
     else:
-        model, tokenizer = _from_hub(name, lambda **kw: _load_pretrained(name, dtype, **kw))
+        model, tokenizer = from_hub(name, lambda **kw: _load_pretrained(name, dtype, **kw))
     return _finish(model, tokenizer, name, device)
 
 
@@ -87,7 +87,7 @@ def load_model_config(name: str) -> Any | None:
         return tf.AutoConfig.from_pretrained(str(path))
     if kind == "gguf":
         return None
-    return _from_hub(name, lambda **kw: tf.AutoConfig.from_pretrained(name, **kw))
+    return from_hub(name, lambda **kw: tf.AutoConfig.from_pretrained(name, **kw))
 
 
 def _source(name: str) -> tuple[str, Path]:
@@ -169,7 +169,7 @@ PROBE_TIMEOUT_S = 3.0
 _TRUE = ("1", "true", "yes", "on")
 
 
-def _from_hub(name: str, load: Callable[..., Any]) -> Any:
+def from_hub(name: str, load: Callable[..., Any]) -> Any:
     """``load(**kwargs)`` a Hub id: from the Hub if it answers a quick probe, else from the local
     Hugging Face cache only (``local_files_only``: no retries). Failing, a FeaturekitError names the
     forms a model can take and the embedded names close to ``name``."""

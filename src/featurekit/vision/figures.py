@@ -36,7 +36,7 @@ def latent_maps(vm: VisionModel, dictionary: Dictionary, site: str, views: Views
     return codes[:, vm.n_prefix:].reshape(-1, g, g), cls
 
 
-def _denormalised(views: Views, v: int) -> Image.Image:
+def denormalised(views: Views, v: int) -> Image.Image:
     pre = views.preprocess
     x = views.pixels([v])[0].permute(1, 2, 0) * torch.tensor(pre.std) + torch.tensor(pre.mean)
     return Image.fromarray((x.clamp(0, 1).numpy() * 255).astype(np.uint8))
@@ -53,7 +53,7 @@ def feature_figure(vm: VisionModel, dictionary: Dictionary, site: str, views: Vi
     draw = ImageDraw.Draw(sheet)
     draw.text((8, 8), title or f"latent {latent} at {site}", fill="black")
     for i, v in enumerate(view_ids):
-        image = _denormalised(views, v).resize((g * cell, g * cell))
+        image = denormalised(views, v).resize((g * cell, g * cell))
         heat = (maps[i] / top).clamp(0, 1).repeat_interleave(cell, 0).repeat_interleave(cell, 1).numpy()
         overlay = np.asarray(image, dtype=np.float32)
         overlay = overlay * (1 - 0.6 * heat[..., None]) + np.array([255.0, 0, 0]) * 0.6 * heat[..., None]

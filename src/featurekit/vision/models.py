@@ -88,11 +88,11 @@ def vision_config(name: str) -> Any:
         return VitConfig()
     import transformers as tf
 
-    from featurekit.models.loading import _from_hub
+    from featurekit.models.loading import from_hub
 
     path = Path(name).expanduser()
     config = (tf.AutoConfig.from_pretrained(str(path)) if path.is_dir()
-              else _from_hub(name, lambda **kw: tf.AutoConfig.from_pretrained(name, **kw)))
+              else from_hub(name, lambda **kw: tf.AutoConfig.from_pretrained(name, **kw)))
     _check_family(name, config)
     return config
 
@@ -127,7 +127,7 @@ def _load_hf(name: str) -> tuple[Any, dict]:
     preprocessing from preprocessor_config.json (else config.image_size and ImageNet mean/std)."""
     import transformers as tf
 
-    from featurekit.models.loading import _from_hub
+    from featurekit.models.loading import from_hub
 
     path = Path(name).expanduser()
     preprocess = preprocess_of(name)  # checks the family before any weights load
@@ -136,7 +136,7 @@ def _load_hf(name: str) -> tuple[Any, dict]:
     extra = {"add_pooling_layer": False} if vision_config(name).model_type == "vit" else {}
     if path.is_dir():
         return tf.AutoModel.from_pretrained(str(path), **extra), preprocess
-    return _from_hub(name, lambda **kw: tf.AutoModel.from_pretrained(name, **kw, **extra)), preprocess
+    return from_hub(name, lambda **kw: tf.AutoModel.from_pretrained(name, **kw, **extra)), preprocess
 
 
 def _preprocessor_config(folder: Path) -> dict:
