@@ -1,4 +1,5 @@
-"""The explorer's web server: Starlette routes over the served runs, run by uvicorn (`serve`).
+"""The explorer's web server: Starlette routes over the served runs, run by uvicorn (`serve`). The handlers live in
+`pages_text` (run pages), `pages_graphs` and `pages_vision`; `http` maps errors to statuses.
 
 Routes (a run is addressed by its name or index, `runs.py`):
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 import functools
 import html
 import ipaddress
-import json
 import socket
 import sys
 import traceback
@@ -41,24 +41,23 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..errors import FeaturekitError
-from ..features.store import FeatureStore
-from . import connections as connections_mod
-from . import graphs as graphs_mod
 from . import live, queries, views
 from .graphs import Graphs
+from .http import failure
+from .pages_graphs import GraphPages
+from .pages_text import RunPages
+from .pages_vision import VisionPages
 from .runs import Run, Runs
 from .vision import MAX_UPLOAD, VisionRun
 
@@ -66,7 +65,7 @@ MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 DEFAULT_PORT = 8765
 VISION_PAGES = {"overview", "feature", "picture", "try_image", "view_picture", "upload_image"}
-UPLOAD_PATH = "/try-image/upload"  # the one route whose body may be up to vision.MAX_UPLOAD bytes  # the pages a vision run has
+UPLOAD_PATH = "/try-image/upload"  # the one route whose body may be up to vision.MAX_UPLOAD bytes
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
@@ -74,8 +73,8 @@ SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "n
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 
 
-class Explorer:
-    """The served runs, the live models, and the page handlers."""
+class Explorer(RunPages, GraphPages, VisionPages):
+    """The served runs and graphs, the live models, the error pages; the page handlers come from the mixins."""
 
     def __init__(self, runs: Runs, graphs: Graphs | None = None) -> None:
         self.runs = runs
@@ -101,196 +100,13 @@ class Explorer:
                             section=context.pop("section", ""), **context)
         return HTMLResponse(text, status_code=status, headers={"cache-control": "no-store"})
 
-    # -- pages -------------------------------------------------------------------------------------------------
+    # -- pages (the rest: pages_text, pages_graphs, pages_vision) ----------------------------------------------
     async def index(self, request: Request) -> Response:
         if len(self.runs) == 0:
             return RedirectResponse("/g/", status_code=307)
         if len(self.runs) == 1 and not len(self.graphs):
             return RedirectResponse(views.url("r", self.runs.runs[0].name, ""), status_code=307)
         return self.page("index.html", request, section="runs")
-
-    async def overview(self, request: Request) -> Response:
-        run = self.run(request)
-        if isinstance(run, VisionRun):
-            return self.page("vision_overview.html", request, run, section="overview", v=run.overview())
-
-        def build() -> dict:
-            return {"curves": views.curves(run.metrics()), "density": views.density_histogram(run.densities()),
-                    "n_live": run.n_live(), "config_text": json.dumps(run.config, indent=2, ensure_ascii=False)}
-
-        return self.page("overview.html", request, run, section="overview", **await run_in_threadpool(build))
-
-    async def features(self, request: Request) -> Response:
-        run = self.run(request)
-        p = request.query_params
-        data = await run_in_threadpool(queries.feature_list, run, p.get("sort", "density"), p.get("order", "desc") != "asc",
-                                       _int(p.get("page", "1"), "page"), p.get("live", "1") != "0")
-        return self.page("features.html", request, run, section="features", data=data, sorts=queries.SORT_LABELS)
-
-    async def search(self, request: Request) -> Response:
-        run = self.run(request)
-        q, by = request.query_params.get("q", ""), request.query_params.get("by", "auto")
-        data = await run_in_threadpool(queries.search, run, q, by)
-        if "redirect" in data:
-            return RedirectResponse(views.url("r", run.name, "f", data["redirect"]), status_code=303)
-        return self.page("search.html", request, run, section="features", data=data, q=q, kinds=queries.SEARCH_KINDS)
-
-    async def feature(self, request: Request) -> Response:
-        run = self.run(request)
-        feature = _int(request.path_params["feature"], "feature id", not_found=True)
-        if isinstance(run, VisionRun):
-            return self.page("vision_feature.html", request, run, section="features", f=run.feature(feature), fid=feature)
-        page = await run_in_threadpool(queries.feature_page, run, feature)
-        others = await run_in_threadpool(self.nearest_in_other_runs, run, feature)
-        return self.page("feature.html", request, run, section="features", f=page, others=others,
-                         hist=views.act_histogram(page["hist"], run.meta.get("hist_edges") or [], page["density"]),
-                         fid=feature)
-
-    async def feature_json(self, request: Request) -> Response:
-        run = self.run(request)
-        page = await run_in_threadpool(queries.feature_page, run, _int(request.path_params["feature"], "feature id", True))
-        page.pop("groups", None)
-        return JSONResponse(page)
-
-    def nearest_in_other_runs(self, run: Run, feature: int) -> list[dict]:
-        """For every other run on the same model and decoder site: its features nearest by decoder cosine."""
-        out = []
-        for other in self.runs.peers(run):
-            try:
-                near = self.runs.nearest(run, feature, other)
-            except (FeaturekitError, OSError) as err:
-                out.append({"run": other, "error": str(err), "rows": []})
-                continue
-            summaries = other.query(FeatureStore.summaries, [f for f, _ in near])
-            out.append({"run": other, "error": None, "rows": [{"id": f, "cos": c, **summaries.get(f, {})} for f, c in near]})
-        return out
-
-    async def try_text(self, request: Request) -> Response:
-        run = self.run(request)
-        form = await _form(request)
-        text = form.get("text", "")
-        result = await run_in_threadpool(live.text_codes, self.models, run, text) if text else None
-        summaries = {}
-        if result is not None:
-            ids = {f for row in result.per_token for f, *_ in row} | {f for f, *_ in result.on_text}
-            summaries = await run_in_threadpool(run.query, FeatureStore.summaries, ids)
-        return self.page("try.html", request, run, section="try", text=text, result=result, summaries=summaries,
-                         limits=live, loaded=self.models.loaded(run))
-
-    async def steer(self, request: Request) -> Response:
-        run = self.run(request)
-        form = await _form(request)
-        rows = [(form.get(f"f{i}", ""), form.get(f"s{i}", "1")) for i in range(live.MAX_STEER_FEATURES + 4)
-                if f"f{i}" in form or f"s{i}" in form]
-        prompt = form.get("prompt", "")
-        new_tokens = _int(form.get("n", "24"), "new tokens")
-        result = None
-        if prompt and any(f.strip() for f, _ in rows):
-            features = live.parse_steering(rows, run.n_latents)
-            result = await run_in_threadpool(live.steer_text, self.models, run, prompt, features, new_tokens)
-        rows = (rows + [("", "1")] * live.MAX_STEER_FEATURES)[:live.MAX_STEER_FEATURES]
-        return self.page("steer.html", request, run, section="steer", prompt=prompt, rows=rows, n=new_tokens, result=result,
-                         limits=live, loaded=self.models.loaded(run))
-
-    async def connections(self, request: Request) -> Response:
-        run = self.run(request)
-        feature = _int(request.path_params["feature"], "feature id", not_found=True)
-        data = await run_in_threadpool(connections_mod.connections, self.models, self.runs, run, feature)
-        return self.page("connections.html", request, run, section="features", fid=feature, c=data)
-
-    async def graph_list(self, request: Request) -> Response:
-        return self.page("graphs.html", request, section="graphs")
-
-    async def graph_view(self, request: Request) -> Response:
-        graph = self.graphs.get(request.path_params["graph"])
-        layout = await run_in_threadpool(graph.layout, self.runs)
-        return self.page("graph.html", request, section="graphs", graph=graph, g=layout, limits=graphs_mod)
-
-    async def intervene(self, request: Request) -> Response:
-        """JSON in, JSON out; an error is {"error": message} with its status (400, 404, 413, 500)."""
-        try:
-            graph = self.graphs.get(request.path_params["graph"])
-            try:
-                body = json.loads(await request.body())
-            except (UnicodeDecodeError, ValueError):
-                raise queries.BadRequest('the request body is not JSON: send {"clamps": [{"node": ID, "value": V}]}') from None
-            clamps = graphs_mod.parse_clamps(body, graph)
-            return JSONResponse(await run_in_threadpool(graph.intervener.intervene, clamps), headers={"cache-control": "no-store"})
-        except queries.NotFound as err:
-            return JSONResponse({"error": str(err)}, status_code=404)
-        except live.TooLarge as err:
-            return JSONResponse({"error": str(err)}, status_code=413)
-        except queries.BadRequest as err:
-            return JSONResponse({"error": str(err)}, status_code=400)
-        except FeaturekitError as err:
-            return JSONResponse({"error": str(err)}, status_code=500)
-        except Exception as err:  # noqa: BLE001 — a message, not a traceback; the log keeps it
-            traceback.print_exc(file=sys.stderr)
-            return JSONResponse({"error": f"the intervention failed ({type(err).__name__}); the server's log has the details"},
-                                status_code=500)
-
-    async def picture(self, request: Request) -> Response:
-        """A vision run's feature picture, drawn on request: /r/RUN/f/ID/heat/VIEW.png or /r/RUN/f/ID/crop/I.png."""
-        run = self.run(request)
-        if not isinstance(run, VisionRun):
-            raise queries.NotFound(f"{run.name} is not a vision run: it has no pictures")
-        feature = _int(request.path_params["feature"], "feature id", not_found=True)
-        n = _int(request.path_params["n"], "picture number", not_found=True)
-        draw = run.heat_png if request.url.path.rsplit("/", 2)[-2] == "heat" else run.crop_png
-        png = await run_in_threadpool(draw, feature, n)
-        return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
-
-    async def try_image(self, request: Request) -> Response:
-        """A vision run's try page: ?view=N (a held-out view) &feature=F (its heat-map; default: the top feature)."""
-        run = self.run(request)
-        if not isinstance(run, VisionRun):
-            raise queries.NotFound(f"{run.name} is not a vision run: try a text at {views.url('r', run.name, 'try')}")
-        p = request.query_params
-        view = _int(p["view"], "view") if p.get("view") else None
-        choices = await run_in_threadpool(run.views)
-        top = await run_in_threadpool(run.top_on_view, view) if view is not None else []
-        feature = _int(p["feature"], "feature") if p.get("feature") else (top[0]["latent"] if top else None)
-        if feature is not None and feature >= run.n_latents:
-            raise queries.BadRequest(f"feature {feature} does not exist: this dictionary has {run.n_latents} (0 to {run.n_latents - 1})")
-        return self.page("vision_try.html", request, run, section="try", choices=choices, view=view, top=top, feature=feature)
-
-    async def view_picture(self, request: Request) -> Response:
-        """/r/RUN/view/N/F.png: feature F's heat-map over held-out view N (any view, any feature)."""
-        run = self.run(request)
-        if not isinstance(run, VisionRun):
-            raise queries.NotFound(f"{run.name} is not a vision run: it has no pictures")
-        view = _int(request.path_params["view"], "view", not_found=True)
-        feature = _int(request.path_params["feature"], "feature id", not_found=True)
-        png = await run_in_threadpool(run.heat_png, feature, view, False)
-        return Response(png, media_type="image/png", headers={"cache-control": "max-age=300"})
-
-    async def upload_image(self, request: Request) -> Response:
-        """POST an image's bytes (content-type image/png or image/jpeg; ?feature=F) → JSON {top, feature, heat}, or
-        {"error": message} with 400/404/413."""
-        try:
-            run = self.run(request)
-            if not isinstance(run, VisionRun):
-                raise queries.NotFound(f"{run.name} is not a vision run: it takes no images")
-            ctype = request.headers.get("content-type", "").split(";")[0].strip()
-            if ctype not in ("image/png", "image/jpeg"):
-                raise queries.BadRequest(f"send the image's bytes as image/png or image/jpeg, not {ctype[:60]!r}")
-            p = request.query_params
-            feature = _int(p["feature"], "feature") if p.get("feature") else None
-            if feature is not None and feature >= run.n_latents:
-                raise queries.BadRequest(f"feature {feature} does not exist: this dictionary has {run.n_latents} "
-                                         f"(0 to {run.n_latents - 1})")
-            data = await request.body()
-            return JSONResponse(await run_in_threadpool(run.upload, data, feature), headers={"cache-control": "no-store"})
-        except queries.NotFound as err:
-            return JSONResponse({"error": str(err)}, status_code=404)
-        except live.TooLarge as err:
-            return JSONResponse({"error": str(err)}, status_code=413)
-        except queries.BadRequest as err:
-            return JSONResponse({"error": str(err)}, status_code=400)
-        except Exception as err:  # noqa: BLE001 — a message, not a traceback; the log keeps it
-            traceback.print_exc(file=sys.stderr)
-            return JSONResponse({"error": f"the image could not be scored ({type(err).__name__}); the server's log has the details"},
-                                status_code=500)
 
     async def static_file(self, request: Request) -> Response:
         entry = self.static.get(request.path_params["name"])
@@ -312,47 +128,19 @@ class Explorer:
                                 status_code=status)
 
     def guarded(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """The endpoint with its errors as pages: NotFound 404, BadRequest 400 (TooLarge 413), another
-        FeaturekitError 500 with its message, anything else 500 with a generic message (traceback to the log)."""
+        """The endpoint with its errors as pages, by `http.failure`."""
         @functools.wraps(endpoint)
         async def wrapped(request: Request) -> Response:
             try:
                 return await endpoint(request)
-            except queries.NotFound as err:
-                return self.error(request, 404, str(err))
-            except live.TooLarge as err:
-                return self.error(request, 413, str(err))
-            except queries.BadRequest as err:
-                return self.error(request, 400, str(err))
-            except FeaturekitError as err:
-                return self.error(request, 500, str(err))
-            except Exception as err:  # noqa: BLE001 — a page, not a traceback; the log keeps it
-                traceback.print_exc(file=sys.stderr)
-                return self.error(request, 500, f"the server failed on this request ({type(err).__name__}); its log has the details")
+            except Exception as err:  # noqa: BLE001 — every failure is a page (`http.failure`)
+                return self.error(request, *failure(err, "the server failed on this request"))
         return wrapped
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = {404: f"nothing is served at {request.url.path}", 405: f"{request.method} is not allowed here"}
         return self.error(request, exc.status_code, message.get(exc.status_code, exc.detail))
-
-
-def _int(text: str, what: str, not_found: bool = False) -> int:
-    if not text.strip().isdigit() or len(text) > 12:
-        raise (queries.NotFound if not_found else queries.BadRequest)(f"{what} must be a whole number ≥ 0, not {text[:40]!r}")
-    return int(text)
-
-
-async def _form(request: Request) -> dict[str, str]:
-    """The query parameters, and for a POST its url-encoded body on top (the body's size is bounded by `Guard`)."""
-    values = dict(request.query_params)
-    if request.method == "POST":
-        body = await request.body()
-        try:
-            values.update(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=64))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise queries.BadRequest(f"the form could not be read ({err})") from None
-    return values
 
 
 class Guard:
