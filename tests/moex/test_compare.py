@@ -10,8 +10,8 @@ from featurekit.dictionaries import fileformat
 from featurekit.errors import FeaturekitError
 from featurekit.moex.chess import read_games
 from featurekit.moex.compare import ENTRIES, MODELS, CompareSettings, compare
-from featurekit.moex.hf import loaded_model
-from featurekit.moex.train import load_lm
+from featurekit.models.loading import load_model
+from featurekit.models.moexlm.folder import load_lm
 
 TINY = dict(d_model=16, n_layer=2, n_head=2, seq_len=64, max_chars=64, n_experts=4, batch_size=4, steps=3, games=40,
             eval_games=6, legal_prefixes=4, sae_tokens=512, layer=-1)
@@ -45,7 +45,7 @@ def test_compare_runs_end_to_end_and_a_rerun_skips_everything(tmp_path, capsys):
     assert rows["moex_upcycled"]["paper"]["reconstruction"] == 0.840 and rows["sae"]["paper"] is None
     assert "| moex_upcycled |" in (out / "results.md").read_text()
     assert len(read_games(out / "data" / "eval")) == 6
-    assert loaded_model(out / "runs" / "moex").n_layers == 2  # the run folders are featurekit models
+    assert load_model(str(out / "runs" / "moex")).n_layers == 2  # the run folders are featurekit models
     # the same command again (through the CLI, same settings): nothing is retrained or re-evaluated
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*") if p.is_file()}
     assert main(["moex", "compare", str(out), *FLAGS]) == 0

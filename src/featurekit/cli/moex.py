@@ -101,7 +101,7 @@ def _moex(args: argparse.Namespace, progress: bool) -> int:
 def _moex_train(args: argparse.Namespace, progress: bool) -> int:
     import torch
 
-    from ..moex.lm import LMConfig
+    from ..models.moexlm.lm import LMConfig
     from ..moex.stream import read_stream
     from ..moex.train import TrainSettings, train_lm
 

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from ..._io import atomic_write_json, read_json
+from ...models.moexlm.folder import load_lm
+from ...models.moexlm.lm import MoexLM
 from ..chess import board_reconstruction, bsp_coverage, bsp_table, greedy_sampler, legal_move_rate, move_prefixes
-from ..lm import MoexLM
-from ..train import TrainSettings, evaluate_loss, load_lm, split_stream
+from ..train import TrainSettings, evaluate_loss, split_stream
 from .settings import N_CHARS, CompareSettings, say
 from .units import spliced, unit_acts
 

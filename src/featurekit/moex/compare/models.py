@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ..._io import atomic_write_json, read_json
+from ...models.moexlm.folder import load_lm
 from ..chess import VOCAB
-from ..train import load_lm, train_lm
+from ..train import train_lm
 from .settings import MODELS, CompareSettings, say
 from .units import harvest
 

@@ -11,8 +11,8 @@ import torch
 
 from ..._io import atomic_write_json, read_json
 from ...errors import FeaturekitError
+from ...models.moexlm.lm import MoexLM
 from ..chess import GameSpec, build_dataset, read_games
-from ..lm import MoexLM
 from ..train import batch_at
 from .settings import CompareSettings, say
 

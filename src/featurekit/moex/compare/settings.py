@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import FeaturekitError
+from ...models.moexlm.lm import LMConfig
 from ..chess import VOCAB
-from ..lm import LMConfig
 from ..train import TrainSettings
 
 MODELS = ("dense_gelu", "dense_relu", "switch", "moex", "moex_upcycled")

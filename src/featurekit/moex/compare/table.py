@@ -18,8 +18,6 @@ PAPER = {"dense_gelu": {"coverage": 0.356, "reconstruction": 0.608, "val_loss": 
          "moex_upcycled": {"coverage": 0.428, "reconstruction": 0.840, "val_loss": 0.211,
                            "source": "Table 1 (MoE-X) = Table 4 (upcycled)"},
          "sae": None}
-# Characters the models read: the 32 of the chess format; id 32 is the reserved <pad> of moex.stream, so
-# moex.hf.loaded_model (and featurekit's sites, explorer, autointerp) reads these run folders too.
 
 
 def result_rows(out: Path, results: dict[str, dict[str, Any]], sae_info: dict[str, Any]) -> list[dict[str, Any]]:

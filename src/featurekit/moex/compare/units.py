@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from ...models.hooks import capture_activations
+from ...models.moexlm.lm import MoexLM
 from ..chess import encode
-from ..lm import MoexLM
 from ..train import batch_at
 
 

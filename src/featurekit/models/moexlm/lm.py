@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import FeaturekitError
+from ...errors import FeaturekitError
 from .layers import DenseMLP, MoE, moex, switch_moe
 
 KINDS = ("dense_gelu", "dense_relu", "switch", "moex")
@@ -162,6 +162,8 @@ class LMOutput:
 class MoexLM(nn.Module):
     """Token and position embeddings, pre-norm blocks, final norm, head tied to the token embedding."""
 
+    causal_lm = True  # its logits predict the next token (models.loading.has_lm_head)
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.config = cfg
@@ -194,6 +196,15 @@ class MoexLM(nn.Module):
         for block in self.blocks:
             x = block(x, keep)
         return LMOutput(self.ln_f(x) @ self.tok.weight.T)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (as a Hugging Face model reports it)."""
+        return self.tok.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok.weight.device
 
     def aux_loss(self) -> Tensor:
         """Sum of the MoE blocks' load-balancing losses of the last forward pass (0 for dense)."""
