@@ -8,10 +8,10 @@ import torch
 from featurekit.cli import main
 from featurekit.dictionaries import fileformat
 from featurekit.errors import FeaturekitError
-from featurekit.moex.chess import read_games
-from featurekit.moex.compare import ENTRIES, MODELS, CompareSettings, compare
 from featurekit.models.loading import load_model
 from featurekit.models.moexlm.folder import load_lm
+from featurekit.moex.chess import read_games
+from featurekit.moex.compare import ENTRIES, MODELS, CompareSettings, compare
 
 TINY = dict(d_model=16, n_layer=2, n_head=2, seq_len=64, max_chars=64, n_experts=4, batch_size=4, steps=3, games=40,
             eval_games=6, legal_prefixes=4, sae_tokens=512, layer=-1)

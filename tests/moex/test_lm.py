@@ -5,8 +5,8 @@ import torch
 
 from featurekit.errors import FeaturekitError
 from featurekit.models.hooks import capture_activations, replace
-from featurekit.models.sites import check_site, site_dim, valid_sites
 from featurekit.models.moexlm.lm import KINDS, LMConfig, MoexLM, activated_mlp_params, parameter_counts, upcycle
+from featurekit.models.sites import check_site, site_dim, valid_sites
 
 SMALL = dict(vocab_size=11, d_model=16, n_layer=2, n_head=2, seq_len=12, n_experts=4)
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from featurekit.errors import FeaturekitError
 from featurekit.models.loading import load_model
-from featurekit.models.moexlm.lm import LMConfig
 from featurekit.models.moexlm.folder import load_lm
+from featurekit.models.moexlm.lm import LMConfig
 from featurekit.moex.train import TrainSettings, train_lm
 
 
