@@ -6,7 +6,9 @@ store, the explorer and autointerp take it by name like any other model: ``load_
 ``models.loading.LoadedModel`` with the LM and a Hugging Face fast tokenizer over its characters
 (``vocab.json``, written by ``featurekit moex train`` for a text file): the tokenizer splits text into single
 characters; id ``len(vocab)`` (one past the characters, reserved by every character vocabulary) is ``<pad>``,
-which is also what an unknown character becomes: a special token, so featurekit's token masks leave it out.
+which is also what an unknown character becomes, and the eos token that separates packed documents (featurekit
+packs a corpus with an eos between documents; the character LM was trained without one): a special token, so
+featurekit's token masks leave it out.
 Sites are those of the ``moex`` family (``models/sites.py``).
 """
 
@@ -72,7 +74,8 @@ def char_tokenizer(vocab: list[str]) -> Any:
     tok = Tokenizer(models.WordLevel(ids, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character, newlines too
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=PAD,
+    # <pad> is also the eos token: featurekit packs documents with an eos between them, and a character LM has none
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=PAD, eos_token=PAD,
                                    model_max_length=1 << 30)
 
 

@@ -206,6 +206,10 @@ class MoexLM(nn.Module):
     def device(self) -> torch.device:
         return self.tok.weight.device
 
+    def get_output_embeddings(self) -> nn.Embedding:
+        """The unembedding (tied: the token embedding, weight (vocab, d)), as a Hugging Face LM names it."""
+        return self.tok
+
     def aux_loss(self) -> Tensor:
         """Sum of the MoE blocks' load-balancing losses of the last forward pass (0 for dense)."""
         losses = [blk.mlp.aux_loss for blk in self.blocks if isinstance(blk.mlp, MoE)]

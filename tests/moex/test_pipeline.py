@@ -1,0 +1,82 @@
+"""A trained moex LM run folder in featurekit's pipeline by name: `featurekit run` (harvest → dictionary → feature
+store) on its MLP hidden units, with its character tokenizer, and the explorer's pages over the run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import featurekit
+from featurekit.app import queries, views
+from featurekit.app.runs import Run
+from featurekit.cli import main
+from featurekit.models.loading import load_model, load_model_config
+from featurekit.models.sites import check_site
+from featurekit.moex.chess import GameSpec, generate_games
+
+LM = ["--d-model", "16", "--n-layer", "2", "--n-head", "2", "--seq-len", "64", "--batch-size", "8",
+      "--checkpoint-every", "10", "--quiet"]
+RUN = ["model.dtype=float32", "data.context_len=48", "data.train_tokens=3000", "data.shard_tokens=1500",
+       "dictionary.n_latents=32", "dictionary.k=4", "train.batch_size=256", "train.buffer_tokens=1024", "train.epochs=2",
+       "train.log_every=5", "eval.tokens=600", "eval.splice_contexts=4", "eval.batch_contexts=4", "report.n_features=3",
+       "features.tokens=2000", "features.top_n=5", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def lm_runs(tmp_path_factory):
+    """Two tiny LMs trained on chess games (text, one game a paragraph): MoE-X and dense ReLU."""
+    root = tmp_path_factory.mktemp("moex_lm")
+    games = list(generate_games(0, 120, GameSpec(greedy=0.5, max_chars=64)))
+    (root / "games.txt").write_text("\n\n".join(games), encoding="ascii")
+    runs = {}
+    for kind in ("moex", "dense_relu"):
+        runs[kind] = root / kind
+        assert main(["moex", "train", str(runs[kind]), "--data", str(root / "games.txt"), "--kind", kind,
+                     "--steps", "20", "--n-experts", "4", *LM]) == 0
+    return root, runs
+
+
+def featurekit_run(*sets):
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run([sys.executable, "-m", "featurekit.cli", "run", *args, "--quiet"], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_moex_run_folder_is_a_model_by_name(lm_runs):
+    root, runs = lm_runs
+    config = load_model_config(str(runs["moex"]))
+    assert config.model_type == "featurekit_moex" and str(check_site(config, "mlp_hidden.1")) == "mlp_hidden.1"
+    loaded = load_model(str(runs["moex"]))
+    assert loaded.family == "moex" and loaded.n_layers == 2 and loaded.model.dtype.is_floating_point
+    assert loaded.tokenizer.decode(loaded.tokenizer("1.e4 e5")["input_ids"]) == "1.e4 e5"
+
+
+@pytest.mark.parametrize("kind", ["moex", "dense_relu"])
+def test_featurekit_run_on_a_moex_lm_builds_a_feature_store_the_explorer_renders(lm_runs, kind):
+    root, runs = lm_runs
+    done = featurekit_run(f"out_dir={root / 'fk'}", f"name={kind}", f"model.name={runs[kind]}",
+                          f"data.source={root / 'games.txt'}", "site=mlp_hidden.1", *RUN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "fk" / kind
+    for name in ("eval.json", "dictionary/model.safetensors", "features/top_examples.json", "report.html"):
+        assert (run / name).is_file(), name
+    result = json.loads((run / "eval.json").read_text())
+    assert "ce_spliced" in result and 0 < result["l0"] <= 4  # the LM's logits are scored with the splice
+    width = 4 * 64 if kind == "moex" else 64  # M·D gated expert units, or the dense MLP's H neurons
+    sae = featurekit.load(run / "dictionary")
+    assert sae.d_in == width and sae.metadata["source"]["site"] == "mlp_hidden.1"
+    explorer = Run(0, kind, run)
+    try:
+        listing = queries.feature_list(explorer)
+        html = views.render("features.html", runs=[explorer], run=explorer, path="/", q="", section="features",
+                            data=listing, sorts=queries.SORT_LABELS)
+        assert f'href="/r/{kind}/f/' in html
+        fid = listing["rows"][0]["id"]
+        page = queries.feature_page(explorer, fid)
+        html = views.render("feature.html", runs=[explorer], run=explorer, path="/", q="", section="features", f=page,
+                            others=[], fid=fid, hist=views.act_histogram(page["hist"], explorer.meta["hist_edges"],
+                                                                       page["density"]))
+        assert any(piece in html for piece in ("e4", "Nf3", "O-O", "x")), "the contexts are chess characters"
+    finally:
+        explorer.close()
