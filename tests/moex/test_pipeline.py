@@ -52,13 +52,22 @@ def test_a_moex_run_folder_is_a_model_by_name(lm_runs):
     assert loaded.tokenizer.decode(loaded.tokenizer("1.e4 e5")["input_ids"]) == "1.e4 e5"
 
 
-@pytest.mark.parametrize("kind", ["moex", "dense_relu"])
-def test_featurekit_run_on_a_moex_lm_builds_a_feature_store_the_explorer_renders(lm_runs, kind):
+@pytest.fixture(scope="module")
+def fk_runs(lm_runs):
+    """kind → a `featurekit run` folder (TopK SAE on mlp_hidden.1, feature store) over that LM, by its folder's name."""
     root, runs = lm_runs
-    done = featurekit_run(f"out_dir={root / 'fk'}", f"name={kind}", f"model.name={runs[kind]}",
-                          f"data.source={root / 'games.txt'}", "site=mlp_hidden.1", *RUN)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = root / "fk" / kind
+    out = {}
+    for kind in runs:
+        done = featurekit_run(f"out_dir={root / 'fk'}", f"name={kind}", f"model.name={runs[kind]}",
+                              f"data.source={root / 'games.txt'}", "site=mlp_hidden.1", *RUN)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[kind] = root / "fk" / kind
+    return out
+
+
+@pytest.mark.parametrize("kind", ["moex", "dense_relu"])
+def test_featurekit_run_on_a_moex_lm_builds_a_feature_store_the_explorer_renders(fk_runs, kind):
+    run = fk_runs[kind]
     for name in ("eval.json", "dictionary/model.safetensors", "features/top_examples.json", "report.html"):
         assert (run / name).is_file(), name
     result = json.loads((run / "eval.json").read_text())
@@ -80,3 +89,21 @@ def test_featurekit_run_on_a_moex_lm_builds_a_feature_store_the_explorer_renders
         assert any(piece in html for piece in ("e4", "Nf3", "O-O", "x")), "the contexts are chess characters"
     finally:
         explorer.close()
+
+
+def test_autointerp_scores_the_moex_units_and_the_sae_features(fk_runs, tmp_path):
+    """autointerp on the MoE-X model's own units (mlp_hidden.1: the gated expert units) and on the SAE's features,
+    with a constant in-process judge (tests/autointerp): every unit gets a score, at chance."""
+    from featurekit.autointerp import explain_run
+    from featurekit.autointerp.hf import HFJudge
+
+    from ..autointerp.conftest import small
+    from ..autointerp.judge_models import write_judge
+
+    judge = HFJudge(str(write_judge(tmp_path, "constant")))
+    for units in ("mlp_hidden.1", "features"):
+        summary = explain_run(fk_runs["moex"], units=units, n_units=2, judge=judge, out=tmp_path / units, settings=small(),
+                              write_to_store=False, progress=False)
+        assert summary["requested"] == 2 and summary["with_examples"] >= 1, (units, summary)  # a feature may fire too rarely
+        detection = summary["explainers"]["highlight"]["scores"]["detection"]
+        assert detection["balanced_accuracy"]["n"] == summary["with_examples"] and detection["balanced_accuracy"]["mean"] == 0.5

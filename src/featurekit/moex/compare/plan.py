@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +12,13 @@ import torch
 from ..._io import atomic_write_json, read_json
 from ...errors import FeaturekitError
 from ...models.moexlm.lm import MoexLM
-from ..chess import GameSpec, build_dataset, read_games
+from ..chess import build_dataset, read_games
 from ..train import batch_at
 from .settings import CompareSettings, say
 
 
 def datasets(out: Path, s: CompareSettings, progress: bool) -> tuple[list[str], list[str]]:
-    spec = GameSpec(greedy=s.greedy, max_chars=s.max_chars)
+    spec = s.games_spec()
     build_dataset(out / "data" / "train", seed=s.seed, count=s.games, spec=spec, progress=progress)
     build_dataset(out / "data" / "eval", seed=s.seed + 1, count=s.eval_games, spec=spec, progress=progress)
     return read_games(out / "data" / "train"), read_games(out / "data" / "eval")
@@ -42,11 +42,16 @@ def seconds_per_step(s: CompareSettings, stream: torch.Tensor, trials: int = 3) 
 
 
 def plan(out: Path, s: CompareSettings, stream: torch.Tensor, progress: bool) -> dict[str, Any]:
+    """The step count every model trains for, fixed once in plan.json: ``steps``, or from a timing probe of MoE-X
+    (the slowest kind) for ``minutes_per_model``; later runs (a resume in another session) reuse it, so the token
+    budget never depends on how loaded the CPU is then."""
     path = out / "plan.json"
     if path.exists():
         old = read_json(path)
-        if old.get("settings") != asdict(s):
-            changed = sorted(k for k in asdict(s) if old.get("settings", {}).get(k) != asdict(s)[k])
+        # a plan written before a setting existed had that setting's default
+        recorded = {**{f.name: f.default for f in fields(CompareSettings)}, **old.get("settings", {})}
+        if recorded != asdict(s):
+            changed = sorted(k for k in asdict(s) if recorded.get(k) != asdict(s)[k])
             raise FeaturekitError(f"{out} holds a comparison with other settings ({', '.join(changed)} differ); rerun with "
                                   "the same settings to resume it, or give another OUT_DIR")
         return old

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ...errors import FeaturekitError
 from ...models.moexlm.lm import LMConfig
-from ..chess import VOCAB
+from ..chess import VOCAB, GameSpec
 from ..train import TrainSettings
 
 MODELS = ("dense_gelu", "dense_relu", "switch", "moex", "moex_upcycled")
@@ -33,7 +33,9 @@ class CompareSettings:
     games: int = 2000               # training games
     eval_games: int = 100           # held-out games (half label the units, half score the reconstruction)
     max_chars: int = 256            # game length cap (Karvonen et al.'s evaluation cut); at most seq_len
-    greedy: float = 0.5             # chance of the one-ply heuristic's move instead of a random legal one
+    greedy: float = 0.5             # random policy: chance of the one-ply heuristic's move instead of a random legal one
+    policy: str = "random"          # the games: random (random/greedy legal play) or stockfish (chess/engine.py)
+    stockfish_nodes: int = 500      # stockfish policy: the engine's nodes per move at the strongest level
     layer: int = -1                 # the layer whose units are read (-1: the last)
     legal_prefixes: int = 200       # held-out prefixes for the legal-move rate
     sae_k: int = 0                  # 0: MoE-X's measured L0 at the layer
@@ -54,6 +56,9 @@ class CompareSettings:
             raise FeaturekitError(f"layer={self.layer} is not one of the {self.n_layer} layers (use 0..{self.n_layer - 1} or -1)")
         if self.eval_games < 2 or self.games < 1 or self.legal_prefixes < 1:
             raise FeaturekitError("games ≥ 1, eval_games ≥ 2 (two halves) and legal_prefixes ≥ 1 needed")
+
+    def games_spec(self) -> GameSpec:
+        return GameSpec(policy=self.policy, greedy=self.greedy, max_chars=self.max_chars, stockfish_nodes=self.stockfish_nodes)
 
     @property
     def layer_index(self) -> int:
