@@ -58,7 +58,8 @@ def build_dataset(folder: str | Path, seed: int, count: int, spec: GameSpec = Ga
         old = read_json(path)
         if {k: old.get(k) for k in settings} != settings:
             raise FeaturekitError(f"{folder} already holds a chess dataset built with other settings (seed {old.get('seed')}, "
-                                  f"{old.get('n_games')} games, spec {old.get('spec')}); choose another folder or delete it")
+                                  f"{old.get('n_games')} games, spec {old.get('spec')}, engine {old.get('engine')}); choose another folder "
+                                  "or delete it")
         if old.get("complete"):
             return path
     bar = None
