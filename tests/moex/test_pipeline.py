@@ -8,9 +8,11 @@ import sys
 import pytest
 
 import featurekit
+from featurekit import pipeline
 from featurekit.app import queries, views
 from featurekit.app.runs import Run
 from featurekit.cli import main
+from featurekit.config import load_config
 from featurekit.models.loading import load_model, load_model_config
 from featurekit.models.sites import check_site
 from featurekit.moex.chess import GameSpec, generate_games
@@ -56,13 +58,12 @@ def test_a_moex_run_folder_is_a_model_by_name(lm_runs):
 def fk_runs(lm_runs):
     """kind → a `featurekit run` folder (TopK SAE on mlp_hidden.1, feature store) over that LM, by its folder's name."""
     root, runs = lm_runs
-    out = {}
-    for kind in runs:
-        done = featurekit_run(f"out_dir={root / 'fk'}", f"name={kind}", f"model.name={runs[kind]}",
-                              f"data.source={root / 'games.txt'}", "site=mlp_hidden.1", *RUN)
-        assert done.returncode == 0, done.stderr[-3000:]
-        out[kind] = root / "fk" / kind
-    return out
+    sets = [f"out_dir={root / 'fk'}", f"data.source={root / 'games.txt'}", "site=mlp_hidden.1", *RUN]
+    done = featurekit_run("name=moex", f"model.name={runs['moex']}", *sets)  # the real CLI, as a user types it
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = pipeline.resolve(load_config(None, ["name=dense_relu", f"model.name={runs['dense_relu']}", *sets]))
+    pipeline.run_all(cfg, progress=False)  # the same job through the API
+    return {kind: root / "fk" / kind for kind in runs}
 
 
 @pytest.mark.parametrize("kind", ["moex", "dense_relu"])
