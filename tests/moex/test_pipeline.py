@@ -1,5 +1,6 @@
 """A trained moex LM run folder in featurekit's pipeline by name: `featurekit run` (harvest → dictionary → feature
-store) on its MLP hidden units, with its character tokenizer, and the explorer's pages over the run."""
+store) on its MLP hidden units, with its character tokenizer; the explorer's pages over the run; autointerp on the
+LM's own units and on the SAE's features."""
 
 import json
 import subprocess
