@@ -109,3 +109,20 @@ def test_autointerp_scores_the_moex_units_and_the_sae_features(fk_runs, tmp_path
         assert summary["requested"] == 2 and summary["with_examples"] >= 1, (units, summary)  # a feature may fire too rarely
         detection = summary["explainers"]["highlight"]["scores"]["detection"]
         assert detection["balanced_accuracy"]["n"] == summary["with_examples"] and detection["balanced_accuracy"]["mean"] == 0.5
+
+
+def test_the_explorer_reads_a_text_and_steers_the_moex_lm(fk_runs):
+    """The explorer's live calls load the LM by the run's model name: features on each character of a typed
+    text, and greedy continuations plain and steered (MoexLM.generate)."""
+    from featurekit.app.live import Models, steer_text, text_codes
+
+    explorer = Run(0, "moex", fk_runs["moex"])
+    models = Models()
+    try:
+        codes = text_codes(models, explorer, ";1.e4 e5 2.Nf3")
+        assert "".join(codes.tokens) == ";1.e4 e5 2.Nf3" and len(codes.per_token) == len(codes.tokens)
+        steered = steer_text(models, explorer, ";1.e4 e5 2.", [(0, 50.0)], new_tokens=6)
+        assert len(steered.plain) >= 6 and len(steered.steered) >= 6 and steered.site == "mlp_hidden.1"  # <pad> reads "<pad>"
+        assert steered.plain != steered.steered  # a strength-50 feature direction changes the greedy characters
+    finally:
+        explorer.close()

@@ -210,6 +210,24 @@ class MoexLM(nn.Module):
         """The unembedding (tied: the token embedding, weight (vocab, d)), as a Hugging Face LM names it."""
         return self.tok
 
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 1, do_sample: bool = False, attention_mask: Tensor | None = None,
+                 **_: Any) -> Tensor:
+        """Greedy continuation (B, T + max_new_tokens), as a Hugging Face LM's ``generate`` with ``do_sample=False``
+        (the explorer's steering calls it); the context is cut to the last ``seq_len`` tokens. Sampling options are
+        ignored; ``do_sample=True`` is refused."""
+        if do_sample:
+            raise FeaturekitError("MoexLM.generate is greedy only: call it with do_sample=False")
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            window = ids[:, -self.config.seq_len:]
+            mask = None if attention_mask is None else attention_mask[:, -window.shape[1]:]
+            nxt = self(window, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
+        return ids
+
     def aux_loss(self) -> Tensor:
         """Sum of the MoE blocks' load-balancing losses of the last forward pass (0 for dense)."""
         losses = [blk.mlp.aux_loss for blk in self.blocks if isinstance(blk.mlp, MoE)]
