@@ -38,8 +38,9 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "interop": {"dictionaries", "models"},
     "circuits": {"models", "data", "dictionaries", "evaluate", "features"},
-    # MoE-X: its layers, LM and trainer (checkpoints, schedule, run folder); its LM resolves featurekit's sites;
-    # compare.py trains a TopK SAE (dictionaries, config, train) on a dense model's MLP for the comparison
+    # MoE-X: its trainer (checkpoints, schedule, run folder), chess data and comparison; the LM itself is
+    # models/moexlm (so models.load_model reads a run folder by name); compare/ trains a TopK SAE
+    # (dictionaries, config, train) on a dense model's MLP for the comparison
     "moex": {"train", "rundir", "models", "dictionaries", "config"},
     "vision": {"models", "data", "dictionaries"},  # a ViT's sites, image sources, harvest, the vision splice
     "__init__": {"data", "dictionaries", "interop"},  # the top-level package: featurekit.load, featurekit.tokenize

@@ -10,7 +10,7 @@ from featurekit.cli import main
 from featurekit.data.tokens import tokenize
 from featurekit.errors import FeaturekitError
 from featurekit.models.hooks import capture_activations
-from featurekit.moex.hf import loaded_model
+from featurekit.models.loading import load_model
 from featurekit.moex.stream import char_tokens, read_stream
 
 PGN = "1.e4 e5 2.Nf3 Nc6 3.Bb5 a6 4.Ba4 Nf6 5.O-O Be7 " * 40
@@ -50,7 +50,7 @@ def test_moex_train_command_trains_and_resumes(tmp_path, capsys):
     assert main(["moex", "train", str(run), "--data", str(tmp_path / "games.pgn"), "--kind", "moex", *ARGS]) == 0
     assert json.loads((run / "summary.json").read_text())["val_loss"] == first["val_loss"]
     # the finished run as a featurekit model: character tokenizer, sites, featurekit's tokenize and masks
-    loaded = loaded_model(run)
+    loaded = load_model(str(run))
     ids, keep = tokenize(loaded.tokenizer, ["1.e4 e5", "Nf3"])
     assert loaded.tokenizer.decode(ids[0].tolist()) == "1.e4 e5"
     assert ids[1, 3:].eq(len(set(PGN))).all() and not keep[1, 3:].any()  # padding: the reserved id, never kept

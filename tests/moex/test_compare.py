@@ -1,6 +1,11 @@
 """`featurekit moex compare`: the whole chess comparison end to end on tiny models, its resume and its refusals."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -8,10 +13,11 @@ import torch
 from featurekit.cli import main
 from featurekit.dictionaries import fileformat
 from featurekit.errors import FeaturekitError
-from featurekit.moex.chess import read_games
+from featurekit.models.loading import load_model
+from featurekit.models.moexlm.folder import load_lm
+from featurekit.moex.chess import VOCAB, read_games, token_stream
 from featurekit.moex.compare import ENTRIES, MODELS, CompareSettings, compare
-from featurekit.moex.hf import loaded_model
-from featurekit.moex.train import load_lm
+from featurekit.moex.train import train_lm
 
 TINY = dict(d_model=16, n_layer=2, n_head=2, seq_len=64, max_chars=64, n_experts=4, batch_size=4, steps=3, games=40,
             eval_games=6, legal_prefixes=4, sae_tokens=512, layer=-1)
@@ -45,7 +51,7 @@ def test_compare_runs_end_to_end_and_a_rerun_skips_everything(tmp_path, capsys):
     assert rows["moex_upcycled"]["paper"]["reconstruction"] == 0.840 and rows["sae"]["paper"] is None
     assert "| moex_upcycled |" in (out / "results.md").read_text()
     assert len(read_games(out / "data" / "eval")) == 6
-    assert loaded_model(out / "runs" / "moex").n_layers == 2  # the run folders are featurekit models
+    assert load_model(str(out / "runs" / "moex")).n_layers == 2  # the run folders are featurekit models
     # the same command again (through the CLI, same settings): nothing is retrained or re-evaluated
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*") if p.is_file()}
     assert main(["moex", "compare", str(out), *FLAGS]) == 0
@@ -79,3 +85,47 @@ def test_compare_settings_refuse_bad_budgets():
         CompareSettings(steps=10, seq_len=64, max_chars=128)
     with pytest.raises(FeaturekitError, match="layer=5"):
         CompareSettings(steps=10, n_layer=2, layer=5)
+
+
+def test_a_killed_compare_resumes_the_model_it_was_training_and_skips_the_finished(tmp_path):
+    """`featurekit moex compare` is SIGKILLed while it trains the third model (switch): the rerun keeps the two
+    finished dense runs as they are and continues switch from its checkpoint, ending with the weights of a switch
+    run never killed (bit for bit, one thread)."""
+    out = tmp_path / "cmp"
+    flags = [*FLAGS, "--checkpoint-every", "5", "--threads", "1"]
+    flags[flags.index("--steps") + 1] = "60"
+    proc = subprocess.Popen([sys.executable, "-m", "featurekit", "moex", "compare", str(out), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = out / "runs" / "switch" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if json.loads(state.read_text())["step"] >= 5:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    at_kill = json.loads(state.read_text())["step"]
+    assert 5 <= at_kill < 60 and not (out / "runs" / "switch" / "model.safetensors").exists()
+    dense = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("dense_*/model.safetensors")}
+    assert len(dense) == 2
+    settings = CompareSettings(**{**TINY, "steps": 60, "checkpoint_every": 5})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        doc = compare(out, settings, progress=False)
+        stream = token_stream(read_games(out / "data" / "train"))
+        reference = train_lm(tmp_path / "ref", stream, settings.lm("switch"), settings.train(60), vocab=list(VOCAB),
+                             progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert {p: p.stat().st_mtime_ns for p in dense} == dense  # finished models were not retrained
+    assert json.loads((out / "plan.json").read_text())["steps"] == 60 and doc["steps"] == 60
+    a, b = load_lm(tmp_path / "ref").state_dict(), load_lm(out / "runs" / "switch").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert reference["val_loss"] == json.loads((out / "runs" / "switch" / "summary.json").read_text())["val_loss"]
+    steps = [json.loads(line)["step"] for line in (out / "runs" / "switch" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 60

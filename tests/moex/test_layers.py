@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurekit.errors import FeaturekitError
-from featurekit.moex.layers import DenseMLP, expected_active, load_balance_loss, moex, switch_moe, top_k_gates, true_active
+from featurekit.models.moexlm.layers import DenseMLP, expected_active, load_balance_loss, moex, switch_moe, top_k_gates, true_active
 
 D_MODEL, M, D = 16, 4, 12
 

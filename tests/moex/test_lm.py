@@ -5,8 +5,8 @@ import torch
 
 from featurekit.errors import FeaturekitError
 from featurekit.models.hooks import capture_activations, replace
+from featurekit.models.moexlm.lm import KINDS, LMConfig, MoexLM, activated_mlp_params, parameter_counts, upcycle
 from featurekit.models.sites import check_site, site_dim, valid_sites
-from featurekit.moex.lm import KINDS, LMConfig, MoexLM, activated_mlp_params, parameter_counts, upcycle
 
 SMALL = dict(vocab_size=11, d_model=16, n_layer=2, n_head=2, seq_len=12, n_experts=4)
 
@@ -147,3 +147,17 @@ def test_autointerp_neuron_units_read_the_moex_experts():
     units = NeuronUnits(model, 1)
     assert units.n_units == 4 * 32 and units.site == "mlp_hidden.1"
     torch.testing.assert_close(units.directions[32 * 2 + 5], model.blocks[1].mlp.down.weight[:, 32 * 2 + 5].detach())
+
+
+def test_generate_is_greedy_and_keeps_to_the_context():
+    torch.manual_seed(0)
+    model = MoexLM(LMConfig(**SMALL, mlp="moex")).eval()
+    prompt = torch.randint(0, 11, (2, 10))
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, 15) and torch.equal(out[:, :10], prompt)
+    ids = prompt
+    for _ in range(5):  # by hand: the argmax of the last position, over the last seq_len (12) tokens
+        ids = torch.cat([ids, model(ids[:, -12:]).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+    with pytest.raises(FeaturekitError, match="greedy only"):
+        model.generate(prompt, do_sample=True)

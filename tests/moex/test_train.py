@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from featurekit.errors import FeaturekitError
-from featurekit.moex.hf import loaded_model
-from featurekit.moex.lm import LMConfig
-from featurekit.moex.train import TrainSettings, load_lm, train_lm
+from featurekit.models.loading import load_model
+from featurekit.models.moexlm.folder import load_lm
+from featurekit.models.moexlm.lm import LMConfig
+from featurekit.moex.train import TrainSettings, train_lm
 
 
 def _stream(n: int = 6000, vocab: int = 12) -> torch.Tensor:
@@ -42,7 +43,7 @@ def test_tiny_end_to_end_dense_then_upcycled_moex(tmp_path):
     model = load_lm(tmp_path / "dense")
     assert model.config.mlp == "dense_relu" and not model.training
     with pytest.raises(FeaturekitError, match="no vocab.json"):  # trained on ids: no tokenizer to build
-        loaded_model(tmp_path / "dense")
+        load_model(str(tmp_path / "dense"))
 
     moex_cfg = LMConfig(**TINY, mlp="moex", expert_hidden=64)
     up = train_lm(tmp_path / "up", tokens, moex_cfg, TrainSettings(**{**FAST, "steps": 10}), upcycle_from=tmp_path / "dense",

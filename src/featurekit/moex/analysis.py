@@ -14,8 +14,8 @@ import torch
 
 from ..errors import FeaturekitError
 from ..models.hooks import capture_activations
-from .layers import MoE, true_active
-from .lm import MoexLM
+from ..models.moexlm.layers import MoE, true_active
+from ..models.moexlm.lm import MoexLM
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,8 +18,6 @@ from safetensors.torch import load_file
 
 from ..errors import FeaturekitError
 
-PAD = "<pad>"  # the reserved id len(vocab) of a character vocabulary
-
 
 def char_tokens(text: str) -> tuple[torch.Tensor, list[str]]:
     """(ids, vocabulary) of ``text`` read as characters."""

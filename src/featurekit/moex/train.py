@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from .._io import atomic_write_json, atomic_write_text
 from ..errors import FeaturekitError
+from ..models.moexlm.folder import load_lm, save_lm
+from ..models.moexlm.lm import LMConfig, MoexLM, parameter_counts, upcycle
 from ..rundir import check_config, locked, sweep
 from ..train.checkpoint import load_checkpoint, optimizer_tensors, read_checkpoint_meta, restore_optimizer, save_checkpoint
 from ..train.schedule import lr_factor
-from .lm import LMConfig, MoexLM, parameter_counts, upcycle
 
 
 @dataclass
@@ -222,21 +222,3 @@ class _Trainer:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line torn by the kill
         atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def save_lm(model: MoexLM, folder: Path) -> None:
-    """``model.safetensors`` and ``model.json`` in ``folder``, atomically (weights first, then the config)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write_json(folder / "model.json", model.config.to_dict())
-
-
-def load_lm(folder: str | Path) -> MoexLM:
-    """The trained MoexLM in ``folder`` (a finished run folder), in eval mode; no pickle is read."""
-    folder = Path(folder)
-    if not (folder / "model.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise FeaturekitError(f"{folder} holds no trained moex model (model.json + model.safetensors); train one with "
-                              f"train_lm (or `featurekit moex train`) and let it finish")
-    model = MoexLM(LMConfig.from_dict(read_json(folder / "model.json")))
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    return model.eval()

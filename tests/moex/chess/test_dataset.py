@@ -6,6 +6,7 @@ import pytest
 
 from featurekit.errors import FeaturekitError
 from featurekit.moex.chess.dataset import build_dataset, load_token_stream, read_games, read_manifest
+from featurekit.moex.chess.engine import stockfish_available
 from featurekit.moex.chess.games import GameSpec, generate_games
 from featurekit.moex.chess.pgn import decode
 
@@ -48,3 +49,17 @@ def test_other_settings_and_damage_are_refused(tmp_path):
         read_games(tmp_path)
     with pytest.raises(FeaturekitError, match="not a finished chess dataset"):
         read_games(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(not stockfish_available(), reason="no stockfish binary (apt-get install stockfish)")
+def test_a_stockfish_dataset_records_the_engine_and_resumes_to_the_same_bytes(tmp_path):
+    spec = GameSpec(policy="stockfish", stockfish_nodes=50, max_chars=120)
+    build_dataset(tmp_path / "a", seed=3, count=4, spec=spec, shard_size=2)
+    manifest = read_manifest(tmp_path / "a")
+    assert manifest["engine"].startswith("Stockfish") and manifest["spec"]["policy"] == "stockfish"
+    whole = (tmp_path / "a" / "games-00001.txt").read_bytes()
+    manifest.update(complete=False, shards=manifest["shards"][:1])  # as if killed after the first shard
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "a" / "games-00001.txt").unlink()
+    build_dataset(tmp_path / "a", seed=3, count=4, spec=spec, shard_size=2)
+    assert (tmp_path / "a" / "games-00001.txt").read_bytes() == whole

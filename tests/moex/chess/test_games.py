@@ -4,7 +4,8 @@ import chess
 import pytest
 
 from featurekit.errors import FeaturekitError
-from featurekit.moex.chess.games import GameSpec, generate_games, random_game, stockfish_available
+from featurekit.moex.chess.engine import level_settings, stockfish_available
+from featurekit.moex.chess.games import GameSpec, generate_games, random_game
 from featurekit.moex.chess.pgn import VOCAB, board_of, moves_of
 
 
@@ -46,13 +47,27 @@ def test_bad_specs_are_named():
         GameSpec(max_chars=3)
 
 
-@pytest.mark.skipif(not stockfish_available(), reason="no stockfish binary on PATH")
-def test_stockfish_games_are_legal():
-    games = list(generate_games(0, 1, GameSpec(policy="stockfish", stockfish_nodes=50, max_chars=200)))
-    assert isinstance(board_of(games[0]), chess.Board) and len(games[0]) <= 200
+@pytest.mark.skipif(not stockfish_available(), reason="no stockfish binary (apt-get install stockfish)")
+def test_stockfish_games_are_legal_varied_and_reproducible():
+    spec = GameSpec(policy="stockfish", stockfish_nodes=50, max_chars=160)
+    games = list(generate_games(0, 4, spec))
+    assert all(isinstance(board_of(g), chess.Board) and len(g) <= 160 for g in games)
+    assert len(set(games)) == 4  # random opening plies and per-game strength: no two games alike
+    assert list(generate_games(0, 4, spec)) == games  # seeded: the same games again (same engine build)
+    assert list(generate_games(0, 2, spec, start=2)) == games[2:]  # a game depends on (seed, index) only: resumable
+    assert list(generate_games(1, 1, spec)) != games[:1]
+    strong = list(generate_games(0, 3, GameSpec(policy="stockfish", stockfish_nodes=50, max_chars=160, stockfish_skill=(20, 20))))
+    assert strong != games[:3]
 
 
-@pytest.mark.skipif(stockfish_available(), reason="a stockfish binary is on PATH")
+def test_strength_levels_set_blunders_and_nodes():
+    assert level_settings(20, 2000) == (0.0, 2000) and level_settings(0, 2000) == (0.5, 62)
+    assert level_settings(0, 10) == (0.5, 1)  # at least one node
+    with pytest.raises(FeaturekitError, match="stockfish_skill"):
+        GameSpec(policy="stockfish", stockfish_skill=(5, 21))
+
+
+@pytest.mark.skipif(stockfish_available(), reason="a stockfish binary is installed")
 def test_stockfish_missing_is_named():
-    with pytest.raises(FeaturekitError, match="stockfish binary on PATH"):
+    with pytest.raises(FeaturekitError, match="stockfish binary"):
         list(generate_games(0, 1, GameSpec(policy="stockfish")))

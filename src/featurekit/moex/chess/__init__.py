@@ -6,7 +6,8 @@ Guide: docs/moex-chess.md."""
 
 from .bsp import DEFAULT_GROUPS, GROUPS, BSPTable, board_properties, bsp_table, dot_positions, property_names
 from .dataset import build_dataset, load_token_stream, read_games, read_manifest
-from .games import GameSpec, generate_games, random_game, stockfish_available
+from .engine import stockfish_available, stockfish_path
+from .games import GameSpec, generate_games, random_game
 from .metrics import (
     THRESHOLDS,
     CoverageResult,
@@ -24,4 +25,4 @@ __all__ = ["BSPTable", "CoverageResult", "DEFAULT_GROUPS", "GROUPS", "GameSpec",
            "THRESHOLDS", "VOCAB", "board_of", "board_properties", "board_reconstruction", "bsp_coverage", "bsp_table",
            "build_dataset", "decode", "dot_positions", "encode", "game_string", "generate_games", "greedy_sampler", "legal_move_rate",
            "load_token_stream", "move_prefixes", "moves_of", "property_names", "random_game", "read_games",
-           "read_manifest", "stockfish_available", "token_stream"]
+           "read_manifest", "stockfish_available", "stockfish_path", "token_stream"]

@@ -5,10 +5,10 @@
       games-00001.txt   ...
       manifest.json     format, seed, game spec, counts, each shard's sha256, python-chess version
 
-Every file is written atomically. Random/greedy games are a pure function of (seed, index), so an
-interrupted `build_dataset` resumes: the manifest (``complete``: false) records the settings and
-the shards done so far; a rerun with the same settings keeps the shards on disk and generates the
-rest, a rerun with other settings is refused.
+Every file is written atomically. Games are a pure function of (seed, index) (Stockfish games: and of the
+engine build, which the manifest records as ``engine``), so an interrupted `build_dataset` resumes: the
+manifest (``complete``: false) records the settings and the shards done so far; a rerun with the same
+settings keeps the shards on disk and generates the rest, a rerun with other settings is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from ..._io import atomic_write_json, atomic_write_text, read_json, sha256_file
 from ...errors import FeaturekitError
+from .engine import stockfish_id
 from .games import GameSpec, generate_games
 from .pgn import VOCAB, token_stream
 
@@ -39,8 +40,9 @@ def _lines(path: Path) -> list[str]:
 
 def _settings(seed: int, count: int, spec: GameSpec, shard_size: int) -> dict:
     spec_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}  # as JSON reads it back
+    engine = stockfish_id() if spec.policy == "stockfish" else None  # a resume with another build is refused
     return {"format": FORMAT, "seed": seed, "n_games": count, "shard_size": shard_size, "spec": spec_dict,
-            "vocab": VOCAB, "deterministic": spec.policy == "random"}
+            "vocab": VOCAB, "deterministic": True, "engine": engine}
 
 
 def build_dataset(folder: str | Path, seed: int, count: int, spec: GameSpec = GameSpec(), shard_size: int = 1000,
@@ -56,7 +58,8 @@ def build_dataset(folder: str | Path, seed: int, count: int, spec: GameSpec = Ga
         old = read_json(path)
         if {k: old.get(k) for k in settings} != settings:
             raise FeaturekitError(f"{folder} already holds a chess dataset built with other settings (seed {old.get('seed')}, "
-                                  f"{old.get('n_games')} games, spec {old.get('spec')}); choose another folder or delete it")
+                                  f"{old.get('n_games')} games, spec {old.get('spec')}, engine {old.get('engine')}); choose another folder "
+                                  "or delete it")
         if old.get("complete"):
             return path
     bar = None

@@ -1,6 +1,6 @@
 """Chess games generated offline with python-chess: random legal play, optionally mixed with a weak
-one-ply heuristic, deterministic given (seed, game index); or Stockfish at varied strength when a
-``stockfish`` binary is on PATH (not deterministic, and absent from CI).
+one-ply heuristic, deterministic given (seed, game index); or Stockfish at varied strength (engine.py:
+also deterministic given (seed, index) and the Stockfish build; needs the binary, absent from CI).
 
 Random legal play is the default: it needs nothing but python-chess, every game is reproducible
 from its seed, and it covers far more board states than engine play (at the price of games no human
@@ -11,13 +11,13 @@ captures, checks, promotions and mates likelier so games are not pure noise.
 from __future__ import annotations
 
 import random
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import chess
 
 from ...errors import FeaturekitError
+from .engine import stockfish_games
 from .pgn import game_string
 
 PIECE_VALUE = {chess.PAWN: 1, chess.KNIGHT: 3, chess.BISHOP: 3, chess.ROOK: 5, chess.QUEEN: 9, chess.KING: 0}
@@ -30,19 +30,26 @@ class GameSpec:
     (mate > capture of the most valuable piece > promotion > check, ties broken at random) instead
     of a uniformly random legal move. ``max_chars``: a game stops before its string would pass this
     length (Karvonen et al.'s model reads 1,024-character blocks). ``stockfish_*``: only for policy
-    "stockfish", whose skill level is drawn per game from ``stockfish_skill`` (0..20)."""
+    "stockfish" (engine.py): a strength level drawn per game from ``stockfish_skill`` (0..20) sets the chance of a
+    random move and the engine's nodes per move (``stockfish_nodes`` at level 20); each game opens with
+    1..``stockfish_random_plies`` random plies."""
 
     policy: str = "random"
     greedy: float = 0.0
     max_chars: int = 1024
     stockfish_skill: tuple[int, int] = (0, 20)
     stockfish_nodes: int = 2000
+    stockfish_random_plies: int = 4
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise FeaturekitError(f"unknown game policy {self.policy!r}; use one of {', '.join(POLICIES)}")
         if not 0.0 <= self.greedy <= 1.0:
             raise FeaturekitError(f"greedy is a probability; got {self.greedy}, use a value in [0, 1]")
+        lo, hi = self.stockfish_skill
+        if not 0 <= lo <= hi <= 20 or self.stockfish_nodes < 1 or self.stockfish_random_plies < 1:
+            raise FeaturekitError(f"stockfish_skill={self.stockfish_skill} must be 0 ≤ lo ≤ hi ≤ 20, stockfish_nodes and "
+                                  f"stockfish_random_plies ≥ 1 (got {self.stockfish_nodes}, {self.stockfish_random_plies})")
         if self.max_chars < 8:
             raise FeaturekitError(f"max_chars={self.max_chars} cannot hold one move; use at least 8 (Karvonen et al. use 1024)")
 
@@ -98,46 +105,13 @@ def random_game(seed: int, index: int, spec: GameSpec = GameSpec()) -> str:
     return game_string(sans)
 
 
-def stockfish_available() -> bool:
-    return shutil.which("stockfish") is not None
-
-
-def stockfish_games(seed: int, start: int, count: int, spec: GameSpec) -> Iterator[str]:
-    """`count` games of Stockfish against itself, skill drawn per game from spec.stockfish_skill.
-    Not reproducible bit for bit (the engine's skill handicap has its own randomness)."""
-    import chess.engine
-
-    path = shutil.which("stockfish")
-    if path is None:
-        raise FeaturekitError("policy 'stockfish' needs a stockfish binary on PATH (Debian: apt install stockfish); "
-                              "or use policy 'random'")
-    engine = chess.engine.SimpleEngine.popen_uci(path)
-    try:
-        engine.configure({"Threads": 1})
-        for index in range(start, start + count):
-            rng = game_rng(seed, index)
-            lo, hi = spec.stockfish_skill
-            engine.configure({"Skill Level": rng.randint(lo, hi)})
-            board = chess.Board()
-            sans: list[str] = []
-            while not board.is_game_over(claim_draw=False):
-                move = engine.play(board, chess.engine.Limit(nodes=spec.stockfish_nodes)).move
-                sans.append(board.san_and_push(move))
-                if len(game_string(sans)) > spec.max_chars:
-                    sans.pop()
-                    break
-            yield game_string(sans)
-    finally:
-        engine.quit()
-
-
 def generate_games(seed: int, count: int, spec: GameSpec = GameSpec(), start: int = 0) -> Iterator[str]:
     """Games start..start+count-1 under `seed` (random/greedy: each a pure function of seed and index,
     so a run can be resumed or split across processes)."""
     if count < 0:
         raise FeaturekitError(f"count={count}: ask for zero or more games")
     if spec.policy == "stockfish":
-        yield from stockfish_games(seed, start, count, spec)
+        yield from stockfish_games(seed, start, count, spec, game_rng)
         return
     for index in range(start, start + count):
         yield random_game(seed, index, spec)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import FeaturekitError
+from ...errors import FeaturekitError
 from .layers import DenseMLP, MoE, moex, switch_moe
 
 KINDS = ("dense_gelu", "dense_relu", "switch", "moex")
@@ -162,6 +162,8 @@ class LMOutput:
 class MoexLM(nn.Module):
     """Token and position embeddings, pre-norm blocks, final norm, head tied to the token embedding."""
 
+    causal_lm = True  # its logits predict the next token (models.loading.has_lm_head)
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.config = cfg
@@ -194,6 +196,37 @@ class MoexLM(nn.Module):
         for block in self.blocks:
             x = block(x, keep)
         return LMOutput(self.ln_f(x) @ self.tok.weight.T)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (as a Hugging Face model reports it)."""
+        return self.tok.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok.weight.device
+
+    def get_output_embeddings(self) -> nn.Embedding:
+        """The unembedding (tied: the token embedding, weight (vocab, d)), as a Hugging Face LM names it."""
+        return self.tok
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 1, do_sample: bool = False, attention_mask: Tensor | None = None,
+                 **_: Any) -> Tensor:
+        """Greedy continuation (B, T + max_new_tokens), as a Hugging Face LM's ``generate`` with ``do_sample=False``
+        (the explorer's steering calls it); the context is cut to the last ``seq_len`` tokens. Sampling options are
+        ignored; ``do_sample=True`` is refused."""
+        if do_sample:
+            raise FeaturekitError("MoexLM.generate is greedy only: call it with do_sample=False")
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            window = ids[:, -self.config.seq_len:]
+            mask = None if attention_mask is None else attention_mask[:, -window.shape[1]:]
+            nxt = self(window, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
+        return ids
 
     def aux_loss(self) -> Tensor:
         """Sum of the MoE blocks' load-balancing losses of the last forward pass (0 for dense)."""

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import FeaturekitError
+from ...errors import FeaturekitError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
