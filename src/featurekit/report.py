@@ -28,7 +28,7 @@ from typing import Any
 
 from featurekit._io import atomic_write_text
 from featurekit.errors import FeaturekitError
-from featurekit.features.svg import fmt, histogram, line_chart
+from featurekit.features.svg import density_histogram, fmt, line_chart
 
 EVAL_LABELS = {  # known eval.json keys, in display order: label, meaning
     "fvu": ("FVU", "fraction of variance unexplained, Σ‖x−x̂‖² / Σ‖x−mean(x)‖² (lower is better)"),
@@ -194,17 +194,8 @@ def _density_section(path: Path) -> str:
     if note or not isinstance(dens, list):
         return _note(note or f"{path.name} has no \"density\" list.")
     dens = [float(d) for d in dens if _finite(d)]
-    logs = [math.log10(d) for d in dens if d > 0]
-    n_dead, n_dense = len(dens) - len(logs), sum(d > 0.1 for d in dens)
-    lo = math.floor(min(logs)) if logs else -6
-    width = 0.25 if -lo <= 4 else 0.5
-    n_bins = max(1, math.ceil(-lo / width))
-    edges = [lo + i * width for i in range(n_bins + 1)]
-    counts = [0] * n_bins
-    for v in logs:
-        counts[min(int((v - lo) / width), n_bins - 1)] += 1
-    svg = histogram(counts, edges, title="Firing rate per latent", xlabel="log10(firing rate)",
-                    extra=("dead", n_dead), marker=(-1.0, "dense (10%)"))
+    n_dead, n_dense = sum(d <= 0 for d in dens), sum(d > 0.1 for d in dens)
+    svg = density_histogram(dens)
     pct = lambda n: f"{100 * n / max(len(dens), 1):.1f}%"  # noqa: E731
     caption = (f"{len(dens):,} latents · {n_dead:,} dead ({pct(n_dead)}) · "
                f"{n_dense:,} dense &gt;10% ({pct(n_dense)})")

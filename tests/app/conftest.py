@@ -127,7 +127,7 @@ def start_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "featurekit", "serve", *args, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url, lines, deadline = None, [], time.monotonic() + 90
+    url, lines, deadline = None, [], time.monotonic() + 300  # generous: only a hang guard (imports alone take minutes on a loaded machine)
     while url is None and time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:

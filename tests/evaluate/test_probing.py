@@ -4,23 +4,17 @@ on the tiny random model writing SAEBench's fields."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featurekit.dictionaries import TopKSAE
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate.probes import fit_logistic, mean_difference_latents, pca_basis
 from featurekit.evaluate.probing import balanced_task, probe_accuracies
-from featurekit.interop import export
 
-ROOT = Path(__file__).parents[2]
+from .conftest import cli
 
 
 def separable(seed: int, n: int = 120, d: int = 8, column: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,24 +74,8 @@ def test_k_sparse_probes_find_the_one_informative_latent_and_beat_the_dense_nois
     assert int(target.sum()) == 40 and len(idx) == 80 and all((labels[i] == "a") == t for i, t in zip(idx.tolist(), target.tolist()))
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "featurekit.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-
-
-def test_eval_suite_probing_writes_saebench_fields(tiny, tmp_path):
-    model = str((tiny / "model").resolve())
-    sae = TopKSAE(32, 64, k=4, seed=0)
-    sae.metadata = {"source": {"model": model, "site": "resid_post.1"}}
-    folder = export(sae, "saelens", tmp_path / "saelens_sae")
-    done = cli("import", str(folder), "--name", "r", "--set", f"out_dir={tmp_path / 'runs'}", "--set", "model.dtype=float32",
-               "--set", f"data.source={tiny / 'text.txt'}", "--set", "data.context_len=16")
-    assert done.returncode == 0, done.stderr
-    run = tmp_path / "runs" / "r"
-    config = json.loads((run / "config.json").read_text())
-    config["eval"].update(probing_train_docs=6, probing_test_docs=4, probing_tokens=16, probing_ks="1,2")
-    (run / "config.json").write_text(json.dumps(config))
-
+def test_eval_suite_probing_writes_saebench_fields(probing_run):
+    run = probing_run
     bad = cli("eval", str(run), "--suite", "core,probes", "--quiet")
     assert bad.returncode != 0 and "valid: core, probing, probing_source, probing_tokens, absorption, steering" in bad.stderr
     done = cli("eval", str(run), "--suite", "probing", "--quiet")

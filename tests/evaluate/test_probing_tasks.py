@@ -11,7 +11,7 @@ from featurekit.dictionaries import TopKSAE
 from featurekit.interop import export
 from featurekit.pipeline.probing_tasks import select_tokens
 
-from .test_probing import cli
+from .conftest import cli
 
 
 def positive(token: str) -> set[str]:
@@ -63,18 +63,8 @@ def test_select_tokens_balances_and_caps():
     assert int(y.sum()) == 20 and len(idx) == 40
 
 
-def test_eval_suites_probing_source_and_tokens_on_the_tiny_model(tiny, tmp_path):
-    model = str((tiny / "model").resolve())
-    sae = TopKSAE(32, 64, k=4, seed=0)
-    sae.metadata = {"source": {"model": model, "site": "resid_post.1"}}
-    folder = export(sae, "saelens", tmp_path / "saelens_sae")
-    done = cli("import", str(folder), "--name", "r", "--set", f"out_dir={tmp_path / 'runs'}", "--set", "model.dtype=float32",
-               "--set", f"data.source={tiny / 'text.txt'}", "--set", "data.context_len=16")
-    assert done.returncode == 0, done.stderr
-    run = tmp_path / "runs" / "r"
-    config = json.loads((run / "config.json").read_text())
-    config["eval"].update(probing_train_docs=6, probing_test_docs=4, probing_tokens=16, probing_ks="1,2")
-    (run / "config.json").write_text(json.dumps(config))
+def test_eval_suites_probing_source_and_tokens_on_the_tiny_model(probing_run):
+    run = probing_run
     done = cli("eval", str(run), "--suite", "probing_source,probing_tokens", "--quiet")
     assert done.returncode == 0, done.stderr
     source = json.loads((run / "evals" / "sparse_probing_source.json").read_text())

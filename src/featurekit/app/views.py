@@ -18,6 +18,7 @@ from urllib.parse import quote, urlencode
 import jinja2
 from markupsafe import Markup, escape
 
+from ..features.svg import density_histogram as svg_density_histogram
 from ..features.svg import fmt, histogram, line_chart
 
 LEVELS = 16
@@ -128,17 +129,7 @@ def act_histogram(hist: dict[str, list[int]] | None, edges: Sequence[float], den
 
 def density_histogram(densities: Sequence[float]) -> Markup:
     """Latents by log10 firing rate, dead ones apart (as the static report draws it)."""
-    logs = [math.log10(d) for d in densities if d > 0]
-    n_dead = len(densities) - len(logs)
-    lo = math.floor(min(logs)) if logs else -6
-    width = 0.25 if -lo <= 4 else 0.5
-    n_bins = max(1, math.ceil(-lo / width))
-    edges = [lo + i * width for i in range(n_bins + 1)]
-    counts = [0] * n_bins
-    for v in logs:
-        counts[min(int((v - lo) / width), n_bins - 1)] += 1
-    return Markup(histogram(counts, edges, title="Firing rate per latent", xlabel="log10(firing rate)",
-                            extra=("dead", n_dead), marker=(-1.0, "dense (10%)")))
+    return Markup(svg_density_histogram(densities))
 
 
 def curves(rows: Sequence[dict]) -> list[Markup]:

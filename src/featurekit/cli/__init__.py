@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"featurekit: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a file featurekit had to read or write: name it and the cause
+        if isinstance(err, TimeoutError):
+            print(f"featurekit: error: timed out ({err or 'no reply in time'}): is the machine overloaded?", file=sys.stderr)
+            return 2
         where = f" {err.filename}" if err.filename else ""
-        print(f"featurekit: error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
+        print(f"featurekit: error: cannot access{where}: {err.strerror or err or type(err).__name__}", file=sys.stderr)
         return 2
     finally:
         _leave_process_group(sync=done)

@@ -151,3 +151,18 @@ def histogram(counts: Sequence[int], edges: Sequence[float], *, title: str, xlab
         body.append(f'<line x1="{mx:.1f}" y1="{TOP}" x2="{mx:.1f}" y2="{H - BOTTOM}" class="mk"/>'
                     f'<text x="{mx - 3:.1f}" y="{TOP + 10}" class="ml">{escape(marker[1])}</text>')
     return _frame(title, xlabel, ylabel, body)
+
+
+def density_histogram(densities: Sequence[float]) -> str:
+    """Latents by log10 firing rate (bins of 0.25, or 0.5 below 10⁻⁴), dead ones as a separate bar, the 10 % line marked."""
+    logs = [math.log10(d) for d in densities if d > 0]
+    n_dead = len(densities) - len(logs)
+    lo = math.floor(min(logs)) if logs else -6
+    width = 0.25 if -lo <= 4 else 0.5
+    n_bins = max(1, math.ceil(-lo / width))
+    edges = [lo + i * width for i in range(n_bins + 1)]
+    counts = [0] * n_bins
+    for v in logs:
+        counts[min(int((v - lo) / width), n_bins - 1)] += 1
+    return histogram(counts, edges, title="Firing rate per latent", xlabel="log10(firing rate)",
+                     extra=("dead", n_dead), marker=(-1.0, "dense (10%)"))

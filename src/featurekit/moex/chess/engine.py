@@ -39,6 +39,9 @@ def stockfish_path() -> str | None:
     return str(DEBIAN_PATH) if DEBIAN_PATH.is_file() else None
 
 
+ENGINE_TIMEOUT_S = 600.0
+
+
 def stockfish_available() -> bool:
     return stockfish_path() is not None
 
@@ -50,7 +53,8 @@ def _open(path: str | None = None) -> Any:
     if path is None:
         raise FeaturekitError("policy 'stockfish' needs a stockfish binary (Debian: apt-get install stockfish, which puts it "
                               "in /usr/games; or any stockfish on PATH); or use policy 'random'")
-    engine = chess.engine.SimpleEngine.popen_uci(path)
+    # python-chess waits 10 s for each engine reply by default; a busy machine needs longer (node limits bound the work)
+    engine = chess.engine.SimpleEngine.popen_uci(path, timeout=ENGINE_TIMEOUT_S)
     engine.configure({"Threads": 1, "Hash": 16, "Skill Level": 20})
     return engine
 
