@@ -4,7 +4,8 @@ is the clean model, the linear-response prediction agrees with each feature's to
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from featurekit.circuits import attribution, faithfulness, prune, replacement
 from featurekit.errors import FeaturekitError
