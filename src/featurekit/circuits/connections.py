@@ -49,22 +49,29 @@ def upstream(model: Any, reader: Any, layer: int, feature: int, writers: dict[in
     device = next(unwrap(model).parameters()).device
     total = {at: torch.zeros(tc.n_latents) for at, tc in writers.items()}
     for ids, pos in examples:
-        codes: dict[int, Tensor] = {}
-        seen: dict[str, Tensor] = {}
-        with ExitStack() as stack:
-            for at, tc in writers.items():
-                stack.enter_context(replace(model, f"mlp_in.{at}", lambda a, at=at: seen.__setitem__(f"in{at}", a) or a))
-                stack.enter_context(replace(model, f"mlp_out.{at}", lambda a, at=at, tc=tc: _straight_through(a, tc, seen[f"in{at}"], codes, at)))
-            stack.enter_context(replace(model, f"mlp_in.{layer}", lambda a: seen.__setitem__("reader", a) or a))
-            unwrap(model)(input_ids=torch.as_tensor(ids[:pos + 1], device=device)[None], use_cache=False)
-        m = seen["reader"][0, pos].float()
-        pre = m @ reader.W_enc[feature] + reader.b_enc[feature]
-        leaves = [codes[at] for at in writers]
-        grads = torch.autograd.grad(pre, leaves, allow_unused=True)
-        for at, f, g in zip(writers, leaves, grads):
-            if g is not None:
-                total[at] += (f.detach() * g)[0].sum(0).cpu()
+        _upstream_one(model, reader, layer, feature, writers, ids, pos, device, total)
     return {at: t / len(examples) for at, t in total.items()}
+
+
+def _upstream_one(model: Any, reader: Any, layer: int, feature: int, writers: dict[int, Any], ids: Sequence[int],
+                  pos: int, device: Any, total: dict[int, Tensor]) -> None:
+    """One example's Σ_t' f_i[t'] · ∂π_j[t] / ∂f_i[t'] for every writer latent, added into `total`."""
+    codes: dict[int, Tensor] = {}
+    seen: dict[str, Tensor] = {}
+    with ExitStack() as stack:
+        for at, tc in writers.items():
+            stack.enter_context(replace(model, f"mlp_in.{at}", lambda a, at=at: seen.__setitem__(f"in{at}", a) or a))
+            stack.enter_context(replace(model, f"mlp_out.{at}",
+                                        lambda a, at=at, tc=tc: _straight_through(a, tc, seen[f"in{at}"], codes, at)))
+        stack.enter_context(replace(model, f"mlp_in.{layer}", lambda a: seen.__setitem__("reader", a) or a))
+        unwrap(model)(input_ids=torch.as_tensor(ids[:pos + 1], device=device)[None], use_cache=False)
+    m = seen["reader"][0, pos].float()
+    pre = m @ reader.W_enc[feature] + reader.b_enc[feature]
+    leaves = [codes[at] for at in writers]
+    grads = torch.autograd.grad(pre, leaves, allow_unused=True)
+    for at, f, g in zip(writers, leaves, grads):
+        if g is not None:
+            total[at] += (f.detach() * g)[0].sum(0).cpu()
 
 
 def downstream(model: Any, writer: Any, layer: int, feature: int, readers: dict[int, Any],
