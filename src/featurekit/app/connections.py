@@ -118,9 +118,11 @@ def mean_input_gradient(loaded: Any, lock: Any, run: Run, layer: int, feature: i
         downs = {at: _folded(o) for at, o in by_layer.items() if at > layer}
         values = {}
         if ups:
-            values.update({("mig_up", at): v for at, v in circuit_connections.upstream(loaded.model, me, layer, feature, ups, examples).items()})
+            found = circuit_connections.upstream(loaded.model, me, layer, feature, ups, examples)
+            values.update({("mig_up", at): v for at, v in found.items()})
         if downs:
-            values.update({("mig_down", at): v for at, v in circuit_connections.downstream(loaded.model, me, layer, feature, downs, examples).items()})
+            found = circuit_connections.downstream(loaded.model, me, layer, feature, downs, examples)
+            values.update({("mig_down", at): v for at, v in found.items()})
     for (key, at), v in values.items():
         other = by_layer[at]
         ids = v.abs().topk(min(k, v.numel())).indices.tolist()
