@@ -39,7 +39,8 @@ def test_upstream_equals_finite_difference(setup):
     for layer in (0, 1):
         for i in got[layer].abs().topk(3).indices.tolist():
             write = codes[layer][:, i:i + 1] * tset[layer].W_dec[i]           # (T, d): latent i at every position
-            fd = (_pre(model, ids, 2, tset[2], layer, EPS * write)[pos, j] - _pre(model, ids, 2, tset[2], layer, -EPS * write)[pos, j]) / (2 * EPS)
+            plus, minus = (_pre(model, ids, 2, tset[2], layer, s * EPS * write)[pos, j] for s in (1, -1))
+            fd = (plus - minus) / (2 * EPS)
             assert abs(float(got[layer][i]) - float(fd)) <= 2e-2 * abs(float(fd)) + 1e-4
     twice = connections.upstream(model, tset[2], 2, j, {1: tset[1]}, [(ids, pos), (ids, pos)])
     assert torch.allclose(twice[1], got[1], atol=1e-6)                           # the mean of equal examples

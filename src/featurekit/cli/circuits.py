@@ -90,8 +90,8 @@ def _trace(args: argparse.Namespace) -> int:
 
 def _circuits_parser(sub: argparse._SubParsersAction) -> None:
     """`featurekit circuits train-set | quality`: transcoder sets for circuits."""
-    circuits = sub.add_parser("circuits", help="transcoder sets for attribution graphs: train one, measure its replacement quality"
-                              ).add_subparsers(dest="circuits", required=True)
+    circuits = sub.add_parser("circuits", help="transcoder sets for attribution graphs: train one, measure its replacement "
+                                               "quality, test a graph's faithfulness").add_subparsers(dest="circuits", required=True)
     p = circuits.add_parser(
         "train-set", help="train a transcoder for every layer (or the chosen ones) of a model, or one cross-layer transcoder",
         description="Per-layer transcoders (--method transcoder or skiptranscoder) are trained layer by layer, each an "
@@ -160,18 +160,16 @@ def _faithfulness(args: argparse.Namespace) -> int:
 
     from .._io import atomic_write_json
     from ..circuits import faithfulness
-    from ..circuits.trace import target_ids, trace
+    from ..circuits.trace import prompt_ids, target_ids, trace
+    from ..models.sites import unwrap
 
     start = time.perf_counter()
     tset, loaded = _load_set_and_model(args)
     if args.target:
         target = target_ids(loaded.tokenizer, [args.target])[0]
-    else:
-        from ..circuits.trace import prompt_ids
-
+    else:                                   # the model's own top next token
         with torch.no_grad():
             ids = prompt_ids(loaded.tokenizer, args.prompt)
-            from ..models.sites import unwrap
             target = int(unwrap(loaded.model)(input_ids=ids[None]).logits[0, -1].argmax())
     result = trace(loaded, tset, args.prompt, out=args.graph_out, target_tokens=[target], node_threshold=args.node_threshold,
                    edge_threshold=args.edge_threshold, max_feature_nodes=args.max_feature_nodes)
