@@ -55,7 +55,8 @@ def test_downstream_equals_finite_difference(setup):
     write = torch.zeros(len(ids), tset[0].W_dec.shape[1])
     write[pos] = codes[0][pos, i] * tset[0].W_dec[i]
     for layer in (1, 2):
-        fd = ((_pre(model, ids, layer, tset[layer], 0, EPS * write) - _pre(model, ids, layer, tset[layer], 0, -EPS * write)) / (2 * EPS)).sum(0)
+        plus, minus = (_pre(model, ids, layer, tset[layer], 0, s * EPS * write) for s in (1, -1))
+        fd = ((plus - minus) / (2 * EPS)).sum(0)
         top = got[layer].abs().topk(5).indices
         assert torch.allclose(got[layer][top], fd[top], rtol=2e-2, atol=1e-4)
     assert connections.top(got, 3)[0][2] == max((float(v) for g in got.values() for v in g), key=abs)
