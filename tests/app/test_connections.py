@@ -65,3 +65,32 @@ def test_connections_page(server):
     assert "/connections" not in request(server, "/r/topk/f/3")[2]
     assert request(server, "/r/topk/f/3/connections")[0] == 400
     assert request(server, "/r/transcoder/f/100000/connections")[0] == 404
+
+
+def test_mean_input_gradient_panel(layer0_run, app_runs, server):
+    """The connections' mean input × gradient rows are `circuits.connections` over the store's top examples (the
+    same numbers, ranked by |value|), both directions; the page offers and shows them."""
+    from featurekit.circuits import connections as circuit_connections
+    from featurekit.features.store import FeatureStore
+
+    runs = Runs([app_runs["transcoder"], layer0_run])
+    models = live.Models()
+    try:
+        down, up = runs.get("transcoder"), runs.get("tc0")
+        feature = next(f for f in range(down.n_latents) if down.query(FeatureStore.example_contexts, f, "top", 4))
+        c = connections.connections(models, runs, down, feature, k=4, mig=True, n_examples=4)
+        examples = down.query(FeatureStore.example_contexts, feature, "top", 4)
+        assert c["mig_examples"] == len(examples) > 0 and c["mig_down"] == [] and len(c["mig_up"]) == 4
+        loaded, _ = models.use(down)
+        direct = circuit_connections.upstream(loaded.model, connections._folded(down), 1, feature,
+                                              {0: connections._folded(up)}, examples)[0]
+        assert [r["id"] for r in c["mig_up"]] == direct.abs().topk(4).indices.tolist()
+        assert all(abs(r["v"] - float(direct[r["id"]])) < 1e-5 for r in c["mig_up"])
+        source = next(f for f in range(up.n_latents) if up.query(FeatureStore.example_contexts, f, "top", 2))
+        back = connections.connections(models, runs, up, source, k=3, mig=True, n_examples=2)
+        assert back["mig_up"] == [] and len(back["mig_down"]) == 3 and back["mig_down"][0]["run"] == "transcoder"
+        assert "mig_up" not in connections.connections(models, runs, down, feature)
+    finally:
+        runs.close()
+    status, _, page = request(server, "/r/transcoder/f/3/connections?mig=1")   # the served run has no peers
+    assert status == 200 and "No other transcoder run" in page

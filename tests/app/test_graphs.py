@@ -95,3 +95,22 @@ def test_graph_files_are_checked(tmp_path, graph_files):
         Graphs([tmp_path / "missing.json"])
     graphs = Graphs([graph_files["tiny"], graph_files["tiny"], graph_files["bare"]])
     assert [g.name for g in graphs] == ["tiny", "tiny-2", "bare"] and graphs.get("1").name == "tiny-2"
+
+
+def test_graph_shows_model_name_and_partial_sets(tmp_path, graph_files, server):
+    """The page names a local model by its folder's name, never the machine's path; a graph traced through a partial
+    set says so and its intervention model rebuilds that partial set (its gaps stay error nodes)."""
+    from featurekit.app.graphs import Graphs
+    from featurekit.circuits.transcoder_set import PartialSet
+
+    doc = json.loads(graph_files["tiny"].read_text(encoding="utf-8"))
+    model_path = doc["metadata"]["featurekit"]["model"]
+    status, _, page = request(server, "/g/tiny/")
+    assert "model <code>model</code>" in page and model_path not in page and "partial" not in page
+    doc["metadata"]["featurekit"]["partial_set"] = {"covered": [0, 2], "missing": [1]}
+    doc["metadata"]["transcoder_list"][1] = "none"
+    (tmp_path / "partial.json").write_text(json.dumps(doc), encoding="utf-8")
+    graph = Graphs([tmp_path / "partial.json"]).get("partial")
+    assert graph.partial == {"covered": [0, 2], "missing": [1]} and graph.model_label == "model"
+    tset = graph.intervener._transcoders()
+    assert isinstance(tset, PartialSet) and tset.missing == [1] and tset.covered == [0, 2]

@@ -8,7 +8,11 @@ model whose decoders write most into its encoder (upstream, layers < L) and whos
 in raw units (normalisation scales folded, `TranscoderSet.folded`), through the weight γ of the pre-MLP norm of
 the reading layer; the norm's per-token 1/rms (or 1/σ) factor and attention are left out, so V is the effect of a
 unit code on the reader's pre-activation per unit of that factor, the same for every input. The model (for γ) is
-the run's own, loaded as for "try a text". The mean input-times-gradient over the store's examples is not built.
+the run's own, loaded as for "try a text".
+
+Beside them, on request (`mig=True`, the page's button), the input-dependent counterpart: the mean input × gradient
+over the feature store's top examples of this feature (`circuits.connections`: the real model, every MLP and
+attention live, each served peer transcoder's codes spliced in straight-through), upstream and downstream.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .queries import BadRequest, NotFound
 from .runs import Run, Runs
 
 TOP = 8
+MIG_EXAMPLES = 16   # the store's top examples averaged over for mean input × gradient
 
 
 def transcoder_layer(run: Run) -> int | None:
@@ -51,8 +56,10 @@ def _norm(model: Any, layer: int) -> tuple[torch.Tensor | None, bool]:
     return (None if weight is None else weight.detach().float().cpu()), isinstance(ln, nn.LayerNorm)
 
 
-def connections(models: Models, runs: Runs, run: Run, feature: int, k: int = TOP) -> dict[str, Any]:
-    """{"layer", "up": [...], "down": [...], "peers": [run names]}: each row {run, layer, id, v, tokens, explanation}."""
+def connections(models: Models, runs: Runs, run: Run, feature: int, k: int = TOP, mig: bool = False,
+                n_examples: int = MIG_EXAMPLES) -> dict[str, Any]:
+    """{"layer", "up": [...], "down": [...], "peers": [run names]}: each row {run, layer, id, v, tokens, explanation};
+    with `mig` also "mig_up", "mig_down" (rows with v = mean input × gradient) and "mig_examples" (how many)."""
     layer = transcoder_layer(run)
     if layer is None:
         raise BadRequest(f"{run.name} is a {run.method} dictionary at {run.site}; connections are between transcoders "
@@ -87,6 +94,44 @@ def connections(models: Models, runs: Runs, run: Run, feature: int, k: int = TOP
                 out[key].append({"run": other.name, "layer": at, "id": i, "v": float(v[i]), "tokens": s.get("tokens", []),
                                  "explanation": s.get("explanation")})
     for key in ("up", "down"):
+        out[key].sort(key=lambda r: -abs(r["v"]))
+        out[key] = out[key][:k]
+    if mig:
+        out.update(mean_input_gradient(loaded, lock, run, layer, feature, peers, k, n_examples))
+    return out
+
+
+def mean_input_gradient(loaded: Any, lock: Any, run: Run, layer: int, feature: int, peers: list[Run], k: int,
+                        n_examples: int) -> dict[str, Any]:
+    """{"mig_up", "mig_down", "mig_examples"}: the peers' features ranked by |mean input × gradient| over this
+    feature's top examples in the store (module docstring)."""
+    from ..circuits import connections as circuit_connections
+
+    examples = run.query(FeatureStore.example_contexts, feature, "top", n_examples)
+    out: dict[str, Any] = {"mig_up": [], "mig_down": [], "mig_examples": len(examples)}
+    if not examples:
+        return out
+    by_layer = {transcoder_layer(o): o for o in peers}
+    with lock:
+        me = _folded(run)
+        ups = {at: _folded(o) for at, o in by_layer.items() if at < layer}
+        downs = {at: _folded(o) for at, o in by_layer.items() if at > layer}
+        values = {}
+        if ups:
+            found = circuit_connections.upstream(loaded.model, me, layer, feature, ups, examples)
+            values.update({("mig_up", at): v for at, v in found.items()})
+        if downs:
+            found = circuit_connections.downstream(loaded.model, me, layer, feature, downs, examples)
+            values.update({("mig_down", at): v for at, v in found.items()})
+    for (key, at), v in values.items():
+        other = by_layer[at]
+        ids = v.abs().topk(min(k, v.numel())).indices.tolist()
+        summaries = other.query(FeatureStore.summaries, ids)
+        for i in ids:
+            s = summaries.get(i, {})
+            out[key].append({"run": other.name, "layer": at, "id": i, "v": float(v[i]), "tokens": s.get("tokens", []),
+                             "explanation": s.get("explanation")})
+    for key in ("mig_up", "mig_down"):
         out[key].sort(key=lambda r: -abs(r["v"]))
         out[key] = out[key][:k]
     return out

@@ -88,6 +88,20 @@ class ServedGraph:
     def title(self) -> str:
         return str(self.meta.get("slug") or self.name)
 
+    @property
+    def model_label(self) -> str:
+        """The model's name as the page shows it: a local model folder by its own name, not the machine's path
+        (an embedded name or Hub id as it is)."""
+        name = self.model_name
+        path = Path(name)
+        return path.name if name and (path.is_absolute() or name.startswith(".")) and path.name else name
+
+    @property
+    def partial(self) -> dict | None:
+        """{"covered", "missing"} when the graph was traced through a partial set, else None."""
+        value = self.extra.get("partial_set")
+        return value if isinstance(value, dict) else None
+
     def resolve(self, entry: str) -> Path:
         """A path the graph names: absolute, or relative to the working folder, else to the graph's folder."""
         p = Path(entry)
@@ -268,10 +282,13 @@ class Intervener:
         from ..circuits import transcoder_set
 
         entries = self.graph.transcoder_list
-        if not entries or any(e.startswith("layer ") or e == "cross-layer transcoder" for e in entries):
+        present = [e for e in entries if e != transcoder_set.NO_TRANSCODER]
+        if not present or any(e.startswith("layer ") or e == "cross-layer transcoder" for e in present):
             raise FeaturekitError("the graph does not say where its transcoders are (transcoder_list holds no folders); "
                                   "trace it again with `featurekit trace --set SET_DIR`")
-        paths = [self.graph.resolve(e) for e in entries]
+        paths = [self.graph.resolve(e) for e in present]
+        if len(present) < len(entries):          # traced through a partial set: its gaps stay error nodes
+            return transcoder_set.partial(transcoder_set.from_folders(paths), len(entries))
         if len(paths) == 1:
             for folder in (paths[0], paths[0].parent):  # a cross-layer set lists its CLT folder inside the set
                 if (folder / transcoder_set.MANIFEST).is_file():

@@ -105,5 +105,6 @@ class RunPages:
     async def connections(self, request: Request) -> Response:
         run = self.run(request)
         feature = whole_number(request.path_params["feature"], "feature id", not_found=True)
-        data = await run_in_threadpool(connections_mod.connections, self.models, self.runs, run, feature)
-        return self.page("connections.html", request, run, section="features", fid=feature, c=data)
+        mig = request.query_params.get("mig") == "1"
+        data = await run_in_threadpool(connections_mod.connections, self.models, self.runs, run, feature, mig=mig)
+        return self.page("connections.html", request, run, section="features", fid=feature, c=data, mig=mig)

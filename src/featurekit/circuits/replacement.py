@@ -250,7 +250,7 @@ def build(model: Any, transcoders: AnySet, input_ids: Tensor | Sequence[int]) ->
         with torch.no_grad():
             codes.append(tset.encode(layer, m).float())
             prediction = tset.prediction(layer, dict(enumerate(codes)), m).float()
-            if isinstance(tset, TranscoderSet):
+            if isinstance(tset, TranscoderSet) and layer in tset.transcoders:
                 _check_affine(tset[layer], layer, m, codes[layer], prediction)
         mlp_in.append(m)
         mlp_out.append(y)

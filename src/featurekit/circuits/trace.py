@@ -16,7 +16,7 @@ import torch
 from ..data.tokens import tokenize
 from ..errors import FeaturekitError
 from . import attribution, graph_json, prune, replacement
-from .transcoder_set import KIND_CLT, AnySet
+from .transcoder_set import KIND_CLT, AnySet, PartialSet
 
 
 @dataclass
@@ -27,6 +27,7 @@ class TraceResult:
     replacement_error: float     # max |replacement logits − clean logits| / max |clean logits|
     document: dict[str, Any]
     seconds: float
+    replacement: Any = None      # the prompt's LocalReplacement (for interventions on it)
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
@@ -65,9 +66,30 @@ def trace(loaded: Any, transcoders: AnySet, prompt: str, *, out: str | Path | No
         token_strings=token_strings, vocab_strings=vocab_strings,
         transcoder_list=transcoders.listing(), widths={layer: transcoders.width(layer) for layer in transcoders.layers},
         node_threshold=node_threshold, edge_threshold=edge_threshold, extra=extra, cross_layer=transcoders.kind == KIND_CLT)
+    if isinstance(transcoders, PartialSet):
+        note = partial_note(transcoders)
+        document["metadata"]["featurekit"]["partial_set"] = {"covered": transcoders.covered, "missing": transcoders.missing}
+        document["metadata"]["info"]["description"] += f" (PARTIAL SET: {note})"
     if out is not None:
         graph_json.write(document, out)
-    return TraceResult(graph, pruned, scores, error, document, seconds)
+    return TraceResult(graph, pruned, scores, error, document, seconds, rm)
+
+
+def partial_note(tset: PartialSet) -> str:
+    """One line saying which layers a partial set lacks and what that means."""
+    return (f"transcoders at layers {_ranges(tset.covered)} only; layers {_ranges(tset.missing)} have none, their whole MLP "
+            "output is that layer's error node (exact, no features there)")
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(parts) or "none"
 
 
 def _slug(prompt: str) -> str:

@@ -25,6 +25,8 @@ group (runs, bench, interop, explain, circuits, moex), each with `add_parsers(su
     featurekit circuits train-set OUT_DIR [--model M] [--layers all|0,2|3-6] [--method transcoder|skiptranscoder|clt]
                                                                 a transcoder set (PLT layer by layer, or one CLT)
     featurekit circuits quality SET_DIR [--text SOURCE] [--tokens N] [--out FILE]   every MLP replaced by the set: CE, KL
+    featurekit circuits faithfulness (--set DIR | --transcoders DIR...) --prompt TEXT [--target TOK] [--partial-set]
+                                                                ablate a graph's top features: predicted vs measured logit change
     featurekit moex train RUN_DIR --data FILE [--kind moex|switch|dense_gelu|dense_relu]   a small LM with MoE-X / baseline MLPs
                                                                 (its run folder is then a model: --set model.name=RUN_DIR)
 """

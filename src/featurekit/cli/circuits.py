@@ -22,11 +22,7 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
                     "norm denominators at the prompt's clean forward, add an error node per (layer, position) so the logits "
                     "stay exact, and write the pruned attribution graph (direct effects between features, error nodes, token "
                     "embeddings and the top logits) as circuit-tracer / Neuronpedia graph JSON. docs/circuits.md explains it.")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--set", type=Path, metavar="SET_DIR",
-                       help="a transcoder set folder (transcoder_set.json + one dictionary per layer)")
-    which.add_argument("--transcoders", type=Path, nargs="+", metavar="DIR",
-                       help="featurekit transcoder folders, one per layer (each file names its mlp_in.L site)")
+    _set_args(p)
     p.add_argument("--prompt", required=True, help="the text whose next-token prediction the graph explains")
     p.add_argument("--out", type=Path, required=True, help="graph JSON file to write")
     p.add_argument("--model", help="embedded name, local directory, .gguf file or Hub id (default: the model the transcoders name)")
@@ -39,19 +35,46 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass (default 256)")
     p.add_argument("--max-feature-nodes", type=int,
                    help="at most this many feature nodes, the most influential first (default: every active feature)")
+    _partial_arg(p)
     p.add_argument("--device", default="cpu")
 
 
-def _trace(args: argparse.Namespace) -> int:
+def _set_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--set", type=Path, metavar="SET_DIR",
+                       help="a transcoder set folder (transcoder_set.json + one dictionary per layer)")
+    which.add_argument("--transcoders", type=Path, nargs="+", metavar="DIR",
+                       help="featurekit transcoder folders, one per layer (each file names its mlp_in.L site)")
+
+
+def _partial_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partial-set", action="store_true",
+                   help="accept transcoders for only some layers: each layer without one keeps its whole MLP output as "
+                        "that layer's error node (exact, but no features there); results are labelled a partial set's")
+
+
+def _load_set_and_model(args: argparse.Namespace) -> tuple:
+    """(set, loaded model) from --set/--transcoders, --model, --partial-set, --device."""
     from ..circuits import transcoder_set
-    from ..circuits.trace import target_ids, trace
+    from ..circuits.trace import partial_note
     from ..models.loading import load_model
+    from ..models.sites import blocks
 
     tset = transcoder_set.load(args.set, args.device) if args.set else transcoder_set.from_folders(args.transcoders, args.device)
     name = args.model or tset.model
     if not name:
         raise FeaturekitError("the transcoders do not name their model; pass --model (embedded name, local folder or Hub id)")
     loaded = load_model(name, device=args.device)
+    if args.partial_set:
+        tset = transcoder_set.partial(tset, len(blocks(loaded.model)))
+        print(f"PARTIAL SET: {partial_note(tset)}")
+    return tset, loaded
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from ..circuits.trace import target_ids, trace
+
+    tset, loaded = _load_set_and_model(args)
     targets = target_ids(loaded.tokenizer, args.targets) if args.targets else None
     result = trace(loaded, tset, args.prompt, out=args.out, target_tokens=targets, max_n_logits=args.max_logits,
                    desired_logit_prob=args.logit_prob, batch_size=args.batch_size, node_threshold=args.node_threshold,
@@ -67,8 +90,8 @@ def _trace(args: argparse.Namespace) -> int:
 
 def _circuits_parser(sub: argparse._SubParsersAction) -> None:
     """`featurekit circuits train-set | quality`: transcoder sets for circuits."""
-    circuits = sub.add_parser("circuits", help="transcoder sets for attribution graphs: train one, measure its replacement quality"
-                              ).add_subparsers(dest="circuits", required=True)
+    circuits = sub.add_parser("circuits", help="transcoder sets for attribution graphs: train one, measure its replacement "
+                                               "quality, test a graph's faithfulness").add_subparsers(dest="circuits", required=True)
     p = circuits.add_parser(
         "train-set", help="train a transcoder for every layer (or the chosen ones) of a model, or one cross-layer transcoder",
         description="Per-layer transcoders (--method transcoder or skiptranscoder) are trained layer by layer, each an "
@@ -105,9 +128,77 @@ def _circuits_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     p.add_argument("--out", type=Path, help="also write the result to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = circuits.add_parser(
+        "faithfulness", help="ablate a prompt's graph's top features and compare the target logit's change with the graph's "
+                             "prediction, in the local replacement model and in the real model (random-feature control)",
+        description="Trace the prompt's graph for one target token, rank the pruned graph's features by influence, direct and "
+                    "total effect on the target, ablate the top k (codes set to 0) and report the graph's predicted change of "
+                    "the demeaned target logit (direct edges; linear response through later features) beside the measured "
+                    "change: in the frozen model with other features held (= the direct prediction), in the local replacement "
+                    "model with features live (frozen attention and norms), and in the real model with every MLP replaced by "
+                    "the set plus its clean error term (attention and norms live); k random active features (seeded) as a "
+                    "control. docs/circuits.md explains the columns.")
+    _set_args(p)
+    p.add_argument("--prompt", required=True, help="a prompt the model gets right")
+    p.add_argument("--target", help="the target next token, one token (e.g. ' Paris'; default: the model's top token)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20], help="feature counts to ablate (default 1 5 10 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control (default 0)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: node influence share (default 0.8)")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: edge score share (default 0.98)")
+    p.add_argument("--max-feature-nodes", type=int, help="at most this many feature nodes in the graph (default: all)")
+    p.add_argument("--model", help="default: the model the transcoders name")
+    p.add_argument("--graph-out", type=Path, help="also write the graph JSON here")
+    p.add_argument("--out", type=Path, help="write the rows as JSON here")
+    _partial_arg(p)
+    p.add_argument("--device", default="cpu")
+
+
+def _faithfulness(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .._io import atomic_write_json
+    from ..circuits import faithfulness
+    from ..circuits.trace import prompt_ids, target_ids, trace
+    from ..models.sites import unwrap
+
+    start = time.perf_counter()
+    tset, loaded = _load_set_and_model(args)
+    if args.target:
+        target = target_ids(loaded.tokenizer, [args.target])[0]
+    else:                                   # the model's own top next token
+        with torch.no_grad():
+            ids = prompt_ids(loaded.tokenizer, args.prompt)
+            target = int(unwrap(loaded.model)(input_ids=ids[None]).logits[0, -1].argmax())
+    result = trace(loaded, tset, args.prompt, out=args.graph_out, target_tokens=[target], node_threshold=args.node_threshold,
+                   edge_threshold=args.edge_threshold, max_feature_nodes=args.max_feature_nodes)
+    rm = result.replacement
+    probs = torch.softmax(rm.clean_logits[-1].double(), -1)
+    top = int(probs.argmax())
+    rows = faithfulness.evaluate(loaded.model, rm, result.graph, result.pruned, target, ks=args.k, seed=args.seed)
+    tok = loaded.tokenizer
+    head = (f"{args.prompt!r} -> target {tok.decode([target])!r} (p = {float(probs[target]):.3f}; the model's top token "
+            f"{tok.decode([top])!r}); {result.graph.n_features} active features, "
+            f"{int(result.pruned.node_mask[:result.graph.n_features].sum())} in the pruned graph; change of the demeaned target logit:")
+    print(head)
+    print(faithfulness.describe(rows))
+    seconds = time.perf_counter() - start
+    print(f"{seconds:.1f} s")
+    if args.out:
+        partial = result.document["metadata"]["featurekit"].get("partial_set")
+        atomic_write_json(args.out, {"prompt": args.prompt, "target": tok.decode([target]), "target_id": target,
+                                     "target_probability": float(probs[target]), "top_token": tok.decode([top]),
+                                     "model": loaded.name, "transcoders": tset.listing(), "partial_set": partial,
+                                     "n_features": result.graph.n_features, "scores": result.scores, "seed": args.seed,
+                                     "rows": rows, "seconds": round(seconds, 2)})
+        print(f"-> {args.out}")
+    return 0
 
 
 def _circuits(args: argparse.Namespace, progress: bool) -> int:
+    if args.circuits == "faithfulness":
+        return _faithfulness(args)
     if args.circuits == "train-set":
         from ..config import load_config
         from ..pipeline.circuit_sets import check_method, train_set

@@ -362,6 +362,14 @@ class FeatureStore:
         page["token_text"] = self.token_texts(ids)
         return page
 
+    def example_contexts(self, feature: int, kind: str = "top", limit: int = 16) -> list[tuple[list[int], int]]:
+        """[(token ids of the context, position)] of the feature's `kind` examples, best rank first, at most `limit`:
+        the inputs to recompute something on the contexts where it fires."""
+        rows = self.db.execute("SELECT c.token_ids, e.position FROM examples e JOIN contexts c ON c.id = e.context "
+                               "WHERE e.feature = ? AND e.kind = ? ORDER BY e.rank LIMIT ?",
+                               (int(feature), str(kind), int(limit))).fetchall()
+        return [(unpack_ids(ids), int(pos)) for ids, pos in rows]
+
     def examples(self, feature: int) -> dict[str, list[dict]]:
         """kind → examples, each with the context's tokens and the feature's activation on every token."""
         rows = self.db.execute("SELECT e.kind, e.rank, e.context, e.position, e.value, e.acts, c.token_ids FROM examples e "
