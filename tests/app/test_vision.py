@@ -82,7 +82,7 @@ def test_overview_lists_cls_and_patch_features_apart(vision_run, vision_server):
 def test_feature_page_crops_and_heat_maps_are_pngs(vision_run, vision_server):
     url, before, _ = vision_server
     tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
-    feature = max(tops, key=lambda f: len(f["top"]))
+    feature = max((f for f in tops if f["top"] and f["top"][0]["kind"] == "patch"), key=lambda f: len(f["top"]))
     status, _, body = get(f"{url}/r/vis/f/{feature['latent']}")
     page = body.decode()
     assert status == 200 and EVIL not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
@@ -93,10 +93,12 @@ def test_feature_page_crops_and_heat_maps_are_pngs(vision_run, vision_server):
         assert status == 200 and ctype == "image/png"
         with Image.open(io.BytesIO(png)) as im:
             assert im.size == ((112, 112) if kind == "crop" else (224, 224))
-    heat = next(src for kind, src in srcs if kind == "heat")
-    with Image.open(io.BytesIO(get(url + heat)[2])) as im:  # the hottest patch is red
-        r, g, b = (np.asarray(im.convert("RGB"), dtype=float).reshape(-1, 3).T)
-        assert (r - g).max() > 100
+    best = feature["top"][0]  # the feature's largest code: the hottest patch of its view's heat-map
+    heat = next(src for kind, src in srcs if kind == "heat" and f"/heat/{best['view']}.png" in src)
+    with Image.open(io.BytesIO(get(url + heat)[2])) as im:
+        a = np.asarray(im.convert("RGB"), dtype=float)
+    red = (a[..., 0] - (a[..., 1] + a[..., 2]) / 2).reshape(4, 56, 4, 56).mean(axis=(1, 3))  # per patch of the 4 × 4 grid
+    assert np.unravel_index(red.argmax(), red.shape) == (best["row"], best["col"]) and red.max() > 100
     assert snapshot(vision_run) == before  # nothing written into the run folder
 
 

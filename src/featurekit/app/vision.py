@@ -4,7 +4,7 @@ its pictures are drawn on request, never written into the run folder:
 
 * the overview lists the features firing mostly on the CLS token apart from the patch features;
 * a feature page shows each top example as a crop around its patch (3 × 3 patches) and as a heat-map of the
-  feature's code over the whole held-out view (`vision.figures.latent_maps`; the model and the dictionary are
+  feature's code over the whole held-out view (`vision.figures.heat_overlay`) (`vision.figures.latent_maps`; the model and the dictionary are
   loaded on the first picture, the held-out views rebuilt from the saved config);
 * "try an image": a held-out view chosen from a list, its top features (where each fires most), and the
   heat-map of one of them (any latent) over it; or an uploaded PNG/JPEG (`decode_upload`: size-limited,
@@ -167,17 +167,15 @@ class VisionRun:
         return {"size": list(image.size), "top": top, "feature": feature, "heat": heat}
 
     def heat_png(self, latent: int, view: int, top_only: bool = True, views: Any = None) -> bytes:
-        """The view with the latent's code over each patch in red (opacity ∝ code / the map's largest code);
+        """The view (grey) with the latent's code over each patch in red (opacity ∝ code / the map's largest code) and
+        the hottest patch framed (`vision.figures.heat_overlay`);
         `top_only`: only the views of the latent's top examples."""
         if top_only and view not in self.feature(latent)["views"]:
             raise _not_found(f"view {view} is not among latent {latent}'s top examples")
+        from ..vision.figures import heat_overlay
+
         image, codes, _ = self._view(latent, view, views)
-        image = image.resize((HEAT_SIZE, HEAT_SIZE))
-        heat = np.clip(codes / (codes.max() if codes.max() > 0 else 1.0), 0, 1)
-        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((HEAT_SIZE, HEAT_SIZE), Image.NEAREST),
-                          dtype=np.float32)[..., None] / 255
-        out = np.asarray(image, dtype=np.float32) * (1 - 0.6 * heat) + np.array([255.0, 0, 0]) * 0.6 * heat
-        return _png(Image.fromarray(out.astype(np.uint8)))
+        return _png(heat_overlay(image, codes, HEAT_SIZE))
 
     def crop_png(self, latent: int, index: int) -> bytes:
         """The 3 × 3 patches around the index-th top example's patch (the whole view for a CLS example), enlarged."""
