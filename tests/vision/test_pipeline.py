@@ -12,6 +12,7 @@ from featurekit.config import RunConfig, load_config
 from featurekit.data.cache import ActivationCache
 from featurekit.dictionaries import load
 from featurekit.errors import FeaturekitError
+from featurekit.features.store import FeatureStore
 from featurekit.pipeline import config_digest, dictionary_complete, resolve, run_all
 from featurekit.pipeline.vision import preprocess
 from featurekit.vision.harvest import CLS, PATCH
@@ -32,7 +33,8 @@ def _overrides(tiny_vits, photos, out, method="topk", extra=()):
             "name=run", "site=resid_post.1", "data.train_tokens=1700", "data.harvest_batch=8", "data.shard_tokens=1000",
             f"dictionary.method={method}", "dictionary.n_latents=64", "train.batch_size=128", "train.epochs=2",
             "train.buffer_tokens=512", "train.warmup_steps=2", "train.threads=1", "eval.tokens=340",
-            "eval.splice_contexts=4", "eval.batch_contexts=4", "report.n_features=4", "images.scale_min=0.5", *extra]
+            "eval.splice_contexts=4", "eval.batch_contexts=4", "report.n_features=4", "images.scale_min=0.5",
+            "features.tokens=340", "features.batch_contexts=8", *extra]
 
 
 def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
@@ -63,11 +65,43 @@ def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
     sae = load(run / "dictionary")
     assert Preprocess.from_dict(sae.metadata["images"]) == preprocess(resolve(cfg))
     assert sae.metadata["images"]["tokens"] == "all" and "context_len" not in sae.metadata["source"]
+    check_vision_store(run, tops, kinds)
     # a rerun finds everything done
     assert dictionary_complete(resolve(cfg))
     weights = (run / "dictionary" / "model.safetensors").read_bytes()
+    built = (run / "features.sqlite").stat().st_mtime_ns
     run_all(cfg, progress=False)
     assert (run / "dictionary" / "model.safetensors").read_bytes() == weights
+    assert (run / "features.sqlite").stat().st_mtime_ns == built  # the store of this dictionary is not rebuilt
+
+
+def check_vision_store(run, tops, kinds):
+    """The store of a vision run: a row for every latent, CLS and patch firings apart (as token_kinds.json counts
+    them on the same held-out views), top examples as (view, token) matching top_patches.json."""
+    store = FeatureStore(run / "features.sqlite")
+    try:
+        meta = store.meta
+        assert meta["modality"] == "vision" and meta["n_views"] == 20 and meta["grid"] == 4 and meta["n_prefix"] == 1
+        assert store.n_latents == 64 and store.count_features() == 64 and meta["logit_effects"] is False
+        for f in range(64):
+            page = store.feature(f)
+            extra = page["extra"]
+            assert (extra["cls_fires"], extra["patch_fires"]) == (kinds["cls_fires"][f], kinds["patch_fires"][f])
+            assert page["fires"] == extra["cls_fires"] + extra["patch_fires"]
+            counts = {store.token_texts([t])[t]: c for t, c, _ in page["top_tokens"] or []}
+            assert counts.get("CLS", 0) == extra["cls_fires"] and counts.get("patch", 0) == extra["patch_fires"]
+            for e in page["examples"].get("top", []):
+                assert 0 <= e["context"] < 20 and 0 <= e["position"] < 17
+                assert e["tokens"][e["position"]] == ("CLS" if e["position"] == 0 else "patch")
+                assert e["acts"][e["position"]] == pytest.approx(e["value"])
+        for f in tops:  # the same views as the evaluation's: the same top examples
+            top = store.examples(f["latent"]).get("top", [])[:len(f["top"])]
+            assert [(e["context"], e["position"]) for e in top] == [(t["view"], t["token"]) for t in f["top"]]
+            assert [e["value"] for e in top] == pytest.approx([t["value"] for t in f["top"]], rel=1e-4)
+        listed = store.list_features("density", True, 0, 10, live_only=True)
+        assert [r["density"] for r in listed] == sorted((r["density"] for r in listed), reverse=True)
+    finally:
+        store.close()
 
 
 def test_vision_run_with_another_method_on_patch_tokens(tiny_vits, photos, tmp_path):
@@ -135,5 +169,7 @@ def test_text_only_steps_refuse_a_vision_run_by_name(tiny_vits, photos, tmp_path
     cfg = resolve(load_config(None, _overrides(tiny_vits, photos, tmp_path)))
     with pytest.raises(FeaturekitError, match="is a vision run"):
         run_eval(cfg)
-    with pytest.raises(FeaturekitError, match="is a vision run"):
+    with pytest.raises(FeaturekitError, match="is a vision run: its store is built from its held-out images"):
+        run_features(cfg, text="tiny")
+    with pytest.raises(FeaturekitError, match="has no trained dictionary yet"):
         run_features(cfg)

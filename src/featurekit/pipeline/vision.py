@@ -208,9 +208,12 @@ def image_eval_complete(cfg: RunConfig) -> bool:
 
 
 def run_vision(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> Path:
-    """`featurekit run` for a vision model: harvest → train → evaluate → report, continuing from whatever is complete."""
+    """`featurekit run` for a vision model: harvest → train → evaluate → feature store → report, continuing from
+    whatever is complete."""
+    from .features import store_complete
     from .setup import open_model
     from .training import dictionary_complete, run_train
+    from .vision_features import run_image_features
 
     vm = open_model(cfg)
     start(cfg, overwrite)
@@ -224,6 +227,10 @@ def run_vision(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -
         note(f"{cfg.run_dir / 'eval.json'} already scores this dictionary: evaluation skipped")
     else:
         run_image_eval(cfg, vm, progress)
+    if store_complete(cfg):
+        note(f"{cfg.run_dir / 'features.sqlite'} already describes this dictionary: feature store skipped")
+    else:
+        run_image_features(cfg, vm, progress)
     if cfg.eval.tokens < 4096:
         warn(f"eval.tokens={cfg.eval.tokens}: the held-out metrics come from few tokens and are noisy")
     return write_report(cfg.run_dir)
