@@ -6,8 +6,8 @@ pictures are drawn on request, never written into the run folder:
 
 * the overview lists the features firing mostly on the CLS token apart from the patch features;
 * a feature page shows each top example as a crop around its patch (3 × 3 patches) and as a heat-map of the
-  feature's code over the whole held-out view (`vision.figures.heat_overlay`) (`vision.figures.latent_maps`; the model and the dictionary are
-  loaded on the first picture, the held-out views rebuilt from the saved config);
+  feature's code over the whole held-out view (`vision.figures.latent_maps`, drawn by `heat_overlay`; the model
+  and the dictionary are loaded on the first picture, the held-out views rebuilt from the saved config);
 * "try an image": a held-out view chosen from a list, its top features (where each fires most), and the
   heat-map of one of them (any latent) over it; or an uploaded PNG/JPEG (`decode_upload`: size-limited,
   decoded by PIL from those two formats only), preprocessed as the run's plain views.
