@@ -37,7 +37,7 @@ def _overrides(tiny_vits, photos, out, method="topk", extra=()):
             "features.tokens=340", "features.batch_contexts=8", *extra]
 
 
-def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
+def test_vision_run_end_to_end(tiny_vits, photos, tmp_path, capsys):
     cfg = load_config(None, _overrides(tiny_vits, photos, tmp_path, extra=["dictionary.k=8"]))
     report = run_all(cfg, progress=False)
     run = tmp_path / "run"
@@ -66,6 +66,7 @@ def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
     assert Preprocess.from_dict(sae.metadata["images"]) == preprocess(resolve(cfg))
     assert sae.metadata["images"]["tokens"] == "all" and "context_len" not in sae.metadata["source"]
     check_vision_store(run, tops, kinds)
+    check_eval_on_other_images(run, tmp_path, capsys)
     # a rerun finds everything done
     assert dictionary_complete(resolve(cfg))
     weights = (run / "dictionary" / "model.safetensors").read_bytes()
@@ -73,6 +74,27 @@ def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
     run_all(cfg, progress=False)
     assert (run / "dictionary" / "model.safetensors").read_bytes() == weights
     assert (run / "features.sqlite").stat().st_mtime_ns == built  # the store of this dictionary is not rebuilt
+
+
+def check_eval_on_other_images(run, tmp_path, capsys):
+    """`featurekit eval RUN --images FOLDER`: FVU, L0 and the vision splice on every image of another folder, written
+    beside the run's own results (its eval.json unchanged)."""
+    from featurekit.cli import main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (36 + 8 * i, 40, 3), dtype=np.uint8)).save(other / f"o{i}.jpg")
+    own = (run / "eval.json").read_bytes()
+    assert main(["eval", str(run), "--images", str(other), "--set", "eval.tokens=170", "--set", "eval.splice_contexts=2"]) == 0
+    assert f"results: {run / 'evals' / 'other-all' / 'eval.json'}" in capsys.readouterr().out
+    result = json.loads((run / "evals" / "other-all" / "eval.json").read_text())
+    assert result["complete"] and result["split"] == "all" and result["n_images"] == 3 and result["views"] == 10
+    assert result["n_tokens"] == 170 and result["l0"] == pytest.approx(8.0) and 0 < result["fvu"] < 2
+    assert result["splice_views"] == 2 and -1 <= result["cls_cosine"] <= 1 and result["source"] == str(other)
+    assert (run / "evals" / "other-all" / "features" / "top_patches.json").is_file()
+    assert (run / "eval.json").read_bytes() == own
 
 
 def check_vision_store(run, tops, kinds):
@@ -167,7 +189,7 @@ def test_text_only_steps_refuse_a_vision_run_by_name(tiny_vits, photos, tmp_path
     from featurekit.pipeline import run_eval, run_features
 
     cfg = resolve(load_config(None, _overrides(tiny_vits, photos, tmp_path)))
-    with pytest.raises(FeaturekitError, match="is a vision run"):
+    with pytest.raises(FeaturekitError, match="has no trained dictionary yet"):
         run_eval(cfg)
     with pytest.raises(FeaturekitError, match="is a vision run: its store is built from its held-out images"):
         run_features(cfg, text="tiny")

@@ -27,6 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--text", metavar="SOURCE", help="evaluate on this text source (as data.source: embedded name, .txt/.jsonl/"
                                                     ".parquet path, folder of .txt files, hf:NAME)")
+    p.add_argument("--images", metavar="SOURCE", help="a vision run: evaluate on these images (as data.source: a folder of images, "
+                                                      "skimage, photos, hf:PATH; default split all) → RUN_DIR/evals/LABEL/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change a data.*, eval.* or report.* value for this evaluation (repeatable)")
     p.add_argument("--split", choices=["test", "train", "all"],
@@ -171,7 +173,10 @@ def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
     if unknown or not suite:
         raise FeaturekitError(f"--suite {args.suite!r}: unknown evaluation(s) {', '.join(unknown) or '(none given)'}; "
                               f"valid: {', '.join(EVAL_SUITES)}")
-    overrides = list(args.overrides) + ([f"data.source={args.text}"] if args.text else [])
+    if args.text and args.images:
+        raise FeaturekitError("give --text (a text run) or --images (a vision run), not both")
+    source = args.text or args.images
+    overrides = list(args.overrides) + ([f"data.source={source}"] if source else [])
     split, out = None, None
     if overrides or args.split or args.label:
         cfg, split, out = pipeline.other_text(cfg, overrides, args.split, args.label)

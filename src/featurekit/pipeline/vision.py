@@ -75,7 +75,7 @@ def preflight_images(cfg: RunConfig) -> None:
 
 
 def views(cfg: RunConfig, vm: VisionModel, split: str, n_tokens: int) -> Views:
-    """Views of the split's images holding n_tokens kept tokens (training: seed train.seed; held out: +1)."""
+    """Views of the split's images holding n_tokens kept tokens (training and all: seed train.seed; held out: +1)."""
     keep = token_mask(vm, cfg.images.size, cfg.images.tokens)
     images = split_images(load_images(cfg.data.source), split)
     return make_views(images, preprocess(cfg), n_tokens, int(keep.sum()), seed=cfg.train.seed + (split == "test"))
@@ -98,18 +98,24 @@ def run_image_harvest(cfg: RunConfig, vm: VisionModel | None = None, progress: b
     return write_cache(folder, stream, meta, cfg.data.shard_tokens)
 
 
-def run_image_eval(cfg: RunConfig, vm: VisionModel, progress: bool = True) -> dict:
-    """Reconstruction metrics, token-kind shares, top patches and the vision splice on the held-out images →
-    eval.json and features/ (module docstring)."""
+def run_image_eval(cfg: RunConfig, vm: VisionModel | None = None, progress: bool = True, split: str = "test",
+                   out_dir: Path | None = None) -> dict:
+    """Reconstruction metrics, token-kind shares, top patches and the vision splice on `split` of cfg.data.source's
+    images (the run's own: the held-out ones; `featurekit eval --images` on others: all, written to out_dir) →
+    OUT/eval.json and OUT/features/ (module docstring)."""
     from ..vision.splice import vision_splice_eval
+    from .setup import open_model
 
-    out = cfg.run_dir
-    weights = out / "dictionary" / "model.safetensors"
-    sae = load(out / "dictionary", device=next(vm.model.parameters()).device)
+    out = Path(out_dir or cfg.run_dir)
+    weights = cfg.run_dir / "dictionary" / "model.safetensors"
+    if not weights.is_file():
+        raise FeaturekitError(f"{cfg.run_dir} has no trained dictionary yet: run `featurekit run` first")
+    vm = vm or open_model(cfg)
+    sae = load(cfg.run_dir / "dictionary", device=next(vm.model.parameters()).device)
     if sae.metadata.get("source", {}).get("site") != cfg.site:
         raise FeaturekitError(f"the dictionary in {out / 'dictionary'} was trained on {sae.metadata.get('source', {}).get('site')}, "
                               f"not {cfg.site}; evaluate it with the config it was trained with")
-    test = views(cfg, vm, "test", cfg.eval.tokens)
+    test = views(cfg, vm, split, cfg.eval.tokens)
     stats = FeatureStats(sae.n_latents, top_n=cfg.report.top_n)
     fires = {"cls": torch.zeros(sae.n_latents, dtype=torch.long), "patch": torch.zeros(sae.n_latents, dtype=torch.long)}
     counts = {"cls": 0, "patch": 0}
@@ -137,8 +143,8 @@ def run_image_eval(cfg: RunConfig, vm: VisionModel, progress: bool = True) -> di
                               f"{dtype_name(vm.model.dtype)} (try model.dtype=float32); nothing was written")
     live = (fires["cls"] + fires["patch"]) > 0
     result = {"site": cfg.site, "model": cfg.model.name, "modality": "vision", "dtype": dtype_name(vm.model.dtype),
-              "source": cfg.data.source, "split": "test", "images": {"preprocess": preprocess(cfg).to_dict(), "tokens": cfg.images.tokens},
-              "held_out_images": len(test.images), "views": test.n_views, "dictionary_sha256": sha256_file(weights),
+              "source": cfg.data.source, "split": split, "images": {"preprocess": preprocess(cfg).to_dict(), "tokens": cfg.images.tokens},
+              "held_out_images" if split == "test" else "n_images": len(test.images), "views": test.n_views, "dictionary_sha256": sha256_file(weights),
               "evaluations": ["reconstruction", "vision_splice", "features"], **recon,
               "cls_only_features": int((live & (fires["patch"] == 0)).sum()),
               "patch_only_features": int((live & (fires["cls"] == 0)).sum())}
