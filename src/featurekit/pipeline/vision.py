@@ -144,7 +144,8 @@ def run_image_eval(cfg: RunConfig, vm: VisionModel | None = None, progress: bool
     live = (fires["cls"] + fires["patch"]) > 0
     result = {"site": cfg.site, "model": cfg.model.name, "modality": "vision", "dtype": dtype_name(vm.model.dtype),
               "source": cfg.data.source, "split": split, "images": {"preprocess": preprocess(cfg).to_dict(), "tokens": cfg.images.tokens},
-              "held_out_images" if split == "test" else "n_images": len(test.images), "views": test.n_views, "dictionary_sha256": sha256_file(weights),
+              "held_out_images" if split == "test" else "n_images": len(test.images), "views": test.n_views,
+              "dictionary_sha256": sha256_file(weights),
               "evaluations": ["reconstruction", "vision_splice", "features"], **recon,
               "cls_only_features": int((live & (fires["patch"] == 0)).sum()),
               "patch_only_features": int((live & (fires["cls"] == 0)).sum())}
