@@ -195,3 +195,21 @@ def test_text_only_steps_refuse_a_vision_run_by_name(tiny_vits, photos, tmp_path
         run_features(cfg, text="tiny")
     with pytest.raises(FeaturekitError, match="has no trained dictionary yet"):
         run_features(cfg)
+
+
+def test_streamed_vision_training_matches_the_cached_run(tiny_vits, photos, tmp_path):
+    """data.cache=false: the training views run through the model on every pass (no activation cache on disk): the
+    same seeded views, as many steps as a cached run, a dictionary as good (the shuffle order differs: the shuffle
+    buffer is fed per view batch, not per cache shard)."""
+    streamed, cached = tmp_path / "streamed", tmp_path / "cached"
+    for out, cache in ((streamed, "false"), (cached, "true")):
+        run_all(load_config(None, _overrides(tiny_vits, photos, out, extra=["dictionary.k=8", f"data.cache={cache}"])),
+                progress=False)
+    assert not (streamed / "run" / "activations").exists() and (cached / "run" / "activations").is_dir()
+    steps = [[json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if '"step"' in line][-1]
+             for out in (streamed, cached)]
+    assert steps[0] == steps[1] > 0
+    a, b = (json.loads((out / "run" / "eval.json").read_text()) for out in (streamed, cached))
+    assert a["complete"] and a["l0"] == pytest.approx(8.0) and a["fvu"] == pytest.approx(b["fvu"], abs=0.05)
+    assert load(streamed / "run" / "dictionary").metadata["source"]["identity"]["model_digest"] == \
+        load(cached / "run" / "dictionary").metadata["source"]["identity"]["model_digest"]

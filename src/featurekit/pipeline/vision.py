@@ -60,8 +60,6 @@ def preflight_images(cfg: RunConfig) -> None:
     if cfg.data.gradients or METHODS[cfg.dictionary.method].needs_gradient:
         raise FeaturekitError(f"dictionary.method={cfg.dictionary.method} / data.gradients need a language-model loss; a vision "
                               f"model has none: use another method (topk, batchtopk, relu, jumprelu, ...)")
-    if not cfg.data.cache:
-        raise FeaturekitError("a vision run harvests into the activation cache: set data.cache=true")
     if cfg.images.tokens not in ("all", "patches", "cls"):
         raise FeaturekitError(f"images.tokens={cfg.images.tokens!r}: use all (CLS and patches), patches or cls")
     images = load_images(cfg.data.source)
@@ -228,7 +226,8 @@ def run_vision(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -
         note(f"{cfg.run_dir / 'dictionary'} is this config's finished dictionary on the same images and model: "
              f"harvest and training skipped")
     else:
-        run_image_harvest(cfg, vm, progress)
+        if cfg.data.cache:  # else streamed: the training views run through the model on every pass
+            run_image_harvest(cfg, vm, progress)
         run_train(cfg, resume=(cfg.run_dir / "checkpoint" / "state.json").is_file(), progress=progress, loaded=vm)
     if image_eval_complete(cfg):
         note(f"{cfg.run_dir / 'eval.json'} already scores this dictionary: evaluation skipped")
