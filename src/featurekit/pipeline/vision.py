@@ -7,11 +7,14 @@ dictionary, the reconstruction metrics and the report. What differs:
 * data: `vision.images` sources; the held-out split holds out whole images; training takes seeded views
   of the training images (view 0 plain, later ones random crops/flips) until data.train_tokens tokens,
   the evaluation views of the held-out images (seed + 1) until eval.tokens;
-* harvest: `vision.harvest` (each row's token kind, CLS or patch, is kept in the cache's token_ids);
+* harvest: `vision.harvest` (each row's token kind, CLS or patch, is kept in the cache's token_ids); with
+  data.cache=false the training views are harvested again on every pass (`training.TrainingData.views`);
 * evaluation: FVU, L0, dead/dense as for text, the share of each latent's firings on CLS and on patch
   tokens (features/token_kinds.json, eval.json's cls_only/patch_only counts), the top (image, token) of
   report.n_features latents (features/top_patches.json), and the vision splice (`vision.splice`):
-  cos of the final CLS embedding and relative change of the final patch tokens, clean vs spliced.
+  cos of the final CLS embedding and relative change of the final patch tokens, clean vs spliced; the same on
+  other images with `featurekit eval RUN --images SOURCE` (→ RUN_DIR/evals/LABEL/);
+* the feature store: `vision_features.py`.
 """
 
 from __future__ import annotations
