@@ -43,7 +43,8 @@ def vision_run(tmp_path_factory) -> Path:
         "site=resid_post.1", "data.train_tokens=1700", "data.harvest_batch=8", "data.shard_tokens=1000",
         "dictionary.method=topk", "dictionary.k=8", "dictionary.n_latents=64", "train.batch_size=128", "train.epochs=2",
         "train.buffer_tokens=512", "train.warmup_steps=2", "train.threads=1", "eval.tokens=340", "eval.splice_contexts=4",
-        "eval.batch_contexts=4", "report.n_features=8", "images.scale_min=0.5"]), progress=False)
+        "eval.batch_contexts=4", "report.n_features=8", "images.scale_min=0.5", "features.tokens=680",
+        "features.batch_contexts=8", "features.top_n=8"]), progress=False)  # the store: 40 views, the evaluation's 20 and 20 more
     return root / "vis"
 
 
@@ -82,32 +83,37 @@ def test_overview_lists_cls_and_patch_features_apart(vision_run, vision_server):
 def test_feature_page_crops_and_heat_maps_are_pngs(vision_run, vision_server):
     url, before, _ = vision_server
     tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
-    feature = max(tops, key=lambda f: len(f["top"]))
+    feature = max((f for f in tops if f["top"] and f["top"][0]["kind"] == "patch"), key=lambda f: len(f["top"]))
     status, _, body = get(f"{url}/r/vis/f/{feature['latent']}")
     page = body.decode()
     assert status == 200 and EVIL not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     srcs = re.findall(r'<img class="(crop|heat)" src="([^"]+)"', page)
-    assert len(srcs) == 2 * len(feature["top"])
+    from featurekit.app.vision import VisionRun
+
+    feature = VisionRun(0, "vis", vision_run).feature(feature["latent"])  # the store's top examples (more views)
+    assert len(srcs) == 2 * len(feature["top"]) == 16
     for kind, src in srcs:
         status, ctype, png = get(url + src)
         assert status == 200 and ctype == "image/png"
         with Image.open(io.BytesIO(png)) as im:
             assert im.size == ((112, 112) if kind == "crop" else (224, 224))
-    heat = next(src for kind, src in srcs if kind == "heat")
-    with Image.open(io.BytesIO(get(url + heat)[2])) as im:  # the hottest patch is red
-        r, g, b = (np.asarray(im.convert("RGB"), dtype=float).reshape(-1, 3).T)
-        assert (r - g).max() > 100
+    best = feature["top"][0]  # the feature's largest code: the hottest patch of its view's heat-map
+    heat = next(src for kind, src in srcs if kind == "heat" and f"/heat/{best['view']}.png" in src)
+    with Image.open(io.BytesIO(get(url + heat)[2])) as im:
+        a = np.asarray(im.convert("RGB"), dtype=float)
+    red = (a[..., 0] - (a[..., 1] + a[..., 2]) / 2).reshape(4, 56, 4, 56).mean(axis=(1, 3))  # per patch of the 4 × 4 grid
+    assert np.unravel_index(red.argmax(), red.shape) == (best["row"], best["col"]) and red.max() > 100
     assert snapshot(vision_run) == before  # nothing written into the run folder
 
 
 def test_vision_run_errors_are_clear(vision_run, vision_server):
     url = vision_server[0]
-    status, _, body = get(url + "/r/vis/features")
-    assert status == 400 and "is a vision run" in body.decode()
+    status, _, body = get(url + "/r/vis/search?q=hello")
+    assert status == 400 and "searched by id only" in body.decode()
     status, _, body = get(url + "/r/vis/try?text=hello")
     assert status == 400 and "no text pages" in body.decode()
     status, _, body = get(url + "/r/vis/f/9999")
-    assert status == 404 and "has no top patches" in body.decode()
+    assert status == 404 and "does not exist" in body.decode()
     tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
     latent = tops[0]["latent"]
     status, _, body = get(f"{url}/r/vis/f/{latent}/heat/9999.png")
@@ -120,7 +126,7 @@ def test_try_an_image_shows_the_top_features_and_a_heat_map(vision_run, vision_s
     url = vision_server[0]
     status, _, body = get(url + "/r/vis/try-image")
     page = body.decode()
-    assert status == 200 and page.count("<option") == 20 and EVIL not in page  # the 2 held-out images × 10 views
+    assert status == 200 and page.count("<option") == 40 and EVIL not in page  # the store's views: 2 held-out images × 20
     status, _, body = get(url + "/r/vis/try-image?view=1")
     page = body.decode()
     rows = re.findall(r'try-image\?view=1&amp;feature=(\d+)">#\d+</a></td><td>([^<]+)</td><td>(CLS token|patch \(\d, \d\))', page)
@@ -145,8 +151,10 @@ def test_feature_page_in_a_browser(vision_run, vision_server, tmp_path):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"browser tests need Chromium at {CHROMIUM}: apt-get install chromium")
     sync_playwright = pytest.importorskip("playwright.sync_api", reason="browser tests need Playwright").sync_playwright
+    from featurekit.app.vision import VisionRun
+
     tops = json.loads((vision_run / "features" / "top_patches.json").read_text())
-    feature = max(tops, key=lambda f: len(f["top"]))
+    feature = VisionRun(0, "vis", vision_run).feature(max(tops, key=lambda f: len(f["top"]))["latent"])  # the store's tops
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = Page(browser, vision_server[0])
@@ -154,10 +162,17 @@ def test_feature_page_in_a_browser(vision_run, vision_server, tmp_path):
             page.goto(f"/r/vis/f/{feature['latent']}")
             assert page.page.locator("img[src]").evaluate_all(LOADED) and page.page.locator("img.heat").count() == len(feature["top"])
             page.page.screenshot(path=str(tmp_path / "vision-explorer-feature.png"), full_page=True)
+            page.goto("/r/vis/features")  # the store's list, and the header's search by id
+            assert page.page.locator("a.flink").count() > 0
+            page.page.fill("header input[name=q]", str(feature["latent"]))
+            with page.page.expect_navigation():
+                page.page.click("header button[type=submit]")
+            page.page.wait_for_load_state("load")
+            assert page.page.url.endswith(f"/r/vis/f/{feature['latent']}")
             page.goto("/r/vis/try-image")
             page.page.select_option("select[name=view]", "1")
             with page.page.expect_navigation():
-                page.page.click("button[type=submit]")
+                page.page.click("form.tryform:not(#upload) button[type=submit]")
             page.page.wait_for_load_state("load")
             assert page.page.locator("img[src]").evaluate_all(LOADED) and "view=1" in page.page.url
             assert page.page.locator("img.vision-heat").count() == 1
@@ -236,3 +251,48 @@ def test_a_vision_run_beside_a_text_run(vision_run, app_runs):
         assert get(url + "/r/vis/")[0] == 200
     finally:
         stop(proc)
+
+
+def test_feature_list_search_and_a_page_for_every_feature(vision_run, vision_server):
+    """With the run's feature store: the list (sorted by density), the search by id, and a feature page with
+    pictures for a latent the run's report did not keep; its heat-map's hottest cell is its top patch."""
+    from featurekit.features.store import FeatureStore
+
+    url = vision_server[0]
+    status, _, body = get(url + "/r/vis/features?sort=density&order=desc")
+    page = body.decode()
+    store = FeatureStore(vision_run / "features.sqlite")
+    try:
+        live = store.list_features("density", True, 0, 50, live_only=True)
+        kept = {f["latent"] for f in json.loads((vision_run / "features" / "top_patches.json").read_text())}
+        other = next(r["id"] for r in live if r["id"] not in kept and store.feature(r["id"])["examples"]["top"][0]["position"] > 0)
+        top = store.feature(other)["examples"]["top"][0]
+    finally:
+        store.close()
+    assert status == 200 and "images have no token text to search" in page
+    assert re.findall(r'class="flink" href="/r/vis/f/(\d+)"', page) == [str(r["id"]) for r in live]
+    assert "fires on (CLS / patch)" in page
+    status, _, body = get(url + f"/r/vis/search?q={other}")  # an id: that feature's page
+    page = body.decode()
+    assert status == 200 and f"Feature #{other}" in page and "Activation histogram" in page and "feature store (40 views)" in page
+    heats = re.findall(r'<img class="heat" src="([^"]+)"', page)
+    assert heats and all(get(url + h)[0] == 200 for h in heats)
+    assert f"/heat/{top['context']}.png" in heats[0]
+    with Image.open(io.BytesIO(get(url + heats[0])[2])) as im:
+        a = np.asarray(im.convert("RGB"), dtype=float)
+    red = (a[..., 0] - (a[..., 1] + a[..., 2]) / 2).reshape(4, 56, 4, 56).mean(axis=(1, 3))
+    assert np.unravel_index(red.argmax(), red.shape) == divmod(top["position"] - 1, 4)
+
+
+def test_a_vision_run_without_a_store_names_the_command(vision_run, tmp_path):
+    import shutil
+
+    from featurekit.app.queries import BadRequest, feature_list
+    from featurekit.app.vision import VisionRun
+
+    copy = tmp_path / "vis"
+    shutil.copytree(vision_run, copy, ignore=shutil.ignore_patterns("features.sqlite", "activations"))
+    run = VisionRun(0, "vis", copy)
+    with pytest.raises(BadRequest, match="without a feature store: build it with `featurekit features"):
+        feature_list(run)
+    assert run.feature(next(iter(run.tops)))["top"]  # the report's kept features still have pages

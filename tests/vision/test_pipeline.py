@@ -12,6 +12,7 @@ from featurekit.config import RunConfig, load_config
 from featurekit.data.cache import ActivationCache
 from featurekit.dictionaries import load
 from featurekit.errors import FeaturekitError
+from featurekit.features.store import FeatureStore
 from featurekit.pipeline import config_digest, dictionary_complete, resolve, run_all
 from featurekit.pipeline.vision import preprocess
 from featurekit.vision.harvest import CLS, PATCH
@@ -32,10 +33,11 @@ def _overrides(tiny_vits, photos, out, method="topk", extra=()):
             "name=run", "site=resid_post.1", "data.train_tokens=1700", "data.harvest_batch=8", "data.shard_tokens=1000",
             f"dictionary.method={method}", "dictionary.n_latents=64", "train.batch_size=128", "train.epochs=2",
             "train.buffer_tokens=512", "train.warmup_steps=2", "train.threads=1", "eval.tokens=340",
-            "eval.splice_contexts=4", "eval.batch_contexts=4", "report.n_features=4", "images.scale_min=0.5", *extra]
+            "eval.splice_contexts=4", "eval.batch_contexts=4", "report.n_features=4", "images.scale_min=0.5",
+            "features.tokens=340", "features.batch_contexts=8", *extra]
 
 
-def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
+def test_vision_run_end_to_end(tiny_vits, photos, tmp_path, capsys):
     cfg = load_config(None, _overrides(tiny_vits, photos, tmp_path, extra=["dictionary.k=8"]))
     report = run_all(cfg, progress=False)
     run = tmp_path / "run"
@@ -63,11 +65,65 @@ def test_vision_run_end_to_end(tiny_vits, photos, tmp_path):
     sae = load(run / "dictionary")
     assert Preprocess.from_dict(sae.metadata["images"]) == preprocess(resolve(cfg))
     assert sae.metadata["images"]["tokens"] == "all" and "context_len" not in sae.metadata["source"]
+    check_vision_store(run, tops, kinds)
+    check_eval_on_other_images(run, tmp_path, capsys)
     # a rerun finds everything done
     assert dictionary_complete(resolve(cfg))
     weights = (run / "dictionary" / "model.safetensors").read_bytes()
+    built = (run / "features.sqlite").stat().st_mtime_ns
     run_all(cfg, progress=False)
     assert (run / "dictionary" / "model.safetensors").read_bytes() == weights
+    assert (run / "features.sqlite").stat().st_mtime_ns == built  # the store of this dictionary is not rebuilt
+
+
+def check_eval_on_other_images(run, tmp_path, capsys):
+    """`featurekit eval RUN --images FOLDER`: FVU, L0 and the vision splice on every image of another folder, written
+    beside the run's own results (its eval.json unchanged)."""
+    from featurekit.cli import main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (36 + 8 * i, 40, 3), dtype=np.uint8)).save(other / f"o{i}.jpg")
+    own = (run / "eval.json").read_bytes()
+    assert main(["eval", str(run), "--images", str(other), "--set", "eval.tokens=170", "--set", "eval.splice_contexts=2"]) == 0
+    assert f"results: {run / 'evals' / 'other-all' / 'eval.json'}" in capsys.readouterr().out
+    result = json.loads((run / "evals" / "other-all" / "eval.json").read_text())
+    assert result["complete"] and result["split"] == "all" and result["n_images"] == 3 and result["views"] == 10
+    assert result["n_tokens"] == 170 and result["l0"] == pytest.approx(8.0) and 0 < result["fvu"] < 2
+    assert result["splice_views"] == 2 and -1 <= result["cls_cosine"] <= 1 and result["source"] == str(other)
+    assert (run / "evals" / "other-all" / "features" / "top_patches.json").is_file()
+    assert (run / "eval.json").read_bytes() == own
+
+
+def check_vision_store(run, tops, kinds):
+    """The store of a vision run: a row for every latent, CLS and patch firings apart (as token_kinds.json counts
+    them on the same held-out views), top examples as (view, token) matching top_patches.json."""
+    store = FeatureStore(run / "features.sqlite")
+    try:
+        meta = store.meta
+        assert meta["modality"] == "vision" and meta["n_views"] == 20 and meta["grid"] == 4 and meta["n_prefix"] == 1
+        assert store.n_latents == 64 and store.count_features() == 64 and meta["logit_effects"] is False
+        for f in range(64):
+            page = store.feature(f)
+            extra = page["extra"]
+            assert (extra["cls_fires"], extra["patch_fires"]) == (kinds["cls_fires"][f], kinds["patch_fires"][f])
+            assert page["fires"] == extra["cls_fires"] + extra["patch_fires"]
+            counts = {store.token_texts([t])[t]: c for t, c, _ in page["top_tokens"] or []}
+            assert counts.get("CLS", 0) == extra["cls_fires"] and counts.get("patch", 0) == extra["patch_fires"]
+            for e in page["examples"].get("top", []):
+                assert 0 <= e["context"] < 20 and 0 <= e["position"] < 17
+                assert e["tokens"][e["position"]] == ("CLS" if e["position"] == 0 else "patch")
+                assert e["acts"][e["position"]] == pytest.approx(e["value"])
+        for f in tops:  # the same views as the evaluation's: the same top examples
+            top = store.examples(f["latent"]).get("top", [])[:len(f["top"])]
+            assert [(e["context"], e["position"]) for e in top] == [(t["view"], t["token"]) for t in f["top"]]
+            assert [e["value"] for e in top] == pytest.approx([t["value"] for t in f["top"]], rel=1e-4)
+        listed = store.list_features("density", True, 0, 10, live_only=True)
+        assert [r["density"] for r in listed] == sorted((r["density"] for r in listed), reverse=True)
+    finally:
+        store.close()
 
 
 def test_vision_run_with_another_method_on_patch_tokens(tiny_vits, photos, tmp_path):
@@ -133,7 +189,27 @@ def test_text_only_steps_refuse_a_vision_run_by_name(tiny_vits, photos, tmp_path
     from featurekit.pipeline import run_eval, run_features
 
     cfg = resolve(load_config(None, _overrides(tiny_vits, photos, tmp_path)))
-    with pytest.raises(FeaturekitError, match="is a vision run"):
+    with pytest.raises(FeaturekitError, match="has no trained dictionary yet"):
         run_eval(cfg)
-    with pytest.raises(FeaturekitError, match="is a vision run"):
+    with pytest.raises(FeaturekitError, match="is a vision run: its store is built from its held-out images"):
+        run_features(cfg, text="tiny")
+    with pytest.raises(FeaturekitError, match="has no trained dictionary yet"):
         run_features(cfg)
+
+
+def test_streamed_vision_training_matches_the_cached_run(tiny_vits, photos, tmp_path):
+    """data.cache=false: the training views run through the model on every pass (no activation cache on disk): the
+    same seeded views, as many steps as a cached run, a dictionary as good (the shuffle order differs: the shuffle
+    buffer is fed per view batch, not per cache shard)."""
+    streamed, cached = tmp_path / "streamed", tmp_path / "cached"
+    for out, cache in ((streamed, "false"), (cached, "true")):
+        run_all(load_config(None, _overrides(tiny_vits, photos, out, extra=["dictionary.k=8", f"data.cache={cache}"])),
+                progress=False)
+    assert not (streamed / "run" / "activations").exists() and (cached / "run" / "activations").is_dir()
+    steps = [[json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if '"step"' in line][-1]
+             for out in (streamed, cached)]
+    assert steps[0] == steps[1] > 0
+    a, b = (json.loads((out / "run" / "eval.json").read_text()) for out in (streamed, cached))
+    assert a["complete"] and a["l0"] == pytest.approx(8.0) and a["fvu"] == pytest.approx(b["fvu"], abs=0.05)
+    assert load(streamed / "run" / "dictionary").metadata["source"]["identity"]["model_digest"] == \
+        load(cached / "run" / "dictionary").metadata["source"]["identity"]["model_digest"]

@@ -49,7 +49,9 @@ class RunPages:
         run = self.run(request)
         feature = whole_number(request.path_params["feature"], "feature id", not_found=True)
         if isinstance(run, VisionRun):
-            return self.page("vision_feature.html", request, run, section="features", f=run.feature(feature), fid=feature)
+            f = await run_in_threadpool(run.feature, feature)
+            hist = views.act_histogram(f["hist"], run.meta.get("hist_edges") or [], f["density"]) if f.get("hist") is not None else None
+            return self.page("vision_feature.html", request, run, section="features", f=f, fid=feature, hist=hist)
         page = await run_in_threadpool(queries.feature_page, run, feature)
         others = await run_in_threadpool(self.nearest_in_other_runs, run, feature)
         return self.page("feature.html", request, run, section="features", f=page, others=others,

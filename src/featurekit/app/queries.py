@@ -48,6 +48,9 @@ def search(run: Run, q: str, by: str = "auto") -> dict[str, Any]:
         raise BadRequest(f"cannot search by {by!r}: use one of {', '.join(SEARCH_KINDS)}")
     if not q.strip():
         raise BadRequest("type something to search for: a token (e.g. ' Paris'), a feature id or words of an explanation")
+    if getattr(run, "vision", False) and not (by in ("id", "auto") and q.strip().isdigit()):
+        raise BadRequest(f"{run.name} is a vision run: its features are searched by id only (a whole number from 0 to "
+                         f"{run.n_latents - 1}); images have no token text to search, and no explanations are stored")
     if by == "id" or (by == "auto" and q.strip().isdigit()):
         if not q.strip().isdigit():
             raise BadRequest(f"{q!r} is not a feature id: ids are whole numbers from 0 to {run.n_latents - 1}")

@@ -64,7 +64,7 @@ from .vision import MAX_UPLOAD, VisionRun
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 DEFAULT_PORT = 8765
-VISION_PAGES = {"overview", "feature", "picture", "try_image", "view_picture", "upload_image"}
+VISION_PAGES = {"overview", "features", "search", "feature", "picture", "try_image", "view_picture", "upload_image"}
 UPLOAD_PATH = "/try-image/upload"  # the one route whose body may be up to vision.MAX_UPLOAD bytes
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")

@@ -1,11 +1,13 @@
-"""Vision runs in the explorer: a run whose eval.json says ``"modality": "vision"`` has no feature store; its
-pages come from what `pipeline.vision` wrote (features/top_patches.json, token_kinds.json, figures.json) and
-its pictures are drawn on request, never written into the run folder:
+"""Vision runs in the explorer: a run whose eval.json says ``"modality": "vision"``. Its pages come from what
+`pipeline.vision` wrote (features/top_patches.json, token_kinds.json, figures.json) and, where the run has
+one (`featurekit features RUN`, `pipeline.vision_features`), from its feature store: then every latent has a
+feature page, and the feature list (sorted) and the search by id work as for text (no token search). Its
+pictures are drawn on request, never written into the run folder:
 
 * the overview lists the features firing mostly on the CLS token apart from the patch features;
 * a feature page shows each top example as a crop around its patch (3 × 3 patches) and as a heat-map of the
-  feature's code over the whole held-out view (`vision.figures.latent_maps`; the model and the dictionary are
-  loaded on the first picture, the held-out views rebuilt from the saved config);
+  feature's code over the whole held-out view (`vision.figures.latent_maps`, drawn by `heat_overlay`; the model
+  and the dictionary are loaded on the first picture, the held-out views rebuilt from the saved config);
 * "try an image": a held-out view chosen from a list, its top features (where each fires most), and the
   heat-map of one of them (any latent) over it; or an uploaded PNG/JPEG (`decode_upload`: size-limited,
   decoded by PIL from those two formats only), preprocessed as the run's plain views.
@@ -13,6 +15,7 @@ its pictures are drawn on request, never written into the run folder:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -24,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..errors import FeaturekitError
+from ..features.store import FILENAME, FeatureStore
 
 HEAT_SIZE = 224
 CROP_SIZE = 112
@@ -58,8 +62,16 @@ class VisionRun:
         self.patch_fires = [int(v) for v in kinds.get("patch_fires", [])]
         self.n_cls_tokens, self.n_patch_tokens = int(kinds.get("n_cls_tokens", 0)), int(kinds.get("n_patch_tokens", 0))
         self.meta: dict[str, Any] = {}
+        self.store = None
+        if (path / FILENAME).is_file():
+            self.store = FeatureStore(path / FILENAME)
+            self.meta = self.store.meta
+            if self.meta.get("modality") != "vision":
+                raise FeaturekitError(f"{path / FILENAME} is not a vision run's feature store: rebuild it with "
+                                      f"`featurekit features {path}`")
         self._lock = threading.Lock()
         self._loaded: tuple | None = None
+        self._cache: dict[str, Any] = {}
 
     site = property(lambda self: str(self.eval.get("site") or self.config.get("site", "?")))
     decoder_site = site
@@ -67,10 +79,45 @@ class VisionRun:
     method = property(lambda self: str(self.config.get("dictionary", {}).get("method", "?")))
     n_latents = property(lambda self: len(self.patch_fires))
 
+    # -- the feature store, as `runs.Run` offers it to the feature list and search (`queries`) -------------------
+    def query(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.store is None:
+            raise _bad_request(f"{self.name} is a vision run without a feature store: build it with "
+                               f"`featurekit features {self.path}` for the feature list and a page for every feature")
+        with self._lock:
+            return fn(self.store, *args, **kwargs)
+
+    def n_live(self) -> int:
+        if "n_live" not in self._cache:
+            self._cache["n_live"] = self.query(FeatureStore.count_features, live_only=True)
+        return self._cache["n_live"]
+
+    def has_explanations(self) -> bool:
+        return False
+
     def kind(self, latent: int) -> str:
         """"cls" where the latent fires more often on CLS tokens than on patches, "patch" where on patches, "dead"."""
         c, p = self.cls_fires[latent], self.patch_fires[latent]
         return "dead" if c + p == 0 else "cls" if c > p else "patch"
+
+    def store_feature(self, latent: int) -> dict:
+        """A latent's record from the store, in the shape of a top_patches.json entry (top examples as view, image,
+        token, kind, row, col, value) plus its store statistics (fires, mean, max, the histogram, CLS/patch firings
+        on the store's views)."""
+        if not 0 <= latent < self.n_latents:
+            raise _not_found(f"feature {latent} does not exist: this dictionary has {self.n_latents} (0 to {self.n_latents - 1})")
+        page = self.query(FeatureStore.feature, latent)
+        names, g, prefix = self.meta.get("views", []), int(self.meta.get("grid", 1)), int(self.meta.get("n_prefix", 1))
+        tops = []
+        for e in page["examples"].get("top", []):
+            view, token = int(e["context"]), int(e["position"])
+            patch = token - prefix
+            tops.append({"value": e["value"], "view": view, "image": names[view] if view < len(names) else f"view {view}",
+                         "token": token, **({"kind": "cls"} if patch < 0 else {"kind": "patch", "row": patch // g, "col": patch % g})})
+        extra = page.get("extra") or {}
+        return {"latent": latent, "density": page["density"], "top": tops, "fires": page["fires"], "mean": page["mean"],
+                "max": page["max"], "hist": page["hist"], "store_kind": extra.get("kind"),
+                "store_cls_fires": extra.get("cls_fires", 0), "store_patch_fires": extra.get("patch_fires", 0)}
 
     def overview(self) -> dict:
         """The features with top examples, CLS-token and patch features apart, each with its firing counts."""
@@ -82,6 +129,10 @@ class VisionRun:
         return {"groups": groups, "counts": counts}
 
     def feature(self, latent: int) -> dict:
+        if self.store is not None:
+            f = self.cached_feature(latent)
+            return {**f, "kind": self.kind(latent), "cls_fires": self.cls_fires[latent], "patch_fires": self.patch_fires[latent],
+                    "views": list(dict.fromkeys(int(t["view"]) for t in f["top"]))}
         if latent not in self.tops:
             listed = ", ".join(map(str, sorted(self.tops)))
             raise _not_found(f"latent {latent} has no top patches in this run (the run kept those of latents {listed}; "
@@ -89,6 +140,12 @@ class VisionRun:
         f = self.tops[latent]
         return {**f, "kind": self.kind(latent), "cls_fires": self.cls_fires[latent], "patch_fires": self.patch_fires[latent],
                 "views": list(dict.fromkeys(int(t["view"]) for t in f.get("top", [])))}
+
+    def cached_feature(self, latent: int) -> dict:
+        key = f"f{latent}"
+        if key not in self._cache:
+            self._cache[key] = self.store_feature(latent)
+        return self._cache[key]
 
     # -- pictures (drawn on request) -----------------------------------------------------------------------------
     def _model(self) -> tuple:
@@ -102,7 +159,10 @@ class VisionRun:
                 vm = open_model(cfg)
                 sae = load(self.path / "dictionary")
                 sae.eval()
-                self._loaded = (cfg, vm, sae, views(cfg, vm, "test", cfg.eval.tokens))
+                test = views(cfg, vm, "test", cfg.eval.tokens)
+                if int(self.meta.get("n_views", 0)) > test.n_views:  # the store's views: the same seed, more of them
+                    test = dataclasses.replace(test, n_views=int(self.meta["n_views"]))
+                self._loaded = (cfg, vm, sae, test)
             return self._loaded
 
     def _view(self, latent: int, view: int, views: Any = None) -> tuple[Image.Image, np.ndarray, float]:
@@ -167,17 +227,15 @@ class VisionRun:
         return {"size": list(image.size), "top": top, "feature": feature, "heat": heat}
 
     def heat_png(self, latent: int, view: int, top_only: bool = True, views: Any = None) -> bytes:
-        """The view with the latent's code over each patch in red (opacity ∝ code / the map's largest code);
+        """The view (grey) with the latent's code over each patch in red (opacity ∝ code / the map's largest code) and
+        the hottest patch framed (`vision.figures.heat_overlay`);
         `top_only`: only the views of the latent's top examples."""
         if top_only and view not in self.feature(latent)["views"]:
             raise _not_found(f"view {view} is not among latent {latent}'s top examples")
+        from ..vision.figures import heat_overlay
+
         image, codes, _ = self._view(latent, view, views)
-        image = image.resize((HEAT_SIZE, HEAT_SIZE))
-        heat = np.clip(codes / (codes.max() if codes.max() > 0 else 1.0), 0, 1)
-        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((HEAT_SIZE, HEAT_SIZE), Image.NEAREST),
-                          dtype=np.float32)[..., None] / 255
-        out = np.asarray(image, dtype=np.float32) * (1 - 0.6 * heat) + np.array([255.0, 0, 0]) * 0.6 * heat
-        return _png(Image.fromarray(out.astype(np.uint8)))
+        return _png(heat_overlay(image, codes, HEAT_SIZE))
 
     def crop_png(self, latent: int, index: int) -> bytes:
         """The 3 × 3 patches around the index-th top example's patch (the whole view for a CLS example), enlarged."""
@@ -195,7 +253,8 @@ class VisionRun:
         return _png(image.crop(box).resize((CROP_SIZE, CROP_SIZE), Image.NEAREST))
 
     def close(self) -> None:
-        pass
+        if self.store is not None:
+            self.store.close()
 
 
 def decode_upload(data: bytes) -> Image.Image:
@@ -220,6 +279,12 @@ def decode_upload(data: bytes) -> Image.Image:
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadRequest(bad.format(type(err).__name__)) from None
+
+
+def _bad_request(message: str) -> FeaturekitError:
+    from .queries import BadRequest
+
+    return BadRequest(message)
 
 
 def _not_found(message: str) -> FeaturekitError:

@@ -27,6 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--text", metavar="SOURCE", help="evaluate on this text source (as data.source: embedded name, .txt/.jsonl/"
                                                     ".parquet path, folder of .txt files, hf:NAME)")
+    p.add_argument("--images", metavar="SOURCE", help="a vision run: evaluate on these images (as data.source: a folder of images, "
+                                                      "skimage, photos, hf:PATH; default split all) → RUN_DIR/evals/LABEL/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change a data.*, eval.* or report.* value for this evaluation (repeatable)")
     p.add_argument("--split", choices=["test", "train", "all"],
@@ -49,7 +51,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "activation-quantile examples, top tokens, co-firing features, logit effects and decoder "
                                    "neighbours, from features.tokens tokens (the held-out split, then training text). `featurekit "
                                    "run` builds it as its last step; `featurekit serve RUN_DIR` browses it. Under torchrun the "
-                                   "processes share the tokens.")
+                                   "processes share the tokens. A vision run: from its held-out image views, CLS-token and "
+                                   "patch firings apart, no logit effects (docs/vision.md).")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--text", metavar="SOURCE", help="build it from this text source (all its documents) instead")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -69,8 +72,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Serve RUN_DIR's feature store (and those of further runs, side by side) as a web app on "
                                    "http://127.0.0.1:PORT/: run overview, feature list and search (by token, id, explanation), "
                                    "feature pages, and live model calls (the features on each token of a text; steering). "
-                                   "A vision run (no feature store): CLS-token and patch features apart, feature pages with "
-                                   "crops and heat-maps of the top patches, try an image (docs/vision.md). "
+                                   "A vision run: CLS-token and patch features apart, feature pages with crops and heat-maps "
+                                   "of the top patches, try an image; with its feature store also the feature list, search by "
+                                   "id and a page for every feature (docs/vision.md). "
                                    "Read-only: nothing is written into a run folder. Ctrl-C stops it.")
     p.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several: switch between them")
     p.add_argument("--graphs", type=Path, nargs="+", default=[], metavar="G.json",
@@ -171,7 +175,10 @@ def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
     if unknown or not suite:
         raise FeaturekitError(f"--suite {args.suite!r}: unknown evaluation(s) {', '.join(unknown) or '(none given)'}; "
                               f"valid: {', '.join(EVAL_SUITES)}")
-    overrides = list(args.overrides) + ([f"data.source={args.text}"] if args.text else [])
+    if args.text and args.images:
+        raise FeaturekitError("give --text (a text run) or --images (a vision run), not both")
+    source = args.text or args.images
+    overrides = list(args.overrides) + ([f"data.source={source}"] if source else [])
     split, out = None, None
     if overrides or args.split or args.label:
         cfg, split, out = pipeline.other_text(cfg, overrides, args.split, args.label)

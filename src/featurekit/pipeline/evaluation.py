@@ -37,9 +37,10 @@ def run_eval(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool =
              out_dir: Path | None = None) -> dict:
     """Reconstruction metrics on `split` of cfg.data.source, the splice CE/KL and feature examples →
     OUT/eval.json and OUT/features/, OUT = the run folder or `out_dir` (module docstring)."""
-    if is_vision(cfg):
-        raise FeaturekitError(f"{cfg.run_dir} is a vision run: `featurekit run` evaluates it on its held-out images "
-                              f"(docs/vision.md); featurekit eval and the feature store read text only")
+    if is_vision(cfg):  # images (pipeline/vision.py): the run's held-out images, or another image source
+        from .vision import run_image_eval
+
+        return run_image_eval(cfg, loaded, progress, split=split, out_dir=out_dir)
     out = Path(out_dir or cfg.run_dir)
     loaded = loaded or open_model(cfg)
     weights = cfg.run_dir / "dictionary" / "model.safetensors"

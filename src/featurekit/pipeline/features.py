@@ -3,7 +3,7 @@
 The store (`RUN_DIR/features.sqlite`, `features/store.py`) is built from `features.tokens` tokens: the
 held-out split of the run's text first, then training text to fill the budget (or, with `text=`, any text
 source, all its documents). `store_complete` tells a rerun whether the store already describes the
-dictionary now in the run with these settings.
+dictionary now in the run with these settings. A vision run's store: `vision_features.py`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,13 @@ def run_features(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
     """Build RUN_DIR/features.sqlite (module docstring). Under torchrun with `shard`, every rank takes a share of the
     contexts and rank 0 writes (without: this process builds it alone). Returns the store's path (None on the
     other ranks)."""
-    if is_vision(cfg):
-        raise FeaturekitError(f"{cfg.run_dir} is a vision run: the feature store reads text only; its features are in "
-                              f"features/top_patches.json and token_kinds.json (docs/vision.md)")
+    if is_vision(cfg):  # the held-out image views (pipeline/vision_features.py)
+        from .vision_features import run_image_features
+
+        if text is not None:
+            raise FeaturekitError(f"{cfg.run_dir} is a vision run: its store is built from its held-out images, not from "
+                                  f"--text (drop --text)")
+        return run_image_features(cfg, loaded, progress)
     loaded = loaded or open_model(cfg)
     weights = cfg.run_dir / "dictionary" / "model.safetensors"
     if not weights.is_file():

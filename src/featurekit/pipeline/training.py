@@ -159,12 +159,18 @@ class TrainingData:
     loaded: LoadedModel | None = None
     ids: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    views: object = None  # a streamed vision run: its training views (`vision.images.Views`)
 
     def ordered(self, sites: list[str], gradients: bool = False) -> Iterator:
         """One pass over the training activations in stream order (the cache's shards, or a fresh harvest)."""
         if self.cache is not None:
             return self.cache.iter_shards(sites=sites)
         cfg = self.cfg
+        if self.views is not None:
+            from ..vision.harvest import harvest_views
+
+            return harvest_views(self.loaded, self.views, sites, batch_size=cfg.data.harvest_batch, tokens=cfg.images.tokens,
+                                 progress=False)
         return harvest(self.loaded.model, self.ids, sites, batch_size=cfg.data.harvest_batch, mask=self.mask, progress=False,
                        max_norm_multiple=cfg.data.max_norm_multiple, gradients=gradients)
 
@@ -173,6 +179,8 @@ class TrainingData:
         slack absorbing tokens dropped as norm outliers (their number is known only once harvested)."""
         if self.cache is not None:
             return batches_per_epoch(self.cache.n_tokens, batch_size)
+        if self.views is not None:  # image views drop no tokens: as many as a cache of them holds
+            return batches_per_epoch(int(self.mask.sum()), batch_size)
         return int(0.99 * int(self.mask.sum())) // batch_size
 
 
@@ -184,6 +192,17 @@ def training_data(cfg: RunConfig, loaded: LoadedModel | None = None, cache_dir: 
         return TrainingData(cfg, cache.d(cfg.site), cache.d(cfg.output_site) if cfg.output_site else None, cache.meta.get("dtype"),
                             cache.meta, [shard["sha256"] for shard in cache.manifest["shards"]], cache=cache)
     loaded = loaded or open_model(cfg)
+    if is_vision(cfg):  # streamed views: the same seeded views the harvest would cache, made again every pass
+        from ..vision.harvest import capture_pixels, token_mask
+        from .vision import views
+
+        train = views(cfg, loaded, "train", cfg.data.train_tokens)
+        keep = token_mask(loaded, cfg.images.size, cfg.images.tokens)
+        identity = {**harvest_meta(cfg), **loaded_identity(loaded)}
+        with torch.no_grad():
+            d = capture_pixels(loaded, train.pixels([0]), [cfg.site])[cfg.site].shape[-1]
+        return TrainingData(cfg, d, None, dtype_name(loaded.model.dtype), identity, identity, loaded=loaded,
+                            mask=keep.repeat(train.n_views, 1), views=train)
     ids, mask = contexts(loaded, cfg, "train", cfg.data.train_tokens)
     identity = {**harvest_meta(cfg), **loaded_identity(loaded)}
     return TrainingData(cfg, site_dim(loaded.model, cfg.site), site_dim(loaded.model, cfg.output_site) if cfg.output_site else None,

@@ -7,11 +7,14 @@ dictionary, the reconstruction metrics and the report. What differs:
 * data: `vision.images` sources; the held-out split holds out whole images; training takes seeded views
   of the training images (view 0 plain, later ones random crops/flips) until data.train_tokens tokens,
   the evaluation views of the held-out images (seed + 1) until eval.tokens;
-* harvest: `vision.harvest` (each row's token kind, CLS or patch, is kept in the cache's token_ids);
+* harvest: `vision.harvest` (each row's token kind, CLS or patch, is kept in the cache's token_ids); with
+  data.cache=false the training views are harvested again on every pass (`training.TrainingData.views`);
 * evaluation: FVU, L0, dead/dense as for text, the share of each latent's firings on CLS and on patch
   tokens (features/token_kinds.json, eval.json's cls_only/patch_only counts), the top (image, token) of
   report.n_features latents (features/top_patches.json), and the vision splice (`vision.splice`):
-  cos of the final CLS embedding and relative change of the final patch tokens, clean vs spliced.
+  cos of the final CLS embedding and relative change of the final patch tokens, clean vs spliced; the same on
+  other images with `featurekit eval RUN --images SOURCE` (→ RUN_DIR/evals/LABEL/);
+* the feature store: `vision_features.py`.
 """
 
 from __future__ import annotations
@@ -60,8 +63,6 @@ def preflight_images(cfg: RunConfig) -> None:
     if cfg.data.gradients or METHODS[cfg.dictionary.method].needs_gradient:
         raise FeaturekitError(f"dictionary.method={cfg.dictionary.method} / data.gradients need a language-model loss; a vision "
                               f"model has none: use another method (topk, batchtopk, relu, jumprelu, ...)")
-    if not cfg.data.cache:
-        raise FeaturekitError("a vision run harvests into the activation cache: set data.cache=true")
     if cfg.images.tokens not in ("all", "patches", "cls"):
         raise FeaturekitError(f"images.tokens={cfg.images.tokens!r}: use all (CLS and patches), patches or cls")
     images = load_images(cfg.data.source)
@@ -75,7 +76,7 @@ def preflight_images(cfg: RunConfig) -> None:
 
 
 def views(cfg: RunConfig, vm: VisionModel, split: str, n_tokens: int) -> Views:
-    """Views of the split's images holding n_tokens kept tokens (training: seed train.seed; held out: +1)."""
+    """Views of the split's images holding n_tokens kept tokens (training and all: seed train.seed; held out: +1)."""
     keep = token_mask(vm, cfg.images.size, cfg.images.tokens)
     images = split_images(load_images(cfg.data.source), split)
     return make_views(images, preprocess(cfg), n_tokens, int(keep.sum()), seed=cfg.train.seed + (split == "test"))
@@ -98,18 +99,24 @@ def run_image_harvest(cfg: RunConfig, vm: VisionModel | None = None, progress: b
     return write_cache(folder, stream, meta, cfg.data.shard_tokens)
 
 
-def run_image_eval(cfg: RunConfig, vm: VisionModel, progress: bool = True) -> dict:
-    """Reconstruction metrics, token-kind shares, top patches and the vision splice on the held-out images →
-    eval.json and features/ (module docstring)."""
+def run_image_eval(cfg: RunConfig, vm: VisionModel | None = None, progress: bool = True, split: str = "test",
+                   out_dir: Path | None = None) -> dict:
+    """Reconstruction metrics, token-kind shares, top patches and the vision splice on `split` of cfg.data.source's
+    images (the run's own: the held-out ones; `featurekit eval --images` on others: all, written to out_dir) →
+    OUT/eval.json and OUT/features/ (module docstring)."""
     from ..vision.splice import vision_splice_eval
+    from .setup import open_model
 
-    out = cfg.run_dir
-    weights = out / "dictionary" / "model.safetensors"
-    sae = load(out / "dictionary", device=next(vm.model.parameters()).device)
+    out = Path(out_dir or cfg.run_dir)
+    weights = cfg.run_dir / "dictionary" / "model.safetensors"
+    if not weights.is_file():
+        raise FeaturekitError(f"{cfg.run_dir} has no trained dictionary yet: run `featurekit run` first")
+    vm = vm or open_model(cfg)
+    sae = load(cfg.run_dir / "dictionary", device=next(vm.model.parameters()).device)
     if sae.metadata.get("source", {}).get("site") != cfg.site:
         raise FeaturekitError(f"the dictionary in {out / 'dictionary'} was trained on {sae.metadata.get('source', {}).get('site')}, "
                               f"not {cfg.site}; evaluate it with the config it was trained with")
-    test = views(cfg, vm, "test", cfg.eval.tokens)
+    test = views(cfg, vm, split, cfg.eval.tokens)
     stats = FeatureStats(sae.n_latents, top_n=cfg.report.top_n)
     fires = {"cls": torch.zeros(sae.n_latents, dtype=torch.long), "patch": torch.zeros(sae.n_latents, dtype=torch.long)}
     counts = {"cls": 0, "patch": 0}
@@ -137,8 +144,9 @@ def run_image_eval(cfg: RunConfig, vm: VisionModel, progress: bool = True) -> di
                               f"{dtype_name(vm.model.dtype)} (try model.dtype=float32); nothing was written")
     live = (fires["cls"] + fires["patch"]) > 0
     result = {"site": cfg.site, "model": cfg.model.name, "modality": "vision", "dtype": dtype_name(vm.model.dtype),
-              "source": cfg.data.source, "split": "test", "images": {"preprocess": preprocess(cfg).to_dict(), "tokens": cfg.images.tokens},
-              "held_out_images": len(test.images), "views": test.n_views, "dictionary_sha256": sha256_file(weights),
+              "source": cfg.data.source, "split": split, "images": {"preprocess": preprocess(cfg).to_dict(), "tokens": cfg.images.tokens},
+              "held_out_images" if split == "test" else "n_images": len(test.images), "views": test.n_views,
+              "dictionary_sha256": sha256_file(weights),
               "evaluations": ["reconstruction", "vision_splice", "features"], **recon,
               "cls_only_features": int((live & (fires["patch"] == 0)).sum()),
               "patch_only_features": int((live & (fires["cls"] == 0)).sum())}
@@ -208,9 +216,12 @@ def image_eval_complete(cfg: RunConfig) -> bool:
 
 
 def run_vision(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> Path:
-    """`featurekit run` for a vision model: harvest → train → evaluate → report, continuing from whatever is complete."""
+    """`featurekit run` for a vision model: harvest → train → evaluate → feature store → report, continuing from
+    whatever is complete."""
+    from .features import store_complete
     from .setup import open_model
     from .training import dictionary_complete, run_train
+    from .vision_features import run_image_features
 
     vm = open_model(cfg)
     start(cfg, overwrite)
@@ -218,12 +229,17 @@ def run_vision(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -
         note(f"{cfg.run_dir / 'dictionary'} is this config's finished dictionary on the same images and model: "
              f"harvest and training skipped")
     else:
-        run_image_harvest(cfg, vm, progress)
+        if cfg.data.cache:  # else streamed: the training views run through the model on every pass
+            run_image_harvest(cfg, vm, progress)
         run_train(cfg, resume=(cfg.run_dir / "checkpoint" / "state.json").is_file(), progress=progress, loaded=vm)
     if image_eval_complete(cfg):
         note(f"{cfg.run_dir / 'eval.json'} already scores this dictionary: evaluation skipped")
     else:
         run_image_eval(cfg, vm, progress)
+    if store_complete(cfg):
+        note(f"{cfg.run_dir / 'features.sqlite'} already describes this dictionary: feature store skipped")
+    else:
+        run_image_features(cfg, vm, progress)
     if cfg.eval.tokens < 4096:
         warn(f"eval.tokens={cfg.eval.tokens}: the held-out metrics come from few tokens and are noisy")
     return write_report(cfg.run_dir)

