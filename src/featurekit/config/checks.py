@@ -49,6 +49,7 @@ def validate(cfg: RunConfig) -> None:
     choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
                "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
                "data.holdout": (cfg.data.holdout, ("documents", "contexts")),
+               "eval.splice_ablation": (cfg.eval.splice_ablation, ("zero", "mean")),
                "dictionary.method": (cfg.dictionary.method, tuple(sorted(METHODS)))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -15,6 +15,7 @@ from ..dictionaries import load
 from ..errors import FeaturekitError
 from ..evaluate.absorption import AbsorptionSettings, first_letter_absorption
 from ..evaluate.first_letter import LETTERS, TEMPLATE_SUFFIX, alpha_tokens, split_words, word_activations
+from ..evaluate.plots import write_plot
 from ..evaluate.saebench import eval_output
 from ..models.loading import LoadedModel
 from .evaluation import check_dictionary
@@ -80,4 +81,5 @@ def run_absorption(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: P
     output = eval_output(EVAL_TYPE, config, {"mean": result["mean"]}, details, unstructured,
                          read_json(cfg.run_dir / "dictionary" / "featurekit.json"))
     atomic_write_json(out / f"{EVAL_TYPE}.json", output)
+    write_plot(output, out / EVAL_TYPE)
     return output

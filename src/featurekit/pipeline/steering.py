@@ -28,6 +28,7 @@ from ..dictionaries import load
 from ..errors import FeaturekitError
 from ..evaluate.kl_steering import GRID, SteeringProbe, choose_features, difference_of_means, kl_matched, random_directions
 from ..evaluate.probes import pca_basis
+from ..evaluate.plots import write_plot
 from ..evaluate.saebench import eval_output
 from ..models.hooks import capture_activations
 from ..models.loading import LoadedModel, has_lm_head
@@ -104,6 +105,7 @@ def run_steering(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Pat
                     "seconds": {"setup": round(setup_seconds, 2), "total": round(time.perf_counter() - start, 2)}}
     result = eval_output(EVAL_TYPE, config, metrics, details, unstructured, read_json(cfg.run_dir / "dictionary" / "featurekit.json"))
     atomic_write_json(out / f"{EVAL_TYPE}.json", result)
+    write_plot(result, out / EVAL_TYPE)
     return result
 
 
