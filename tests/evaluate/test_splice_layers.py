@@ -4,12 +4,11 @@ all at once equals splicing by hand with nested hooks; mean-ablation uses the si
 and two dictionaries at one site are refused with the reason."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from featurekit.cli import main
 from featurekit.dictionaries import TopKSAE, Transcoder, fileformat
 from featurekit.errors import FeaturekitError
 from featurekit.evaluate import metrics
@@ -134,17 +133,15 @@ def test_bad_inputs_are_refused_with_the_reason(tiny, tmp_path):
         read_splices([save(random_sae(0), tmp_path / "c", model, "mlp_in.1", "mlp_out.1")])
 
 
-def test_the_command_writes_saebench_json_and_a_plot(tiny, tmp_path):
+def test_the_command_writes_saebench_json_and_a_plot(tiny, tmp_path, capsys):
     """A folder of layer_L transcoders (a set still being trained) plus an SAE folder, through the CLI."""
     model = str(tiny / "model")
     for layer in (0, 1):
         save(random_transcoder(layer), tmp_path / "set" / f"layer_{layer}", model, f"mlp_in.{layer}", f"mlp_out.{layer}")
     save(identity(), tmp_path / "sae2", model, "resid_post.2")
-    cmd = [sys.executable, "-m", "featurekit.cli", "eval", str(tmp_path / "set"), str(tmp_path / "sae2"), "--suite", "splice_all",
-           "--set", f"data.source={tiny / 'text.txt'}", "--set", "eval.splice_contexts=3", "--set", "data.context_len=16",
-           "--quiet"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    cmd = ["eval", str(tmp_path / "set"), str(tmp_path / "sae2"), "--suite", "splice_all", "--set", f"data.source={tiny / 'text.txt'}",
+           "--set", "eval.splice_contexts=3", "--set", "data.context_len=16", "--quiet"]
+    assert main(cmd) == 0  # in-process: quicker
     out = json.loads((tmp_path / "set" / "evals" / "splice_all.json").read_text())
     assert out["eval_type_id"] == "splice_all" and {"eval_config", "eval_id", "datetime_epoch_millis", "eval_result_details",
                                                     "sae_cfg_dict"} <= set(out)
@@ -153,6 +150,8 @@ def test_the_command_writes_saebench_json_and_a_plot(tiny, tmp_path):
     assert last["alone"]["delta_ce"] == pytest.approx(0.0, abs=1e-4)  # the identity SAE alone
     assert last["cumulative"]["ce_spliced"] == pytest.approx(out["eval_result_metrics"]["all"]["ce_spliced"])
     assert (tmp_path / "set" / "evals" / "splice_all.png").stat().st_size > 1000
-    assert "all at once" in done.stdout
-    bad = subprocess.run(cmd[:6] + ["--suite", "splice_all,probing"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "runs on its own" in bad.stderr
+    assert "all at once" in capsys.readouterr().out
+    assert main(cmd[:3] + ["--suite", "splice_all,probing"]) != 0
+    assert "runs on its own" in capsys.readouterr().err
+    assert main(cmd[:3] + ["--suite", "probing"]) != 0
+    assert "only --suite splice_all takes several" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 Routes (a run is addressed by its name or index, `runs.py`):
 
     /                               the runs side by side (one run: its overview)
-    /r/RUN/                         run overview: method, sites, metrics, training curves, density histogram, config
+    /r/RUN/                         run overview: method, sites, metrics, training curves, density histogram, config,
+                                    the evaluation suite's results and plots (/r/RUN/evals/NAME.png)
     /r/RUN/features?sort=&order=&page=&live=     the feature list (50 a page)
     /r/RUN/search?q=&by=auto|token|id|explanation
     /r/RUN/f/ID                     the feature page
@@ -116,9 +117,18 @@ class Explorer:
 
         def build() -> dict:
             return {"curves": views.curves(run.metrics()), "density": views.density_histogram(run.densities()),
+                    "evaluations": run.evaluations(),
                     "n_live": run.n_live(), "config_text": json.dumps(run.config, indent=2, ensure_ascii=False)}
 
         return self.page("overview.html", request, run, section="overview", **await run_in_threadpool(build))
+
+    async def eval_plot(self, request: Request) -> Response:
+        """/r/RUN/evals/NAME.png: the plot `featurekit eval --suite ...` wrote beside an evaluation's JSON."""
+        run = self.run(request)
+        png = await run_in_threadpool(run.eval_plot, request.path_params["name"])
+        if png is None:
+            raise queries.NotFound(f"{run.name} has no plot of an evaluation named {request.path_params['name']!r}")
+        return Response(png, media_type="image/png", headers={"cache-control": "no-store"})
 
     async def features(self, request: Request) -> Response:
         run = self.run(request)
@@ -410,6 +420,7 @@ def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None
         Route("/static/{name}", g(ex.static_file)),
         Route("/r/{run}/", g(ex.overview)),
         Route("/r/{run}/features", g(ex.features)),
+        Route("/r/{run}/evals/{name}.png", g(ex.eval_plot)),
         Route("/r/{run}/search", g(ex.search)),
         Route("/r/{run}/f/{feature}", g(ex.feature)),
         Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),
