@@ -15,8 +15,8 @@ from ..config.checks import probing_ks
 from ..data.sources import labelled_documents
 from ..dictionaries import load
 from ..errors import FeaturekitError
-from ..evaluate.probing import pooled_documents, probe_accuracies
 from ..evaluate.plots import write_plot
+from ..evaluate.probing import pooled_documents, probe_accuracies
 from ..evaluate.saebench import eval_output
 from ..models.loading import LoadedModel
 from .evaluation import check_dictionary

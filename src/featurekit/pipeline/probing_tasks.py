@@ -25,8 +25,8 @@ from ..data.probe_labels import TOKEN_TASKS, available_corpora, source_chunks, t
 from ..data.sources import load_texts
 from ..dictionaries import load
 from ..errors import FeaturekitError
-from ..evaluate.probing import pooled_documents, probe_accuracies, token_codes, token_documents
 from ..evaluate.plots import write_plot
+from ..evaluate.probing import pooled_documents, probe_accuracies, token_codes, token_documents
 from ..evaluate.saebench import eval_output
 from ..models.loading import LoadedModel
 from .evaluation import check_dictionary

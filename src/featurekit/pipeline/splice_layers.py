@@ -91,7 +91,9 @@ def splice_config(paths: list[Path], splices: list[Splice], overrides: list[str]
         cfg = load_run_config(runs[0])
         return load_config(runs[0] / "config.json", overrides) if overrides else cfg
     source = splices[0].dictionary.metadata.get("source", {}) or {}
-    base = [f"model.name={source.get('model')}", f"site={splices[0].site}"] + ([f"data.context_len={source['context_len']}"] if source.get("context_len") else [])
+    base = [f"model.name={source.get('model')}", f"site={splices[0].site}"]
+    if source.get("context_len"):
+        base.append(f"data.context_len={source['context_len']}")
     return load_config(None, base + overrides)
 
 

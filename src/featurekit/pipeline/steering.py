@@ -31,8 +31,8 @@ from ..data.harvest import norm_outliers
 from ..dictionaries import load
 from ..errors import FeaturekitError
 from ..evaluate.kl_steering import GRID, SteeringProbe, choose_features, difference_of_means, kl_matched, random_directions
-from ..evaluate.probes import pca_basis
 from ..evaluate.plots import write_plot
+from ..evaluate.probes import pca_basis
 from ..evaluate.saebench import eval_output
 from ..models.hooks import capture_activations
 from ..models.loading import LoadedModel, has_lm_head
