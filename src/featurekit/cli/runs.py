@@ -25,7 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "written to RUN_DIR/eval.json and RUN_DIR/features/. With --text or --set data.*/eval.*/report.*: "
                                    "on other text (or with other settings), written to RUN_DIR/evals/LABEL/ beside the run's own results. "
                                    "--suite splice_all takes several folders (runs, dictionaries, transcoder sets) of one model and "
-                                   "splices all their dictionaries into one forward pass.")
+                                   "splices all their dictionaries into one forward pass. Every suite evaluation writes a plot "
+                                   "(NAME.png, NAME.svg) beside its JSON; `featurekit serve` shows them in the run overview.")
     p.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR",
                    help=RUN_DIR_HELP + " (--suite splice_all: one or more run, dictionary or transcoder set folders)")
     p.add_argument("--text", metavar="SOURCE", help="evaluate on this text source (as data.source: embedded name, .txt/.jsonl/"
