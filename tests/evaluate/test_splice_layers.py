@@ -155,3 +155,16 @@ def test_the_command_writes_saebench_json_and_a_plot(tiny, tmp_path, capsys):
     assert "runs on its own" in capsys.readouterr().err
     assert main(cmd[:3] + ["--suite", "probing"]) != 0
     assert "only --suite splice_all takes several" in capsys.readouterr().err
+
+
+def test_only_the_curves_asked_for_are_scored(model):
+    from featurekit.config.checks import splice_curves
+
+    ids, mask = ids_and_mask()
+    splices = [Splice(f"L{layer}", f"resid_post.{layer}", f"resid_post.{layer}", random_sae(layer)) for layer in (0, 1)]
+    both = layer_curves(model, splices, ids, mask, batch_contexts=4, progress=False)
+    cumulative = layer_curves(model, splices, ids, mask, batch_contexts=4, progress=False, curves=["cumulative"])
+    assert "alone" not in cumulative and cumulative["cumulative"] == both["cumulative"] and cumulative["all"] == both["all"]
+    assert splice_curves("alone, cumulative") == ["alone", "cumulative"] and splice_curves("") == []
+    with pytest.raises(FeaturekitError, match="eval.splice_curves"):
+        splice_curves("alone,prefix")

@@ -46,7 +46,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "against random, difference-of-means and PCA directions → evals/steering_kl_matched.json; eval.steering_*), "
                         "splice_all (on its own: every dictionary of the folders given spliced into one forward pass, each alone and "
                         "layers 0..L cumulatively: ΔCE, KL, loss recovered against eval.splice_ablation=zero|mean → "
-                        "FIRST/evals/splice_all.json and .png; eval.splice_contexts)")
+                        "FIRST/evals/splice_all.json and .png; eval.splice_contexts, eval.splice_curves)")
     p.add_argument("--full", action="store_true",
                    help="absorption and steering with their full settings (every single-token word of the vocabulary; "
                         "32 features and 32 directions per baseline on 16 prompts) instead of the CPU-sized defaults")
@@ -258,10 +258,10 @@ def _splice_all(args: argparse.Namespace, progress: bool) -> int:
     print(f"{len(result['eval_result_details'])} dictionaries spliced on {config['scored_tokens']} held-out tokens "
           f"({config['ablation']}-ablation baseline):")
     for row in result["eval_result_details"]:
-        alone, cumulative = row["alone"], row["cumulative"]
-        print(f"  {row['output_site']:14s} alone: ΔCE {alone['delta_ce']:+.4f} KL {alone['kl_clean_spliced']:.4f} "
-              f"recovered {alone['loss_recovered']:.3f} | layers up to here: ΔCE {cumulative['delta_ce']:+.4f} "
-              f"KL {cumulative['kl_clean_spliced']:.4f} recovered {cumulative['loss_recovered']:.3f}")
+        print(f"  {row['output_site']:14s} " + " | ".join(
+            f"{what}: ΔCE {row[curve]['delta_ce']:+.4f} KL {row[curve]['kl_clean_spliced']:.4f} "
+            f"recovered {row[curve]['loss_recovered']:.3f}"
+            for curve, what in (("alone", "alone"), ("cumulative", "layers up to here")) if curve in row))
     every = result["eval_result_metrics"]["all"]
     print(f"all at once: CE clean {every['ce_clean']:.4f}, spliced {every['ce_spliced']:.4f}, ablated {every['ce_ablated']:.4f}; "
           f"ΔCE {every['delta_ce']:+.4f}, KL {every['kl_clean_spliced']:.4f}, loss recovered {every['loss_recovered']:.3f}")

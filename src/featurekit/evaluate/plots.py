@@ -119,8 +119,9 @@ def splice_all(plt, result: dict):
     every = result["eval_result_metrics"]["all"]
     for ax, key, label in ((axes[0], "delta_ce", "ΔCE (nats)"), (axes[1], "kl_clean_spliced", "KL(clean ‖ spliced), nats"),
                            (axes[2], "loss_recovered", f"loss recovered ({result['eval_config']['ablation']}-ablation)")):
-        ax.plot(x, [r["alone"][key] for r in rows], "o-", label="each alone")
-        ax.plot(x, [r["cumulative"][key] for r in rows], "s-", label="layers 0..L together")
+        for curve, marker, name in (("alone", "o-", "each alone"), ("cumulative", "s-", "layers 0..L together")):
+            if all(curve in r for r in rows):
+                ax.plot(x, [r[curve][key] for r in rows], marker, label=name)
         ax.axhline(every[key], color="grey", ls=":", label=f"all at once ({every[key]:.3f})")
         ax.set_xticks(x, labels, rotation=90, fontsize=7)
         ax.set_ylabel(label)

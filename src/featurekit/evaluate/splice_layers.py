@@ -33,6 +33,7 @@ from .splice import reconstruct_at, score_splices
 from .transcoders import splice_transcoders
 
 ABLATIONS = ("zero", "mean")
+CURVES = ("alone", "cumulative")
 
 
 @dataclass(frozen=True)
@@ -114,17 +115,20 @@ def site_means(model: torch.nn.Module, sites: Sequence[str], input_ids: torch.Te
 @torch.no_grad()
 def layer_curves(model: torch.nn.Module, splices: Sequence[Splice], input_ids: torch.Tensor, mask: torch.Tensor,
                  ablation: str = "zero", batch_contexts: int = 16, progress: bool = True,
-                 max_norm_multiple: float | None = None, curves: bool = True) -> dict:
+                 max_norm_multiple: float | None = None, curves: Sequence[str] = CURVES) -> dict:
     """Every splice at once, each alone and each prefix (layers 0..L) — module docstring. Returns
-    {"all": scores, "alone": [scores per splice], "cumulative": [scores of splices[:i+1]], "order": names};
-    without `curves` only "all"."""
+    {"all": scores, "alone": [scores per splice], "cumulative": [scores of splices[:i+1]], "order": names},
+    with only the `curves` named (a subset of CURVES) beside "all"."""
     if ablation not in ABLATIONS:
         raise FeaturekitError(f"ablation {ablation!r}: use one of {', '.join(ABLATIONS)}")
+    if set(curves) - set(CURVES):
+        raise FeaturekitError(f"curves {sorted(set(curves) - set(CURVES))}: use some of {', '.join(CURVES)}")
     splices = ordered(splices)
     n = len(splices)
     subsets = {("all",): tuple(range(n))}
-    if curves:
+    if "alone" in curves:
         subsets.update({("alone", i): (i,) for i in range(n)})
+    if "cumulative" in curves:
         subsets.update({("cumulative", i): tuple(range(i + 1)) for i in range(n)})
     distinct = sorted(set(subsets.values()), key=lambda s: (len(s), s))
     read = sorted({s.site for s in splices} | {s.output_site for s in splices})
@@ -144,7 +148,6 @@ def layer_curves(model: torch.nn.Module, splices: Sequence[Splice], input_ids: t
         return out
 
     result = {"order": [s.name for s in splices], "ablation": ablation, "all": scores(subsets[("all",)])}
-    if curves:
-        result["alone"] = [scores(subsets[("alone", i)]) for i in range(n)]
-        result["cumulative"] = [scores(subsets[("cumulative", i)]) for i in range(n)]
+    for curve in curves:
+        result[curve] = [scores(subsets[(curve, i)]) for i in range(n)]
     return result

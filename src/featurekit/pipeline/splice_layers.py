@@ -9,7 +9,8 @@ still being trained (its finished layer_L folders, no manifest yet). Every dicti
 model (by the digest of its weights where the files record one, else by name) and no two may write the same
 site. The text, token policy and settings are the first run's config (data.*, eval.*; `--set` changes them),
 or the defaults with the dictionaries' model and context length when no run is given. The tokens are the held-out
-split's first eval.splice_contexts contexts; the baseline is eval.splice_ablation ("zero" or "mean").
+split's first eval.splice_contexts contexts; the baseline is eval.splice_ablation ("zero" or "mean"); eval.splice_curves
+says which curves are scored beside all at once (each alone, layers 0..L cumulatively; both by default).
 OUT = FIRST/evals (FIRST the first input) or FIRST/evals/LABEL with --label.
 """
 
@@ -22,11 +23,12 @@ from pathlib import Path
 from .._io import atomic_write_json
 from ..circuits import transcoder_set
 from ..config import RunConfig, load_config
+from ..config.checks import splice_curves
 from ..dictionaries import Dictionary, fileformat
 from ..errors import FeaturekitError
 from ..evaluate.plots import write_plot
 from ..evaluate.saebench import eval_output
-from ..evaluate.splice_layers import Splice, layer_curves, ordered
+from ..evaluate.splice_layers import CURVES, Splice, layer_curves, ordered
 from ..models.loading import LoadedModel
 from .evaluation import OTHER_TEXT_KEYS
 from .setup import contexts, dtype_name, load_run_config, open_model, token_policy
@@ -111,16 +113,17 @@ def run_splice_all(paths: list[Path], overrides: list[str] | None = None, label:
     ids, mask = ids[:cfg.eval.splice_contexts], mask[:cfg.eval.splice_contexts]
     start = time.perf_counter()
     curves = layer_curves(loaded.model, splices, ids, mask, cfg.eval.splice_ablation, cfg.eval.batch_contexts, progress,
-                          cfg.data.max_norm_multiple)
+                          cfg.data.max_norm_multiple, splice_curves(cfg.eval.splice_curves))
     seconds = time.perf_counter() - start
     details = [{"name": s.name, "site": s.site, "output_site": s.output_site, "layer": s.layer, "method": s.dictionary.method,
-                "n_latents": s.dictionary.n_latents, "alone": alone, "cumulative": cumulative}
-               for s, alone, cumulative in zip(splices, curves["alone"], curves["cumulative"])]
+                "n_latents": s.dictionary.n_latents, **{curve: curves[curve][i] for curve in CURVES if curve in curves}}
+               for i, s in enumerate(splices)]
     metrics = {"all": {k: curves["all"][k] for k in ("ce_clean", "ce_spliced", "ce_ablated", "delta_ce", "kl_clean_spliced",
                                                      "loss_recovered")}}
     config = {"model_name": cfg.model.name, "dtype": dtype_name(loaded.model.dtype), "text": cfg.data.source, "split": "test",
               "context_len": cfg.data.context_len, "contexts": len(ids), "scored_tokens": curves["all"]["splice_tokens"],
-              "ablation": curves["ablation"], "sites": [f"{s.site} -> {s.output_site}" if s.transcodes else s.site for s in splices],
+              "ablation": curves["ablation"], "curves_scored": [c for c in CURVES if c in curves],
+              "sites": [f"{s.site} -> {s.output_site}" if s.transcodes else s.site for s in splices],
               "token_policy": token_policy(cfg), "curves": "alone: each dictionary spliced by itself; cumulative: the "
               "dictionaries of layers 0..L (in this order) spliced together; all: every one at once"}
     metadata = {"method": ",".join(sorted({s.dictionary.method for s in splices})),
