@@ -120,8 +120,9 @@ def splice_all(plt, result: dict):
     for ax, key, label in ((axes[0], "delta_ce", "ΔCE (nats)"), (axes[1], "kl_clean_spliced", "KL(clean ‖ spliced), nats"),
                            (axes[2], "loss_recovered", f"loss recovered ({result['eval_config']['ablation']}-ablation)")):
         for curve, marker, name in (("alone", "o-", "each alone"), ("cumulative", "s-", "layers 0..L together")):
-            if all(curve in r for r in rows):
-                ax.plot(x, [r[curve][key] for r in rows], marker, label=name)
+            points = [(i, r[curve][key]) for i, r in zip(x, rows) if r.get(curve)]  # a curve may be scored at some layers only
+            if points:
+                ax.plot(*zip(*points), marker, label=name)
         ax.axhline(every[key], color="grey", ls=":", label=f"all at once ({every[key]:.3f})")
         ax.set_xticks(x, labels, rotation=90, fontsize=7)
         ax.set_ylabel(label)
