@@ -26,9 +26,18 @@ class RunPages:
 
         def build() -> dict:
             return {"curves": views.curves(run.metrics()), "density": views.density_histogram(run.densities()),
+                    "evaluations": run.evaluations(),
                     "n_live": run.n_live(), "config_text": json.dumps(run.config, indent=2, ensure_ascii=False)}
 
         return self.page("overview.html", request, run, section="overview", **await run_in_threadpool(build))
+
+    async def eval_plot(self, request: Request) -> Response:
+        """/r/RUN/evals/NAME.png: the plot `featurekit eval --suite ...` wrote beside an evaluation's JSON."""
+        run = self.run(request)
+        png = await run_in_threadpool(run.eval_plot, request.path_params["name"])
+        if png is None:
+            raise queries.NotFound(f"{run.name} has no plot of an evaluation named {request.path_params['name']!r}")
+        return Response(png, media_type="image/png", headers={"cache-control": "no-store"})
 
     async def features(self, request: Request) -> Response:
         run = self.run(request)

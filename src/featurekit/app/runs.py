@@ -23,6 +23,9 @@ from ..features.store import FILENAME, FeatureStore
 from .vision import VisionRun, is_vision_run
 
 T = TypeVar("T")
+#: the evaluation results the overview shows (RUN/evals/NAME.json and its plot NAME.png), by file name: no other file is read
+EVALUATIONS = ("sparse_probing", "sparse_probing_source", "sparse_probing_tokens", "absorption_first_letter",
+               "steering_kl_matched", "splice_all")
 
 
 class Run:
@@ -93,6 +96,30 @@ class Run:
     def has_explanations(self) -> bool:
         """Not cached: `featurekit explain` adds explanations to a store in place, also while it is served."""
         return self.query(lambda store: bool(store.db.execute("SELECT 1 FROM explanations LIMIT 1").fetchall()))
+
+    def evaluations(self) -> list[dict]:
+        """The run's suite results (RUN/evals/NAME.json for NAME in EVALUATIONS): name, type, headline metrics
+        (group, key, number) and whether its plot exists."""
+        def read() -> list[dict]:
+            out = []
+            for name in EVALUATIONS:
+                result = _read_json(self.path / "evals" / f"{name}.json")
+                if not isinstance(result, dict):
+                    continue
+                groups = result.get("eval_result_metrics")
+                rows = [(str(group), str(key), value) for group, values in (groups.items() if isinstance(groups, dict) else [])
+                        if isinstance(values, dict) for key, value in values.items()
+                        if isinstance(value, (int, float)) and not isinstance(value, bool)]
+                out.append({"name": name, "type": str(result.get("eval_type_id", "")), "metrics": rows,
+                            "plot": (self.path / "evals" / f"{name}.png").is_file()})
+            return out
+
+        return self.cached("evaluations", read)
+
+    def eval_plot(self, name: str) -> bytes | None:
+        """The PNG of evaluation `name` (one of EVALUATIONS), or None."""
+        path = self.path / "evals" / f"{name}.png"
+        return path.read_bytes() if name in EVALUATIONS and path.is_file() else None
 
     def n_live(self) -> int:
         return self.cached("n_live", lambda: self.query(FeatureStore.count_features, live_only=True))

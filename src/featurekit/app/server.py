@@ -4,7 +4,8 @@
 Routes (a run is addressed by its name or index, `runs.py`):
 
     /                               the runs side by side (one run: its overview)
-    /r/RUN/                         run overview: method, sites, metrics, training curves, density histogram, config
+    /r/RUN/                         run overview: method, sites, metrics, training curves, density histogram, config,
+                                    the evaluation suite's results and plots (/r/RUN/evals/NAME.png)
     /r/RUN/features?sort=&order=&page=&live=     the feature list (50 a page)
     /r/RUN/search?q=&by=auto|token|id|explanation
     /r/RUN/f/ID                     the feature page
@@ -198,6 +199,7 @@ def create_app(runs: Runs, host: str = "127.0.0.1", graphs: Graphs | None = None
         Route("/static/{name}", g(ex.static_file)),
         Route("/r/{run}/", g(ex.overview)),
         Route("/r/{run}/features", g(ex.features)),
+        Route("/r/{run}/evals/{name}.png", g(ex.eval_plot)),
         Route("/r/{run}/search", g(ex.search)),
         Route("/r/{run}/f/{feature}", g(ex.feature)),
         Route("/r/{run}/api/features/{feature}", g(ex.feature_json)),

@@ -23,8 +23,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate the run's dictionary: held-out metrics, splice CE/KL, feature examples",
                        description="Evaluate RUN_DIR's dictionary. Without options: on the held-out split of the run's own text, "
                                    "written to RUN_DIR/eval.json and RUN_DIR/features/. With --text or --set data.*/eval.*/report.*: "
-                                   "on other text (or with other settings), written to RUN_DIR/evals/LABEL/ beside the run's own results.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+                                   "on other text (or with other settings), written to RUN_DIR/evals/LABEL/ beside the run's own results. "
+                                   "--suite splice_all takes several folders (runs, dictionaries, transcoder sets) of one model and "
+                                   "splices all their dictionaries into one forward pass. Every suite evaluation writes a plot "
+                                   "(NAME.png, NAME.svg) beside its JSON; `featurekit serve` shows them in the run overview.")
+    p.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR",
+                   help=RUN_DIR_HELP + " (--suite splice_all: one or more run, dictionary or transcoder set folders)")
     p.add_argument("--text", metavar="SOURCE", help="evaluate on this text source (as data.source: embedded name, .txt/.jsonl/"
                                                     ".parquet path, folder of .txt files, hf:NAME)")
     p.add_argument("--images", metavar="SOURCE", help="a vision run: evaluate on these images (as data.source: a folder of images, "
@@ -41,7 +45,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "[/ Wikipedia] → evals/sparse_probing_source.json), probing_tokens (digit, capitalised word, plural-looking, "
                         "month tokens on per-token codes → evals/sparse_probing_tokens.json), absorption (first-letter feature absorption "
                         "→ evals/absorption_first_letter.json; eval.absorption_*), steering (KL-matched steering of features "
-                        "against random, difference-of-means and PCA directions → evals/steering_kl_matched.json; eval.steering_*)")
+                        "against random, difference-of-means and PCA directions → evals/steering_kl_matched.json; eval.steering_*), "
+                        "splice_all (on its own: every dictionary of the folders given spliced into one forward pass, each alone and "
+                        "layers 0..L cumulatively: ΔCE, KL, loss recovered against eval.splice_ablation=zero|mean → "
+                        "FIRST/evals/splice_all.json and .png; eval.splice_contexts, eval.splice_curves)")
     p.add_argument("--full", action="store_true",
                    help="absorption and steering with their full settings (every single-token word of the vocabulary; "
                         "32 features and 32 directions per baseline on 16 prompts) instead of the CPU-sized defaults")
@@ -103,6 +110,13 @@ def serve(args: argparse.Namespace, progress: bool) -> int:
 def run_or_folder(args: argparse.Namespace, progress: bool) -> int:
     """run / harvest / train make or continue a run from a config; eval, features, report, clean and train --resume
     work in an existing run folder."""
+    if args.command == "eval":
+        if "splice_all" in {name.strip() for name in args.suite.split(",")}:
+            return _splice_all(args, progress)
+        if len(args.run_dir) != 1:
+            raise FeaturekitError(f"featurekit eval takes one RUN_DIR (got {len(args.run_dir)}); only --suite splice_all "
+                                  "takes several (the dictionaries spliced together)")
+        args.run_dir = args.run_dir[0]
     if args.command in ("eval", "report", "clean", "features") or (args.command == "train" and args.resume):
         return _on_run_dir(args, progress)
     return _new_run(args, progress)
@@ -164,7 +178,7 @@ def _features(args: argparse.Namespace, cfg, progress: bool) -> None:
         print(f"browse it: featurekit serve {cfg.run_dir}")
 
 
-EVAL_SUITES = ("core", "probing", "probing_source", "probing_tokens", "absorption", "steering")
+EVAL_SUITES = ("core", "probing", "probing_source", "probing_tokens", "absorption", "steering")  # splice_all: _splice_all
 
 
 def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
@@ -234,6 +248,32 @@ def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
                      for key, value in metrics.items() if key.startswith("prob_gain_at_kl_")]
             print(f"  {kind:14s} " + ", ".join(gains))
         print(f"results: {(out or cfg.run_dir / 'evals') / 'steering_kl_matched.json'}")
+
+
+def _splice_all(args: argparse.Namespace, progress: bool) -> int:
+    """`featurekit eval FOLDER... --suite splice_all` (pipeline/splice_layers.py)."""
+    from ..pipeline.splice_layers import run_splice_all
+
+    if args.suite.replace(" ", "") != "splice_all":
+        raise FeaturekitError(f"--suite {args.suite!r}: splice_all reads several folders and runs on its own; run the other "
+                              "evaluations with one RUN_DIR each")
+    if args.text or args.split or args.full:
+        raise FeaturekitError("splice_all scores the held-out split of the first run's text; change it with "
+                              "--set data.source=SOURCE (no --text / --split / --full)")
+    result, path = run_splice_all(args.run_dir, args.overrides, args.label, progress=progress)
+    config = result["eval_config"]
+    print(f"{len(result['eval_result_details'])} dictionaries spliced on {config['scored_tokens']} held-out tokens "
+          f"({config['ablation']}-ablation baseline):")
+    for row in result["eval_result_details"]:
+        print(f"  {row['output_site']:14s} " + " | ".join(
+            f"{what}: ΔCE {row[curve]['delta_ce']:+.4f} KL {row[curve]['kl_clean_spliced']:.4f} "
+            f"recovered {row[curve]['loss_recovered']:.3f}"
+            for curve, what in (("alone", "alone"), ("cumulative", "layers up to here")) if curve in row))
+    every = result["eval_result_metrics"]["all"]
+    print(f"all at once: CE clean {every['ce_clean']:.4f}, spliced {every['ce_spliced']:.4f}, ablated {every['ce_ablated']:.4f}; "
+          f"ΔCE {every['delta_ce']:+.4f}, KL {every['kl_clean_spliced']:.4f}, loss recovered {every['loss_recovered']:.3f}")
+    print(f"results: {path}")
+    return 0
 
 
 def _new_run(args: argparse.Namespace, progress: bool) -> int:

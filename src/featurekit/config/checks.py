@@ -42,6 +42,7 @@ def validate(cfg: RunConfig) -> None:
         raise FeaturekitError(f"config key eval.steering_prompt_tokens must be >= 2 (position 0 is not scored), "
                               f"got {cfg.eval.steering_prompt_tokens}")
     steering_targets(cfg.eval.steering_targets)
+    splice_curves(cfg.eval.splice_curves)
     for key, value in {"train.dead_tokens": cfg.train.dead_tokens, "train.k_aux": cfg.train.k_aux,
                        "train.threads": cfg.train.threads, "data.max_norm_multiple": cfg.data.max_norm_multiple}.items():
         if value is not None and value <= 0:
@@ -49,6 +50,7 @@ def validate(cfg: RunConfig) -> None:
     choices = {"train.normalize": (cfg.train.normalize, ("mean_norm", "none")),
                "train.b_dec_init": (cfg.train.b_dec_init, ("geometric_median", "mean", "zero")),
                "data.holdout": (cfg.data.holdout, ("documents", "contexts")),
+               "eval.splice_ablation": (cfg.eval.splice_ablation, ("zero", "mean")),
                "dictionary.method": (cfg.dictionary.method, tuple(sorted(METHODS)))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -84,6 +86,16 @@ def probing_ks(text: str) -> list[int]:
     if not ks or ks[0] < 1:
         raise FeaturekitError(f"config key eval.probing_ks must list positive integers separated by commas (e.g. 1,2,5,20), got {text!r}")
     return ks
+
+
+def splice_curves(text: str) -> list[str]:
+    """eval.splice_curves ("alone,cumulative", "alone", "cumulative" or "") as a list."""
+    curves = [c.strip() for c in text.split(",") if c.strip()]
+    bad = sorted(set(curves) - {"alone", "cumulative"})
+    if bad:
+        raise FeaturekitError(f"config key eval.splice_curves lists {', '.join(bad)}; use alone, cumulative, both "
+                              "(alone,cumulative) or nothing (all at once only)")
+    return list(dict.fromkeys(curves))
 
 
 def steering_targets(text: str) -> list[float]:

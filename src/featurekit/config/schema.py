@@ -116,6 +116,8 @@ class EvalConfig:
     steering_prompt_tokens: int = 16  #: steering: tokens per prompt (each position t >= 1 is a next-token prediction)
     steering_top_tokens: int = 10  #: steering: a direction's promoted tokens (top of its logit effect) for the output score
     steering_tokens: int = 4096  #: steering: held-out tokens for choosing features, difference of means and PCA
+    splice_ablation: str = "zero"  #: splice_all: the baseline of loss recovered, "zero" or "mean" (each site's mean activation)
+    splice_curves: str = "alone,cumulative"  #: splice_all: beside all at once, each dictionary alone and/or layers 0..L ("" neither)
 
 
 @dataclass

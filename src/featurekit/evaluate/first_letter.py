@@ -108,17 +108,28 @@ def _sample_outside(rng: random.Random, n: int, chunk: list[int], k: int) -> lis
 def word_activations(model, tokenizer, site: str, words: Sequence[tuple[int, str]], n_icl: int, words_per_sequence: int,
                      seed: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(activations (n, d) float32, first-letter labels (n,)) of the words, in the order of `words`."""
+    acts, labels = word_activations_at(model, tokenizer, [site], words, n_icl, words_per_sequence, seed, batch_size)
+    return acts[site], labels
+
+
+def word_activations_at(model, tokenizer, sites: Sequence[str], words: Sequence[tuple[int, str]], n_icl: int,
+                        words_per_sequence: int, seed: int, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`word_activations` at several sites of the same forward passes: ({site: (n, d_site)}, labels)."""
     ids, pos, order = packed_prompts(tokenizer, words, n_icl, words_per_sequence, seed)
     lengths = pos.max(1).values + 1  # through the last read word's token
-    rows = []
+    rows: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
     for start in range(0, len(ids), batch_size):
         batch, read = ids[start:start + batch_size], pos[start:start + batch_size]
         width = int(lengths[start:start + batch_size].max())  # tokens after the last read word's line are not needed
         # right padding needs no attention mask: a causal model's positions before the padding never see it
-        acts = capture_activations(model, batch[:, :width], [site])[site].float().cpu()
+        seen = capture_activations(model, batch[:, :width], list(sites))
         r, c = (read >= 0).nonzero(as_tuple=True)
-        rows.append(acts[r, read[r, c]])
-    x = torch.empty(len(words), rows[0].shape[1])
-    x[torch.tensor(order)] = torch.cat(rows)
+        for site in sites:
+            rows[site].append(seen[site].float().cpu()[r, read[r, c]])
+    out = {}
+    for site in sites:
+        x = torch.empty(len(words), rows[site][0].shape[1])
+        x[torch.tensor(order)] = torch.cat(rows[site])
+        out[site] = x
     labels = torch.tensor([first_letter(text) for _, text in words])
-    return x, labels
+    return out, labels

@@ -60,7 +60,7 @@ def splice_eval(
     """Clean, spliced and zero-ablated CE, loss recovered and KL(clean ‖ spliced) on `input_ids`."""
     return score_splice(
         model, input_ids, mask, [site],
-        spliced=lambda keep: replace(model, site, lambda act: _reconstruct_at(act, keep, dictionary)),
+        spliced=lambda keep: replace(model, site, lambda act: reconstruct_at(act, keep, dictionary)),
         ablated=lambda keep: replace(model, site, lambda act: act.masked_fill(keep[..., None], 0.0)),
         batch_contexts=batch_contexts, progress=progress, max_norm_multiple=max_norm_multiple, desc="splice eval")
 
@@ -78,15 +78,37 @@ def score_splice(
     max_norm_multiple: float | None = None,
     desc: str = "splice eval",
 ) -> dict:
-    """The scoring loop every splice evaluation shares. Per batch of contexts: a clean forward reads
-    `read_sites` (a token that is a norm outlier at any of them is left alone), then `spliced(keep)`
-    and `ablated(keep)` (context managers given the kept positions) each wrap one more forward.
+    """The scoring loop every splice evaluation shares (`score_splices` with one variant). Per batch of contexts:
+    a clean forward reads `read_sites` (a token that is a norm outlier at any of them is left alone), then
+    `spliced(keep)` and `ablated(keep)` (context managers given the kept positions) each wrap one more forward.
     CE and KL(clean ‖ spliced) are summed at the kept positions t < T−1 and averaged at the end.
     A model without a language-model head (an encoder such as BERT) raises FeaturekitError."""
+    return score_splices(model, input_ids, mask, read_sites, {"": (spliced, ablated)}, batch_contexts, progress,
+                         max_norm_multiple, desc)[""]
+
+
+Variant = tuple[Callable[[torch.Tensor], AbstractContextManager], Callable[[torch.Tensor], AbstractContextManager]]
+
+
+@torch.no_grad()
+def score_splices(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    read_sites: list[str],
+    variants: dict[str, Variant],
+    batch_contexts: int = 16,
+    progress: bool = True,
+    max_norm_multiple: float | None = None,
+    desc: str = "splice eval",
+) -> dict[str, dict]:
+    """`score_splice` for several (spliced, ablated) pairs on the same tokens: one clean forward per batch
+    serves every variant, and every variant is scored at the same kept positions. Returns {name: result}."""
     require_lm_head(model, desc)
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
-    sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablated": 0.0, "kl_clean_spliced": 0.0}
+    keys = ("ce_clean", "ce_spliced", "ce_zero_ablated", "kl_clean_spliced")
+    sums = {name: dict.fromkeys(keys, 0.0) for name in variants}
     n_scored = 0
     for start in tqdm(range(0, len(input_ids), batch_contexts), desc=desc, disable=not progress):
         ids = input_ids[start:start + batch_contexts]
@@ -96,22 +118,29 @@ def score_splice(
         for site in read_sites:
             keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
         scored = keep[:, :-1]
-        with spliced(keep):
-            logits_spliced = model(input_ids=ids, use_cache=False).logits
-        with ablated(keep):
-            logits_zero = model(input_ids=ids, use_cache=False).logits
-        for key, logits in (("ce_clean", logits_clean), ("ce_spliced", logits_spliced), ("ce_zero_ablated", logits_zero)):
-            sums[key] += float(metrics.token_cross_entropy(logits, ids)[scored].double().sum())
-        sums["kl_clean_spliced"] += float(metrics.token_kl(logits_clean, logits_spliced)[:, :-1][scored].double().sum())
+        ce_clean = float(metrics.token_cross_entropy(logits_clean, ids)[scored].double().sum())
+        for name, (spliced, ablated) in variants.items():
+            with spliced(keep):
+                logits_spliced = model(input_ids=ids, use_cache=False).logits
+            with ablated(keep):
+                logits_zero = model(input_ids=ids, use_cache=False).logits
+            out = sums[name]
+            out["ce_clean"] += ce_clean
+            for key, logits in (("ce_spliced", logits_spliced), ("ce_zero_ablated", logits_zero)):
+                out[key] += float(metrics.token_cross_entropy(logits, ids)[scored].double().sum())
+            out["kl_clean_spliced"] += float(metrics.token_kl(logits_clean, logits_spliced)[:, :-1][scored].double().sum())
         n_scored += int(scored.sum())
     if n_scored == 0:
         raise FeaturekitError("no position was left to splice and score (every token is masked out); "
                               "evaluate on more contexts or relax data.exclude_* / data.max_norm_multiple")
-    out = {key: value / n_scored for key, value in sums.items()}
-    out["loss_recovered"] = metrics.loss_recovered(out["ce_clean"], out["ce_spliced"], out["ce_zero_ablated"])
-    out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
-    out["splice_tokens"] = n_scored
-    return out
+    results = {}
+    for name, total in sums.items():
+        out = {key: value / n_scored for key, value in total.items()}
+        out["loss_recovered"] = metrics.loss_recovered(out["ce_clean"], out["ce_spliced"], out["ce_zero_ablated"])
+        out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
+        out["splice_tokens"] = n_scored
+        results[name] = out
+    return results
 
 
 def require_lm_head(model: torch.nn.Module, what: str = "splice eval") -> None:
@@ -123,7 +152,8 @@ def require_lm_head(model: torch.nn.Module, what: str = "splice eval") -> None:
             "scored. Check has_lm_head(model) first and skip the splice, or use a causal LM.")
 
 
-def _reconstruct_at(act: torch.Tensor, keep: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
+def reconstruct_at(act: torch.Tensor, keep: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
+    """`act` with its `keep` positions replaced by the dictionary's reconstruction."""
     out = act.clone()
     out[keep] = dictionary.reconstruct(act[keep].float()).to(act.dtype)
     return out

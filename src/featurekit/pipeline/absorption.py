@@ -1,6 +1,11 @@
 """First-letter feature absorption of a run's dictionary (evaluate/first_letter.py builds the words, prompts and
 activations, evaluate/absorption.py scores them) → OUT/absorption_first_letter.json in SAEBench's format,
-OUT = RUN_DIR/evals or the folder of an evaluation with other settings."""
+OUT = RUN_DIR/evals or the folder of an evaluation with other settings.
+
+A transcoder (site → output_site) is scored on what it writes: the codes are its encoder's on the input site,
+the ground-truth probes are trained on the output site's activations (the MLP output), and a latent's share of a
+token's projection on the probe is f_j (W_dec[j]·p̂), its decoder row being in the output space — the same
+decomposition as for an SAE, of the transcoder's prediction instead of a reconstruction."""
 
 from __future__ import annotations
 
@@ -12,9 +17,9 @@ import torch
 from .._io import atomic_write_json, read_json, sha256_file
 from ..config import RunConfig
 from ..dictionaries import load
-from ..errors import FeaturekitError
 from ..evaluate.absorption import AbsorptionSettings, first_letter_absorption
-from ..evaluate.first_letter import LETTERS, TEMPLATE_SUFFIX, alpha_tokens, split_words, word_activations
+from ..evaluate.first_letter import LETTERS, TEMPLATE_SUFFIX, alpha_tokens, split_words, word_activations_at
+from ..evaluate.plots import write_plot
 from ..evaluate.saebench import eval_output
 from ..models.loading import LoadedModel
 from .evaluation import check_dictionary
@@ -29,9 +34,6 @@ FULL_SETTINGS = {"absorption_words": 0, "absorption_icl": 10, "absorption_max_k"
 
 def run_absorption(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Path | None = None) -> dict:
     """Absorption of cfg.run_dir's dictionary with cfg.eval.absorption_*; returns the result (module docstring)."""
-    if cfg.output_site:
-        raise FeaturekitError(f"absorption reads one site's codes and decoder; {cfg.run_dir} holds a transcoder ({cfg.site} → "
-                              f"{cfg.output_site}), which it does not score yet")
     out = Path(out_dir or cfg.run_dir / "evals")
     loaded = loaded or open_model(cfg)
     device = next(loaded.model.parameters()).device
@@ -41,19 +43,23 @@ def run_absorption(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: P
     start = time.perf_counter()
     vocabulary = alpha_tokens(loaded.tokenizer)
     train_words, test_words = split_words(vocabulary, ev.absorption_words or None, TRAIN_FRACTION, cfg.train.seed)
+    probe_site = cfg.output_site or cfg.site  # a transcoder: probes on what it writes (module docstring)
+    sites = list(dict.fromkeys([cfg.site, probe_site]))
     acts = {}
     for name, words in (("train", train_words), ("test", test_words)):
-        x, y = word_activations(loaded.model, loaded.tokenizer, cfg.site, words, ev.absorption_icl,
-                                ev.absorption_words_per_sequence, cfg.train.seed, batch_size=ev.batch_contexts)
+        seen, y = word_activations_at(loaded.model, loaded.tokenizer, sites, words, ev.absorption_icl,
+                                      ev.absorption_words_per_sequence, cfg.train.seed, batch_size=ev.batch_contexts)
+        x_in, x = seen[cfg.site], seen[probe_site]
         with torch.no_grad():
-            codes = torch.cat([sae.encode(x[i:i + 1024].to(device)).float().cpu() for i in range(0, len(x), 1024)])
+            codes = torch.cat([sae.encode(x_in[i:i + 1024].to(device)).float().cpu() for i in range(0, len(x_in), 1024)])
         acts[name] = (x, codes, y)
     activation_seconds = time.perf_counter() - start
     settings = AbsorptionSettings(max_k=ev.absorption_max_k, l1_steps=ev.absorption_l1_steps)
     (x_tr, c_tr, y_tr), (x_te, c_te, y_te) = acts["train"], acts["test"]
     result = first_letter_absorption(x_tr, c_tr, y_tr, x_te, c_te, y_te, sae.W_dec.detach().float().cpu(), LETTERS, settings)
     scored = result["n_scored_letters"]
-    config = {"model_name": cfg.model.name, "site": cfg.site, "dtype": dtype_name(loaded.model.dtype),
+    config = {"model_name": cfg.model.name, "site": cfg.site, **({"output_site": cfg.output_site, "probe_site": probe_site}
+                                                                  if cfg.output_site else {}), "dtype": dtype_name(loaded.model.dtype),
               "random_seed": cfg.train.seed, "f1_jump_threshold": settings.f1_jump, "max_k_value": settings.max_k,
               "prompt_template": "{word}" + TEMPLATE_SUFFIX, "prompt_token_pos": "the word's own token (packed prompts)",
               "icl_examples": ev.absorption_icl, "words_per_sequence": ev.absorption_words_per_sequence,
@@ -80,4 +86,5 @@ def run_absorption(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: P
     output = eval_output(EVAL_TYPE, config, {"mean": result["mean"]}, details, unstructured,
                          read_json(cfg.run_dir / "dictionary" / "featurekit.json"))
     atomic_write_json(out / f"{EVAL_TYPE}.json", output)
+    write_plot(output, out / EVAL_TYPE)
     return output

@@ -15,6 +15,7 @@ from ..config.checks import probing_ks
 from ..data.sources import labelled_documents
 from ..dictionaries import load
 from ..errors import FeaturekitError
+from ..evaluate.plots import write_plot
 from ..evaluate.probing import pooled_documents, probe_accuracies
 from ..evaluate.saebench import eval_output
 from ..models.loading import LoadedModel
@@ -62,6 +63,7 @@ def run_probing(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Path
     result = eval_output("sparse_probing", config, metrics, details, unstructured,
                          read_json(cfg.run_dir / "dictionary" / "featurekit.json"))
     atomic_write_json(out / "sparse_probing.json", result)
+    write_plot(result, out / "sparse_probing")
     return result
 
 

@@ -25,6 +25,7 @@ from ..data.probe_labels import TOKEN_TASKS, available_corpora, source_chunks, t
 from ..data.sources import load_texts
 from ..dictionaries import load
 from ..errors import FeaturekitError
+from ..evaluate.plots import write_plot
 from ..evaluate.probing import pooled_documents, probe_accuracies, token_codes, token_documents
 from ..evaluate.saebench import eval_output
 from ..models.loading import LoadedModel
@@ -62,6 +63,7 @@ def _write(cfg: RunConfig, out_dir: Path | None, name: str, config: dict, mean: 
     result = eval_output("sparse_probing", config, _metrics(mean), details, unstructured,
                          read_json(cfg.run_dir / "dictionary" / "featurekit.json"))
     atomic_write_json(Path(out_dir or cfg.run_dir / "evals") / name, result)
+    write_plot(result, (Path(out_dir or cfg.run_dir / "evals") / name).with_suffix(""))
     return result
 
 

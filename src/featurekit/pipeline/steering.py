@@ -11,6 +11,10 @@ the KL and the output score average over. Directions, each steered with both sig
   random         Gaussian directions
   diff_of_means  per chosen feature, mean activation where it fires − where it does not
   pca            the top principal components of the held-out activations
+
+A transcoder (site → output_site) steers where it writes: directions are added at the output site (its decoder
+rows live there), features are chosen by its codes (its encoder on the input site), and the differences of
+means, principal components and strength unit are measured on the output site's activations.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..data.harvest import norm_outliers
 from ..dictionaries import load
 from ..errors import FeaturekitError
 from ..evaluate.kl_steering import GRID, SteeringProbe, choose_features, difference_of_means, kl_matched, random_directions
+from ..evaluate.plots import write_plot
 from ..evaluate.probes import pca_basis
 from ..evaluate.saebench import eval_output
 from ..models.hooks import capture_activations
@@ -45,9 +50,6 @@ FULL_SETTINGS = {"steering_features": 32, "steering_baselines": 32, "steering_pr
 
 def run_steering(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Path | None = None) -> dict:
     """KL-matched steering with cfg.eval.steering_*; returns the result (module docstring)."""
-    if cfg.output_site:
-        raise FeaturekitError(f"steering adds a direction at one site; {cfg.run_dir} holds a transcoder ({cfg.site} → "
-                              f"{cfg.output_site}), which it does not steer yet")
     out = Path(out_dir or cfg.run_dir / "evals")
     loaded = loaded or open_model(cfg)
     if not has_lm_head(loaded.model):
@@ -63,9 +65,11 @@ def run_steering(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Pat
                               f"eval.steering_prompts = {ev.steering_prompts} of at least eval.steering_prompt_tokens = "
                               f"{ev.steering_prompt_tokens} tokens; lower them or give more text")
     prompts = ids[-ev.steering_prompts:, :ev.steering_prompt_tokens]
-    x = _kept_activations(loaded.model, cfg, ids[:-ev.steering_prompts], mask[:-ev.steering_prompts])[:ev.steering_tokens]
+    steer_site = cfg.output_site or cfg.site  # a transcoder steers where it writes (module docstring)
+    seen = _kept_activations(loaded.model, cfg, ids[:-ev.steering_prompts], mask[:-ev.steering_prompts], [cfg.site, steer_site])
+    x_in, x = seen[cfg.site][:ev.steering_tokens], seen[steer_site][:ev.steering_tokens]
     with torch.no_grad():
-        codes = torch.cat([sae.encode(x[i:i + 1024].to(device)).float().cpu() for i in range(0, len(x), 1024)])
+        codes = torch.cat([sae.encode(x_in[i:i + 1024].to(device)).float().cpu() for i in range(0, len(x_in), 1024)])
     scale = float(x.norm(dim=1).mean())
     features = choose_features(codes, ev.steering_features, cfg.train.seed)
     directions: dict[str, tuple[list, torch.Tensor]] = {}
@@ -79,7 +83,7 @@ def run_steering(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Pat
     labels = [(kind, ident, sign) for kind, (idents, _) in directions.items() for sign in (1, -1) for ident in idents]
     signed = torch.cat([sign * vectors for kind, (_, vectors) in directions.items() for sign in (1, -1)])
     setup_seconds = time.perf_counter() - start
-    probe = SteeringProbe(loaded.model, cfg.site, prompts, signed, scale, top_tokens=ev.steering_top_tokens,
+    probe = SteeringProbe(loaded.model, steer_site, prompts, signed, scale, top_tokens=ev.steering_top_tokens,
                           rows_per_pass=max(ev.batch_contexts, 2 * ev.steering_prompts))
     found = kl_matched(probe, targets, tol=TOLERANCE, max_iter=MAX_ITER)
     details = []
@@ -92,7 +96,8 @@ def run_steering(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Pat
                             "prob_gain": float(found["prob_gain"][row, t]), "log_rank_gain": float(found["log_rank_gain"][row, t]),
                             "promoted_tokens": loaded.tokenizer.convert_ids_to_tokens(probe.promoted[row].tolist())})
     metrics = {kind: _summary([d for d in details if d["kind"] == kind], targets) for kind in directions}
-    config = {"model_name": cfg.model.name, "site": cfg.site, "dtype": dtype_name(loaded.model.dtype), "random_seed": cfg.train.seed,
+    config = {"model_name": cfg.model.name, "site": steer_site, **({"input_site": cfg.site} if cfg.output_site else {}),
+              "dtype": dtype_name(loaded.model.dtype), "random_seed": cfg.train.seed,
               "target_kls": targets, "kl": "mean over prompts and positions t >= 1 of KL(p_clean || p_steered), nats",
               "n_prompts": len(prompts), "prompt_tokens": prompts.shape[1], "held_out_tokens": len(x),
               "strength_unit": "mean activation norm at the site on the held-out tokens", "strength_unit_value": scale,
@@ -104,6 +109,7 @@ def run_steering(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Pat
                     "seconds": {"setup": round(setup_seconds, 2), "total": round(time.perf_counter() - start, 2)}}
     result = eval_output(EVAL_TYPE, config, metrics, details, unstructured, read_json(cfg.run_dir / "dictionary" / "featurekit.json"))
     atomic_write_json(out / f"{EVAL_TYPE}.json", result)
+    write_plot(result, out / EVAL_TYPE)
     return result
 
 
@@ -121,12 +127,16 @@ def _summary(rows: list[dict], targets: list[float]) -> dict:
 
 
 @torch.no_grad()
-def _kept_activations(model, cfg: RunConfig, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(n, d) float32 activations at cfg.site of the tokens the token policy keeps."""
-    rows = []
+def _kept_activations(model, cfg: RunConfig, ids: torch.Tensor, mask: torch.Tensor, sites: list[str]) -> dict[str, torch.Tensor]:
+    """{site: (n, d) float32 activations} of the tokens the token policy keeps (not a norm outlier at any of the sites)."""
+    sites = list(dict.fromkeys(sites))
+    rows: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
     for start in range(0, len(ids), cfg.eval.batch_contexts):
         keep = mask[start:start + cfg.eval.batch_contexts]
-        acts = capture_activations(model, ids[start:start + cfg.eval.batch_contexts], [cfg.site])[cfg.site].float().cpu()
-        keep = keep & ~norm_outliers(acts, keep, cfg.data.max_norm_multiple)
-        rows.append(acts[keep])
-    return torch.cat(rows)
+        seen = capture_activations(model, ids[start:start + cfg.eval.batch_contexts], sites)
+        acts = {site: seen[site].float().cpu() for site in sites}
+        for site in sites:
+            keep = keep & ~norm_outliers(acts[site], keep, cfg.data.max_norm_multiple)
+        for site in sites:
+            rows[site].append(acts[site][keep])
+    return {site: torch.cat(parts) for site, parts in rows.items()}
