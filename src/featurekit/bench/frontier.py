@@ -2,8 +2,12 @@
 
 One activation cache is harvested from the model (the main job's model, site and corpus by default),
 then every method of the `METHODS` registry is trained on it at the same token budget, once per
-sparsity setting (`sweep`: k for the k-methods, the penalty coefficient for ReLU and JumpReLU), with
-the one trainer (`pipeline.run_train`). Each dictionary is scored on the same held-out tokens with its
+sparsity setting, with the one trainer (`pipeline.run_train`): k ∈ `ks` for the k-methods (`FIXED_SWEEPS`
+for MP-SAE); for the methods whose L0 follows a penalty, a target frequency or an initialisation
+(`CALIBRATED`: ReLU, JumpReLU, GBA, top-AFA) the knob is searched for each target L0 in `ks` by
+measurement (`next_trial`: a secant search in log-log space, every trial a full training and a point of
+the frontier, up to `Knob.max_trials` per method) until a point lands within `l0_tolerance` of each
+target or the knob stops moving L0. Each dictionary is scored on the same held-out tokens with its
 inference rule: FVU, L0, dead fraction (`evaluate.splice.reconstruction_eval`) and, spliced into the
 model, loss recovered, ΔCE and KL (`evaluate.splice.splice_eval`).
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -32,15 +37,32 @@ from ..dictionaries import METHODS
 from ..errors import FeaturekitError
 from ..evaluate.splice import reconstruction_eval, splice_eval
 
-#: the knob that sets each method's sparsity, and its values; methods not listed sweep `k` over `ks`.
-#: MP-SAE runs k full pursuit steps per token (k encoder-sized matmuls), so its k stops at 32 on CPU;
-#: top-AFA chooses k per token (one point, at the paper's coefficient).
-PENALTY_SWEEPS: dict[str, tuple[str, list[float]]] = {
-    "relu": ("l1_coefficient", [2.0, 5.0, 12.0]),
-    "jumprelu": ("l0_coefficient", [1.0, 3.0, 10.0]),
-    "gba": ("freq_high", [0.025, 0.05, 0.1]),
-    "mpsae": ("k", [8, 16, 32]),
-    "topafa": ("afa_coefficient", [1 / 64]),
+#: methods whose k is swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token
+#: (k encoder-sized matmuls), so its k stops at 32 on CPU.
+FIXED_SWEEPS: dict[str, tuple[str, list[Any]]] = {"mpsae": ("k", [8, 16, 32])}
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A hyper-parameter that sets a method's L0 only indirectly (a penalty, a target frequency, an init):
+    `calibrate` searches it for each target L0, one full training per trial (`next_trial`)."""
+
+    name: str
+    start: float | None  #: first trial; None: the middle target L0 / latents (a firing rate)
+    rises: bool  #: whether L0 rises with the knob (the direction of the second trial only)
+    high: float = math.inf  #: trials stay below this (a rate < 1)
+    max_trials: int = 5
+
+
+#: methods whose sparsity is set by a calibrated knob (module docstring). JumpReLU's λ (`l0_coefficient`) moves
+#: θ by about lr per step under Adam whatever its size, so in a run of ~100 steps L0 stays where the
+#: initialisation put it (L0 ≈ 182 for λ = 1, 3 and 10 alike); what sets its L0 at this budget is the initial
+#: firing rate of b_enc (`init_firing_rate`), which is searched instead, λ at its default.
+CALIBRATED: dict[str, Knob] = {
+    "relu": Knob("l1_coefficient", 5.0, rises=False),
+    "jumprelu": Knob("init_firing_rate", None, rises=True, high=0.5),
+    "gba": Knob("freq_high", 0.05, rises=True, high=0.5),
+    "topafa": Knob("afa_coefficient", 1 / 64, rises=False, max_trials=3),
 }
 
 
@@ -54,7 +76,8 @@ class FrontierConfig:
     latents: int = 2304
     batch_size: int = 2048
     lr: float = 2e-3
-    ks: list[int] = field(default_factory=lambda: [16, 32, 64])
+    ks: list[int] = field(default_factory=lambda: [16, 32, 64])  #: k of the k-methods, and the target L0s of `CALIBRATED`
+    l0_tolerance: float = 0.15  #: a calibrated point within this relative distance of a target L0 is on target
     methods: list[str] | None = None  #: None: every registered method that reconstructs its site (not transcoders)
     eval_tokens: int = 32_768
     splice_contexts: int = 32
@@ -71,8 +94,48 @@ def default_methods() -> list[str]:
 
 
 def sweep(method: str, ks: list[int]) -> tuple[str, list[Any]]:
-    """(config field, values) that set `method`'s sparsity."""
-    return PENALTY_SWEEPS.get(method, ("k", list(ks)))
+    """(config field, values) of a method swept over fixed values (not `CALIBRATED`)."""
+    return FIXED_SWEEPS.get(method, ("k", list(ks)))
+
+
+def next_trial(knob: Knob, measured: list[tuple[float, float]], targets: list[int], tol: float,
+               latents: int) -> tuple[int, float] | None:
+    """(target L0, knob value) of the next calibration trial, or None when every target has a measured point
+    within `tol` (relative), or the knob cannot get closer (its L0 does not move, the value was tried already).
+
+    The middle target first, then the others in order. The value is a secant step in log-log space from the
+    measured point nearest the target, along the slope of the two points that bracket the target (or the two
+    nearest it); with one point measured, the second trial steps with slope ±1 in the knob's direction.
+    Steps are capped at a factor 16."""
+    order = sorted(targets, key=lambda t: (t != sorted(targets)[len(targets) // 2], t))
+    if not measured:
+        start = knob.start if knob.start is not None else order[0] / latents
+        return order[0], start
+    good = [(v, l0) for v, l0 in measured if l0 > 0 and v > 0]
+
+    def off(l0: float, t: float) -> float:
+        return abs(math.log(l0 / t))
+
+    missing = [t for t in order if not any(off(l0, t) <= math.log1p(tol) for _, l0 in good)]
+    if not missing or not good:
+        return None
+    target = missing[0]
+    near = sorted(good, key=lambda p: off(p[1], target))
+    below = [p for p in near if p[1] < target]
+    above = [p for p in near if p[1] > target]
+    pair = [below[0], above[0]] if below and above else near[:2]
+    if len(pair) == 2 and pair[0][0] != pair[1][0]:
+        slope = (math.log(pair[1][1]) - math.log(pair[0][1])) / (math.log(pair[1][0]) - math.log(pair[0][0]))
+    else:
+        slope = 1.0 if knob.rises else -1.0
+    if abs(slope) < 0.05:
+        return None  # the knob hardly moves L0 here
+    v0, l00 = near[0]
+    step = min(max(math.log(target / l00) / slope, -math.log(16)), math.log(16))
+    value = float(f"{min(v0 * math.exp(step), knob.high * 0.999):.3g}")
+    if any(abs(math.log(value / v)) < 0.01 for v, _ in good):
+        return None
+    return target, value
 
 
 def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -116,30 +179,52 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
     heldout = [b.acts[fc.site] for b in harvest(loaded.model, ids, [fc.site], batch_size=16, mask=mask, progress=False,
                                                 max_norm_multiple=base.data.max_norm_multiple)]
     n_splice = min(fc.splice_contexts, len(ids))
+    errors: list[dict] = []  # failed calibration trials, listed after the rest
+
+    def point(method: str, key: str, value: Any, extra: dict) -> dict:
+        name = f"{method}-{key}{value}"
+        start = time.time()
+        try:
+            cfg = run_config(fc, out, name, {"method": method, key: value})
+            sae = pipeline.run_train(cfg, progress=progress, loaded=loaded, cache_dir=cache.dir)
+            row = {"method": method, "param": key, "value": value, **extra, "train_seconds": round(time.time() - start, 1)}
+            recon = reconstruction_eval(sae, heldout)
+            recon.pop("density")
+            row.update(recon)
+            row.update(splice_eval(loaded.model, sae, fc.site, ids[:n_splice], mask[:n_splice], 16, progress=False,
+                                   max_norm_multiple=base.data.max_norm_multiple))
+            row["seconds"] = round(time.time() - start, 1)
+        except Exception as err:  # one failing method is a row of the table, not the end of the run
+            row = {"method": method, "param": key, "value": value, **extra, "error": f"{type(err).__name__}: {err}"}
+        if not keep:
+            shutil.rmtree(out / name, ignore_errors=True)
+        rows.append(row)
+        log(_line(row))
+        atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
+        return row
 
     for method in methods:
+        if method in CALIBRATED:
+            knob, failed = CALIBRATED[method], 0
+            while failed < 2:
+                tried = [r for r in rows if r["method"] == method]
+                if len(tried) + failed >= knob.max_trials:
+                    break
+                nxt = next_trial(knob, [(r["value"], r["l0"]) for r in tried], fc.ks, fc.l0_tolerance, fc.latents)
+                if nxt is None:
+                    break
+                row = point(method, knob.name, nxt[1], {"target_l0": nxt[0], "trial": len(tried) + failed + 1})
+                if "error" in row:
+                    rows.remove(row)
+                    failed += 1
+                    errors.append(row)
+            continue
         key, values = sweep(method, fc.ks)
         for value in values:
-            if (method, str(value)) in done:
-                continue
-            name = f"{method}-{key}{value}"
-            start = time.time()
-            try:
-                cfg = run_config(fc, out, name, {"method": method, key: value})
-                sae = pipeline.run_train(cfg, progress=progress, loaded=loaded, cache_dir=cache.dir)
-                row = {"method": method, "param": key, "value": value, "train_seconds": round(time.time() - start, 1)}
-                recon = reconstruction_eval(sae, heldout)
-                recon.pop("density")
-                row.update(recon)
-                row.update(splice_eval(loaded.model, sae, fc.site, ids[:n_splice], mask[:n_splice], 16, progress=False,
-                                       max_norm_multiple=base.data.max_norm_multiple))
-            except Exception as err:  # one failing method is a row of the table, not the end of the run
-                row = {"method": method, "param": key, "value": value, "error": f"{type(err).__name__}: {err}"}
-            if not keep:
-                shutil.rmtree(out / name, ignore_errors=True)
-            rows.append(row)
-            log(_line(row))
-            atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
+            if (method, str(value)) not in done:
+                point(method, key, value, {})
+    rows.extend(errors)
+    atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
     result = {"config": fc.to_dict(), "rows": rows}
     atomic_write_text(out / "results.md", markdown(result))
     plot(result, out)
@@ -165,7 +250,8 @@ def markdown(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['param']}={r['value']} | error: {r['error'][:80]} | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['param']}={r['value']} | {r['l0']:.2f} | {r['fvu']:.4f} | {100 * r['dead_fraction']:.2f} | "
+        target = f" (→ {r['target_l0']})" if "target_l0" in r else ""
+        lines.append(f"| {r['method']} | {r['param']}={r['value']}{target} | {r['l0']:.2f} | {r['fvu']:.4f} | {100 * r['dead_fraction']:.2f} | "
                      f"{r['loss_recovered']:.4f} | {r['delta_ce']:.4f} | {r['kl_clean_spliced']:.4f} | {r['train_seconds']} |")
     return "\n".join(lines) + "\n"
 
