@@ -29,13 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import pipeline
 from .._io import atomic_write, atomic_write_json, atomic_write_text, read_json
 from ..config import DictionaryConfig, RunConfig
 from ..data.harvest import harvest
-from ..dictionaries import METHODS
+from ..dictionaries import METHODS, load
 from ..errors import FeaturekitError
 from ..evaluate.splice import reconstruction_eval, splice_eval
+from ..evaluate.transcoders import transcoder_splice_eval
+from .frontier_suite import SuiteSettings, matched_points, run_suite
 
 #: methods whose k is swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token
 #: (k encoder-sized matmuls), so its k stops at 32 on CPU.
@@ -70,6 +74,7 @@ CALIBRATED: dict[str, Knob] = {
 class FrontierConfig:
     model: str = "smollm2-135m"
     site: str = "resid_post.6"
+    output_site: str | None = None  #: set: a transcoder frontier (site → output_site), the splice replaces output_site
     source: str = "bbc"
     train_tokens: int = 150_000  #: harvested training tokens (each method sees epochs × this)
     epochs: int = 2
@@ -88,9 +93,17 @@ class FrontierConfig:
         return dataclasses.asdict(self)
 
 
-def default_methods() -> list[str]:
-    """Every registered method that reconstructs the frontier's site (transcoders predict another site)."""
-    return sorted(m for m, cls in METHODS.items() if not cls.transcodes)
+def default_methods(transcoders: bool = False) -> list[str]:
+    """Every registered method that reconstructs the frontier's site, or with `transcoders` every single-layer
+    transcoder (the cross-layer transcoder spans layers and has no place on one site's frontier)."""
+    return sorted(m for m, cls in METHODS.items() if cls.transcodes == transcoders and m != "clt")
+
+
+def same_config(stored: dict, fc: FrontierConfig) -> bool:
+    """Whether results.json's config is `fc`'s (a key the stored config lacks counts as its default: files
+    written before the key existed resume)."""
+    defaults = FrontierConfig().to_dict()
+    return all(stored.get(key, defaults[key]) == value for key, value in fc.to_dict().items())
 
 
 def sweep(method: str, ks: list[int]) -> tuple[str, list[Any]]:
@@ -141,13 +154,14 @@ def next_trial(knob: Knob, measured: list[tuple[float, float]], targets: list[in
 def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
     """The RunConfig of one frontier point (the shared harvest when `overrides` is None)."""
     cfg = RunConfig(name=name, out_dir=str(out), site=fc.site)
+    cfg.output_site = fc.output_site
     cfg.model.name, cfg.data.source, cfg.data.train_tokens = fc.model, fc.source, fc.train_tokens
-    methods = fc.methods or default_methods()
+    methods = fc.methods or default_methods(fc.output_site is not None)
     cfg.data.gradients = any(METHODS[m].needs_gradient for m in methods if m in METHODS)
     cfg.dictionary.n_latents = fc.latents
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = fc.epochs, fc.batch_size, fc.lr
     cfg.train.seed, cfg.train.threads = fc.seed, fc.threads
-    overrides = dict(overrides or {})
+    overrides = dict(overrides or {"method": methods[0]})  # the harvest: a config its methods validate
     if "method" in overrides:  # the method's own keys start from its defaults
         cfg.dictionary = DictionaryConfig(overrides.pop("method"), fc.latents)
     for key, value in overrides.items():
@@ -156,16 +170,22 @@ def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, An
 
 
 def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, keep: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, suite: SuiteSettings | None = None) -> dict:
+    """Train and score every point (module docstring); with `suite`, the evaluation suite at matched L0 on each
+    method's point nearest suite.target_l0 (`frontier_suite`; the dictionaries are then kept)."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out)
-    methods = list(fc.methods or default_methods())
+    methods = list(fc.methods or default_methods(fc.output_site is not None))
+    wrong = [m for m in methods if m in METHODS and METHODS[m].transcodes != (fc.output_site is not None)]
+    if wrong:
+        raise FeaturekitError(f"{wrong} " + ("do not predict another site: leave out --output-site" if fc.output_site else
+                              "predict another site: give --output-site (e.g. --site mlp_in.6 --output-site mlp_out.6)"))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise FeaturekitError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
     results_path = out / "results.json"
     previous = read_json(results_path) if results_path.is_file() else {}
-    if previous and previous.get("config") != fc.to_dict():
+    if previous and not same_config(previous.get("config", {}), fc):
         raise FeaturekitError(f"{results_path} holds a frontier run with other options; use another --out folder")
     rows: list[dict] = previous.get("rows", [])
     done = {(r["method"], str(r["value"])) for r in rows if "error" not in r}
@@ -176,13 +196,15 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
     log(f"harvest: {fc.train_tokens} tokens of {fc.site} ({fc.model}, {fc.source})")
     cache = pipeline.run_harvest(base, loaded, progress)
     ids, mask = pipeline.contexts(loaded, base, "test", fc.eval_tokens)
-    heldout = [b.acts[fc.site] for b in harvest(loaded.model, ids, [fc.site], batch_size=16, mask=mask, progress=False,
-                                                max_norm_multiple=base.data.max_norm_multiple)]
+    sites = [fc.site] + ([fc.output_site] if fc.output_site else [])
+    heldout = [(b.acts[fc.site], b.acts[fc.output_site]) if fc.output_site else b.acts[fc.site]
+               for b in harvest(loaded.model, ids, sites, batch_size=16, mask=mask, progress=False,
+                                max_norm_multiple=base.data.max_norm_multiple)]
     n_splice = min(fc.splice_contexts, len(ids))
     errors: list[dict] = []  # failed calibration trials, listed after the rest
 
     def point(method: str, key: str, value: Any, extra: dict) -> dict:
-        name = f"{method}-{key}{value}"
+        name = point_name({"method": method, "param": key, "value": value})
         start = time.time()
         try:
             cfg = run_config(fc, out, name, {"method": method, key: value})
@@ -191,12 +213,11 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
             recon = reconstruction_eval(sae, heldout)
             recon.pop("density")
             row.update(recon)
-            row.update(splice_eval(loaded.model, sae, fc.site, ids[:n_splice], mask[:n_splice], 16, progress=False,
-                                   max_norm_multiple=base.data.max_norm_multiple))
+            row.update(splice(loaded.model, sae, fc, ids[:n_splice], mask[:n_splice], base.data.max_norm_multiple))
             row["seconds"] = round(time.time() - start, 1)
         except Exception as err:  # one failing method is a row of the table, not the end of the run
             row = {"method": method, "param": key, "value": value, **extra, "error": f"{type(err).__name__}: {err}"}
-        if not keep:
+        if not keep and suite is None:
             shutil.rmtree(out / name, ignore_errors=True)
         rows.append(row)
         log(_line(row))
@@ -226,9 +247,38 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
     rows.extend(errors)
     atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
     result = {"config": fc.to_dict(), "rows": rows}
+    if suite is not None and not fc.output_site:
+        matched = matched_points(rows, suite.target_l0)
+        dictionaries = {m: load(out / point_name(r) / "dictionary") for m, r in matched.items()
+                        if (out / point_name(r) / "dictionary" / "model.safetensors").is_file()}
+        for m in sorted(set(matched) - set(dictionaries)):
+            log(f"suite: {m}'s point {point_name(matched[m])} was not kept (run with --keep), left out")
+        n_prompts = suite.steering_prompts
+        prompts = ids[-n_prompts:, :suite.steering_prompt_tokens] if len(ids) > n_splice + n_prompts else ids[:n_prompts]
+        policy = {"exclude_first": base.data.exclude_first, "exclude_special": base.data.exclude_special,
+                  "max_norm_multiple": base.data.max_norm_multiple}
+        state = run_suite(out / "suite.json", dictionaries, loaded, fc.site, torch.cat(heldout), prompts, suite, policy, log)
+        result["suite"] = {"settings": state["settings"], "seconds": state["seconds"],
+                           "points": {m: {"row": matched[m], **state["results"].get(m, {})} for m in dictionaries},
+                           "random": state["results"].get("random", {})}
     atomic_write_text(out / "results.md", markdown(result))
     plot(result, out)
     return result
+
+
+def point_name(row: dict) -> str:
+    """The folder of a point's run (its dictionary, when kept)."""
+    return f"{row['method']}-{row['param']}{row['value']}"
+
+
+def splice(model, sae, fc: FrontierConfig, ids, mask, max_norm_multiple: float | None) -> dict:
+    """CE / KL with the dictionary spliced in: at its site, or a transcoder's output site replaced by its prediction."""
+    if fc.output_site:
+        out = transcoder_splice_eval(model, [(fc.site, fc.output_site, sae)], ids, mask, 16, progress=False,
+                                     max_norm_multiple=max_norm_multiple)
+        out.pop("spliced_sites", None)
+        return out
+    return splice_eval(model, sae, fc.site, ids, mask, 16, progress=False, max_norm_multiple=max_norm_multiple)
 
 
 def _line(row: dict) -> str:
@@ -241,7 +291,8 @@ def _line(row: dict) -> str:
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
-    lines = [f"# FVU against L0 on {cfg['model']} `{cfg['site']}` ({cfg['source']})", "",
+    site = f"{cfg['site']}` → `{cfg['output_site']}" if cfg.get("output_site") else cfg["site"]
+    lines = [f"# FVU against L0 on {cfg['model']} `{site}` ({cfg['source']})", "",
              f"{cfg['latents']} latents, {cfg['train_tokens']:,} harvested tokens × {cfg['epochs']} epochs per point, "
              f"held-out {cfg['eval_tokens']:,} tokens (splice: {cfg['splice_contexts']} contexts).", "",
              "| method | setting | L0 | FVU | dead % | loss recovered | ΔCE | KL | train s |",
@@ -253,7 +304,91 @@ def markdown(result: dict) -> str:
         target = f" (→ {r['target_l0']})" if "target_l0" in r else ""
         lines.append(f"| {r['method']} | {r['param']}={r['value']}{target} | {r['l0']:.2f} | {r['fvu']:.4f} | {100 * r['dead_fraction']:.2f} | "
                      f"{r['loss_recovered']:.4f} | {r['delta_ce']:.4f} | {r['kl_clean_spliced']:.4f} | {r['train_seconds']} |")
+    if result.get("suite"):
+        lines += ["", *suite_markdown(result["suite"])]
     return "\n".join(lines) + "\n"
+
+
+def suite_markdown(suite: dict) -> list[str]:
+    """The table of the suite at matched L0: one row per method, then the random steering baseline."""
+    st = suite["settings"]
+    ks = st["probing_ks"]
+    target = f"{st['steering_targets'][len(st['steering_targets']) // 2]:g}"
+    lines = [f"## The suite at matched L0 (each method's point nearest L0 = {st['target_l0']:g})", "",
+             f"Probing: BBC topics, {st['probing_train_docs']} / ≤ {st['probing_test_docs']} articles per topic × "
+             f"{st['probing_tokens']} tokens; absorption: {st['absorption_words']} words; steering: {st['steering_features']} "
+             f"features × 2 signs per method at KL {target} nat on {st['steering_prompts']} prompts × {st['steering_prompt_tokens']} tokens.", "",
+             "| method | setting | L0 | FVU | loss recovered | KL | " + " | ".join(f"probe top-{k}" for k in ks)
+             + " | probe all | absorption | full absorption | letters | steer log-rank gain | steer prob gain | reached |",
+             "|---|---|---|---|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|"]
+
+    def num(value: Any, digits: int = 3) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    for method, p in sorted(suite["points"].items()):
+        r, pr, ab, sg = p["row"], p.get("probing", {}), p.get("absorption", {}), p.get("steering", {})
+        cells = [method, f"{r['param']}={r['value']}", f"{r['l0']:.1f}", f"{r['fvu']:.4f}", f"{r['loss_recovered']:.4f}",
+                 f"{r['kl_clean_spliced']:.4f}", *(num(pr.get(f"sae_top_{k}_test_accuracy")) for k in ks),
+                 num(pr.get("sae_test_accuracy")), num(ab.get("mean_absorption_fraction_score")),
+                 num(ab.get("mean_full_absorption_score")), str(ab.get("n_scored_letters", "—")),
+                 num(sg.get(f"log_rank_gain_at_kl_{target}")), num(sg.get(f"prob_gain_at_kl_{target}"), 4),
+                 num(sg.get(f"fraction_reached_kl_{target}"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    rnd = suite.get("random", {}).get("steering")
+    if rnd:
+        lines.append("| random directions | | | | | | " + "| " * (len(ks) + 4) + f"{num(rnd.get(f'log_rank_gain_at_kl_{target}'))} | "
+                     f"{num(rnd.get(f'prob_gain_at_kl_{target}'), 4)} | {num(rnd.get(f'fraction_reached_kl_{target}'), 2)} |")
+    first = next(iter(suite["points"].values()), {}).get("probing", {})
+    if first:
+        lines += ["", "Dense baselines of the probing (the same for every method): "
+                  + ", ".join(f"top-{k} {first[f'llm_top_{k}_test_accuracy']:.3f}" for k in ks)
+                  + f", all dimensions {first['llm_test_accuracy']:.3f}; PCA "
+                  + ", ".join(f"top-{k} {first[f'pca_top_{k}_test_accuracy']:.3f}" for k in ks if f"pca_top_{k}_test_accuracy" in first) + "."]
+    lines += ["", "Seconds per evaluation (all methods together; shared = running the model once for all): "
+              + "; ".join(f"{e} {v['total']} s (shared {v['shared_model_work']} s, {v['dictionaries']} dictionaries)"
+                          for e, v in suite["seconds"].items()) + "."]
+    return lines
+
+
+def combine(folders: list[Path], out: Path) -> dict:
+    """One table and plot from several frontier folders run with the same options but different methods (e.g. a
+    method that needs the gradient harvest run apart): rows in folder order, a (method, setting) already listed
+    kept from its first folder; suites merged. Writes out/results.json, results.md, frontier.png/.svg."""
+    results = [read_json(Path(f) / "results.json") for f in folders]
+    first = {k: v for k, v in results[0]["config"].items() if k != "methods"}
+    for folder, r in zip(folders, results):
+        other = {k: v for k, v in r["config"].items() if k != "methods"}
+        if not same_config({**other, "methods": None}, FrontierConfig(**{**first, "methods": None})):
+            raise FeaturekitError(f"{folder} was run with other options than {folders[0]}: only --methods may differ to combine")
+    rows, seen = [], set()
+    suite: dict = {}
+    for folder, r in zip(folders, results):
+        for row in r["rows"]:
+            key = (row["method"], str(row["value"]))
+            if key not in seen:
+                seen.add(key)
+                rows.append({**row, "folder": Path(folder).name})
+        if (Path(folder) / "suite.json").is_file():
+            state = read_json(Path(folder) / "suite.json")
+            matched = matched_points(r["rows"], state["settings"]["target_l0"])
+            if suite and suite["settings"] != state["settings"]:
+                raise FeaturekitError(f"{folder}'s suite.json has other settings than the folders before it")
+            suite.setdefault("settings", state["settings"])
+            suite.setdefault("seconds", {})[Path(folder).name] = state["seconds"]
+            for m, res in state["results"].items():
+                if m == "random":
+                    suite.setdefault("random", res)
+                elif m in matched and m not in suite.setdefault("points", {}):
+                    suite["points"][m] = {"row": matched[m], **res}
+    result = {"config": {**first, "methods": sorted({r["method"] for r in rows})}, "rows": rows, "folders": [str(f) for f in folders]}
+    if suite:
+        suite["seconds"] = {f"{e} ({folder})": v for folder, per in suite["seconds"].items() for e, v in per.items()}
+        result["suite"] = suite
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", markdown(result))
+    plot(result, out)
+    return result
 
 
 def plot(result: dict, out: Path) -> None:
