@@ -45,6 +45,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, help="harvested training tokens (default 150,000)")
     p.add_argument("--epochs", type=int, help="passes over them per point (default 2)")
     p.add_argument("--latents", type=int, help="latents of every dictionary (default 2,304)")
+    p.add_argument("--batch-size", type=int, help="tokens per training step (default 2,048)")
     p.add_argument("--ks", help="comma-separated k values for the k-methods (default 16,32,64)")
     p.add_argument("--methods", help="comma-separated method names (default: every registered method that trains on one site)")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens for FVU / L0 (default 32,768)")
@@ -90,7 +91,7 @@ def _frontier(args: argparse.Namespace) -> int:
         print(f"results: {args.out / 'results.md'}")
         return 0
     fc = frontier.main_config(model=args.model, site=args.site, output_site=args.output_site, source=args.source,
-                              train_tokens=args.tokens, epochs=args.epochs,
+                              train_tokens=args.tokens, epochs=args.epochs, batch_size=args.batch_size,
                               latents=args.latents, ks=[int(k) for k in args.ks.split(",")] if args.ks else None,
                               methods=args.methods.split(",") if args.methods else None, eval_tokens=args.eval_tokens,
                               splice_contexts=args.splice_contexts, threads=args.threads)
