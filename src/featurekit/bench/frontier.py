@@ -99,11 +99,16 @@ def default_methods(transcoders: bool = False) -> list[str]:
     return sorted(m for m, cls in METHODS.items() if cls.transcodes == transcoders and m != "clt")
 
 
+#: options a rerun may change in a results folder: the points are keyed by (method, setting), so more methods, other
+#: sparsities or targets add points beside the finished ones (e.g. k = 32 for every method first, then 16 and 64)
+GROWING = ("methods", "ks", "l0_tolerance", "threads")
+
+
 def same_config(stored: dict, fc: FrontierConfig) -> bool:
-    """Whether results.json's config is `fc`'s (a key the stored config lacks counts as its default: files
-    written before the key existed resume)."""
+    """Whether results.json's config is `fc`'s, up to the `GROWING` options (a key the stored config lacks counts as
+    its default: files written before the key existed resume)."""
     defaults = FrontierConfig().to_dict()
-    return all(stored.get(key, defaults[key]) == value for key, value in fc.to_dict().items())
+    return all(stored.get(key, defaults[key]) == value for key, value in fc.to_dict().items() if key not in GROWING)
 
 
 def sweep(method: str, ks: list[int]) -> tuple[str, list[Any]]:
@@ -186,7 +191,8 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
     results_path = out / "results.json"
     previous = read_json(results_path) if results_path.is_file() else {}
     if previous and not same_config(previous.get("config", {}), fc):
-        raise FeaturekitError(f"{results_path} holds a frontier run with other options; use another --out folder")
+        raise FeaturekitError(f"{results_path} holds a frontier run with other options (only {', '.join(GROWING)} may change "
+                              f"between runs in one folder); use another --out folder")
     rows: list[dict] = previous.get("rows", [])
     done = {(r["method"], str(r["value"])) for r in rows if "error" not in r}
     rows = [r for r in rows if (r["method"], str(r["value"])) in done]
