@@ -254,22 +254,31 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
     atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
     result = {"config": fc.to_dict(), "rows": rows}
     if suite is not None and not fc.output_site:
-        matched = matched_points(rows, suite.target_l0)
-        dictionaries = {m: load(out / point_name(r) / "dictionary") for m, r in matched.items()
-                        if (out / point_name(r) / "dictionary" / "model.safetensors").is_file()}
-        for m in sorted(set(matched) - set(dictionaries)):
-            log(f"suite: {m}'s point {point_name(matched[m])} was not kept (run with --keep), left out")
-        n_prompts = suite.steering_prompts
-        prompts = ids[-n_prompts:, :suite.steering_prompt_tokens] if len(ids) > n_splice + n_prompts else ids[:n_prompts]
-        policy = {"exclude_first": base.data.exclude_first, "exclude_special": base.data.exclude_special,
-                  "max_norm_multiple": base.data.max_norm_multiple}
-        state = run_suite(out / "suite.json", dictionaries, loaded, fc.site, torch.cat(heldout), prompts, suite, policy, log)
-        result["suite"] = {"settings": state["settings"], "seconds": state["seconds"],
-                           "points": {m: {"row": matched[m], **state["results"].get(m, {})} for m in dictionaries},
-                           "random": state["results"].get("random", {})}
+        folders = {point_name(r): out for r in rows}
+        result["suite"] = suite_on_points(fc, out, rows, folders, suite, loaded, base, ids, torch.cat(heldout), n_splice, log)
     atomic_write_text(out / "results.md", markdown(result))
     plot(result, out)
     return result
+
+
+def suite_on_points(fc: FrontierConfig, out: Path, rows: list[dict], folders: dict[str, Path], suite: SuiteSettings, loaded,
+                    base: RunConfig, ids: torch.Tensor, heldout: torch.Tensor, n_splice: int, log: Callable[[str], None]) -> dict:
+    """`frontier_suite.run_suite` on each method's row nearest suite.target_l0, its dictionary read from
+    folders[point_name(row)]/point_name(row); results in out/suite.json. `ids`: the held-out contexts, whose last
+    ones (after the spliced ones) are the steering prompts; `heldout`: (N, d) held-out activations at the site."""
+    matched = matched_points(rows, suite.target_l0)
+    dictionaries = {m: load(folders[point_name(r)] / point_name(r) / "dictionary") for m, r in matched.items()
+                    if (folders[point_name(r)] / point_name(r) / "dictionary" / "model.safetensors").is_file()}
+    for m in sorted(set(matched) - set(dictionaries)):
+        log(f"suite: {m}'s point {point_name(matched[m])} was not kept (run with --keep or --suite), left out")
+    n_prompts = suite.steering_prompts
+    prompts = ids[-n_prompts:, :suite.steering_prompt_tokens] if len(ids) > n_splice + n_prompts else ids[:n_prompts]
+    policy = {"exclude_first": base.data.exclude_first, "exclude_special": base.data.exclude_special,
+              "max_norm_multiple": base.data.max_norm_multiple}
+    state = run_suite(out / "suite.json", dictionaries, loaded, fc.site, heldout, prompts, suite, policy, log)
+    return {"settings": state["settings"], "seconds": state["seconds"],
+            "points": {m: {"row": matched[m], **state["results"].get(m, {})} for m in dictionaries},
+            "random": state["results"].get("random", {})}
 
 
 def point_name(row: dict) -> str:
@@ -356,10 +365,13 @@ def suite_markdown(suite: dict) -> list[str]:
     return lines
 
 
-def combine(folders: list[Path], out: Path) -> dict:
+def combine(folders: list[Path], out: Path, suite: SuiteSettings | None = None, log: Callable[[str], None] | None = None) -> dict:
     """One table and plot from several frontier folders run with the same options but different methods (e.g. a
     method that needs the gradient harvest run apart): rows in folder order, a (method, setting) already listed
-    kept from its first folder; suites merged. Writes out/results.json, results.md, frontier.png/.svg."""
+    kept from its first folder; suites merged. With `suite`, the suite runs once over every method's matched
+    point of all folders instead (one set of model passes; out/suite.json). Writes out/results.json, results.md,
+    frontier.png/.svg."""
+    settings = suite
     results = [read_json(Path(f) / "results.json") for f in folders]
     first = {k: v for k, v in results[0]["config"].items() if k != "methods"}
     for folder, r in zip(folders, results):
@@ -367,7 +379,7 @@ def combine(folders: list[Path], out: Path) -> dict:
         if not same_config({**other, "methods": None}, FrontierConfig(**{**first, "methods": None})):
             raise FeaturekitError(f"{folder} was run with other options than {folders[0]}: only --methods may differ to combine")
     rows, seen = [], set()
-    suite: dict = {}
+    suite = {}
     for folder, r in zip(folders, results):
         for row in r["rows"]:
             key = (row["method"], str(row["value"]))
@@ -387,6 +399,22 @@ def combine(folders: list[Path], out: Path) -> dict:
                 elif m in matched and m not in suite.setdefault("points", {}):
                     suite["points"][m] = {"row": matched[m], **res}
     result = {"config": {**first, "methods": sorted({r["method"] for r in rows})}, "rows": rows, "folders": [str(f) for f in folders]}
+    if settings is not None:
+        log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        fc = FrontierConfig(**{**first, "methods": None})
+        base = run_config(fc, Path(folders[0]), "harvest")
+        loaded = pipeline.open_model(base)
+        ids, mask = pipeline.contexts(loaded, base, "test", fc.eval_tokens)
+        n_splice = min(fc.splice_contexts, len(ids))
+        n_heldout = -(-settings.steering_tokens // ids.shape[1]) + 1  # contexts enough for the steering tokens
+        heldout = torch.cat([b.acts[fc.site] for b in harvest(loaded.model, ids[:n_heldout], [fc.site], batch_size=16,
+                                                               mask=mask[:n_heldout], progress=False,
+                                                               max_norm_multiple=base.data.max_norm_multiple)])
+        place = {point_name(r): Path(folders[[Path(f).name for f in folders].index(r["folder"])]) for r in rows}
+        out.mkdir(parents=True, exist_ok=True)
+        result["suite"] = suite_on_points(fc, out, [r for r in rows if "folder" in r], place, settings, loaded, base, ids, heldout,
+                                          n_splice, log)
+        suite = {}
     if suite:
         suite["seconds"] = {f"{e} ({folder})": v for folder, per in suite["seconds"].items() for e, v in per.items()}
         result["suite"] = suite

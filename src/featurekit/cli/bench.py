@@ -60,7 +60,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite-full", action="store_true", help="--suite at `featurekit eval`'s default settings instead of the "
                                                              "smaller frontier ones (docs/evaluation.md)")
     p.add_argument("--combine", type=Path, nargs="+", metavar="DIR", help="train nothing: one table and plot in --out from "
-                                                                          "frontier folders run with the same options")
+                                                                          "frontier folders run with the same options; with --suite, "
+                                                                          "the suite over all their matched points at once")
     p.add_argument("--keep", action="store_true", help="keep every trained dictionary (default: delete after scoring)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -86,8 +87,14 @@ def _frontier(args: argparse.Namespace) -> int:
     from ..bench.frontier_suite import EVALUATIONS, SuiteSettings
     from ..errors import FeaturekitError
 
+    suite = None
+    if args.suite:
+        names = tuple(e.strip() for e in args.suite.split(",") if e.strip())
+        if set(names) - set(EVALUATIONS) or not names:
+            raise FeaturekitError(f"--suite takes a comma-separated list of {', '.join(EVALUATIONS)}, got {args.suite!r}")
+        suite = (SuiteSettings.full if args.suite_full else SuiteSettings)(target_l0=args.suite_l0, evaluations=names)
     if args.combine:
-        frontier.combine(args.combine, args.out)
+        frontier.combine(args.combine, args.out, suite=suite, log=(lambda line: None) if args.quiet else None)
         print(f"results: {args.out / 'results.md'}")
         return 0
     fc = frontier.main_config(model=args.model, site=args.site, output_site=args.output_site, source=args.source,
@@ -95,12 +102,6 @@ def _frontier(args: argparse.Namespace) -> int:
                               latents=args.latents, ks=[int(k) for k in args.ks.split(",")] if args.ks else None,
                               methods=args.methods.split(",") if args.methods else None, eval_tokens=args.eval_tokens,
                               splice_contexts=args.splice_contexts, threads=args.threads)
-    suite = None
-    if args.suite:
-        names = tuple(e.strip() for e in args.suite.split(",") if e.strip())
-        if set(names) - set(EVALUATIONS) or not names:
-            raise FeaturekitError(f"--suite takes a comma-separated list of {', '.join(EVALUATIONS)}, got {args.suite!r}")
-        suite = (SuiteSettings.full if args.suite_full else SuiteSettings)(target_l0=args.suite_l0, evaluations=names)
     frontier.run_frontier(fc, args.out, keep=args.keep, log=(lambda line: None) if args.quiet else None, suite=suite)
     print(f"results: {args.out / 'results.md'}")
     return 0
