@@ -102,3 +102,24 @@ def test_matched_points_take_the_nearest_l0_in_log_distance():
     rows = [{"method": "a", "l0": 16.0}, {"method": "a", "l0": 60.0}, {"method": "a", "error": "x"}, {"method": "b", "l0": 20.0}]
     got = matched_points(rows, 32)
     assert got["a"]["l0"] == 60.0 and got["b"]["l0"] == 20.0  # 60/32 = 1.875 is nearer than 32/16 = 2
+
+
+def test_cached_splice_gives_the_numbers_of_splice_eval(tiny):
+    import torch
+
+    from featurekit.bench.frontier import CachedSplice
+    from featurekit.dictionaries import TopKSAE
+    from featurekit.evaluate.splice import splice_eval
+    from featurekit.models.loading import load_model
+
+    loaded = load_model(str(tiny / "model"))
+    ids = torch.randint(4, 30, (5, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 0] = False
+    cached = CachedSplice(loaded.model, "resid_post.1", ids, mask, 50.0, batch_contexts=2)
+    for seed in (0, 1):
+        sae = TopKSAE(32, 64, k=4, seed=seed)
+        got, want = cached(sae), splice_eval(loaded.model, sae, "resid_post.1", ids, mask, 2, progress=False, max_norm_multiple=50.0)
+        assert set(got) == set(want)
+        for key in want:
+            assert abs(got[key] - want[key]) < 1e-9, key
