@@ -144,3 +144,22 @@ def test_sparse_training_path_matches_dense_values_and_gradients():
     torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-5, atol=1e-5)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(fast, name).grad, getattr(plain, name).grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_calibrated_threshold_gives_inference_l0_near_k_after_a_short_run(tmp_path):
+    """60 steps: the EMA θ still carries the first steps' high cut; `calibrate` (the mean batch cut with the final
+    weights) brings the per-token rule's L0 to k on held-out data."""
+    features = true_features(48, 24)
+    sae = BatchTopKSAE(24, 96, k=4, seed=0)
+    trainer = Trainer(sae, TrainConfig(lr=3e-3, warmup_steps=10, log_every=50, checkpoint_every=1000, dead_tokens=4096), tmp_path, 60)
+    trainer.init_from_data(sample(features, 4096, torch.Generator().manual_seed(9)))
+    gen = torch.Generator().manual_seed(5)
+    trainer.fit((sample(features, 256, gen) for _ in range(60)), progress=False)
+    x = sample(features, 8192, torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        ema_l0 = l0(sae.encode(x))
+        calib = sae.calibrate([sample(features, 256, gen) * sae.input_scale for _ in range(16)])
+        calibrated_l0 = l0(sae.encode(x))
+    assert calib["batches"] == 16 and calib["theta"] == float(sae.theta)
+    assert abs(calibrated_l0 - 4) < 0.4, (ema_l0, calibrated_l0)
+    assert abs(calibrated_l0 - 4) < abs(ema_l0 - 4)

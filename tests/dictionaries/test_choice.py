@@ -264,3 +264,16 @@ def test_built_from_the_config():
     assert isinstance(build_from_config(DictionaryConfig.of("featurechoice", 32), 8), FeatureChoiceSAE)
     with pytest.raises(FeaturekitError, match="aux_zipf"):
         validate(load_config(overrides=["train.aux_zipf_tau=0"]))
+
+
+def test_feature_choice_calibration_sets_per_latent_thresholds_to_the_mean_batch_cut():
+    sae = FeatureChoiceSAE(8, 16, k=2, seed=0)
+    batches = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    result = sae.calibrate(batches)
+    with torch.no_grad():
+        m = int(2 * 64 / 16)  # 8 tokens per latent per batch
+        cuts = torch.stack([sae.pre_activation(b).relu().topk(m, dim=0).values[-1] for b in batches])
+    fired = (cuts > 0).sum(0)
+    expected = cuts.sum(0) / fired.clamp_min(1)
+    torch.testing.assert_close(sae.theta[fired > 0], expected[fired > 0])
+    assert result["latents_set"] == int((fired > 0).sum())

@@ -2,8 +2,12 @@
 
 One activation cache is harvested from the model (the main job's model, site and corpus by default),
 then every method of the `METHODS` registry is trained on it at the same token budget, once per
-sparsity setting (`sweep`: k for the k-methods, the penalty coefficient for ReLU and JumpReLU), with
-the one trainer (`pipeline.run_train`). Each dictionary is scored on the same held-out tokens with its
+sparsity setting, with the one trainer (`pipeline.run_train`): k ∈ `ks` for the k-methods (`FIXED_SWEEPS`
+for MP-SAE); for the methods whose L0 follows a penalty, a target frequency or an initialisation
+(`CALIBRATED`: ReLU, JumpReLU, GBA, top-AFA) the knob is searched for each target L0 in `ks` by
+measurement (`next_trial`: a secant search in log-log space, every trial a full training and a point of
+the frontier, up to `Knob.max_trials` per method) until a point lands within `l0_tolerance` of each
+target or the knob stops moving L0. Each dictionary is scored on the same held-out tokens with its
 inference rule: FVU, L0, dead fraction (`evaluate.splice.reconstruction_eval`) and, spliced into the
 model, loss recovered, ΔCE and KL (`evaluate.splice.splice_eval`).
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -24,23 +29,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import pipeline
 from .._io import atomic_write, atomic_write_json, atomic_write_text, read_json
 from ..config import DictionaryConfig, RunConfig
 from ..data.harvest import harvest
-from ..dictionaries import METHODS
+from ..dictionaries import METHODS, load
 from ..errors import FeaturekitError
-from ..evaluate.splice import reconstruction_eval, splice_eval
+from ..data.harvest import norm_outliers
+from ..evaluate import metrics
+from ..evaluate.splice import reconstruction_eval, require_lm_head
+from ..models.hooks import capture, replace
+from ..evaluate.transcoders import transcoder_splice_eval
+from .frontier_suite import SuiteSettings, matched_points, run_suite
 
-#: the knob that sets each method's sparsity, and its values; methods not listed sweep `k` over `ks`.
-#: MP-SAE runs k full pursuit steps per token (k encoder-sized matmuls), so its k stops at 32 on CPU;
-#: top-AFA chooses k per token (one point, at the paper's coefficient).
-PENALTY_SWEEPS: dict[str, tuple[str, list[float]]] = {
-    "relu": ("l1_coefficient", [2.0, 5.0, 12.0]),
-    "jumprelu": ("l0_coefficient", [1.0, 3.0, 10.0]),
-    "gba": ("freq_high", [0.025, 0.05, 0.1]),
-    "mpsae": ("k", [8, 16, 32]),
-    "topafa": ("afa_coefficient", [1 / 64]),
+#: methods whose k is swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token
+#: (k encoder-sized matmuls), so its k stops at 32 on CPU.
+FIXED_SWEEPS: dict[str, tuple[str, list[Any]]] = {"mpsae": ("k", [8, 16, 32])}
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A hyper-parameter that sets a method's L0 only indirectly (a penalty, a target frequency, an init):
+    `calibrate` searches it for each target L0, one full training per trial (`next_trial`)."""
+
+    name: str
+    start: float | None  #: first trial; None: the middle target L0 / latents (a firing rate)
+    rises: bool  #: whether L0 rises with the knob (the direction of the second trial only)
+    high: float = math.inf  #: trials stay below this (a rate < 1)
+    max_trials: int = 5
+
+
+#: methods whose sparsity is set by a calibrated knob (module docstring). JumpReLU's λ (`l0_coefficient`) moves
+#: θ by about lr per step under Adam whatever its size, so in a run of ~100 steps L0 stays where the
+#: initialisation put it (L0 ≈ 182 for λ = 1, 3 and 10 alike); what sets its L0 at this budget is the initial
+#: firing rate of b_enc (`init_firing_rate`), which is searched instead, λ at its default.
+CALIBRATED: dict[str, Knob] = {
+    "relu": Knob("l1_coefficient", 5.0, rises=False),
+    "jumprelu": Knob("init_firing_rate", None, rises=True, high=0.5),
+    "gba": Knob("freq_high", 0.05, rises=True, high=0.5),
+    "topafa": Knob("afa_coefficient", 1 / 64, rises=False, max_trials=3),
 }
 
 
@@ -48,13 +77,15 @@ PENALTY_SWEEPS: dict[str, tuple[str, list[float]]] = {
 class FrontierConfig:
     model: str = "smollm2-135m"
     site: str = "resid_post.6"
+    output_site: str | None = None  #: set: a transcoder frontier (site → output_site), the splice replaces output_site
     source: str = "bbc"
     train_tokens: int = 150_000  #: harvested training tokens (each method sees epochs × this)
     epochs: int = 2
     latents: int = 2304
     batch_size: int = 2048
     lr: float = 2e-3
-    ks: list[int] = field(default_factory=lambda: [16, 32, 64])
+    ks: list[int] = field(default_factory=lambda: [16, 32, 64])  #: k of the k-methods, and the target L0s of `CALIBRATED`
+    l0_tolerance: float = 0.15  #: a calibrated point within this relative distance of a target L0 is on target
     methods: list[str] | None = None  #: None: every registered method that reconstructs its site (not transcoders)
     eval_tokens: int = 32_768
     splice_contexts: int = 32
@@ -65,26 +96,80 @@ class FrontierConfig:
         return dataclasses.asdict(self)
 
 
-def default_methods() -> list[str]:
-    """Every registered method that reconstructs the frontier's site (transcoders predict another site)."""
-    return sorted(m for m, cls in METHODS.items() if not cls.transcodes)
+def default_methods(transcoders: bool = False) -> list[str]:
+    """Every registered method that reconstructs the frontier's site, or with `transcoders` every single-layer
+    transcoder (the cross-layer transcoder spans layers and has no place on one site's frontier)."""
+    return sorted(m for m, cls in METHODS.items() if cls.transcodes == transcoders and m != "clt")
+
+
+#: options a rerun may change in a results folder: the points are keyed by (method, setting), so more methods, other
+#: sparsities or targets add points beside the finished ones (e.g. k = 32 for every method first, then 16 and 64)
+GROWING = ("methods", "ks", "l0_tolerance", "threads")
+
+
+def same_config(stored: dict, fc: FrontierConfig) -> bool:
+    """Whether results.json's config is `fc`'s, up to the `GROWING` options (a key the stored config lacks counts as
+    its default: files written before the key existed resume)."""
+    defaults = FrontierConfig().to_dict()
+    return all(stored.get(key, defaults[key]) == value for key, value in fc.to_dict().items() if key not in GROWING)
 
 
 def sweep(method: str, ks: list[int]) -> tuple[str, list[Any]]:
-    """(config field, values) that set `method`'s sparsity."""
-    return PENALTY_SWEEPS.get(method, ("k", list(ks)))
+    """(config field, values) of a method swept over fixed values (not `CALIBRATED`)."""
+    return FIXED_SWEEPS.get(method, ("k", list(ks)))
+
+
+def next_trial(knob: Knob, measured: list[tuple[float, float]], targets: list[int], tol: float,
+               latents: int) -> tuple[int, float] | None:
+    """(target L0, knob value) of the next calibration trial, or None when every target has a measured point
+    within `tol` (relative), or the knob cannot get closer (its L0 does not move, the value was tried already).
+
+    The middle target first, then the others in order. The value is a secant step in log-log space from the
+    measured point nearest the target, along the slope of the two points that bracket the target (or the two
+    nearest it); with one point measured, the second trial steps with slope ±1 in the knob's direction.
+    Steps are capped at a factor 16."""
+    order = sorted(targets, key=lambda t: (t != sorted(targets)[len(targets) // 2], t))
+    if not measured:
+        start = knob.start if knob.start is not None else order[0] / latents
+        return order[0], start
+    good = [(v, l0) for v, l0 in measured if l0 > 0 and v > 0]
+
+    def off(l0: float, t: float) -> float:
+        return abs(math.log(l0 / t))
+
+    missing = [t for t in order if not any(off(l0, t) <= math.log1p(tol) for _, l0 in good)]
+    if not missing or not good:
+        return None
+    target = missing[0]
+    near = sorted(good, key=lambda p: off(p[1], target))
+    below = [p for p in near if p[1] < target]
+    above = [p for p in near if p[1] > target]
+    pair = [below[0], above[0]] if below and above else near[:2]
+    if len(pair) == 2 and pair[0][0] != pair[1][0]:
+        slope = (math.log(pair[1][1]) - math.log(pair[0][1])) / (math.log(pair[1][0]) - math.log(pair[0][0]))
+    else:
+        slope = 1.0 if knob.rises else -1.0
+    if abs(slope) < 0.05:
+        return None  # the knob hardly moves L0 here
+    v0, l00 = near[0]
+    step = min(max(math.log(target / l00) / slope, -math.log(16)), math.log(16))
+    value = float(f"{min(v0 * math.exp(step), knob.high * 0.999):.3g}")
+    if any(abs(math.log(value / v)) < 0.01 for v, _ in good):
+        return None
+    return target, value
 
 
 def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
     """The RunConfig of one frontier point (the shared harvest when `overrides` is None)."""
     cfg = RunConfig(name=name, out_dir=str(out), site=fc.site)
+    cfg.output_site = fc.output_site
     cfg.model.name, cfg.data.source, cfg.data.train_tokens = fc.model, fc.source, fc.train_tokens
-    methods = fc.methods or default_methods()
+    methods = fc.methods or default_methods(fc.output_site is not None)
     cfg.data.gradients = any(METHODS[m].needs_gradient for m in methods if m in METHODS)
     cfg.dictionary.n_latents = fc.latents
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = fc.epochs, fc.batch_size, fc.lr
     cfg.train.seed, cfg.train.threads = fc.seed, fc.threads
-    overrides = dict(overrides or {})
+    overrides = dict(overrides or {"method": methods[0]})  # the harvest: a config its methods validate
     if "method" in overrides:  # the method's own keys start from its defaults
         cfg.dictionary = DictionaryConfig(overrides.pop("method"), fc.latents)
     for key, value in overrides.items():
@@ -93,17 +178,24 @@ def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, An
 
 
 def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, keep: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, suite: SuiteSettings | None = None) -> dict:
+    """Train and score every point (module docstring); with `suite`, the evaluation suite at matched L0 on each
+    method's point nearest suite.target_l0 (`frontier_suite`; the dictionaries are then kept)."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out)
-    methods = list(fc.methods or default_methods())
+    methods = list(fc.methods or default_methods(fc.output_site is not None))
+    wrong = [m for m in methods if m in METHODS and METHODS[m].transcodes != (fc.output_site is not None)]
+    if wrong:
+        raise FeaturekitError(f"{wrong} " + ("do not predict another site: leave out --output-site" if fc.output_site else
+                              "predict another site: give --output-site (e.g. --site mlp_in.6 --output-site mlp_out.6)"))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise FeaturekitError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
     results_path = out / "results.json"
     previous = read_json(results_path) if results_path.is_file() else {}
-    if previous and previous.get("config") != fc.to_dict():
-        raise FeaturekitError(f"{results_path} holds a frontier run with other options; use another --out folder")
+    if previous and not same_config(previous.get("config", {}), fc):
+        raise FeaturekitError(f"{results_path} holds a frontier run with other options (only {', '.join(GROWING)} may change "
+                              f"between runs in one folder); use another --out folder")
     rows: list[dict] = previous.get("rows", [])
     done = {(r["method"], str(r["value"])) for r in rows if "error" not in r}
     rows = [r for r in rows if (r["method"], str(r["value"])) in done]
@@ -113,37 +205,150 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
     log(f"harvest: {fc.train_tokens} tokens of {fc.site} ({fc.model}, {fc.source})")
     cache = pipeline.run_harvest(base, loaded, progress)
     ids, mask = pipeline.contexts(loaded, base, "test", fc.eval_tokens)
-    heldout = [b.acts[fc.site] for b in harvest(loaded.model, ids, [fc.site], batch_size=16, mask=mask, progress=False,
-                                                max_norm_multiple=base.data.max_norm_multiple)]
+    sites = [fc.site] + ([fc.output_site] if fc.output_site else [])
+    heldout = [(b.acts[fc.site], b.acts[fc.output_site]) if fc.output_site else b.acts[fc.site]
+               for b in harvest(loaded.model, ids, sites, batch_size=16, mask=mask, progress=False,
+                                max_norm_multiple=base.data.max_norm_multiple)]
     n_splice = min(fc.splice_contexts, len(ids))
+    errors: list[dict] = []  # failed calibration trials, listed after the rest
+    cached: list[CachedSplice] = []  # the clean and ablated splice passes, made at the first point that needs them
+
+    def point(method: str, key: str, value: Any, extra: dict) -> dict:
+        name = point_name({"method": method, "param": key, "value": value})
+        start = time.time()
+        try:
+            cfg = run_config(fc, out, name, {"method": method, key: value})
+            sae = pipeline.run_train(cfg, progress=progress, loaded=loaded, cache_dir=cache.dir)
+            row = {"method": method, "param": key, "value": value, **extra, "train_seconds": round(time.time() - start, 1)}
+            recon = reconstruction_eval(sae, heldout)
+            recon.pop("density")
+            row.update(recon)
+            if fc.output_site:
+                row.update(transcoder_splice(loaded.model, sae, fc, ids[:n_splice], mask[:n_splice], base.data.max_norm_multiple))
+            else:
+                if not cached:
+                    cached.append(CachedSplice(loaded.model, fc.site, ids[:n_splice], mask[:n_splice], base.data.max_norm_multiple))
+                row.update(cached[0](sae))
+            row["seconds"] = round(time.time() - start, 1)
+        except Exception as err:  # one failing method is a row of the table, not the end of the run
+            row = {"method": method, "param": key, "value": value, **extra, "error": f"{type(err).__name__}: {err}"}
+        if not keep and suite is None:
+            shutil.rmtree(out / name, ignore_errors=True)
+        rows.append(row)
+        log(_line(row))
+        atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
+        return row
 
     for method in methods:
+        if method in CALIBRATED:
+            knob, failed = CALIBRATED[method], 0
+            while failed < 2:
+                tried = [r for r in rows if r["method"] == method]
+                if len(tried) + failed >= knob.max_trials:
+                    break
+                nxt = next_trial(knob, [(r["value"], r["l0"]) for r in tried], fc.ks, fc.l0_tolerance, fc.latents)
+                if nxt is None:
+                    break
+                row = point(method, knob.name, nxt[1], {"target_l0": nxt[0], "trial": len(tried) + failed + 1})
+                if "error" in row:
+                    rows.remove(row)
+                    failed += 1
+                    errors.append(row)
+            continue
         key, values = sweep(method, fc.ks)
         for value in values:
-            if (method, str(value)) in done:
-                continue
-            name = f"{method}-{key}{value}"
-            start = time.time()
-            try:
-                cfg = run_config(fc, out, name, {"method": method, key: value})
-                sae = pipeline.run_train(cfg, progress=progress, loaded=loaded, cache_dir=cache.dir)
-                row = {"method": method, "param": key, "value": value, "train_seconds": round(time.time() - start, 1)}
-                recon = reconstruction_eval(sae, heldout)
-                recon.pop("density")
-                row.update(recon)
-                row.update(splice_eval(loaded.model, sae, fc.site, ids[:n_splice], mask[:n_splice], 16, progress=False,
-                                       max_norm_multiple=base.data.max_norm_multiple))
-            except Exception as err:  # one failing method is a row of the table, not the end of the run
-                row = {"method": method, "param": key, "value": value, "error": f"{type(err).__name__}: {err}"}
-            if not keep:
-                shutil.rmtree(out / name, ignore_errors=True)
-            rows.append(row)
-            log(_line(row))
-            atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
+            if (method, str(value)) not in done:
+                point(method, key, value, {})
+    rows.extend(errors)
+    atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
     result = {"config": fc.to_dict(), "rows": rows}
+    if suite is not None and not fc.output_site:
+        folders = {point_name(r): out for r in rows}
+        result["suite"] = suite_on_points(fc, out, rows, folders, suite, loaded, base, ids, torch.cat(heldout), n_splice, log)
     atomic_write_text(out / "results.md", markdown(result))
     plot(result, out)
     return result
+
+
+def suite_on_points(fc: FrontierConfig, out: Path, rows: list[dict], folders: dict[str, Path], suite: SuiteSettings, loaded,
+                    base: RunConfig, ids: torch.Tensor, heldout: torch.Tensor, n_splice: int, log: Callable[[str], None]) -> dict:
+    """`frontier_suite.run_suite` on each method's row nearest suite.target_l0, its dictionary read from
+    folders[point_name(row)]/point_name(row); results in out/suite.json. `ids`: the held-out contexts, whose last
+    ones (after the spliced ones) are the steering prompts; `heldout`: (N, d) held-out activations at the site."""
+    matched = matched_points(rows, suite.target_l0)
+    dictionaries = {m: load(folders[point_name(r)] / point_name(r) / "dictionary") for m, r in matched.items()
+                    if (folders[point_name(r)] / point_name(r) / "dictionary" / "model.safetensors").is_file()}
+    for m in sorted(set(matched) - set(dictionaries)):
+        log(f"suite: {m}'s point {point_name(matched[m])} was not kept (run with --keep or --suite), left out")
+    n_prompts = suite.steering_prompts
+    prompts = ids[-n_prompts:, :suite.steering_prompt_tokens] if len(ids) > n_splice + n_prompts else ids[:n_prompts]
+    policy = {"exclude_first": base.data.exclude_first, "exclude_special": base.data.exclude_special,
+              "max_norm_multiple": base.data.max_norm_multiple}
+    state = run_suite(out / "suite.json", dictionaries, loaded, fc.site, heldout, prompts, suite, policy, log)
+    return {"settings": state["settings"], "seconds": state["seconds"],
+            "points": {m: {"row": matched[m], **state["results"].get(m, {})} for m in dictionaries},
+            "random": state["results"].get("random", {})}
+
+
+class CachedSplice:
+    """`splice_eval` for many dictionaries of one site: the clean and the zero-ablated passes do not depend on the
+    dictionary, so they run once (clean logits kept) and each dictionary costs one spliced forward pass. The same
+    numbers as `splice_eval` (tests/test_frontier.py)."""
+
+    @torch.no_grad()
+    def __init__(self, model, site: str, ids: torch.Tensor, mask: torch.Tensor, max_norm_multiple: float | None,
+                 batch_contexts: int = 16):
+        require_lm_head(model, "bench frontier")
+        self.model, self.site, self.batches = model, site, []
+        self.ce_clean = self.ce_zero = 0.0
+        self.n = 0
+        for start in range(0, len(ids), batch_contexts):
+            b, keep = ids[start:start + batch_contexts], mask[start:start + batch_contexts]
+            with capture(model, site) as seen:
+                logits = model(input_ids=b, use_cache=False).logits
+            keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
+            scored = keep[:, :-1]
+            with replace(model, site, lambda act, keep=keep: act.masked_fill(keep[..., None], 0.0)):
+                zero = model(input_ids=b, use_cache=False).logits
+            self.ce_clean += float(metrics.token_cross_entropy(logits, b)[scored].double().sum())
+            self.ce_zero += float(metrics.token_cross_entropy(zero, b)[scored].double().sum())
+            self.n += int(scored.sum())
+            self.batches.append((b, keep, scored, logits))
+        if self.n == 0:
+            raise FeaturekitError("no position was left to splice and score (every token is masked out)")
+
+    @torch.no_grad()
+    def __call__(self, sae) -> dict:
+        spliced = kl = 0.0
+        for b, keep, scored, clean in self.batches:
+            def fn(act: torch.Tensor, keep: torch.Tensor = keep) -> torch.Tensor:
+                out = act.clone()
+                out[keep] = sae.reconstruct(act[keep].float()).to(act.dtype)
+                return out
+
+            with replace(self.model, self.site, fn):
+                logits = self.model(input_ids=b, use_cache=False).logits
+            spliced += float(metrics.token_cross_entropy(logits, b)[scored].double().sum())
+            kl += float(metrics.token_kl(clean, logits)[:, :-1][scored].double().sum())
+        out = {"ce_clean": self.ce_clean / self.n, "ce_spliced": spliced / self.n, "ce_zero_ablated": self.ce_zero / self.n,
+               "kl_clean_spliced": kl / self.n}
+        out["loss_recovered"] = metrics.loss_recovered(out["ce_clean"], out["ce_spliced"], out["ce_zero_ablated"])
+        out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
+        out["splice_tokens"] = self.n
+        return out
+
+
+def point_name(row: dict) -> str:
+    """The folder of a point's run (its dictionary, when kept)."""
+    return f"{row['method']}-{row['param']}{row['value']}"
+
+
+def transcoder_splice(model, sae, fc: FrontierConfig, ids, mask, max_norm_multiple: float | None) -> dict:
+    """CE / KL with a transcoder's output site replaced by its prediction."""
+    out = transcoder_splice_eval(model, [(fc.site, fc.output_site, sae)], ids, mask, 16, progress=False,
+                                 max_norm_multiple=max_norm_multiple)
+    out.pop("spliced_sites", None)
+    return out
 
 
 def _line(row: dict) -> str:
@@ -156,7 +361,8 @@ def _line(row: dict) -> str:
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
-    lines = [f"# FVU against L0 on {cfg['model']} `{cfg['site']}` ({cfg['source']})", "",
+    site = f"{cfg['site']}` → `{cfg['output_site']}" if cfg.get("output_site") else cfg["site"]
+    lines = [f"# FVU against L0 on {cfg['model']} `{site}` ({cfg['source']})", "",
              f"{cfg['latents']} latents, {cfg['train_tokens']:,} harvested tokens × {cfg['epochs']} epochs per point, "
              f"held-out {cfg['eval_tokens']:,} tokens (splice: {cfg['splice_contexts']} contexts).", "",
              "| method | setting | L0 | FVU | dead % | loss recovered | ΔCE | KL | train s |",
@@ -165,9 +371,113 @@ def markdown(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['param']}={r['value']} | error: {r['error'][:80]} | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['param']}={r['value']} | {r['l0']:.2f} | {r['fvu']:.4f} | {100 * r['dead_fraction']:.2f} | "
+        target = f" (→ {r['target_l0']})" if "target_l0" in r else ""
+        lines.append(f"| {r['method']} | {r['param']}={r['value']}{target} | {r['l0']:.2f} | {r['fvu']:.4f} | {100 * r['dead_fraction']:.2f} | "
                      f"{r['loss_recovered']:.4f} | {r['delta_ce']:.4f} | {r['kl_clean_spliced']:.4f} | {r['train_seconds']} |")
+    if result.get("suite"):
+        lines += ["", *suite_markdown(result["suite"])]
     return "\n".join(lines) + "\n"
+
+
+def suite_markdown(suite: dict) -> list[str]:
+    """The table of the suite at matched L0: one row per method, then the random steering baseline."""
+    st = suite["settings"]
+    ks = st["probing_ks"]
+    target = f"{st['steering_targets'][len(st['steering_targets']) // 2]:g}"
+    lines = [f"## The suite at matched L0 (each method's point nearest L0 = {st['target_l0']:g})", "",
+             f"Probing: BBC topics, {st['probing_train_docs']} / ≤ {st['probing_test_docs']} articles per topic × "
+             f"{st['probing_tokens']} tokens; absorption: {st['absorption_words']} words; steering: {st['steering_features']} "
+             f"features × 2 signs per method at KL {target} nat on {st['steering_prompts']} prompts × {st['steering_prompt_tokens']} tokens.", "",
+             "| method | setting | L0 | FVU | loss recovered | KL | " + " | ".join(f"probe top-{k}" for k in ks)
+             + " | probe all | absorption | full absorption | letters | steer log-rank gain | steer prob gain | reached |",
+             "|---|---|---|---|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|"]
+
+    def num(value: Any, digits: int = 3) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    for method, p in sorted(suite["points"].items()):
+        r, pr, ab, sg = p["row"], p.get("probing", {}), p.get("absorption", {}), p.get("steering", {})
+        cells = [method, f"{r['param']}={r['value']}", f"{r['l0']:.1f}", f"{r['fvu']:.4f}", f"{r['loss_recovered']:.4f}",
+                 f"{r['kl_clean_spliced']:.4f}", *(num(pr.get(f"sae_top_{k}_test_accuracy")) for k in ks),
+                 num(pr.get("sae_test_accuracy")), num(ab.get("mean_absorption_fraction_score")),
+                 num(ab.get("mean_full_absorption_score")), str(ab.get("n_scored_letters", "—")),
+                 num(sg.get(f"log_rank_gain_at_kl_{target}")), num(sg.get(f"prob_gain_at_kl_{target}"), 4),
+                 num(sg.get(f"fraction_reached_kl_{target}"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    rnd = suite.get("random", {}).get("steering")
+    if rnd:
+        lines.append("| random directions | | | | | | " + "| " * (len(ks) + 4) + f"{num(rnd.get(f'log_rank_gain_at_kl_{target}'))} | "
+                     f"{num(rnd.get(f'prob_gain_at_kl_{target}'), 4)} | {num(rnd.get(f'fraction_reached_kl_{target}'), 2)} |")
+    first = next(iter(suite["points"].values()), {}).get("probing", {})
+    if first:
+        lines += ["", "Dense baselines of the probing (the same for every method): "
+                  + ", ".join(f"top-{k} {first[f'llm_top_{k}_test_accuracy']:.3f}" for k in ks)
+                  + f", all dimensions {first['llm_test_accuracy']:.3f}; PCA "
+                  + ", ".join(f"top-{k} {first[f'pca_top_{k}_test_accuracy']:.3f}" for k in ks if f"pca_top_{k}_test_accuracy" in first) + "."]
+    lines += ["", "Seconds per evaluation (all methods together; shared = running the model once for all): "
+              + "; ".join(f"{e} {v['total']} s (shared {v['shared_model_work']} s, {v['dictionaries']} dictionaries)"
+                          for e, v in suite["seconds"].items()) + "."]
+    return lines
+
+
+def combine(folders: list[Path], out: Path, suite: SuiteSettings | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """One table and plot from several frontier folders run with the same options but different methods (e.g. a
+    method that needs the gradient harvest run apart): rows in folder order, a (method, setting) already listed
+    kept from its first folder; suites merged. With `suite`, the suite runs once over every method's matched
+    point of all folders instead (one set of model passes; out/suite.json). Writes out/results.json, results.md,
+    frontier.png/.svg."""
+    settings = suite
+    results = [read_json(Path(f) / "results.json") for f in folders]
+    first = {k: v for k, v in results[0]["config"].items() if k != "methods"}
+    for folder, r in zip(folders, results):
+        other = {k: v for k, v in r["config"].items() if k != "methods"}
+        if not same_config({**other, "methods": None}, FrontierConfig(**{**first, "methods": None})):
+            raise FeaturekitError(f"{folder} was run with other options than {folders[0]}: only --methods may differ to combine")
+    rows, seen = [], set()
+    suite = {}
+    for folder, r in zip(folders, results):
+        for row in r["rows"]:
+            key = (row["method"], str(row["value"]))
+            if key not in seen:
+                seen.add(key)
+                rows.append({**row, "folder": Path(folder).name})
+        if (Path(folder) / "suite.json").is_file():
+            state = read_json(Path(folder) / "suite.json")
+            matched = matched_points(r["rows"], state["settings"]["target_l0"])
+            if suite and suite["settings"] != state["settings"]:
+                raise FeaturekitError(f"{folder}'s suite.json has other settings than the folders before it")
+            suite.setdefault("settings", state["settings"])
+            suite.setdefault("seconds", {})[Path(folder).name] = state["seconds"]
+            for m, res in state["results"].items():
+                if m == "random":
+                    suite.setdefault("random", res)
+                elif m in matched and m not in suite.setdefault("points", {}):
+                    suite["points"][m] = {"row": matched[m], **res}
+    result = {"config": {**first, "methods": sorted({r["method"] for r in rows})}, "rows": rows, "folders": [str(f) for f in folders]}
+    if settings is not None:
+        log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        fc = FrontierConfig(**{**first, "methods": None})
+        base = run_config(fc, Path(folders[0]), "harvest")
+        loaded = pipeline.open_model(base)
+        ids, mask = pipeline.contexts(loaded, base, "test", fc.eval_tokens)
+        n_splice = min(fc.splice_contexts, len(ids))
+        n_heldout = -(-settings.steering_tokens // ids.shape[1]) + 1  # contexts enough for the steering tokens
+        heldout = torch.cat([b.acts[fc.site] for b in harvest(loaded.model, ids[:n_heldout], [fc.site], batch_size=16,
+                                                               mask=mask[:n_heldout], progress=False,
+                                                               max_norm_multiple=base.data.max_norm_multiple)])
+        place = {point_name(r): Path(folders[[Path(f).name for f in folders].index(r["folder"])]) for r in rows}
+        out.mkdir(parents=True, exist_ok=True)
+        result["suite"] = suite_on_points(fc, out, [r for r in rows if "folder" in r], place, settings, loaded, base, ids, heldout,
+                                          n_splice, log)
+        suite = {}
+    if suite:
+        suite["seconds"] = {f"{e} ({folder})": v for folder, per in suite["seconds"].items() for e, v in per.items()}
+        result["suite"] = suite
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", markdown(result))
+    plot(result, out)
+    return result
 
 
 def plot(result: dict, out: Path) -> None:

@@ -15,7 +15,7 @@ group (runs, bench, interop, explain, circuits, moex), each with `add_parsers(su
     featurekit config  [--methods]                              every config key with its default and meaning
     featurekit mlp-sparsity [--model M] [--layers L ...] [--k K ...]   loss cost of a top-k of the model's MLP neurons
     featurekit bench synthetic [--out DIR] [--quick] [--methods a,b] ...   every method on synthetic ground truth
-    featurekit bench frontier  [--out DIR] [--methods a,b] [--ks 16,32] ... FVU/loss against L0 on the real model
+    featurekit bench frontier  [--out DIR] [--methods a,b] [--ks 16,32] [--suite ...] ... FVU/loss against L0 on the real model
     featurekit itda-match [--model-a M] [--model-b M] [--out DIR] ...   ITDA layer matching (Jaccard of atom labels)
     featurekit export neuronpedia RUN_DIR [--out DIR] [--features a-b,...]   the feature store as Neuronpedia batch JSON
     featurekit export saelens|sparsify RUN_DIR [--out DIR]   the run's dictionary in SAELens / sparsify format

@@ -45,12 +45,23 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, help="harvested training tokens (default 150,000)")
     p.add_argument("--epochs", type=int, help="passes over them per point (default 2)")
     p.add_argument("--latents", type=int, help="latents of every dictionary (default 2,304)")
+    p.add_argument("--batch-size", type=int, help="tokens per training step (default 2,048)")
     p.add_argument("--ks", help="comma-separated k values for the k-methods (default 16,32,64)")
     p.add_argument("--methods", help="comma-separated method names (default: every registered method that trains on one site)")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens for FVU / L0 (default 32,768)")
     p.add_argument("--splice-contexts", type=int, help="held-out contexts for CE / KL (default 32)")
     p.add_argument("--threads", type=int, help="torch threads (default: each training run times its first steps at 1, 2, 4, … "
                                                "up to torch's default and keeps the fastest)")
+    p.add_argument("--output-site", help="a transcoder frontier: --site is the input (e.g. mlp_in.6), this the predicted site "
+                                         "(mlp_out.6), which the splice replaces; the methods default to the transcoders")
+    p.add_argument("--suite", help="comma-separated evaluations at matched L0 on each method's point nearest --suite-l0: "
+                                   "probing, absorption, steering (keeps the dictionaries; docs/evaluation.md)")
+    p.add_argument("--suite-l0", type=float, default=32.0, help="the matched L0 of --suite (default 32)")
+    p.add_argument("--suite-full", action="store_true", help="--suite at `featurekit eval`'s default settings instead of the "
+                                                             "smaller frontier ones (docs/evaluation.md)")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="DIR", help="train nothing: one table and plot in --out from "
+                                                                          "frontier folders run with the same options; with --suite, "
+                                                                          "the suite over all their matched points at once")
     p.add_argument("--keep", action="store_true", help="keep every trained dictionary (default: delete after scoring)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -73,11 +84,25 @@ def _bench(args: argparse.Namespace) -> int:
 def _frontier(args: argparse.Namespace) -> int:
     from ..bench import frontier
 
-    fc = frontier.main_config(model=args.model, site=args.site, source=args.source, train_tokens=args.tokens, epochs=args.epochs,
+    from ..bench.frontier_suite import EVALUATIONS, SuiteSettings
+    from ..errors import FeaturekitError
+
+    suite = None
+    if args.suite:
+        names = tuple(e.strip() for e in args.suite.split(",") if e.strip())
+        if set(names) - set(EVALUATIONS) or not names:
+            raise FeaturekitError(f"--suite takes a comma-separated list of {', '.join(EVALUATIONS)}, got {args.suite!r}")
+        suite = (SuiteSettings.full if args.suite_full else SuiteSettings)(target_l0=args.suite_l0, evaluations=names)
+    if args.combine:
+        frontier.combine(args.combine, args.out, suite=suite, log=(lambda line: None) if args.quiet else None)
+        print(f"results: {args.out / 'results.md'}")
+        return 0
+    fc = frontier.main_config(model=args.model, site=args.site, output_site=args.output_site, source=args.source,
+                              train_tokens=args.tokens, epochs=args.epochs, batch_size=args.batch_size,
                               latents=args.latents, ks=[int(k) for k in args.ks.split(",")] if args.ks else None,
                               methods=args.methods.split(",") if args.methods else None, eval_tokens=args.eval_tokens,
                               splice_contexts=args.splice_contexts, threads=args.threads)
-    frontier.run_frontier(fc, args.out, keep=args.keep, log=(lambda line: None) if args.quiet else None)
+    frontier.run_frontier(fc, args.out, keep=args.keep, log=(lambda line: None) if args.quiet else None, suite=suite)
     print(f"results: {args.out / 'results.md'}")
     return 0
 

@@ -174,6 +174,12 @@ class Dictionary(nn.Module):
     def after_step(self, out: Output) -> None:
         """Called by the trainer after each optimiser step (e.g. to track an inference threshold)."""
 
+    def calibrate(self, batches: list[torch.Tensor]) -> dict[str, Any] | None:
+        """Called once after training with training-scale batches at the training batch size: re-estimate
+        inference-only state (e.g. BatchTopK's threshold) from the final weights. Returns what it set, recorded
+        in featurekit.json under training.inference_calibration, or None when the method has nothing to set."""
+        return None
+
     def extra_losses(self, x: torch.Tensor, out: Output) -> dict[str, torch.Tensor]:
         """Method-specific loss terms (e.g. the L1 penalty), in the training scale."""
         return {}

@@ -86,6 +86,28 @@ class FeatureChoiceSAE(TopKSAE):
         self.theta[later] = self.threshold_decay * self.theta[later] + (1 - self.threshold_decay) * smallest[later]
         self.theta_updates[has] += 1
 
+    @torch.no_grad()
+    def calibrate(self, batches: list[torch.Tensor]) -> dict[str, Any] | None:
+        """θ_j ← the mean over `batches` of latent j's ⌊m⌋-th largest activation in the batch (m = k·B/F), with the
+        final weights (BatchTopK's post-training estimate, per latent); a latent that never fires keeps its θ_j."""
+        total = torch.zeros_like(self.theta)
+        count = torch.zeros_like(self.theta)
+        for x in batches:
+            scores = self.pre_activation(x.to(self.W_enc.dtype)).relu()
+            m = max(1, min(int(self.capacity(len(x))), len(x)))
+            cut = scores.topk(m, dim=0, sorted=False).values.min(dim=0).values
+            total += cut
+            count += (cut > 0).to(count.dtype)
+        fired = count > 0
+        if not fired.any():
+            return None
+        before = float(self.theta.mean())
+        self.theta[fired] = total[fired] / count[fired]
+        self.theta_updates[fired] += 1
+        return {"rule": "theta_j = mean over batches of latent j's floor(k*B/F)-th largest activation, final weights",
+                "batches": len(batches), "tokens": sum(len(x) for x in batches), "latents_set": int(fired.sum()),
+                "theta_ema_mean": before, "theta_mean": float(self.theta.mean())}
+
     def _fold_thresholds(self, c: torch.Tensor) -> None:
         self.theta.div_(c)
 

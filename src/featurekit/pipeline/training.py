@@ -39,6 +39,7 @@ from ..train.fit import fit_stream
 from .setup import config_digest, contexts, data_digest, dtype_name, harvest_sites, is_vision, open_model, token_policy
 
 INIT_SAMPLE_TOKENS = 32_768
+CALIBRATION_BATCHES = 16  #: training batches a dictionary's inference threshold is re-estimated on after training
 TRANSCODER_SCALE_RULE = ("; target y (output_site): c_out = sqrt(d_out) / mean ||y|| on the same tokens (1 with normalize=none); "
                          "folded: b_enc/c, W_dec*c/c_out, W_skip*c/c_out, b_dec/c_out, so the weights map raw x to raw y")
 
@@ -309,11 +310,23 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, loade
         batches = (tuple(b.split(widths, dim=1)) for b in batches)
     start = time.time()
     summary = trainer.fit(batches, progress=progress and distributed.is_main())
+    if not distributed.launched():  # one process holds every latent: re-estimate inference thresholds (BatchTopK family)
+        calibration = calibrate_inference(sae, stream(0), widths[0])
+        if calibration:
+            summary["inference_calibration"] = calibration
     torch.set_num_threads(threads)
     full = distributed.finish(sae)  # torchrun: the (gathered) dictionary on rank 0, None elsewhere
     if full is not None:
         save_dictionary(full, cfg, data.dtype, summary, time.time() - start, data.identity)
     return full if full is not None else sae
+
+
+def calibrate_inference(sae: Dictionary, batches: Iterator[torch.Tensor], d: int) -> dict | None:
+    """`Dictionary.calibrate` on the first CALIBRATION_BATCHES shuffled training batches (the activations only,
+    in the training scale), after training."""
+    device = sae.W_dec.device
+    sample = [b[:, :d].to(device).float() * sae.input_scale for b in itertools.islice(batches, CALIBRATION_BATCHES)]
+    return sae.calibrate(sample) if sample else None
 
 
 def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, summary: dict, seconds: float,
@@ -340,6 +353,7 @@ def save_dictionary(sae: Dictionary, cfg: RunConfig, harvest_dtype: str | None, 
                        "train_seconds": round(seconds, 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        **({"threads": summary["threads"]} if "threads" in summary else {}),
                        **({"device": summary["device"]} if "device" in summary else {}),
+                       **({"inference_calibration": summary["inference_calibration"]} if "inference_calibration" in summary else {}),
                        "kernels": kernel_choices(sae),  # the per-machine kernel choices the training took
                        "config": dataclasses.asdict(cfg.train), "config_digest": config_digest(cfg)},
     }
