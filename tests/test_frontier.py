@@ -79,7 +79,8 @@ def test_suite_at_matched_l0_transcoder_frontier_and_combined_table(tiny, tmp_pa
     # the same options, another method, then one table
     run_frontier(tiny_config(tiny, ["vsae"]), tmp_path / "b", suite=suite, log=lambda line: None)
     both = combine([tmp_path / "a", tmp_path / "b"], tmp_path / "c")
-    assert {r["method"] for r in both["rows"]} == {"topk", "batchtopk", "vsae"} and set(both["suite"]["points"]) == {"topk", "batchtopk", "vsae"}
+    assert {r["method"] for r in both["rows"]} == {"topk", "batchtopk", "vsae"}
+    assert set(both["suite"]["points"]) == {"topk", "batchtopk", "vsae"}
     md = (tmp_path / "c" / "results.md").read_text()
     assert "| vsae |" in md and "random directions" in md and (tmp_path / "c" / "frontier.png").is_file()
     # the suite once over the matched points of both folders: the same numbers as each folder's own suite
@@ -88,9 +89,11 @@ def test_suite_at_matched_l0_transcoder_frontier_and_combined_table(tiny, tmp_pa
     for method in ("topk", "vsae"):
         for key in ("n_scored_letters", "mean_absorption_fraction_score"):
             assert once["points"][method]["absorption"].get(key) == both["suite"]["points"][method]["absorption"].get(key)
-        assert once["points"][method]["probing"]["sae_top_1_test_accuracy"] == both["suite"]["points"][method]["probing"]["sae_top_1_test_accuracy"]
+        top1 = "sae_top_1_test_accuracy"
+        assert once["points"][method]["probing"][top1] == both["suite"]["points"][method]["probing"][top1]
     # a transcoder frontier: mlp_in.1 → mlp_out.1, spliced at mlp_out.1; it does not combine with a resid_post.1 one
-    tc = run_frontier(tiny_config(tiny, ["transcoder"], site="mlp_in.1", output_site="mlp_out.1"), tmp_path / "t", log=lambda line: None)["rows"]
+    tc = run_frontier(tiny_config(tiny, ["transcoder"], site="mlp_in.1", output_site="mlp_out.1"), tmp_path / "t",
+                      log=lambda line: None)["rows"]
     with pytest.raises(FeaturekitError, match="other options"):
         combine([tmp_path / "a", tmp_path / "t"], tmp_path / "d")
     assert [r["value"] for r in tc] == [2, 6] and all("error" not in r and r["delta_ce"] == r["delta_ce"] for r in tc)

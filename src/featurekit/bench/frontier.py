@@ -34,14 +34,13 @@ import torch
 from .. import pipeline
 from .._io import atomic_write, atomic_write_json, atomic_write_text, read_json
 from ..config import DictionaryConfig, RunConfig
-from ..data.harvest import harvest
+from ..data.harvest import harvest, norm_outliers
 from ..dictionaries import METHODS, load
 from ..errors import FeaturekitError
-from ..data.harvest import norm_outliers
 from ..evaluate import metrics
 from ..evaluate.splice import reconstruction_eval, require_lm_head
-from ..models.hooks import capture, replace
 from ..evaluate.transcoders import transcoder_splice_eval
+from ..models.hooks import capture, replace
 from .frontier_suite import SuiteSettings, matched_points, run_suite
 
 #: methods whose k is swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token
@@ -372,8 +371,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['method']} | {r['param']}={r['value']} | error: {r['error'][:80]} | | | | | | |")
             continue
         target = f" (→ {r['target_l0']})" if "target_l0" in r else ""
-        lines.append(f"| {r['method']} | {r['param']}={r['value']}{target} | {r['l0']:.2f} | {r['fvu']:.4f} | {100 * r['dead_fraction']:.2f} | "
-                     f"{r['loss_recovered']:.4f} | {r['delta_ce']:.4f} | {r['kl_clean_spliced']:.4f} | {r['train_seconds']} |")
+        lines.append(f"| {r['method']} | {r['param']}={r['value']}{target} | {r['l0']:.2f} | {r['fvu']:.4f} | "
+                     f"{100 * r['dead_fraction']:.2f} | {r['loss_recovered']:.4f} | {r['delta_ce']:.4f} | "
+                     f"{r['kl_clean_spliced']:.4f} | {r['train_seconds']} |")
     if result.get("suite"):
         lines += ["", *suite_markdown(result["suite"])]
     return "\n".join(lines) + "\n"
@@ -387,7 +387,8 @@ def suite_markdown(suite: dict) -> list[str]:
     lines = [f"## The suite at matched L0 (each method's point nearest L0 = {st['target_l0']:g})", "",
              f"Probing: BBC topics, {st['probing_train_docs']} / ≤ {st['probing_test_docs']} articles per topic × "
              f"{st['probing_tokens']} tokens; absorption: {st['absorption_words']} words; steering: {st['steering_features']} "
-             f"features × 2 signs per method at KL {target} nat on {st['steering_prompts']} prompts × {st['steering_prompt_tokens']} tokens.", "",
+             f"features × 2 signs per method at KL {target} nat on {st['steering_prompts']} prompts × "
+             f"{st['steering_prompt_tokens']} tokens.", "",
              "| method | setting | L0 | FVU | loss recovered | KL | " + " | ".join(f"probe top-{k}" for k in ks)
              + " | probe all | absorption | full absorption | letters | steer log-rank gain | steer prob gain | reached |",
              "|---|---|---|---|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|"]
@@ -413,7 +414,8 @@ def suite_markdown(suite: dict) -> list[str]:
         lines += ["", "Dense baselines of the probing (the same for every method): "
                   + ", ".join(f"top-{k} {first[f'llm_top_{k}_test_accuracy']:.3f}" for k in ks)
                   + f", all dimensions {first['llm_test_accuracy']:.3f}; PCA "
-                  + ", ".join(f"top-{k} {first[f'pca_top_{k}_test_accuracy']:.3f}" for k in ks if f"pca_top_{k}_test_accuracy" in first) + "."]
+                  + ", ".join(f"top-{k} {first[f'pca_top_{k}_test_accuracy']:.3f}" for k in ks
+                              if f"pca_top_{k}_test_accuracy" in first) + "."]
     lines += ["", "Seconds per evaluation (all methods together; shared = running the model once for all): "
               + "; ".join(f"{e} {v['total']} s (shared {v['shared_model_work']} s, {v['dictionaries']} dictionaries)"
                           for e, v in suite["seconds"].items()) + "."]

@@ -83,7 +83,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _frontier(args: argparse.Namespace) -> int:
     from ..bench import frontier
-
     from ..bench.frontier_suite import EVALUATIONS, SuiteSettings
     from ..errors import FeaturekitError
 

@@ -39,7 +39,8 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=3, help="retries of a failed judge request, with back-off (default 3)")
     p.add_argument("--no-logprobs", action="store_true", help="do not ask the judge for log-probabilities (no AUC then)")
     p.add_argument("--judge-body", metavar="JSON", help="extra fields for every request to an HTTP judge, e.g. '{\"top_k\": 1}'")
-    p.add_argument("--explainers", default="highlight", help="comma-separated: highlight, logits, tokens (no judge: the top tokens; a baseline) (default highlight)")
+    p.add_argument("--explainers", default="highlight",
+                   help="comma-separated: highlight, logits, tokens (no judge: the top tokens; a baseline) (default highlight)")
     p.add_argument("--scorers", default="detection,fuzzing,surprisal,embedding,intruder",
                    help="comma-separated subset of detection, fuzzing, surprisal, embedding, intruder (default: all)")
     p.add_argument("--shuffled", action="store_true", help="also score each explanation on another unit (the chance level)")
