@@ -31,6 +31,7 @@ from ..evaluate.absorption import AbsorptionSettings, first_letter_absorption
 from ..evaluate.first_letter import LETTERS, alpha_tokens, split_words, word_activations
 from ..evaluate.kl_steering import SteeringProbe, choose_features, kl_matched, random_directions
 from ..evaluate.probing import pooled_documents, probe_accuracies
+from ..pipeline.probing import first_per_class
 
 EVALUATIONS = ("probing", "absorption", "steering")
 
@@ -95,18 +96,6 @@ def matched_points(rows: list[dict], target_l0: float) -> dict[str, dict]:
         if cur is None or abs(math.log(r["l0"] / target_l0)) < abs(math.log(cur["l0"] / target_l0)):
             best[r["method"]] = r
     return best
-
-
-def first_per_class(pairs: list[tuple[str, str]], n: int) -> tuple[list[str], list[str]]:
-    """The first n documents of each label, in the source's order."""
-    seen: dict[str, int] = {}
-    docs, labels = [], []
-    for doc, label in pairs:
-        if seen.get(label, 0) < n:
-            seen[label] = seen.get(label, 0) + 1
-            docs.append(doc)
-            labels.append(label)
-    return docs, labels
 
 
 def run_suite(path: Path, dictionaries: dict[str, Dictionary], loaded, site: str, heldout: torch.Tensor, prompts: torch.Tensor,

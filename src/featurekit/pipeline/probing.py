@@ -38,7 +38,7 @@ def run_probing(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Path
     start = time.perf_counter()
     pooled = {}
     for split, per_class in (("train", cfg.eval.probing_train_docs), ("test", cfg.eval.probing_test_docs)):
-        docs, labels = _first_per_class(labelled_documents(TASK, split), per_class)
+        docs, labels = first_per_class(labelled_documents(TASK, split), per_class)
         dense, codes, kept = pooled_documents(
             loaded.model, loaded.tokenizer, sae, cfg.site, docs, cfg.eval.probing_tokens, batch_size=cfg.eval.batch_contexts,
             exclude_first=cfg.data.exclude_first, exclude_special=cfg.data.exclude_special,
@@ -67,7 +67,7 @@ def run_probing(cfg: RunConfig, loaded: LoadedModel | None = None, out_dir: Path
     return result
 
 
-def _first_per_class(pairs: list[tuple[str, str]], n: int) -> tuple[list[str], list[str]]:
+def first_per_class(pairs: list[tuple[str, str]], n: int) -> tuple[list[str], list[str]]:
     """The first n documents of each label, in the source's order."""
     seen: dict[str, int] = {}
     docs, labels = [], []
