@@ -188,7 +188,7 @@ def _eval(args: argparse.Namespace, cfg, progress: bool) -> None:
     unknown = sorted(set(suite) - set(EVAL_SUITES))
     if unknown or not suite:
         raise FeaturekitError(f"--suite {args.suite!r}: unknown evaluation(s) {', '.join(unknown) or '(none given)'}; "
-                              f"valid: {', '.join(EVAL_SUITES)}")
+                              f"valid: {', '.join(EVAL_SUITES)}; or splice_all on its own (one or more folders)")
     if args.text and args.images:
         raise FeaturekitError("give --text (a text run) or --images (a vision run), not both")
     source = args.text or args.images
