@@ -130,3 +130,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # no step logged twice after the resume
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_missing_or_bad_device_is_refused_before_anything_is_written(tmp_path):
+    for device, words in (("cuda", "no CUDA GPU"), ("tpu-ish", "not a torch device")):
+        with pytest.raises(FeaturekitError, match=words):
+            train_lm(tmp_path / device, _stream(), LMConfig(**TINY, mlp="moex"), TrainSettings(**FAST), progress=False,
+                     device=device)
+        assert not (tmp_path / device / "config.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_the_gpu_learns_and_saves_a_cpu_model(tmp_path):
+    summary = train_lm(tmp_path / "run", _stream(), LMConfig(**TINY, mlp="moex"), TrainSettings(**FAST), progress=False,
+                       device="cuda")
+    assert summary["val_loss"] < 1.9
+    assert load_lm(tmp_path / "run").tok.weight.device.type == "cpu"

@@ -84,6 +84,9 @@ def _compare_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--stockfish-nodes", type=int, default=d["stockfish_nodes"].default,
                    help=f"stockfish policy: engine nodes per move at the strongest level (default {d['stockfish_nodes'].default})")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--device", default="cpu",
+                   help="where the five LMs train: cpu or cuda (default cpu; not part of the plan, so a run may resume on "
+                        "another device; the SAE and the metrics run on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -95,7 +98,7 @@ def _moex_compare(args: argparse.Namespace, progress: bool) -> int:
     torch.set_num_threads(args.threads)
     names = [n for n in CompareSettings.__dataclass_fields__ if hasattr(args, n)]
     settings = CompareSettings(**{n: getattr(args, n) for n in names})
-    doc = compare(args.out_dir, settings, progress=progress)
+    doc = compare(args.out_dir, settings, progress=progress, device=args.device)
     print((args.out_dir / "results.md").read_text(encoding="utf-8"))
     print(f"{len(doc['models'])} rows -> {args.out_dir / 'results.json'}")
     return 0

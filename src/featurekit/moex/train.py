@@ -134,6 +134,17 @@ def train_lm(run_dir: str | Path, tokens: torch.Tensor, lm: LMConfig, settings: 
         return trainer.run(train_part, val_part, progress, on_step)
 
 
+def training_device(name: str) -> torch.device:
+    """The torch device named ``name``, refused with the fix when it is not a device or not present here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FeaturekitError(f"device {name!r} is not a torch device: use cpu or cuda (or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FeaturekitError(f"device {name!r}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    return device
+
+
 class _Trainer:
     def __init__(self, run_dir: Path, lm: LMConfig, settings: TrainSettings, digest: str, upcycle_from: str | Path | None,
                  device: str):
@@ -141,7 +152,7 @@ class _Trainer:
         self.ckpt_dir = run_dir / "checkpoint"
         torch.manual_seed(settings.seed)
         self.model = upcycle(load_lm(upcycle_from), lm, settings.upcycle_noise, settings.seed) if upcycle_from else MoexLM(lm)
-        self.device = torch.device(device)
+        self.device = training_device(device)
         self.model.to(self.device)
         self.named = dict(self.model.named_parameters())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

@@ -47,8 +47,11 @@ from .table import markdown, result_rows
 __all__ = ["ENTRIES", "MODELS", "CompareSettings", "compare", "evaluate", "markdown"]
 
 
-def compare(out_dir: str | Path, settings: CompareSettings, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the whole comparison in ``out_dir``; returns what results.json holds (module docstring)."""
+def compare(out_dir: str | Path, settings: CompareSettings, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """Run (or resume) the whole comparison in ``out_dir``; returns what results.json holds (module docstring).
+
+    ``device`` is where the five LMs train (``"cuda"`` on a GPU); it is not part of the plan, so a run may resume on
+    another device. The SAE and the metrics run on the CPU (they are small)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -56,7 +59,7 @@ def compare(out_dir: str | Path, settings: CompareSettings, progress: bool = Tru
     stream = token_stream(train_games)
     p = plan(out, settings, stream, progress)
     steps = p["steps"]
-    train_models(out, settings, stream, steps, progress)
+    train_models(out, settings, stream, steps, progress, device)
     results = evaluate_all(out, settings, stream, eval_games, progress, MODELS)
     k = settings.sae_k or max(1, round(results["moex"]["l0"]))
     sae_info = train_sae(out, settings, stream, k, progress)

@@ -22,8 +22,9 @@ def finished(run: Path, steps: int) -> bool:
     return summary.exists() and (run / "model.safetensors").exists() and read_json(summary).get("steps") == steps
 
 
-def train_models(out: Path, s: CompareSettings, stream: torch.Tensor, steps: int, progress: bool) -> dict[str, float | None]:
-    """Train every LM not yet finished; returns the wall seconds of those trained now (None: skipped)."""
+def train_models(out: Path, s: CompareSettings, stream: torch.Tensor, steps: int, progress: bool,
+                 device: str = "cpu") -> dict[str, float | None]:
+    """Train every LM not yet finished (on ``device``); returns the wall seconds of those trained now (None: skipped)."""
     walls: dict[str, float | None] = {}
     for name in MODELS:
         run = out / "runs" / name
@@ -33,7 +34,8 @@ def train_models(out: Path, s: CompareSettings, stream: torch.Tensor, steps: int
             continue
         began = time.time()
         upcycle = out / "runs" / "dense_relu" if name == "moex_upcycled" else None
-        summary = train_lm(run, stream, s.lm(name), s.train(steps), upcycle_from=upcycle, vocab=list(VOCAB), progress=progress)
+        summary = train_lm(run, stream, s.lm(name), s.train(steps), upcycle_from=upcycle, vocab=list(VOCAB), progress=progress,
+                           device=device)
         walls[name] = round(time.time() - began, 1)
         atomic_write_json(run / "wall.json", {"seconds": walls[name]})
         say(f"{name}: val loss {summary['val_loss']:.4f} in {walls[name]} s", progress)
