@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from featurekit.bench.frontier import CALIBRATED, FrontierConfig, Knob, combine, next_trial, run_frontier
+from featurekit.bench.frontier import FrontierConfig, combine, run_frontier
+from featurekit.bench.frontier_calibration import CALIBRATED, Knob, next_trial
 from featurekit.bench.frontier_suite import SuiteSettings, matched_points
 from featurekit.errors import FeaturekitError
 
@@ -110,7 +111,7 @@ def test_matched_points_take_the_nearest_l0_in_log_distance():
 def test_cached_splice_gives_the_numbers_of_splice_eval(tiny):
     import torch
 
-    from featurekit.bench.frontier import CachedSplice
+    from featurekit.bench.frontier_splice import CachedSplice
     from featurekit.dictionaries import TopKSAE
     from featurekit.evaluate.splice import splice_eval
     from featurekit.models.loading import load_model

@@ -274,7 +274,7 @@ def test_feature_list_search_and_a_page_for_every_feature(vision_run, vision_ser
     assert "fires on (CLS / patch)" in page
     status, _, body = get(url + f"/r/vis/search?q={other}")  # an id: that feature's page
     page = body.decode()
-    assert status == 200 and f"Feature #{other}" in page and "Activation histogram" in page and "feature store (40 views)" in page
+    assert status == 200 and f"Feature #{other}" in page and "Activation histogram" in page and "views of the feature store" in page
     heats = re.findall(r'<img class="heat" src="([^"]+)"', page)
     assert heats and all(get(url + h)[0] == 200 for h in heats)
     assert f"/heat/{top['context']}.png" in heats[0]
@@ -282,6 +282,37 @@ def test_feature_list_search_and_a_page_for_every_feature(vision_run, vision_ser
         a = np.asarray(im.convert("RGB"), dtype=float)
     red = (a[..., 0] - (a[..., 1] + a[..., 2]) / 2).reshape(4, 56, 4, 56).mean(axis=(1, 3))
     assert np.unravel_index(red.argmax(), red.shape) == divmod(top["position"] - 1, 4)
+
+
+def test_feature_page_shows_one_firing_count_the_stores(vision_run, vision_server):
+    """With a store, a feature page's firing counts and kind are the store's, over its 40 views, and say so; the
+    report's counts over the evaluation's 20 views (token_kinds.json) appear nowhere on it, also for a latent the
+    report kept, whose page once showed both."""
+    from featurekit.features.store import FeatureStore
+
+    url = vision_server[0]
+    kinds = json.loads((vision_run / "features" / "token_kinds.json").read_text())
+    kept = [f["latent"] for f in json.loads((vision_run / "features" / "top_patches.json").read_text())]
+    store = FeatureStore(vision_run / "features.sqlite")
+    try:
+        assert store.meta["n_views"] == 40
+        pages = {i: store.feature(i) for i in kept}
+    finally:
+        store.close()
+    differ = [i for i in kept if (kinds["cls_fires"][i], kinds["patch_fires"][i])
+              != (pages[i]["extra"]["cls_fires"], pages[i]["extra"]["patch_fires"])]
+    assert differ  # the two sources disagree on the fixture's latents: the test can tell them apart
+    for latent in differ[:3]:
+        c, p = pages[latent]["extra"]["cls_fires"], pages[latent]["extra"]["patch_fires"]
+        status, _, body = get(f"{url}/r/vis/f/{latent}")
+        head = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", re.search(r'<div class="head">(.*?)</div>', body.decode(), re.S).group(1)))
+        assert status == 200
+        assert (f"fires {pages[latent]['fires']} times on the 40 held-out views of the feature store: "
+                f"{c} on CLS tokens, {p} on patches") in head, head
+        assert pages[latent]["fires"] == c + p
+        assert len(re.findall(r"CLS", head)) == 1 and "firings" not in head, head  # one count, no second one
+        label = {"cls": "CLS-token feature", "patch": "patch feature", "dead": "silent feature"}[pages[latent]["extra"]["kind"]]
+        assert label in head, head
 
 
 def test_a_vision_run_without_a_store_names_the_command(vision_run, tmp_path):
@@ -295,4 +326,9 @@ def test_a_vision_run_without_a_store_names_the_command(vision_run, tmp_path):
     run = VisionRun(0, "vis", copy)
     with pytest.raises(BadRequest, match="without a feature store: build it with `featurekit features"):
         feature_list(run)
-    assert run.feature(next(iter(run.tops)))["top"]  # the report's kept features still have pages
+    latent = next(iter(run.tops))
+    f = run.feature(latent)  # the report's kept features still have pages, with the report's counts over its views
+    kinds = json.loads((copy / "features" / "token_kinds.json").read_text())
+    assert f["top"] and f["counted_on"] == "evaluation" and f["n_views"] == 20
+    assert (f["cls_fires"], f["patch_fires"]) == (kinds["cls_fires"][latent], kinds["patch_fires"][latent])
+    assert f["fires"] == f["cls_fires"] + f["patch_fires"]

@@ -96,14 +96,13 @@ class VisionRun:
         return False
 
     def kind(self, latent: int) -> str:
-        """"cls" where the latent fires more often on CLS tokens than on patches, "patch" where on patches, "dead"."""
-        c, p = self.cls_fires[latent], self.patch_fires[latent]
-        return "dead" if c + p == 0 else "cls" if c > p else "patch"
+        """The latent's kind (`kind_of`) from its firings on the evaluation's views (features/token_kinds.json)."""
+        return kind_of(self.cls_fires[latent], self.patch_fires[latent])
 
     def store_feature(self, latent: int) -> dict:
         """A latent's record from the store, in the shape of a top_patches.json entry (top examples as view, image,
-        token, kind, row, col, value) plus its store statistics (fires, mean, max, the histogram, CLS/patch firings
-        on the store's views)."""
+        token, kind, row, col, value) plus its store statistics (fires, mean, max, the histogram, its CLS / patch
+        firings and kind, all over the store's n_views views)."""
         if not 0 <= latent < self.n_latents:
             raise _not_found(f"feature {latent} does not exist: this dictionary has {self.n_latents} (0 to {self.n_latents - 1})")
         page = self.query(FeatureStore.feature, latent)
@@ -115,9 +114,10 @@ class VisionRun:
             tops.append({"value": e["value"], "view": view, "image": names[view] if view < len(names) else f"view {view}",
                          "token": token, **({"kind": "cls"} if patch < 0 else {"kind": "patch", "row": patch // g, "col": patch % g})})
         extra = page.get("extra") or {}
+        c, p = int(extra.get("cls_fires", 0)), int(extra.get("patch_fires", 0))
         return {"latent": latent, "density": page["density"], "top": tops, "fires": page["fires"], "mean": page["mean"],
-                "max": page["max"], "hist": page["hist"], "store_kind": extra.get("kind"),
-                "store_cls_fires": extra.get("cls_fires", 0), "store_patch_fires": extra.get("patch_fires", 0)}
+                "max": page["max"], "hist": page["hist"], "kind": kind_of(c, p), "cls_fires": c, "patch_fires": p,
+                "n_views": int(self.meta.get("n_views", 0)), "counted_on": "feature store"}
 
     def overview(self) -> dict:
         """The features with top examples, CLS-token and patch features apart, each with its firing counts."""
@@ -129,16 +129,21 @@ class VisionRun:
         return {"groups": groups, "counts": counts}
 
     def feature(self, latent: int) -> dict:
+        """The feature page's record: with a store, the store's (`store_feature`: its top examples, statistics and
+        firing counts, all over the store's views); without one, the report's (top_patches.json, its firing counts
+        and kind over the evaluation's views, token_kinds.json). Never a mix: `fires`, `cls_fires`, `patch_fires`,
+        `kind` and `density` are counted over the same `n_views` views (`counted_on` names them)."""
         if self.store is not None:
             f = self.cached_feature(latent)
-            return {**f, "kind": self.kind(latent), "cls_fires": self.cls_fires[latent], "patch_fires": self.patch_fires[latent],
-                    "views": list(dict.fromkeys(int(t["view"]) for t in f["top"]))}
+            return {**f, "views": list(dict.fromkeys(int(t["view"]) for t in f["top"]))}
         if latent not in self.tops:
             listed = ", ".join(map(str, sorted(self.tops)))
             raise _not_found(f"latent {latent} has no top patches in this run (the run kept those of latents {listed}; "
                                    f"report.n_features sets how many)")
         f = self.tops[latent]
-        return {**f, "kind": self.kind(latent), "cls_fires": self.cls_fires[latent], "patch_fires": self.patch_fires[latent],
+        c, p = self.cls_fires[latent], self.patch_fires[latent]
+        return {**f, "kind": kind_of(c, p), "fires": c + p, "cls_fires": c, "patch_fires": p,
+                "n_views": self.eval.get("views"), "counted_on": "evaluation",
                 "views": list(dict.fromkeys(int(t["view"]) for t in f.get("top", [])))}
 
     def cached_feature(self, latent: int) -> dict:
@@ -255,6 +260,12 @@ class VisionRun:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def kind_of(cls_fires: int, patch_fires: int) -> str:
+    """"cls" where a latent fires more often on CLS tokens than on patches, "patch" where on patches, "dead" where never
+    (the rule of the store's `extra` kind, `pipeline.vision_features`)."""
+    return "dead" if cls_fires + patch_fires == 0 else "cls" if cls_fires > patch_fires else "patch"
 
 
 def decode_upload(data: bytes) -> Image.Image:

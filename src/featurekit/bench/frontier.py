@@ -7,12 +7,12 @@ for MP-SAE); for the methods whose L0 follows a penalty, a target frequency or a
 (`CALIBRATED`: ReLU, JumpReLU, GBA, top-AFA) the knob is searched for each target L0 in `ks` by
 measurement (`next_trial`: a secant search in log-log space, every trial a full training and a point of
 the frontier, up to `Knob.max_trials` per method) until a point lands within `l0_tolerance` of each
-target or the knob stops moving L0. Each dictionary is scored on the same held-out tokens with its
-inference rule: FVU, L0, dead fraction (`evaluate.splice.reconstruction_eval`) and, spliced into the
-model, loss recovered, ΔCE and KL (`evaluate.splice.splice_eval`).
+target or the knob stops moving L0 (`frontier_calibration`). Each dictionary is scored on the same held-out
+tokens with its inference rule: FVU, L0, dead fraction (`evaluate.splice.reconstruction_eval`) and, spliced into
+the model, loss recovered, ΔCE and KL (`frontier_splice.CachedSplice`, equal to `evaluate.splice.splice_eval`).
 
 Output in the chosen folder: results.json (rewritten after every row, so an interrupted run resumes
-where it stopped: rows already there are kept), results.md and frontier.png / frontier.svg.
+where it stopped: rows already there are kept), results.md and frontier.png / frontier.svg (`frontier_report`).
 A method that fails becomes an error row. Dictionaries are deleted after scoring unless `keep`.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import shutil
 import sys
 import time
@@ -32,44 +31,16 @@ from typing import Any
 import torch
 
 from .. import pipeline
-from .._io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from .._io import atomic_write_json, atomic_write_text, read_json
 from ..config import DictionaryConfig, RunConfig
-from ..data.harvest import harvest, norm_outliers
+from ..data.harvest import harvest
 from ..dictionaries import METHODS, load
 from ..errors import FeaturekitError
-from ..evaluate import metrics
-from ..evaluate.splice import reconstruction_eval, require_lm_head
-from ..evaluate.transcoders import transcoder_splice_eval
-from ..models.hooks import capture, replace
+from ..evaluate.splice import reconstruction_eval
+from .frontier_calibration import CALIBRATED, next_trial, sweep
+from .frontier_report import markdown, plot, progress_line
+from .frontier_splice import CachedSplice, transcoder_splice
 from .frontier_suite import SuiteSettings, matched_points, run_suite
-
-#: methods whose k is swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token
-#: (k encoder-sized matmuls), so its k stops at 32 on CPU.
-FIXED_SWEEPS: dict[str, tuple[str, list[Any]]] = {"mpsae": ("k", [8, 16, 32])}
-
-
-@dataclass(frozen=True)
-class Knob:
-    """A hyper-parameter that sets a method's L0 only indirectly (a penalty, a target frequency, an init):
-    `calibrate` searches it for each target L0, one full training per trial (`next_trial`)."""
-
-    name: str
-    start: float | None  #: first trial; None: the middle target L0 / latents (a firing rate)
-    rises: bool  #: whether L0 rises with the knob (the direction of the second trial only)
-    high: float = math.inf  #: trials stay below this (a rate < 1)
-    max_trials: int = 5
-
-
-#: methods whose sparsity is set by a calibrated knob (module docstring). JumpReLU's λ (`l0_coefficient`) moves
-#: θ by about lr per step under Adam whatever its size, so in a run of ~100 steps L0 stays where the
-#: initialisation put it (L0 ≈ 182 for λ = 1, 3 and 10 alike); what sets its L0 at this budget is the initial
-#: firing rate of b_enc (`init_firing_rate`), which is searched instead, λ at its default.
-CALIBRATED: dict[str, Knob] = {
-    "relu": Knob("l1_coefficient", 5.0, rises=False),
-    "jumprelu": Knob("init_firing_rate", None, rises=True, high=0.5),
-    "gba": Knob("freq_high", 0.05, rises=True, high=0.5),
-    "topafa": Knob("afa_coefficient", 1 / 64, rises=False, max_trials=3),
-}
 
 
 @dataclass
@@ -111,51 +82,6 @@ def same_config(stored: dict, fc: FrontierConfig) -> bool:
     its default: files written before the key existed resume)."""
     defaults = FrontierConfig().to_dict()
     return all(stored.get(key, defaults[key]) == value for key, value in fc.to_dict().items() if key not in GROWING)
-
-
-def sweep(method: str, ks: list[int]) -> tuple[str, list[Any]]:
-    """(config field, values) of a method swept over fixed values (not `CALIBRATED`)."""
-    return FIXED_SWEEPS.get(method, ("k", list(ks)))
-
-
-def next_trial(knob: Knob, measured: list[tuple[float, float]], targets: list[int], tol: float,
-               latents: int) -> tuple[int, float] | None:
-    """(target L0, knob value) of the next calibration trial, or None when every target has a measured point
-    within `tol` (relative), or the knob cannot get closer (its L0 does not move, the value was tried already).
-
-    The middle target first, then the others in order. The value is a secant step in log-log space from the
-    measured point nearest the target, along the slope of the two points that bracket the target (or the two
-    nearest it); with one point measured, the second trial steps with slope ±1 in the knob's direction.
-    Steps are capped at a factor 16."""
-    order = sorted(targets, key=lambda t: (t != sorted(targets)[len(targets) // 2], t))
-    if not measured:
-        start = knob.start if knob.start is not None else order[0] / latents
-        return order[0], start
-    good = [(v, l0) for v, l0 in measured if l0 > 0 and v > 0]
-
-    def off(l0: float, t: float) -> float:
-        return abs(math.log(l0 / t))
-
-    missing = [t for t in order if not any(off(l0, t) <= math.log1p(tol) for _, l0 in good)]
-    if not missing or not good:
-        return None
-    target = missing[0]
-    near = sorted(good, key=lambda p: off(p[1], target))
-    below = [p for p in near if p[1] < target]
-    above = [p for p in near if p[1] > target]
-    pair = [below[0], above[0]] if below and above else near[:2]
-    if len(pair) == 2 and pair[0][0] != pair[1][0]:
-        slope = (math.log(pair[1][1]) - math.log(pair[0][1])) / (math.log(pair[1][0]) - math.log(pair[0][0]))
-    else:
-        slope = 1.0 if knob.rises else -1.0
-    if abs(slope) < 0.05:
-        return None  # the knob hardly moves L0 here
-    v0, l00 = near[0]
-    step = min(max(math.log(target / l00) / slope, -math.log(16)), math.log(16))
-    value = float(f"{min(v0 * math.exp(step), knob.high * 0.999):.3g}")
-    if any(abs(math.log(value / v)) < 0.01 for v, _ in good):
-        return None
-    return target, value
 
 
 def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -223,7 +149,8 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
             recon.pop("density")
             row.update(recon)
             if fc.output_site:
-                row.update(transcoder_splice(loaded.model, sae, fc, ids[:n_splice], mask[:n_splice], base.data.max_norm_multiple))
+                row.update(transcoder_splice(loaded.model, sae, fc.site, fc.output_site, ids[:n_splice], mask[:n_splice],
+                                             base.data.max_norm_multiple))
             else:
                 if not cached:
                     cached.append(CachedSplice(loaded.model, fc.site, ids[:n_splice], mask[:n_splice], base.data.max_norm_multiple))
@@ -234,7 +161,7 @@ def run_frontier(fc: FrontierConfig, out: str | Path, progress: bool = False, ke
         if not keep and suite is None:
             shutil.rmtree(out / name, ignore_errors=True)
         rows.append(row)
-        log(_line(row))
+        log(progress_line(row))
         atomic_write_json(results_path, {"config": fc.to_dict(), "rows": rows})
         return row
 
@@ -289,137 +216,9 @@ def suite_on_points(fc: FrontierConfig, out: Path, rows: list[dict], folders: di
             "random": state["results"].get("random", {})}
 
 
-class CachedSplice:
-    """`splice_eval` for many dictionaries of one site: the clean and the zero-ablated passes do not depend on the
-    dictionary, so they run once (clean logits kept) and each dictionary costs one spliced forward pass. The same
-    numbers as `splice_eval` (tests/test_frontier.py)."""
-
-    @torch.no_grad()
-    def __init__(self, model, site: str, ids: torch.Tensor, mask: torch.Tensor, max_norm_multiple: float | None,
-                 batch_contexts: int = 16):
-        require_lm_head(model, "bench frontier")
-        self.model, self.site, self.batches = model, site, []
-        self.ce_clean = self.ce_zero = 0.0
-        self.n = 0
-        for start in range(0, len(ids), batch_contexts):
-            b, keep = ids[start:start + batch_contexts], mask[start:start + batch_contexts]
-            with capture(model, site) as seen:
-                logits = model(input_ids=b, use_cache=False).logits
-            keep = keep & ~norm_outliers(seen[site], keep, max_norm_multiple)
-            scored = keep[:, :-1]
-            with replace(model, site, lambda act, keep=keep: act.masked_fill(keep[..., None], 0.0)):
-                zero = model(input_ids=b, use_cache=False).logits
-            self.ce_clean += float(metrics.token_cross_entropy(logits, b)[scored].double().sum())
-            self.ce_zero += float(metrics.token_cross_entropy(zero, b)[scored].double().sum())
-            self.n += int(scored.sum())
-            self.batches.append((b, keep, scored, logits))
-        if self.n == 0:
-            raise FeaturekitError("no position was left to splice and score (every token is masked out)")
-
-    @torch.no_grad()
-    def __call__(self, sae) -> dict:
-        spliced = kl = 0.0
-        for b, keep, scored, clean in self.batches:
-            def fn(act: torch.Tensor, keep: torch.Tensor = keep) -> torch.Tensor:
-                out = act.clone()
-                out[keep] = sae.reconstruct(act[keep].float()).to(act.dtype)
-                return out
-
-            with replace(self.model, self.site, fn):
-                logits = self.model(input_ids=b, use_cache=False).logits
-            spliced += float(metrics.token_cross_entropy(logits, b)[scored].double().sum())
-            kl += float(metrics.token_kl(clean, logits)[:, :-1][scored].double().sum())
-        out = {"ce_clean": self.ce_clean / self.n, "ce_spliced": spliced / self.n, "ce_zero_ablated": self.ce_zero / self.n,
-               "kl_clean_spliced": kl / self.n}
-        out["loss_recovered"] = metrics.loss_recovered(out["ce_clean"], out["ce_spliced"], out["ce_zero_ablated"])
-        out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
-        out["splice_tokens"] = self.n
-        return out
-
-
 def point_name(row: dict) -> str:
     """The folder of a point's run (its dictionary, when kept)."""
     return f"{row['method']}-{row['param']}{row['value']}"
-
-
-def transcoder_splice(model, sae, fc: FrontierConfig, ids, mask, max_norm_multiple: float | None) -> dict:
-    """CE / KL with a transcoder's output site replaced by its prediction."""
-    out = transcoder_splice_eval(model, [(fc.site, fc.output_site, sae)], ids, mask, 16, progress=False,
-                                 max_norm_multiple=max_norm_multiple)
-    out.pop("spliced_sites", None)
-    return out
-
-
-def _line(row: dict) -> str:
-    if "error" in row:
-        return f"{row['method']:<14} {row['param']}={row['value']:<6} ERROR {row['error']}"
-    return (f"{row['method']:<14} {row['param']}={row['value']:<6} L0 {row['l0']:7.2f}  FVU {row['fvu']:.4f}  "
-            f"dead {100 * row['dead_fraction']:5.2f}%  loss recovered {row['loss_recovered']:.4f}  KL {row['kl_clean_spliced']:.4f}  "
-            f"({row['train_seconds']} s)")
-
-
-def markdown(result: dict) -> str:
-    cfg = result["config"]
-    site = f"{cfg['site']}` → `{cfg['output_site']}" if cfg.get("output_site") else cfg["site"]
-    lines = [f"# FVU against L0 on {cfg['model']} `{site}` ({cfg['source']})", "",
-             f"{cfg['latents']} latents, {cfg['train_tokens']:,} harvested tokens × {cfg['epochs']} epochs per point, "
-             f"held-out {cfg['eval_tokens']:,} tokens (splice: {cfg['splice_contexts']} contexts).", "",
-             "| method | setting | L0 | FVU | dead % | loss recovered | ΔCE | KL | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['method']} | {r['param']}={r['value']} | error: {r['error'][:80]} | | | | | | |")
-            continue
-        target = f" (→ {r['target_l0']})" if "target_l0" in r else ""
-        lines.append(f"| {r['method']} | {r['param']}={r['value']}{target} | {r['l0']:.2f} | {r['fvu']:.4f} | "
-                     f"{100 * r['dead_fraction']:.2f} | {r['loss_recovered']:.4f} | {r['delta_ce']:.4f} | "
-                     f"{r['kl_clean_spliced']:.4f} | {r['train_seconds']} |")
-    if result.get("suite"):
-        lines += ["", *suite_markdown(result["suite"])]
-    return "\n".join(lines) + "\n"
-
-
-def suite_markdown(suite: dict) -> list[str]:
-    """The table of the suite at matched L0: one row per method, then the random steering baseline."""
-    st = suite["settings"]
-    ks = st["probing_ks"]
-    target = f"{st['steering_targets'][len(st['steering_targets']) // 2]:g}"
-    lines = [f"## The suite at matched L0 (each method's point nearest L0 = {st['target_l0']:g})", "",
-             f"Probing: BBC topics, {st['probing_train_docs']} / ≤ {st['probing_test_docs']} articles per topic × "
-             f"{st['probing_tokens']} tokens; absorption: {st['absorption_words']} words; steering: {st['steering_features']} "
-             f"features × 2 signs per method at KL {target} nat on {st['steering_prompts']} prompts × "
-             f"{st['steering_prompt_tokens']} tokens.", "",
-             "| method | setting | L0 | FVU | loss recovered | KL | " + " | ".join(f"probe top-{k}" for k in ks)
-             + " | probe all | absorption | full absorption | letters | steer log-rank gain | steer prob gain | reached |",
-             "|---|---|---|---|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|"]
-
-    def num(value: Any, digits: int = 3) -> str:
-        return "—" if value is None else f"{value:.{digits}f}"
-
-    for method, p in sorted(suite["points"].items()):
-        r, pr, ab, sg = p["row"], p.get("probing", {}), p.get("absorption", {}), p.get("steering", {})
-        cells = [method, f"{r['param']}={r['value']}", f"{r['l0']:.1f}", f"{r['fvu']:.4f}", f"{r['loss_recovered']:.4f}",
-                 f"{r['kl_clean_spliced']:.4f}", *(num(pr.get(f"sae_top_{k}_test_accuracy")) for k in ks),
-                 num(pr.get("sae_test_accuracy")), num(ab.get("mean_absorption_fraction_score")),
-                 num(ab.get("mean_full_absorption_score")), str(ab.get("n_scored_letters", "—")),
-                 num(sg.get(f"log_rank_gain_at_kl_{target}")), num(sg.get(f"prob_gain_at_kl_{target}"), 4),
-                 num(sg.get(f"fraction_reached_kl_{target}"), 2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    rnd = suite.get("random", {}).get("steering")
-    if rnd:
-        lines.append("| random directions | | | | | | " + "| " * (len(ks) + 4) + f"{num(rnd.get(f'log_rank_gain_at_kl_{target}'))} | "
-                     f"{num(rnd.get(f'prob_gain_at_kl_{target}'), 4)} | {num(rnd.get(f'fraction_reached_kl_{target}'), 2)} |")
-    first = next(iter(suite["points"].values()), {}).get("probing", {})
-    if first:
-        lines += ["", "Dense baselines of the probing (the same for every method): "
-                  + ", ".join(f"top-{k} {first[f'llm_top_{k}_test_accuracy']:.3f}" for k in ks)
-                  + f", all dimensions {first['llm_test_accuracy']:.3f}; PCA "
-                  + ", ".join(f"top-{k} {first[f'pca_top_{k}_test_accuracy']:.3f}" for k in ks
-                              if f"pca_top_{k}_test_accuracy" in first) + "."]
-    lines += ["", "Seconds per evaluation (all methods together; shared = running the model once for all): "
-              + "; ".join(f"{e} {v['total']} s (shared {v['shared_model_work']} s, {v['dictionaries']} dictionaries)"
-                          for e, v in suite["seconds"].items()) + "."]
-    return lines
 
 
 def combine(folders: list[Path], out: Path, suite: SuiteSettings | None = None, log: Callable[[str], None] | None = None) -> dict:
@@ -480,34 +279,6 @@ def combine(folders: list[Path], out: Path, suite: SuiteSettings | None = None, 
     atomic_write_text(out / "results.md", markdown(result))
     plot(result, out)
     return result
-
-
-def plot(result: dict, out: Path) -> None:
-    """frontier.png and frontier.svg: FVU and loss recovered against L0, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for method in sorted({r["method"] for r in rows}):
-        pts = sorted((r["l0"], r["fvu"], r["loss_recovered"]) for r in rows if r["method"] == method)
-        l0 = [p[0] for p in pts]
-        axes[0].plot(l0, [p[1] for p in pts], marker="o", label=method)
-        axes[1].plot(l0, [p[2] for p in pts], marker="o", label=method)
-    for ax, label in zip(axes, ("FVU (lower is better)", "loss recovered (higher is better)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("L0 (mean active latents per token)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2)
-    cfg = result["config"]
-    fig.suptitle(f"{cfg['model']} {cfg['site']}: {cfg['latents']} latents, {cfg['train_tokens'] * cfg['epochs']:,} tokens per point")
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        atomic_write(out / f"frontier.{ext}", lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=120))
-    plt.close(fig)
 
 
 def main_config(**options: Any) -> FrontierConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import batch_sum, global_rows
+from .collectives import batch_sum, global_rows
 
 
 class DeadLatentTracker:
@@ -26,7 +26,7 @@ class DeadLatentTracker:
 
     def update_counts(self, counts: torch.Tensor, n_tokens: int) -> None:
         """`counts` (F,): tokens of a batch of `n_tokens` on which each latent fired."""
-        # data parallel: the global batch's counts and size (train/distributed.py)
+        # data parallel: the global batch's counts and size (train/collectives.py)
         counts, n_tokens = batch_sum(counts).cpu(), global_rows(n_tokens)
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[counts > 0] = 0

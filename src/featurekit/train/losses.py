@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..dictionaries.kernels import masked_topk
-from .distributed import centered_sum_sq
+from .collectives import centered_sum_sq
 
 
 def fvu_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
