@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from featurekit import cli, rundir
 from featurekit._io import read_json
@@ -216,3 +217,52 @@ def test_featurekit_run_refuses_a_clt_and_names_the_command():
 
     with pytest.raises(FeaturekitError, match="featurekit circuits train-set --method clt"):
         pipeline.resolve(load_config(None, ["dictionary.method=clt", "site=mlp_in.3"]))
+
+
+def test_layers_per_pass_gives_the_same_transcoders_as_one_pass_per_layer(tiny, tmp_path, capsys):
+    """Three layers harvested in one model pass (`--layers-per-pass 3`) train bit-identical transcoders, with a norm cut
+    tight enough to drop different tokens at different layers (so each cache must keep its own rows)."""
+    cut = ["--set", "data.max_norm_multiple=1.3"]
+    assert train_set(tiny, tmp_path / "one", "--layers", "0-2", *cut) == 0
+    assert train_set(tiny, tmp_path / "together", "--layers", "0-2", "--layers-per-pass", "3", *cut) == 0
+    for layer in range(3):
+        a = load_file(tmp_path / "one" / f"layer_{layer}" / "model.safetensors")
+        b = load_file(tmp_path / "together" / f"layer_{layer}" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), layer
+    kept = sorted(p.name for p in (tmp_path / "together").iterdir() if p.name != rundir.LOCK)
+    assert kept == ["layer_0", "layer_1", "layer_2", "transcoder_set.json"]
+    assert train_set(tiny, tmp_path / "bad", "--layers", "0", "--layers-per-pass", "0") == 2
+    assert "--layers-per-pass must be at least 1" in capsys.readouterr().err
+
+
+def test_one_pass_caches_equal_their_own_harvests(tiny, tmp_path):
+    """`run_harvests` writes each run the cache `run_harvest` writes for it alone: same rows, tokens and positions,
+    including the outlier cut, which differs between the sites."""
+    from featurekit.config import load_config
+    from featurekit.data.cache import ActivationCache
+    from featurekit.pipeline.circuit_sets import layer_config, open_set_model
+    from featurekit.pipeline.setup import start
+    from featurekit.pipeline.training import run_harvest, run_harvests
+
+    cfg = load_config(None, [f"model.name={tiny / 'model'}", f"data.source={tiny / 'text.txt'}", "dictionary.method=transcoder",
+                             "data.train_tokens=1500", "data.context_len=16", "data.shard_tokens=700", "model.dtype=float32",
+                             "data.max_norm_multiple=1.3", "train.batch_size=128"])
+    loaded = open_set_model(cfg)
+    alone = [layer_config(cfg, tmp_path / "alone", layer) for layer in (0, 2)]
+    together = [layer_config(cfg, tmp_path / "together", layer) for layer in (0, 2)]
+    for one in alone + together:
+        start(one, overwrite=True)
+    for one in alone:
+        run_harvest(one, loaded, progress=False)
+    run_harvests(together, loaded, progress=False)
+    counts = set()
+    for a, b in zip(alone, together):
+        ca, cb = ActivationCache(a.run_dir / "activations"), ActivationCache(b.run_dir / "activations")
+        assert ca.meta == cb.meta and ca.sites == cb.sites
+        rows = 0
+        for x, y in zip(ca.iter_shards(), cb.iter_shards(), strict=True):
+            assert torch.equal(x.token_ids, y.token_ids) and torch.equal(x.position, y.position)
+            assert all(torch.equal(x.acts[s], y.acts[s]) for s in x.acts)
+            rows += x.n_tokens
+        counts.add(rows)
+    assert len(counts) == 2  # the layers' norm cuts kept different tokens

@@ -108,6 +108,9 @@ def _circuits_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latents", type=int, help="latents per layer (dictionary.n_latents)")
     p.add_argument("--k", type=int, help="active latents per token and layer (dictionary.k)")
     p.add_argument("--tokens", type=int, help="training tokens (data.train_tokens)")
+    p.add_argument("--layers-per-pass", type=int, default=1, metavar="N",
+                   help="per-layer sets: harvest N layers' activation caches in one model pass (the same caches and "
+                        "transcoders as one pass per layer; N times the disk and memory for the caches; default 1)")
     p.add_argument("--config", type=Path, help="YAML or JSON config file for the data, dictionary and train settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value (repeatable); `featurekit config` lists the keys")
@@ -209,7 +212,7 @@ def _circuits(args: argparse.Namespace, progress: bool) -> int:
         overrides = [f"dictionary.method={args.method}", *args.overrides,
                      *(f"{key}={value}" for key, value in flags.items() if value is not None)]
         cfg = load_config(args.config, overrides)
-        out = train_set(cfg, args.out, args.layers, progress=progress)
+        out = train_set(cfg, args.out, args.layers, progress=progress, per_pass=args.layers_per_pass)
         print(f"transcoder set: {out}")
         return 0
     from .._io import atomic_write_json

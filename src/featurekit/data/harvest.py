@@ -65,6 +65,19 @@ def norm_outliers(acts: torch.Tensor, keep: torch.Tensor, multiple: float | None
     return keep & (norms > multiple * norms[keep].median())
 
 
+def select_sites(batch: ActivationBatch, sites: Sequence[str], max_norm_multiple: float | None) -> ActivationBatch:
+    """The part of ``batch`` (harvested without an outlier cut) that a harvest of ``sites`` alone would have
+    kept: those sites' activations, tokens dropped by the same rule and order as `harvest` (site by site, each
+    median over the rows still kept). One model pass over many sites can so fill several caches, each equal to
+    its own harvest."""
+    keep = torch.ones(batch.n_tokens, dtype=torch.bool, device=batch.token_ids.device)
+    for site in sites:
+        act = batch.acts[site]
+        keep = keep & ~norm_outliers(act, keep.to(act.device), max_norm_multiple).to(keep.device)
+    return ActivationBatch(acts={site: batch.acts[site][keep.to(batch.acts[site].device)] for site in sites},
+                           token_ids=batch.token_ids[keep], context_idx=batch.context_idx[keep], position=batch.position[keep])
+
+
 def harvest(model: Any, input_ids: torch.Tensor, sites: Sequence[str], *, batch_size: int,
             mask: torch.Tensor | None = None, progress: bool = True,
             out_device: str | torch.device = "cpu", max_norm_multiple: float | None = None,

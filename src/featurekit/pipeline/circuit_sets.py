@@ -6,7 +6,9 @@ site `mlp_in.L` (its config is the base config with that site) in a scratch fold
     OUT/.runs/layer_L/   harvest (activation cache) → train (checkpoints) → dictionary
     OUT/layer_L/         the finished dictionary, moved out of the scratch run, whose folder is then deleted
 
-so the disk holds one layer's activation cache at a time and memory one layer's transcoder. A layer whose
+so the disk holds one layer's activation cache at a time and memory one layer's transcoder. Each layer's harvest
+runs the model up to that layer; `--layers-per-pass N` harvests N layers' caches in one pass instead (the same
+caches: `training.run_harvests`), for N times the disk and about 1/N of the model passes. A layer whose
 OUT/layer_L holds the dictionary of this very config (its provenance's config digest) is skipped, so a
 killed command continues where it stopped (inside a layer from the run's last checkpoint). When every
 asked layer is done, OUT/transcoder_set.json (circuits.transcoder_set) is written, last.
@@ -46,7 +48,7 @@ from ..train.checkpoint import load_checkpoint, optimizer_tensors, read_checkpoi
 from ..train.init import mean_norm_scale
 from ..train.schedule import lr_factor
 from .setup import config_digest, contexts, resolve, start
-from .training import run_harvest, run_train, training_cache
+from .training import run_harvests, run_train, training_cache
 
 PLT_METHODS = ("transcoder", "skiptranscoder")
 Log = Callable[[str], None]
@@ -77,8 +79,9 @@ def open_set_model(cfg: RunConfig) -> LoadedModel:
 
 
 def train_set(cfg: RunConfig, out: str | Path, layers: str | Sequence[int] | None = None, progress: bool = True,
-              log: Log = print) -> Path:
-    """Train the set `cfg.dictionary.method` asks for (PLT methods or clt) into `out`; returns `out`."""
+              log: Log = print, per_pass: int = 1) -> Path:
+    """Train the set `cfg.dictionary.method` asks for (PLT methods or clt) into `out`; returns `out`.
+    ``per_pass``: PLT layers harvested together in one model pass (`train_plt_set`)."""
     out = Path(out)
     method = cfg.dictionary.method
     if method not in (*PLT_METHODS, "clt"):
@@ -89,7 +92,7 @@ def train_set(cfg: RunConfig, out: str | Path, layers: str | Sequence[int] | Non
     with rundir.locked(out, f"circuits train-set --method {method}"):  # one process per set folder
         if method == "clt":
             return train_clt(cfg, out, chosen, loaded, progress, log)
-        return train_plt_set(cfg, out, chosen, loaded, progress, log)
+        return train_plt_set(cfg, out, chosen, loaded, progress, log, per_pass)
 
 
 # -- per-layer transcoders ------------------------------------------------------------------------------
@@ -111,8 +114,13 @@ def _finished(folder: Path, digest: str) -> bool | None:
 
 
 def train_plt_set(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedModel, progress: bool = True,
-                  log: Log = print) -> Path:
-    """One transcoder per layer, streamed layer by layer (module docstring)."""
+                  log: Log = print, per_pass: int = 1) -> Path:
+    """One transcoder per layer, streamed layer by layer (module docstring); with ``per_pass`` > 1 the layers
+    still to train are harvested ``per_pass`` at a time in one model pass (`run_harvests`: the same caches, so
+    the same transcoders, as one pass per layer), holding that many layers' caches on disk at once."""
+    if per_pass < 1:
+        raise FeaturekitError(f"--layers-per-pass must be at least 1, got {per_pass}")
+    todo = []
     for layer in layers:
         one = layer_config(cfg, out, layer)
         dest, scratch = out / f"layer_{layer}", one.run_dir
@@ -123,18 +131,26 @@ def train_plt_set(cfg: RunConfig, out: Path, layers: list[int], loaded: LoadedMo
         if done:
             log(f"layer {layer}: {dest} already trained with this config, skipped")
             shutil.rmtree(scratch, ignore_errors=True)  # a kill between the move and the cleanup leaves it behind
-            continue
-        log(f"layer {layer}: training {one.dictionary.method} {one.site} -> {one.output_site}")
+        else:
+            todo.append((layer, one))
+    for lo in range(0, len(todo), per_pass):
+        group = todo[lo:lo + per_pass]
         began = time.time()
-        start(one, overwrite=True)  # the scratch run continues only its own config (else it starts afresh)
-        if one.data.cache and not _cache_complete(one):
-            run_harvest(one, loaded, progress=progress)
-        run_train(one, resume=(scratch / "checkpoint" / "state.json").is_file(), progress=progress, loaded=loaded)
-        if dest.exists():
-            shutil.rmtree(dest)
-        (scratch / "dictionary").replace(dest)
-        shutil.rmtree(scratch)
-        log(f"layer {layer}: done in {time.time() - began:.0f} s -> {dest}")
+        for _, one in group:
+            start(one, overwrite=True)  # the scratch run continues only its own config (else it starts afresh)
+        need = [one for _, one in group if one.data.cache and not _cache_complete(one)]
+        if need:
+            run_harvests(need, loaded, progress=progress)
+        for layer, one in group:
+            dest, scratch = out / f"layer_{layer}", one.run_dir
+            log(f"layer {layer}: training {one.dictionary.method} {one.site} -> {one.output_site}")
+            run_train(one, resume=(scratch / "checkpoint" / "state.json").is_file(), progress=progress, loaded=loaded)
+            if dest.exists():
+                shutil.rmtree(dest)
+            (scratch / "dictionary").replace(dest)
+            shutil.rmtree(scratch)
+            log(f"layer {layer}: done in {time.time() - began:.0f} s -> {dest}")
+            began = time.time()
     shutil.rmtree(out / ".runs", ignore_errors=True)
     return transcoder_set.write_manifest(out, cfg.model.name, {layer: f"layer_{layer}" for layer in layers})
 

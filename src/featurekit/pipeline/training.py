@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..config import RunConfig
 from ..data.cache import ActivationCache, write_cache
-from ..data.harvest import harvest
+from ..data.harvest import harvest, select_sites
 from ..data.prefetch import Prefetcher, split_threads
 from ..data.shuffle import ShuffleBuffer, batches_per_epoch, iter_epochs
 from ..dictionaries import METHODS, Dictionary, build_from_config, read_meta, save
@@ -127,6 +127,33 @@ def run_harvest(cfg: RunConfig, loaded: LoadedModel | None = None, progress: boo
     stream = harvest(loaded.model, ids, harvest_sites(cfg), batch_size=cfg.data.harvest_batch, mask=mask, progress=progress,
                      max_norm_multiple=cfg.data.max_norm_multiple, gradients=cfg.data.gradients)
     return write_cache(folder, stream, meta, cfg.data.shard_tokens)
+
+
+def run_harvests(cfgs: list[RunConfig], loaded: LoadedModel, progress: bool = True) -> list[ActivationCache]:
+    """Harvest several runs that read other sites of the same model and text in ONE model pass, each into its
+    own runs/NAME/activations, equal to what `run_harvest` writes for it alone (same rows, same outlier cut:
+    `select_sites`; same identity). Memory holds the pass's batches until every cache has taken them (one
+    cache is written after the other). A cache already complete is kept; an interrupted one resumes."""
+    if len(cfgs) == 1:
+        return [run_harvest(cfgs[0], loaded, progress)]
+    metas = [{**harvest_meta(c), **loaded_identity(loaded)} for c in cfgs]
+    shared = [{k: v for k, v in m.items() if k != "sites"} for m in metas]
+    if any(m != shared[0] for m in shared) or any(c.data.gradients or is_vision(c) for c in cfgs):
+        raise FeaturekitError("runs harvested in one pass must read one model's activations (no gradients) on the same "
+                              "text with the same data settings; harvest them one by one instead")
+    for c, meta in zip(cfgs, metas):
+        folder = c.run_dir / "activations"
+        if (folder / "manifest.json").is_file():
+            error = mismatch(f"the activation cache in {folder}", ActivationCache(folder).meta, meta)
+            if error:
+                raise error
+    ids, mask = contexts(loaded, cfgs[0], "train", cfgs[0].data.train_tokens)
+    sites = list(dict.fromkeys(site for c in cfgs for site in harvest_sites(c)))
+    stream = harvest(loaded.model, ids, sites, batch_size=cfgs[0].data.harvest_batch, mask=mask, progress=progress)
+    copies = itertools.tee(stream, len(cfgs))
+    return [write_cache(c.run_dir / "activations", (select_sites(b, harvest_sites(c), c.data.max_norm_multiple) for b in copy),
+                        meta, c.data.shard_tokens)
+            for c, meta, copy in zip(cfgs, metas, copies)]
 
 
 def training_cache(cfg: RunConfig, cache_dir: Path | None = None) -> ActivationCache:
