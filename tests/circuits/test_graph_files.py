@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForMaskedLM
 from featurekit import cli
 from featurekit._io import read_json
 from featurekit.circuits import attribution, graph_json, prune, replacement, transcoder_set
-from featurekit.circuits.transcoder_set import TranscoderSet
+from featurekit.circuits.sets import TranscoderSet
 from featurekit.dictionaries import TopKSAE, Transcoder
 from featurekit.errors import FeaturekitError
 
@@ -201,3 +201,24 @@ def test_featurekit_trace_writes_a_graph(tiny, tmp_path, capsys):
     assert [n["clerp"].split('"')[1] for n in logits] == ["sat", "ran"]
     assert cli.main(["trace", "--set", str(set_dir), "--prompt", "the dog", "--targets", "sat ran", "--out", str(out)]) == 2
     assert "is 2 tokens" in capsys.readouterr().err
+
+
+def test_logit_difference_on_the_command_line(tiny, tmp_path, capsys):
+    """`trace --targets A --contrast B` writes one logit node for logit(A) − logit(B); `circuits faithfulness
+    --contrast B` measures the change of that difference (direct prediction = frozen measurement)."""
+    set_dir = transcoder_set.save(random_set(model=str(tiny / "model")), tmp_path / "set")
+    out = tmp_path / "diff.json"
+    assert cli.main(["trace", "--set", str(set_dir), "--prompt", "the dog", "--targets", "sat", "--contrast", "ran",
+                     "--out", str(out)]) == 0
+    doc = read_json(out)
+    check_schema(doc)
+    logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
+    assert len(logits) == 1 and logits[0]["clerp"].startswith('Output "sat" − "ran"')
+    assert doc["metadata"]["featurekit"]["contrast"]["text"] == "ran"
+    assert cli.main(["trace", "--set", str(set_dir), "--prompt", "the dog", "--contrast", "ran", "--out", str(out)]) == 2
+    assert "--contrast needs --targets" in capsys.readouterr().err
+    assert cli.main(["circuits", "faithfulness", "--set", str(set_dir), "--prompt", "the dog", "--target", "sat",
+                     "--contrast", "ran", "--k", "1", "3", "--out", str(tmp_path / "f.json")]) == 0
+    rows = read_json(tmp_path / "f.json")
+    assert rows["contrast"] == "ran" and "logit difference" in capsys.readouterr().out
+    assert all(abs(r["predicted_direct"] - r["measured_frozen"]) < 1e-4 for r in rows["rows"])
