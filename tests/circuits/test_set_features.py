@@ -2,11 +2,10 @@
 Llama set, every layer gets a store run (SET/stores/layer_L) with its latents, each layer's store is what a pass of
 that layer alone gives, a rerun skips complete layers, bad layers and a CLT set are refused, and a graph traced
 through the set links its feature nodes to those stores (hover record with `run` and `top`), also when
-`featurekit serve --graphs` is given the graph alone."""
+`featurekit serve --graphs` is given the graph alone (and the layers' stores are each other's connections peers)."""
 
 from __future__ import annotations
 
-import json
 import re
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ import pytest
 from featurekit import cli
 from featurekit.circuits import transcoder_set
 from featurekit.features.store import FILENAME, FeatureStore
+from featurekit.pipeline import load_run_config
 
 from .helpers import random_clt, random_set
 
@@ -31,10 +31,12 @@ def set_with_stores(tiny, tmp_path_factory):
 def test_every_layer_gets_a_store_run(set_with_stores):
     for layer in range(3):
         run = set_with_stores / "stores" / f"layer_{layer}"
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-        assert (run / config["dictionary_dir"]).resolve() == (set_with_stores / f"layer_{layer}").resolve()
+        cfg = load_run_config(run)                        # a run config: the explorer's live calls load the model from it
+        assert (cfg.site, cfg.output_site, cfg.dictionary.n_latents) == (f"mlp_in.{layer}", f"mlp_out.{layer}", 64)
         store = FeatureStore(run / FILENAME)
         try:
+            pointer = store.meta["transcoder_set"]["dictionary_dir"]
+            assert (run / pointer).resolve() == (set_with_stores / f"layer_{layer}").resolve()
             assert store.n_latents == 64 and store.meta["site"] == f"mlp_in.{layer}"
             assert store.meta["output_site"] == f"mlp_out.{layer}" and store.meta["logit_effects"]
             assert 1000 <= store.meta["n_tokens"] <= 1200
@@ -117,5 +119,11 @@ def test_graph_nodes_link_to_the_set_stores(set_with_stores, tmp_path):
         hrefs = re.findall(r'class="nd feat"[^>]*data-id="(\d+)_(\d+)_\d+"[^>]*data-href="([^"]*)"', page)
         assert hrefs and all(href == f"/r/layer_{layer}/f/{latent}" for layer, latent, href in hrefs)
         assert request(server, hrefs[0][2])[0] == 200
+        # the layers' stores are each other's peers: the connections page of a layer-1 feature has both tables
+        latent = next(latent for layer, latent, _ in hrefs if layer == "1")
+        for query in ("", "?mig=1"):
+            status, _, page = request(server, f"/r/layer_1/f/{latent}/connections{query}")
+            assert status == 200 and "/r/layer_0/f/" in page and "/r/layer_2/f/" in page, "".join(lines)[-3000:]
+        assert 'class="grid conn mig"' in page and "mean input × gradient" in page
     finally:
         stop(proc)

@@ -143,9 +143,10 @@ class Run:
     # -- the dictionary (loaded on first use) ----------------------------------------------------------------
     @property
     def dictionary_dir(self) -> Path:
-        """RUN/dictionary; for the store of a transcoder set's layer (`featurekit circuits features`), which holds no
-        dictionary of its own, the set's layer folder that its config.json names (`dictionary_dir`, relative)."""
-        own, pointer = self.path / "dictionary", self.config.get("dictionary_dir")
+        """RUN/dictionary; for the store run of a transcoder set's layer (`featurekit circuits features`), which holds
+        no dictionary of its own, the set's layer folder its store names (`transcoder_set.dictionary_dir`, relative)."""
+        own, named = self.path / "dictionary", self.meta.get("transcoder_set")
+        pointer = named.get("dictionary_dir") if isinstance(named, dict) else None
         return self.path / pointer if isinstance(pointer, str) and pointer and not own.is_dir() else own
 
     def dictionary(self) -> Dictionary:

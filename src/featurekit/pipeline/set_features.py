@@ -7,8 +7,10 @@ fill `tokens`; or every document of `text`) runs through the model once; every c
 (`features.build.build_stores`: statistics, top and quantile examples, histograms, logit effects of the decoder rows
 written at `mlp_out.L`, decoder neighbours — the text runs' schema). Each layer's store is a run folder
 
-    OUT/layer_L/config.json       what the store describes; `dictionary_dir` names the layer's folder (relative path)
-    OUT/layer_L/features.sqlite   the store, written atomically
+    OUT/layer_L/config.json       a run config (the set's model and text, site mlp_in.L, output_site mlp_out.L)
+    OUT/layer_L/features.sqlite   the store, written atomically; its meta's `transcoder_set.dictionary_dir` names the
+                                  layer's dictionary folder (a path relative to OUT/layer_L): the run has no
+                                  dictionary/ of its own and nothing is copied
 
 with OUT = SET/stores by default (`transcoder_set.store_folder`), so `featurekit serve` reads each layer as a run
 whose dictionary is the set's `layer_L` folder and links a graph's feature nodes of layer L to it (`serve --graphs`
@@ -25,7 +27,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .._io import atomic_write_json, sha256_file
+from .._io import sha256_file
 from ..circuits import transcoder_set
 from ..config import load_config
 from ..dictionaries import fileformat, load, read_meta
@@ -35,9 +37,7 @@ from ..features.store import FILENAME, FeatureStore
 from ..models import load_model
 from .circuit_sets import parse_layers
 from .features import store_contexts
-from .setup import token_policy
-
-KIND = "transcoder_set_layer_store"
+from .setup import read_run_json, save_config, token_policy
 
 
 def set_store_config(set_dir: Path, layers: dict[int, Path], text: str | None, tokens: int, overrides: Sequence[str] = ()):
@@ -56,6 +56,21 @@ def set_store_config(set_dir: Path, layers: dict[int, Path], text: str | None, t
         value = special["max_norm_multiple"]
         sets.append(f"data.max_norm_multiple={'null' if value is None else value}")
     return load_config(None, sets + list(overrides))
+
+
+def layer_run_config(cfg, run_dir: Path, layer_dir: Path, layer: int):
+    """The run config of layer L's store run: the stores' config with the layer's sites and dictionary settings."""
+    meta = read_meta(layer_dir)
+    k = (meta.get("hyperparams") or {}).get("k")
+    return load_config(None, [f"{key}={value}" for key, value in {
+        "model.name": cfg.model.name, "model.dtype": cfg.model.dtype, "data.source": cfg.data.source,
+        "data.context_len": cfg.data.context_len, "data.exclude_first": cfg.data.exclude_first,
+        "data.exclude_special": cfg.data.exclude_special,
+        "data.max_norm_multiple": "null" if cfg.data.max_norm_multiple is None else cfg.data.max_norm_multiple,
+        "site": f"mlp_in.{layer}", "output_site": f"mlp_out.{layer}", "dictionary.method": meta.get("method"),
+        "dictionary.n_latents": meta.get("n_latents"), "dictionary.k": k, "name": run_dir.name,
+        "out_dir": run_dir.parent}.items() if value is not None]
+        + [f"features.{key}={value}" for key, value in dataclasses.asdict(cfg.features).items()])
 
 
 def store_done(run_dir: Path, layer_dir: Path, cfg) -> bool:
@@ -86,6 +101,11 @@ def build_set_stores(set_dir: str | Path, layers: str | Sequence[int] | None = "
                               "choose among those with --layers")
     cfg = set_store_config(set_dir, folders, text, tokens, overrides)
     runs = {layer: (Path(out) / folders[layer].name if out else transcoder_set.store_folder(folders[layer])) for layer in chosen}
+    for layer in chosen:                     # the run configs first (cheap; brings an older store run's up to date)
+        run_cfg = layer_run_config(cfg, runs[layer], folders[layer], layer)
+        if read_run_json(runs[layer] / "config.json") != run_cfg.to_dict():
+            runs[layer].mkdir(parents=True, exist_ok=True)
+            save_config(run_cfg)
     todo = [layer for layer in chosen if not store_done(runs[layer], folders[layer], cfg)]
     if len(todo) < len(chosen):
         log(f"layers {[x for x in chosen if x not in todo]}: their stores are complete, skipped")
@@ -96,13 +116,8 @@ def build_set_stores(set_dir: str | Path, layers: str | Sequence[int] | None = "
     jobs = []
     for layer in todo:
         run_dir, layer_dir = runs[layer], folders[layer]
-        run_dir.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(layer_dir.resolve(), run_dir.resolve())
         site, output_site = f"mlp_in.{layer}", f"mlp_out.{layer}"
-        atomic_write_json(run_dir / "config.json", {
-            "kind": KIND, "name": run_dir.name, "layer": layer, "dictionary_dir": rel, "model": {"name": cfg.model.name},
-            "site": site, "output_site": output_site, "data": {"source": cfg.data.source, "context_len": cfg.data.context_len},
-            "features": dataclasses.asdict(cfg.features)})
         meta = {"model": cfg.model.name, "site": site, "output_site": output_site, "sources": sources,
                 "token_policy": token_policy(cfg), "dictionary_sha256": sha256_file(layer_dir / fileformat.WEIGHTS),
                 "settings": dataclasses.asdict(cfg.features), "transcoder_set": {"layer": layer, "dictionary_dir": rel}}
