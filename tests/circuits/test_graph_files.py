@@ -10,6 +10,7 @@ from transformers import BertConfig, BertForMaskedLM
 from featurekit import cli
 from featurekit._io import read_json
 from featurekit.circuits import attribution, graph_json, prune, replacement, transcoder_set
+from featurekit.circuits.influence import influence
 from featurekit.circuits.sets import TranscoderSet
 from featurekit.dictionaries import TopKSAE, Transcoder
 from featurekit.errors import FeaturekitError
@@ -105,6 +106,49 @@ def test_pruning_keeps_influential_nodes_and_always_tokens_and_logits(llama_grap
     assert (full.influence[:graph.logit_index(0)] >= 0).all() and full.influence.sum() > 0
     with pytest.raises(FeaturekitError, match="node_threshold"):
         prune.prune(graph, 1.5)
+
+
+def _reference_prune_masks(graph, node_threshold, edge_threshold):
+    """Pruning as it was written before its copies were cut (full sorts, a cloned subgraph): the masks to match."""
+    def threshold(scores, fraction):
+        ordered = torch.sort(scores.flatten(), descending=True).values
+        total = ordered.sum()
+        if total <= 0:
+            return ordered[0]
+        cumulative = torch.cumsum(ordered, 0) / total
+        return ordered[min(int(torch.searchsorted(cumulative, torch.tensor(fraction))), ordered.numel() - 1)]
+
+    def normalized(a):
+        a = a.abs()
+        return a / a.sum(1, keepdim=True).clamp_min(1e-10)
+
+    n_f, fixed = graph.n_features, graph.token_index(0)
+    w = prune.logit_weights(graph)
+    infl = influence(normalized(graph.adjacency), w)
+    node_mask = infl >= threshold(infl, node_threshold)
+    node_mask[fixed:] = True
+    sub = graph.adjacency.clone()
+    sub[~node_mask] = 0
+    sub[:, ~node_mask] = 0
+    a_hat = normalized(sub)
+    scores = a_hat * (influence(a_hat, w) + w)[:, None]
+    edge_mask = (scores >= threshold(scores, edge_threshold)) & (sub != 0)
+    while True:
+        before = node_mask.clone()
+        edge_mask[~node_mask] = False
+        edge_mask[:, ~node_mask] = False
+        node_mask[:fixed] &= edge_mask[:, :fixed].any(0)
+        node_mask[:n_f] &= edge_mask[:n_f].any(1)
+        if torch.equal(node_mask, before):
+            return node_mask, edge_mask
+
+
+@pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.5, 0.9), (1.0, 1.0), (0.0, 0.0), (0.99, 0.5)])
+def test_pruning_with_fewer_copies_keeps_the_same_nodes_and_edges(llama_graph, thresholds):
+    _, graph = llama_graph
+    new = prune.prune(graph, *thresholds)
+    nodes, edges = _reference_prune_masks(graph, *thresholds)
+    assert torch.equal(new.node_mask, nodes) and torch.equal(new.edge_mask, edges)
 
 
 def test_scores_are_fractions_and_one_without_errors(llama_graph):
