@@ -101,7 +101,7 @@ def test_graph_shows_model_name_and_partial_sets(tmp_path, graph_files, server):
     """The page names a local model by its folder's name, never the machine's path; a graph traced through a partial
     set says so and its intervention model rebuilds that partial set (its gaps stay error nodes)."""
     from featurekit.app.graphs import Graphs
-    from featurekit.circuits.transcoder_set import PartialSet
+    from featurekit.circuits.partial_set import PartialSet
 
     doc = json.loads(graph_files["tiny"].read_text(encoding="utf-8"))
     model_path = doc["metadata"]["featurekit"]["model"]

@@ -3,7 +3,7 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from featurekit.circuits.transcoder_set import CrossLayerSet, TranscoderSet
+from featurekit.circuits.sets import CrossLayerSet, TranscoderSet
 from featurekit.dictionaries import CrossLayerTranscoder, SkipTranscoder, Transcoder
 
 D = 32

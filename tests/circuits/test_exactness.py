@@ -1,7 +1,8 @@
 """The local replacement model and the attribution graph are exact on tiny random Llama and GPT-2 models, with
 per-layer transcoders (PLT) and with a cross-layer transcoder (CLT, its latents writing to every later layer):
 the replacement reproduces the clean logits, every edge equals the measured effect of a small change of its
-source on its target in the frozen model, and the edges into a node add up to its value minus its bias part."""
+source on its target in the frozen model, and the edges into a node add up to its value minus its bias part. The
+same holds for a logit-difference target (logit(A) − logit(B), `contrast`), on one PLT and one CLT model."""
 
 import pytest
 import torch
@@ -15,12 +16,18 @@ MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 SETS = {"plt": random_set, "clt": random_clt}
 
 
-@pytest.fixture(scope="module", params=[(m, s) for m in sorted(MODELS) for s in sorted(SETS)], ids="-".join)
+CASES = [(m, s, "") for m in sorted(MODELS) for s in sorted(SETS)] + [("llama", "plt", "diff"), ("gpt2", "clt", "diff")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(filter(None, case)))
 def built(request):
-    model_name, set_name = request.param
+    model_name, set_name, diff = request.param
     model = MODELS[model_name]()
     rm = replacement.build(model, SETS[set_name](), prompt())
-    return model, rm, attribution.attribute(rm, batch_size=32)
+    if not diff:
+        return model, rm, attribution.attribute(rm, batch_size=32)
+    second, first = rm.clean_logits[-1].topk(2).indices.tolist()[::-1]   # the top token against the runner-up
+    return model, rm, attribution.attribute(rm, [first], contrast=second, batch_size=32)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,6 +89,10 @@ def test_edges_into_a_node_add_up_to_its_input_minus_bias(built):
     assert rel(total, value - bias_part) <= 1e-4
     # features' values are their pre-activations: the active ones equal their codes (TopK then ReLU)
     assert rel(value[:graph.n_features], graph.features.activation) <= 1e-4
+    # logit nodes' values: demeaned logits, or with a contrast token the logit difference, of the clean logits
+    last = rm.clean_logits[-1]
+    base = last.mean() if graph.contrast is None else last[graph.contrast]
+    assert float((value[graph.n_features:] - (last[graph.logit_tokens] - base)).abs().max()) <= 1e-4 * float(last.abs().max())
 
 
 def test_edges_point_forward_only(built):
@@ -98,6 +109,13 @@ def test_edges_point_forward_only(built):
 def test_logit_targets(built):
     _, rm, graph = built
     probs = torch.softmax(rm.clean_logits[-1], -1)
+    if graph.contrast is not None:
+        assert graph.n_logits == 1 and graph.contrast == int(probs.topk(2).indices[1])
+        with pytest.raises(FeaturekitError, match="logit difference needs"):
+            attribution.attribute(rm, contrast=3)                      # no targets given
+        with pytest.raises(FeaturekitError, match="logit difference needs"):
+            attribution.attribute(rm, [3], contrast=3)
+        return
     assert graph.logit_tokens[0] == int(probs.argmax())
     assert graph.n_logits <= 10
     ids, p = attribution.logit_targets(rm, [3, 5])

@@ -1,6 +1,7 @@
 """Faithfulness by intervention (`circuits.faithfulness`) on tiny random models: the graph's direct prediction
 equals the frozen model's measured change (features held fixed) exactly, the spliced real model without ablation
-is the clean model, the linear-response prediction agrees with each feature's total effect, and bad input fails."""
+is the clean model, the linear-response prediction agrees with each feature's total effect, and bad input fails;
+the same for a logit-difference target (`plt-diff`: the top token against the runner-up)."""
 
 import pytest
 import torch
@@ -13,18 +14,32 @@ from featurekit.errors import FeaturekitError
 from .helpers import prompt, random_clt, random_set, tiny_gpt2, tiny_llama
 
 
-def _setup(model, tset):
+def _setup(model, tset, diff=False):
     rm = replacement.build(model, tset, prompt())
-    target = int(rm.clean_logits[-1].argmax())
-    graph = attribution.attribute(rm, [target])
+    target, second = rm.clean_logits[-1].topk(2).indices.tolist()
+    graph = attribution.attribute(rm, [target], contrast=second if diff else None)
     return rm, target, graph, prune.prune(graph, 0.8, 0.98)
 
 
-@pytest.fixture(scope="module", params=["plt", "clt", "gpt2"])
+@pytest.fixture(scope="module", params=["plt", "clt", "gpt2", "plt-diff"])
 def case(request):
     model = tiny_gpt2() if request.param == "gpt2" else tiny_llama()
     tset = random_clt() if request.param == "clt" else random_set()
-    return (model, *_setup(model, tset))
+    return (model, *_setup(model, tset, request.param.endswith("diff")))
+
+
+def test_logit_difference_is_measured_as_a_difference(case):
+    model, rm, target, graph, pruned = case
+    if graph.contrast is None:
+        return
+    keys = faithfulness.feature_keys(graph)
+    clamps = {keys[i]: 0.0 for i in range(0, graph.n_features, 7)}
+    both = faithfulness.measured_replacement(rm, target, clamps, graph.contrast)
+    apart = faithfulness.measured_replacement(rm, target, clamps) - faithfulness.measured_replacement(rm, graph.contrast, clamps)
+    assert abs(both - apart) < 1e-4 * float(rm.clean_logits.abs().max())
+    same = faithfulness.measured_model(model, rm, target, clamps, contrast=graph.contrast)
+    alone = faithfulness.measured_model(model, rm, target, clamps) - faithfulness.measured_model(model, rm, graph.contrast, clamps)
+    assert abs(same - alone) < 1e-4 * float(rm.clean_logits.abs().max())
 
 
 def test_spliced_model_without_ablation_is_clean(case):

@@ -10,7 +10,8 @@ from transformers import BertConfig, BertForMaskedLM
 from featurekit import cli
 from featurekit._io import read_json
 from featurekit.circuits import attribution, graph_json, prune, replacement, transcoder_set
-from featurekit.circuits.transcoder_set import TranscoderSet
+from featurekit.circuits.influence import influence
+from featurekit.circuits.sets import TranscoderSet
 from featurekit.dictionaries import TopKSAE, Transcoder
 from featurekit.errors import FeaturekitError
 
@@ -107,6 +108,49 @@ def test_pruning_keeps_influential_nodes_and_always_tokens_and_logits(llama_grap
         prune.prune(graph, 1.5)
 
 
+def _reference_prune_masks(graph, node_threshold, edge_threshold):
+    """Pruning as it was written before its copies were cut (full sorts, a cloned subgraph): the masks to match."""
+    def threshold(scores, fraction):
+        ordered = torch.sort(scores.flatten(), descending=True).values
+        total = ordered.sum()
+        if total <= 0:
+            return ordered[0]
+        cumulative = torch.cumsum(ordered, 0) / total
+        return ordered[min(int(torch.searchsorted(cumulative, torch.tensor(fraction))), ordered.numel() - 1)]
+
+    def normalized(a):
+        a = a.abs()
+        return a / a.sum(1, keepdim=True).clamp_min(1e-10)
+
+    n_f, fixed = graph.n_features, graph.token_index(0)
+    w = prune.logit_weights(graph)
+    infl = influence(normalized(graph.adjacency), w)
+    node_mask = infl >= threshold(infl, node_threshold)
+    node_mask[fixed:] = True
+    sub = graph.adjacency.clone()
+    sub[~node_mask] = 0
+    sub[:, ~node_mask] = 0
+    a_hat = normalized(sub)
+    scores = a_hat * (influence(a_hat, w) + w)[:, None]
+    edge_mask = (scores >= threshold(scores, edge_threshold)) & (sub != 0)
+    while True:
+        before = node_mask.clone()
+        edge_mask[~node_mask] = False
+        edge_mask[:, ~node_mask] = False
+        node_mask[:fixed] &= edge_mask[:, :fixed].any(0)
+        node_mask[:n_f] &= edge_mask[:n_f].any(1)
+        if torch.equal(node_mask, before):
+            return node_mask, edge_mask
+
+
+@pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.5, 0.9), (1.0, 1.0), (0.0, 0.0), (0.99, 0.5)])
+def test_pruning_with_fewer_copies_keeps_the_same_nodes_and_edges(llama_graph, thresholds):
+    _, graph = llama_graph
+    new = prune.prune(graph, *thresholds)
+    nodes, edges = _reference_prune_masks(graph, *thresholds)
+    assert torch.equal(new.node_mask, nodes) and torch.equal(new.edge_mask, edges)
+
+
 def test_scores_are_fractions_and_one_without_errors(llama_graph):
     _, graph = llama_graph
     s = prune.scores(graph)
@@ -201,3 +245,24 @@ def test_featurekit_trace_writes_a_graph(tiny, tmp_path, capsys):
     assert [n["clerp"].split('"')[1] for n in logits] == ["sat", "ran"]
     assert cli.main(["trace", "--set", str(set_dir), "--prompt", "the dog", "--targets", "sat ran", "--out", str(out)]) == 2
     assert "is 2 tokens" in capsys.readouterr().err
+
+
+def test_logit_difference_on_the_command_line(tiny, tmp_path, capsys):
+    """`trace --targets A --contrast B` writes one logit node for logit(A) − logit(B); `circuits faithfulness
+    --contrast B` measures the change of that difference (direct prediction = frozen measurement)."""
+    set_dir = transcoder_set.save(random_set(model=str(tiny / "model")), tmp_path / "set")
+    out = tmp_path / "diff.json"
+    assert cli.main(["trace", "--set", str(set_dir), "--prompt", "the dog", "--targets", "sat", "--contrast", "ran",
+                     "--out", str(out)]) == 0
+    doc = read_json(out)
+    check_schema(doc)
+    logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
+    assert len(logits) == 1 and logits[0]["clerp"].startswith('Output "sat" − "ran"')
+    assert doc["metadata"]["featurekit"]["contrast"]["text"] == "ran"
+    assert cli.main(["trace", "--set", str(set_dir), "--prompt", "the dog", "--contrast", "ran", "--out", str(out)]) == 2
+    assert "--contrast needs --targets" in capsys.readouterr().err
+    assert cli.main(["circuits", "faithfulness", "--set", str(set_dir), "--prompt", "the dog", "--target", "sat",
+                     "--contrast", "ran", "--k", "1", "3", "--out", str(tmp_path / "f.json")]) == 0
+    rows = read_json(tmp_path / "f.json")
+    assert rows["contrast"] == "ran" and "logit difference" in capsys.readouterr().out
+    assert all(abs(r["predicted_direct"] - r["measured_frozen"]) < 1e-4 for r in rows["rows"])

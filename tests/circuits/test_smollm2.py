@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from featurekit.circuits import attribution, replacement
+from featurekit.circuits.sets import TranscoderSet
 from featurekit.circuits.trace import prompt_ids
-from featurekit.circuits.transcoder_set import TranscoderSet
 from featurekit.dictionaries import Transcoder
 
 

@@ -41,7 +41,7 @@ def transcoder_layer(run: Run) -> int | None:
 
 
 def _folded(run: Run) -> Any:
-    from ..circuits.transcoder_set import TranscoderSet
+    from ..circuits.sets import TranscoderSet
 
     layer = transcoder_layer(run)
     return run.cached("folded_transcoder", lambda: TranscoderSet({layer: run.dictionary()}).folded()[layer])

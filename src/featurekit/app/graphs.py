@@ -4,8 +4,10 @@ feature nodes linked to the served runs whose dictionary is that layer's transco
 
 A graph is addressed in URLs by its file's stem (made unique with `-2`, `-3`, …) or its index, never by a path.
 
-Links: a feature node of layer L links to the feature page of the served run whose `dictionary/` folder (or the
-run folder itself) is the graph's `transcoder_list[L]` (per-layer sets; a CLT's nodes get no link). Relative
+Links: a feature node of layer L links to the feature page of the served run whose dictionary folder (`dictionary/`,
+or the set layer a set's store run names, or the run folder itself) is the graph's `transcoder_list[L]` (per-layer
+sets; a CLT's nodes get no link). `store_runs` finds the store runs `featurekit circuits features` wrote for the
+graph's layers at their default place (SET/stores/layer_L), which `serve --graphs` then serves too. Relative
 paths in the graph are read from the server's working folder first, then from the graph file's folder.
 
 Interventions (`Intervener`): the graph's model (`metadata.featurekit.model`, else `metadata.scan`) and transcoder
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import FeaturekitError
-from ..features.store import FeatureStore
+from ..features.store import FILENAME, FeatureStore
 from .queries import BadRequest, NotFound
 from .runs import Run, Runs
 
@@ -126,7 +128,7 @@ class ServedGraph:
             return {}
         folders: dict[Path, Run] = {}
         for run in runs:
-            for p in (run.path / "dictionary", run.path):
+            for p in (getattr(run, "dictionary_dir", run.path / "dictionary"), run.path):
                 try:
                     folders.setdefault(p.resolve(), run)
                 except OSError:
@@ -139,6 +141,20 @@ class ServedGraph:
                 run = None
             if run is not None:
                 out[layer] = run
+        return out
+
+    def store_runs(self) -> list[Path]:
+        """The feature store runs of the graph's transcoders at their default place (SET/stores/layer_L beside a set's
+        layer_L folder, `featurekit circuits features`) that exist."""
+        from ..circuits.transcoder_set import NO_TRANSCODER, store_folder
+
+        out = []
+        for entry in self.transcoder_list:
+            if entry == NO_TRANSCODER or entry.startswith("layer ") or entry == "cross-layer transcoder":
+                continue
+            run = store_folder(self.resolve(entry))
+            if (run / "config.json").is_file() and (run / FILENAME).is_file():
+                out.append(run)
         return out
 
     # -- the page -------------------------------------------------------------------------------------------

@@ -141,10 +141,18 @@ class Run:
         return self.cached("metrics", read)
 
     # -- the dictionary (loaded on first use) ----------------------------------------------------------------
+    @property
+    def dictionary_dir(self) -> Path:
+        """RUN/dictionary; for the store run of a transcoder set's layer (`featurekit circuits features`), which holds
+        no dictionary of its own, the set's layer folder its store names (`transcoder_set.dictionary_dir`, relative)."""
+        own, named = self.path / "dictionary", self.meta.get("transcoder_set")
+        pointer = named.get("dictionary_dir") if isinstance(named, dict) else None
+        return self.path / pointer if isinstance(pointer, str) and pointer and not own.is_dir() else own
+
     def dictionary(self) -> Dictionary:
         with self._load_lock:
             if self._dictionary is None:
-                sae = load(self.path / "dictionary")
+                sae = load(self.dictionary_dir)
                 sae.eval()
                 self._dictionary = sae
             return self._dictionary

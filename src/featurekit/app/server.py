@@ -239,7 +239,12 @@ def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = DEFA
     if not paths and not graph_paths:
         raise FeaturekitError("featurekit serve needs at least one run folder (or a graph file: --graphs G.json)")
     graphs = Graphs(graph_paths)
-    runs = Runs(paths, allow_empty=bool(graph_paths))
+    named = {Path(p).resolve() for p in paths}
+    extra: dict[Path, Path] = {}  # the stores of the graphs' set layers (`circuits features`), unless named already
+    for run in (run for graph in graphs for run in graph.store_runs()):
+        if run.resolve() not in named:
+            extra.setdefault(run.resolve(), run)
+    runs = Runs([*paths, *extra.values()], allow_empty=bool(graph_paths))
     if not _loopback(host):
         print(f"featurekit serve: warning: listening on {host}, not on loopback: anyone who can reach this machine on port "
               f"{port} can browse these runs and make the server run the model", file=sys.stderr, flush=True)

@@ -6,6 +6,8 @@ position, latent; error nodes (layer, position) layer-major; token embeddings (p
 A target's value is linear in the residual stream once features are held fixed:
     feature (L, t, i):   π_i = W_enc[i] · m_L[t] + b_enc[i]          (its pre-activation)
     logit v at the last position:  (W_U[v] − mean_w W_U[w]) · norm_f(x_n)[T−1] + …   (the demeaned logit)
+    logit difference v − c:        (W_U[v] − W_U[c]) · norm_f(x_n)[T−1] + …   (with a `contrast` token c, as
+                                   circuit-tracer's custom unembedding-direction targets; the mean cancels)
 A source writes a vector into the residual stream: a feature f_i W_dec[i] after MLP L at t, an error node
 ε_L[t] there, a token its embedding x_0[t]. The edge weight is the direct effect
 
@@ -50,6 +52,7 @@ class Graph:
     adjacency: Tensor                    # (N, N)
     error_norms: Tensor                  # (n_layers, T) ‖ε_L[t]‖
     settings: dict[str, Any] = field(default_factory=dict)
+    contrast: int | None = None          # c: each logit node is logit(v) − logit(c); None: the demeaned logit
 
     @property
     def n_pos(self) -> int:
@@ -98,8 +101,11 @@ def logit_targets(rm: LocalReplacement, tokens: Sequence[int] | None = None, max
 
 def attribute(rm: LocalReplacement, tokens: Sequence[int] | None = None, *, max_n_logits: int = 10,
               desired_logit_prob: float = 0.95, batch_size: int = 256, max_feature_nodes: int | None = None,
-              update_interval: int = 4) -> Graph:
+              update_interval: int = 4, contrast: int | None = None) -> Graph:
     """The attribution graph of a local replacement model.
+
+    With a `contrast` token c the logit nodes are the logit differences logit(v) − logit(c) for the target `tokens`
+    (which must be given, c not among them), each weighted in pruning by p(v) as a logit node is.
 
     Every active feature is a node unless `max_feature_nodes` caps them: then, as circuit-tracer does, the logit
     rows are computed first and feature rows follow in order of their estimated influence on the output (from
@@ -112,10 +118,16 @@ def attribute(rm: LocalReplacement, tokens: Sequence[int] | None = None, *, max_
     start = time.perf_counter()
     feats = rm.active_features()
     logit_ids, logit_probs = logit_targets(rm, tokens, max_n_logits, desired_logit_prob)
+    if contrast is not None:
+        vocab = rm.W_U.shape[0]
+        if tokens is None or not 0 <= int(contrast) < vocab or int(contrast) in logit_ids:
+            raise FeaturekitError(f"a logit difference needs its target tokens given and a contrast token in the vocabulary "
+                                  f"(0..{vocab - 1}) other than them; got targets {tokens}, contrast {contrast}")
+        contrast = int(contrast)
     n_f, n_l, T, L = len(feats), len(logit_ids), rm.n_pos, rm.n_layers
     N = n_f + L * T + T + n_l
     adjacency = torch.zeros(N, N)
-    rows_of = _RowMaker(rm, feats, logit_ids, N)
+    rows_of = _RowMaker(rm, feats, logit_ids, N, contrast)
 
     logit_rows = list(range(N - n_l, N))
     adjacency[logit_rows] = rows_of(logit_rows)
@@ -145,7 +157,7 @@ def attribute(rm: LocalReplacement, tokens: Sequence[int] | None = None, *, max_
                 "max_feature_nodes": cap, "active_features": n_f, "seconds": round(time.perf_counter() - start, 3)}
     on_cpu = ActiveFeatures(feats.layer.cpu(), feats.pos.cpu(), feats.latent.cpu(), feats.activation.float().cpu())
     return Graph(rm.input_ids.tolist(), on_cpu, L, logit_ids, logit_probs.float().cpu(), adjacency,
-                 torch.stack([e.norm(dim=-1) for e in rm.errors]).float().cpu(), settings)
+                 torch.stack([e.norm(dim=-1) for e in rm.errors]).float().cpu(), settings, contrast)
 
 
 def _by_influence(adjacency: Tensor, weights: Tensor, computed: list[int], remaining: Tensor) -> list[int]:
@@ -163,12 +175,12 @@ class _RowMaker:
     """Rows of the adjacency matrix: `self(rows)` → (len(rows), N) direct effects into those target nodes, from one
     batched backward pass (`LocalReplacement.backward`)."""
 
-    def __init__(self, rm: LocalReplacement, feats: ActiveFeatures, logit_ids: list[int], N: int):
+    def __init__(self, rm: LocalReplacement, feats: ActiveFeatures, logit_ids: list[int], N: int, contrast: int | None = None):
         self.rm, self.feats, self.N = rm, feats, N
         n_f, T, L = len(feats), rm.n_pos, rm.n_layers
         self.n_f = n_f
         self.errors, self.tokens = slice(n_f, n_f + L * T), slice(n_f + L * T, n_f + L * T + T)
-        self.W_U_mean = rm.W_U.mean(0)
+        self.W_U_base = rm.W_U.mean(0) if contrast is None else rm.W_U[contrast]   # what each logit node subtracts
         self.logit_ids = logit_ids
         # the sources of each (layer, position): their node indices and the vectors f_i W_dec[i] (n, d) they write
         # into each target layer's MLP output (their own layer; every later one too for a cross-layer transcoder)
@@ -187,8 +199,8 @@ class _RowMaker:
         if node < self.n_f:                     # a feature's pre-activation W_enc[i] · m_L[t]
             layer = int(f.layer[node])
             return layer, int(f.pos[node]), rm.encoder_rows(layer, f.latent[node:node + 1])[0]
-        k = node - (self.N - len(self.logit_ids))   # a demeaned logit at the last position
-        return rm.n_layers, rm.n_pos - 1, rm.W_U[self.logit_ids[k]] - self.W_U_mean
+        k = node - (self.N - len(self.logit_ids))   # a demeaned logit (or logit difference) at the last position
+        return rm.n_layers, rm.n_pos - 1, rm.W_U[self.logit_ids[k]] - self.W_U_base
 
     def __call__(self, nodes: list[int]) -> Tensor:
         rm = self.rm
@@ -204,7 +216,7 @@ class _RowMaker:
 
 
 def target_values(rm: LocalReplacement, graph: Graph, writes: Sequence[Tensor], x0: Tensor | None = None) -> Tensor:
-    """The value of every target node of `graph` (features' pre-activations, demeaned logits) in the frozen
+    """The value of every target node of `graph` (features' pre-activations, demeaned logits or logit differences) in the frozen
     model driven by `writes` (B, T, d per layer) and x0 (B, T, d; default the clean embeddings). (B, n_targets),
     targets in node order (features, then logits)."""
     B = writes[0].shape[0]
@@ -218,8 +230,9 @@ def target_values(rm: LocalReplacement, graph: Graph, writes: Sequence[Tensor], 
             m = ins[layer][:, feats.pos[idx]]                                  # (B, n_L, d)
             latents = feats.latent[idx]
             parts.append((m * rm.encoder_rows(layer, latents)).sum(-1) + rm.transcoders.encoder_bias(layer, latents))
-        logits = rm.unembed(final[:, -1])[:, graph.logit_tokens]
-        parts.append(logits - rm.unembed(final[:, -1]).mean(-1, keepdim=True))
+        every = rm.unembed(final[:, -1])
+        base = every.mean(-1, keepdim=True) if graph.contrast is None else every[:, [graph.contrast]]
+        parts.append(every[:, graph.logit_tokens] - base)
     return torch.cat(parts, dim=1)
 
 

@@ -2,7 +2,8 @@
 
 For one prompt and one target token (a logit node of `graph`), a set S of active features is ablated (their
 codes set to 0) and the change of the target's demeaned logit (`logit_v − mean_w logit_w`, the graph's logit
-node value) is predicted from the graph and measured three ways:
+node value; for a graph with a contrast token c, the logit difference `logit_v − logit_c`) is predicted from the
+graph and measured three ways:
 
 predicted
     direct   −Σ_{s∈S} A[logit, s]: the graph's direct edges; exact when every other feature is held fixed.
@@ -99,10 +100,11 @@ def total_effects(graph: Graph, target: int) -> Tensor:
     return e
 
 
-def demeaned(logits: Tensor, target: int) -> float:
-    """logit_target − mean logit at the last position of (T, V) logits."""
+def demeaned(logits: Tensor, target: int, contrast: int | None = None) -> float:
+    """logit_target − mean logit at the last position of (T, V) logits; with a `contrast` token c, the logit
+    difference logit_target − logit_c (the graph's logit node value either way)."""
     last = logits[-1].double()
-    return float(last[target] - last.mean())
+    return float(last[target] - (last.mean() if contrast is None else last[contrast]))
 
 
 def measured_frozen(rm: LocalReplacement, graph: Graph, target: int, ablate: Sequence[int]) -> float:
@@ -119,9 +121,11 @@ def measured_frozen(rm: LocalReplacement, graph: Graph, target: int, ablate: Seq
     return float(after.double() - before.double())
 
 
-def measured_replacement(rm: LocalReplacement, target: int, clamps: Mapping[Key, float]) -> float:
-    """The demeaned target logit change in the local replacement model with live features (frozen attention/norms)."""
-    return demeaned(rm.replacement_logits(clamps=clamps), target) - demeaned(rm.replacement_logits(), target)
+def measured_replacement(rm: LocalReplacement, target: int, clamps: Mapping[Key, float], contrast: int | None = None) -> float:
+    """The demeaned target logit change (logit difference with `contrast`) in the local replacement model with live
+    features (frozen attention/norms)."""
+    return (demeaned(rm.replacement_logits(clamps=clamps), target, contrast)
+            - demeaned(rm.replacement_logits(), target, contrast))
 
 
 @torch.no_grad()
@@ -155,9 +159,9 @@ def spliced_logits(model: Any, rm: LocalReplacement, clamps: Mapping[Key, float]
 
 
 def measured_model(model: Any, rm: LocalReplacement, target: int, clamps: Mapping[Key, float],
-                   baseline: Tensor | None = None) -> float:
+                   baseline: Tensor | None = None, contrast: int | None = None) -> float:
     base = spliced_logits(model, rm) if baseline is None else baseline
-    return demeaned(spliced_logits(model, rm, clamps), target) - demeaned(base, target)
+    return demeaned(spliced_logits(model, rm, clamps), target, contrast) - demeaned(base, target, contrast)
 
 
 def rankings(graph: Graph, pruned: prune.Pruned, target: int) -> dict[str, list[int]]:
@@ -194,9 +198,9 @@ def evaluate(model: Any, rm: LocalReplacement, graph: Graph, pruned: prune.Prune
             row = {"ranking": name, "k": int(k), "n_ablated": len(idx), "features": [list(keys[i]) for i in idx],
                    **{f"predicted_{p}": v for p, v in predicted_change(graph, target, idx).items()},
                    "measured_frozen": measured_frozen(rm, graph, target, idx),
-                   "measured_replacement": measured_replacement(rm, target, clamps)}
+                   "measured_replacement": measured_replacement(rm, target, clamps, graph.contrast)}
             if real_model:
-                row["measured_model"] = measured_model(model, rm, target, clamps, baseline)
+                row["measured_model"] = measured_model(model, rm, target, clamps, baseline, graph.contrast)
             rows.append(row)
     return rows
 

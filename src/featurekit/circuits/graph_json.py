@@ -14,8 +14,10 @@ Node ids as circuit-tracer writes them (feature "{layer}_{latent}_{pos}", token 
 layer 0's latent number `layer` at that position, so here they are "err_{layer}_{pos}" (the schema only asks for
 a string; viewers key nodes by id and place them by layer and ctx_idx). A feature's `feature` number is
 layer·10^⌈log10 F⌉ + latent (circuit-tracer's offset, F the transcoders' width), an error's −1, a token's its
-position, a logit's its token id. `influence` is the node's cumulative influence share (the viewer's
-dynamic pruning keeps nodes up to its threshold). Only the kept nodes and edges of the pruned graph are written.
+position, a logit's its token id. `influence` is the node's cumulative influence share (the viewer's dynamic
+pruning keeps nodes up to its threshold). Only the kept nodes and edges of the pruned graph are written. A
+logit-difference graph (a contrast token c) has one logit node per target v whose value is logit(v) − logit(c): its
+clerp reads `Output "v" − "c"` and `metadata.featurekit.contrast` names c.
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ def node_records(graph: Graph, pruned: Pruned, token_strings: list[str], vocab_s
         add(graph.token_index(pos), {"node_id": f"E_{token}_{pos}", "feature": pos, "layer": "E", "ctx_idx": pos,
                                      "feature_type": "embedding", "clerp": token_strings[pos] if pos < len(token_strings) else "",
                                      "activation": None}, f"E_{token}-{pos}")
+    minus = "" if graph.contrast is None else f' − "{vocab_strings.get(graph.contrast, str(graph.contrast))}"'
     for k, token in enumerate(graph.logit_tokens):
         p = float(graph.logit_probabilities[k])
         add(graph.logit_index(k), {"node_id": f"{graph.n_layers + 1}_{token}_{T - 1}", "feature": token,
                                    "layer": str(graph.n_layers + 1), "ctx_idx": T - 1, "feature_type": "logit",
                                    "token_prob": p, "is_target_logit": k == 0, "activation": None,
-                                   "clerp": f'Output "{vocab_strings.get(token, str(token))}" (p={p:.3f})'}, f"L_{token}-{T - 1}")
+                                   "clerp": f'Output "{vocab_strings.get(token, str(token))}"{minus} (p={p:.3f})'}, f"L_{token}-{T - 1}")
     return nodes
 
 

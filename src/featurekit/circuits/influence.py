@@ -13,9 +13,9 @@ from ..errors import FeaturekitError
 
 
 def normalized(adjacency: Tensor) -> Tensor:
-    """|A| with rows scaled to sum 1 (all-zero rows stay zero)."""
+    """|A| with rows scaled to sum 1 (all-zero rows stay zero): one (N, N) copy, scaled in place."""
     a = adjacency.abs()
-    return a / a.sum(1, keepdim=True).clamp_min(1e-10)
+    return a.div_(a.sum(1, keepdim=True).clamp_min(1e-10))
 
 
 def influence(a_hat: Tensor, weights: Tensor, max_iter: int = 10_000) -> Tensor:

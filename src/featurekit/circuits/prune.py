@@ -39,12 +39,24 @@ def node_influence(graph: Graph) -> Tensor:
 
 
 def threshold_for(scores: Tensor, fraction: float) -> Tensor:
-    """The smallest score among the top scores that together hold `fraction` of the total."""
-    ordered = torch.sort(scores.flatten(), descending=True).values
+    """The smallest score among the top scores that together hold `fraction` of the total (scores ≥ 0).
+
+    On an (N, N) edge-score matrix this is pruning's largest temporary, so the descending order is made without an
+    index array: the positive scores are gathered, sorted in place (numpy, values only) and written in front of a
+    zero array of the full length (the zeros sort last), which is then summed and accumulated exactly as a full
+    descending sort would be."""
+    flat = scores.flatten()
+    positive = flat[flat > 0].neg_()
+    values = positive.numpy()
+    values.sort()                     # in place: ascending of the negated = descending of the scores
+    values *= -1
+    ordered = torch.zeros(flat.numel(), dtype=flat.dtype)
+    ordered[:positive.numel()] = positive
+    del positive, values
     total = ordered.sum()
     if total <= 0:
         return ordered[0] if ordered.numel() else torch.tensor(0.0)
-    cumulative = torch.cumsum(ordered, 0) / total
+    cumulative = torch.cumsum(ordered, 0).div_(total)
     at = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), ordered.numel() - 1)
     return ordered[at]
 
@@ -67,13 +79,17 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     node_mask = infl >= threshold_for(infl, node_threshold)
     node_mask[fixed:] = True
 
-    sub = graph.adjacency.clone()
-    sub[~node_mask] = 0
-    sub[:, ~node_mask] = 0
-    a_hat = normalized(sub)
-    edge_scores = a_hat * (influence(a_hat, w) + w)[:, None]
+    # Â of the kept subgraph, then turned into the edge scores in place: one (N, N) float copy besides A
+    a_hat = graph.adjacency.abs()
+    a_hat[~node_mask] = 0
+    a_hat[:, ~node_mask] = 0
+    present = a_hat != 0                                   # the subgraph's edges (bool)
+    a_hat.div_(a_hat.sum(1, keepdim=True).clamp_min(1e-10))
+    edge_scores = a_hat.mul_((influence(a_hat, w) + w)[:, None])
     edge_mask = edge_scores >= threshold_for(edge_scores, edge_threshold)
-    edge_mask &= sub != 0
+    del a_hat, edge_scores
+    edge_mask &= present
+    del present
 
     while True:
         before = node_mask.clone()

@@ -27,7 +27,7 @@ from ..evaluate.splice import score_splice
 from ..evaluate.transcoders import transcoder_splice_eval
 from ..models.hooks import capture, replace, transform
 from ..models.sites import unwrap
-from .transcoder_set import AnySet, CrossLayerSet
+from .sets import AnySet, CrossLayerSet
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from ..errors import FeaturekitError
 from ..models.hooks import capture
 from ..models.sites import blocks, unwrap
 from .frozen import FrozenLayer, FrozenNorm, block_parts, check_family, final_norm, freeze_attention, freeze_norm, unembedding
-from .transcoder_set import AnySet, TranscoderSet
+from .sets import AnySet, TranscoderSet
 
 
 @dataclass

@@ -16,7 +16,8 @@ import torch
 from ..data.tokens import tokenize
 from ..errors import FeaturekitError
 from . import attribution, graph_json, prune, replacement
-from .transcoder_set import KIND_CLT, AnySet, PartialSet
+from .partial_set import PartialSet
+from .sets import KIND_CLT, AnySet
 
 
 @dataclass
@@ -41,26 +42,29 @@ def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
 def trace(loaded: Any, transcoders: AnySet, prompt: str, *, out: str | Path | None = None,
           target_tokens: Sequence[int] | None = None, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
           batch_size: int = 256, node_threshold: float = 0.8, edge_threshold: float = 0.98, slug: str | None = None,
-          max_feature_nodes: int | None = None) -> TraceResult:
-    """The attribution graph of `prompt`'s next-token prediction; the JSON is written to `out` when given."""
+          max_feature_nodes: int | None = None, contrast_token: int | None = None) -> TraceResult:
+    """The attribution graph of `prompt`'s next-token prediction; the JSON is written to `out` when given. With a
+    `contrast_token` c (and `target_tokens`), each logit node is the logit difference logit(target) − logit(c)."""
     start = time.perf_counter()
     ids = prompt_ids(loaded.tokenizer, prompt)
     rm = replacement.build(loaded.model, transcoders, ids)
     clean = rm.clean_logits
     error = float((rm.replacement_logits() - clean).abs().max() / clean.abs().max().clamp_min(1e-30))
     graph = attribution.attribute(rm, target_tokens, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
-                                  batch_size=batch_size, max_feature_nodes=max_feature_nodes)
+                                  batch_size=batch_size, max_feature_nodes=max_feature_nodes, contrast=contrast_token)
     pruned = prune.prune(graph, node_threshold, edge_threshold)
     scores = prune.scores(graph)
     tok = loaded.tokenizer
     token_strings = [tok.decode([t]) for t in graph.input_ids]
-    vocab_strings = {t: tok.decode([t]) for t in graph.logit_tokens}
+    vocab_strings = {t: tok.decode([t]) for t in graph.logit_tokens + ([] if graph.contrast is None else [graph.contrast])}
     seconds = time.perf_counter() - start
     extra = {**scores, "replacement_logit_error": error, "seconds": round(seconds, 3),
              "attribution_seconds": graph.settings.get("seconds"), "n_features": graph.n_features,
              "n_active_features": graph.settings.get("active_features"),
              "n_kept_nodes": int(pruned.node_mask.sum()), "n_kept_edges": int(pruned.edge_mask.sum()),
              "model": loaded.name}
+    if graph.contrast is not None:
+        extra["contrast"] = {"token": graph.contrast, "text": vocab_strings[graph.contrast]}
     document = graph_json.graph_document(
         graph, pruned, slug=slug or _slug(prompt), scan=str(transcoders.model or loaded.name), prompt=prompt,
         token_strings=token_strings, vocab_strings=vocab_strings,

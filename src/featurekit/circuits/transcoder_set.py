@@ -17,326 +17,41 @@ A cross-layer transcoder (`dictionaries.clt`, one dictionary for many layers) is
                                "kind": "cross_layer_transcoder", "model": ..., "layers": [0, 1, ...], "path": "clt"}
     SET/clt/                  the CLT's dictionary folder (its layer i is the model's layer layers[i])
 
-(format_version 2 only for this kind, so an older featurekit says it cannot read it). `load` returns a
-`TranscoderSet` or a `CrossLayerSet`; both answer the questions the circuits code asks of a set:
+Feature stores of a per-layer set's transcoders (`featurekit circuits features`, `pipeline.set_features`) are
+run folders beside the layers, which `featurekit serve` reads as runs and links to a graph's feature nodes:
 
-    encode(L, m)            codes (T, F) of layer L's latents from its MLP input m
-    pre_activation(L, m)    their pre-activations; encoder_rows(L, latents), encoder_bias(L, latents)
-    targets(L)              the layers layer L's latents write to ([L] for a per-layer transcoder)
-    decoder_rows(L, L', latents)   what unit codes of layer L's latents write into layer L''s MLP output
-    output_bias(L), skip(L, m), skip_weight(L)
-    prediction(L, codes, m) layer L's MLP output predicted from {layer: codes} (every source writing to L)
+    SET/stores/layer_L/       config.json (naming ../../layer_L as its dictionary) + features.sqlite
+
+(format_version 2 only for this kind, so an older featurekit says it cannot read it). `load` returns a
+`TranscoderSet` or a `CrossLayerSet` (`sets.py`, which also says what the circuits code asks of a set; both, and
+the partial sets of `partial_set.py`, are importable from here too).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from .._io import atomic_write_json, read_json
 from ..dictionaries import CrossLayerTranscoder, Dictionary, fileformat
-from ..dictionaries.operators import topk
 from ..errors import FeaturekitError
+from .partial_set import NO_TRANSCODER, PartialSet, partial
+from .sets import KIND_CLT, KIND_PLT, AnySet, CrossLayerSet, TranscoderSet, sites_of
+
+__all__ = ["MANIFEST", "NO_TRANSCODER", "AnySet", "CrossLayerSet", "PartialSet", "TranscoderSet", "from_folders", "load",
+           "layer_folders", "partial", "save", "save_clt", "store_folder", "write_manifest"]
 
 MANIFEST = "transcoder_set.json"
+STORES = "stores"  # SET/stores/layer_L: the feature store run of SET/layer_L (module docstring)
 FORMAT = "featurekit-transcoder-set"
 FORMAT_VERSION = 1
 CLT_FORMAT_VERSION = 2  # the cross_layer_transcoder kind
-KIND_PLT, KIND_CLT = "transcoder_set", "cross_layer_transcoder"
-
-
-@dataclass
-class TranscoderSet:
-    """`transcoders[L]` maps the MLP input of layer L to its MLP output; `model` names the source model."""
-
-    transcoders: dict[int, Dictionary]
-    model: str | None = None
-    paths: dict[int, str] = field(default_factory=dict)  # where each was read from (the graph's transcoder_list)
-
-    def __post_init__(self) -> None:
-        if not self.transcoders:
-            raise FeaturekitError("a transcoder set needs at least one transcoder: pass {layer: transcoder}")
-        self.transcoders = {int(layer): tc for layer, tc in sorted(self.transcoders.items())}
-        for layer, tc in self.transcoders.items():
-            _check_transcoder(layer, tc)
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.transcoders)
-
-    def __getitem__(self, layer: int) -> Dictionary:
-        return self.transcoders[layer]
-
-    def check_covers(self, n_layers: int) -> None:
-        """Every layer 0..n_layers-1 has a transcoder (the replacement model swaps every MLP)."""
-        missing = [layer for layer in range(n_layers) if layer not in self.transcoders]
-        extra = [layer for layer in self.transcoders if layer >= n_layers]
-        if missing or extra:
-            raise FeaturekitError(
-                f"the transcoder set has layers {self.layers} but the model has layers 0..{n_layers - 1}"
-                + (f" (missing {missing})" if missing else "") + (f" (no such layers: {extra})" if extra else "")
-                + "; train a transcoder (mlp_in.L → mlp_out.L) for every layer of this model, or make the gaps explicit "
-                "error nodes with `partial(set, n_layers)` (`--partial-set` on the command line)")
-
-    kind = KIND_PLT
-
-    def width(self, layer: int) -> int:
-        return self.transcoders[layer].n_latents
-
-    def listing(self) -> list[str]:
-        """Where each layer's transcoder came from (the graph's transcoder_list)."""
-        return [self.paths.get(layer, f"layer {layer}") for layer in self.layers]
-
-    def to(self, device: str | torch.device) -> TranscoderSet:
-        return TranscoderSet({layer: tc.to(device) for layer, tc in self.transcoders.items()}, self.model, self.paths)
-
-    # -- what the circuits code asks of a set (module docstring) -------------------------------
-    def encode(self, layer: int, m: Tensor) -> Tensor:
-        return self.transcoders[layer].encode(m)
-
-    def pre_activation(self, layer: int, m: Tensor) -> Tensor:
-        return self.transcoders[layer].pre_activation(m)
-
-    def encoder_rows(self, layer: int, latents: Tensor) -> Tensor:
-        return self.transcoders[layer].W_enc[latents]
-
-    def encoder_bias(self, layer: int, latents: Tensor) -> Tensor:
-        return self.transcoders[layer].b_enc[latents]
-
-    def targets(self, layer: int) -> list[int]:
-        return [layer]
-
-    def decoder_rows(self, source: int, target: int, latents: Tensor) -> Tensor:
-        if target != source:
-            raise FeaturekitError(f"a per-layer transcoder of layer {source} writes only to layer {source}, not {target}")
-        return self.transcoders[source].W_dec[latents]
-
-    def output_bias(self, layer: int) -> Tensor:
-        return self.transcoders[layer].b_dec
-
-    def skip(self, layer: int, m: Tensor) -> Tensor | float:
-        tc = self.transcoders[layer]
-        return tc.skip(m) if hasattr(tc, "skip") else 0.0
-
-    def skip_weight(self, layer: int) -> Tensor | None:
-        return getattr(self.transcoders[layer], "W_skip", None)
-
-    def prediction(self, layer: int, codes: Mapping[int, Tensor], m: Tensor) -> Tensor:
-        return self.transcoders[layer].reconstruct_from(m, codes[layer])
-
-    def folded(self) -> TranscoderSet:
-        """A copy in float32 with every normalisation scale folded into the weights (codes in raw units,
-        `W_dec` rows the raw output directions): the form the circuits code computes with."""
-        out = {}
-        for layer, tc in self.transcoders.items():
-            tc = copy.deepcopy(tc).float().eval()
-            tc.fold_input_scale()
-            for p in tc.parameters():
-                p.requires_grad_(False)
-            out[layer] = tc
-        return TranscoderSet(out, self.model, dict(self.paths))
-
-
-@dataclass
-class CrossLayerSet:
-    """A cross-layer transcoder over the model's `layers` (its layer i is model layer layers[i]): layer L's
-    latents read mlp_in.L and write to mlp_out.L' for every L' ≥ L in the set."""
-
-    clt: CrossLayerTranscoder
-    layers: list[int]
-    model: str | None = None
-    path: str | None = None
-
-    kind = KIND_CLT
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.clt, CrossLayerTranscoder):
-            raise FeaturekitError(f"a cross-layer set needs a CLT (method 'clt'), got a {getattr(self.clt, 'method', type(self.clt))} "
-                                  "dictionary; per-layer transcoders make a TranscoderSet")
-        self.layers = [int(layer) for layer in self.layers]
-        if len(self.layers) != self.clt.n_layers or self.layers != sorted(set(self.layers)):
-            raise FeaturekitError(f"the CLT spans {self.clt.n_layers} layers but is listed for layers {self.layers}; "
-                                  "list one increasing model layer per CLT layer")
-        self.clt.check_causal()
-        self.index = {layer: i for i, layer in enumerate(self.layers)}
-
-    def check_covers(self, n_layers: int) -> None:
-        if self.layers != list(range(n_layers)):
-            raise FeaturekitError(f"the CLT spans layers {self.layers} but the model has layers 0..{n_layers - 1}; the "
-                                  "replacement model swaps every MLP: train the CLT on every layer (--layers all)")
-
-    def width(self, layer: int) -> int:
-        return self.clt.per_layer
-
-    def listing(self) -> list[str]:
-        return [self.path or "cross-layer transcoder"]
-
-    def to(self, device: str | torch.device) -> CrossLayerSet:
-        return CrossLayerSet(self.clt.to(device), self.layers, self.model, self.path)
-
-    def folded(self) -> CrossLayerSet:
-        """A float32 copy without gradients (a CLT's weights are in raw units already)."""
-        clt = copy.deepcopy(self.clt).float().eval()
-        for p in clt.parameters():
-            p.requires_grad_(False)
-        return CrossLayerSet(clt, self.layers, self.model, self.path)
-
-    def _rows(self, layer: int) -> slice:
-        i, F = self.index[layer], self.clt.per_layer
-        return slice(i * F, (i + 1) * F)
-
-    # -- what the circuits code asks of a set (module docstring) -------------------------------
-    def pre_activation(self, layer: int, m: Tensor) -> Tensor:
-        rows = self._rows(layer)
-        return m.to(self.clt.W_enc.dtype) @ self.clt.W_enc[rows].T + self.clt.b_enc[rows]
-
-    def encode(self, layer: int, m: Tensor) -> Tensor:
-        return topk(self.pre_activation(layer, m), self.clt.k)
-
-    def encoder_rows(self, layer: int, latents: Tensor) -> Tensor:
-        return self.clt.W_enc[self._rows(layer)][latents]
-
-    def encoder_bias(self, layer: int, latents: Tensor) -> Tensor:
-        return self.clt.b_enc[self._rows(layer)][latents]
-
-    def targets(self, layer: int) -> list[int]:
-        return self.layers[self.index[layer]:]
-
-    def decoder_rows(self, source: int, target: int, latents: Tensor) -> Tensor:
-        if self.index[target] < self.index[source]:
-            raise FeaturekitError(f"a CLT's layer-{source} latents do not write to the earlier layer {target}")
-        return self.clt.decoder(self.index[source], self.index[target])[latents]
-
-    def output_bias(self, layer: int) -> Tensor:
-        return self.clt.b_dec[self.clt.layer_slice(self.index[layer], out=True)]
-
-    def skip(self, layer: int, m: Tensor) -> float:
-        return 0.0
-
-    def skip_weight(self, layer: int) -> None:
-        return None
-
-    def prediction(self, layer: int, codes: Mapping[int, Tensor], m: Tensor) -> Tensor:
-        """Σ over the set's layers L ≤ `layer` of codes[L] W_dec,L→layer, + b_dec of `layer`."""
-        out = self.output_bias(layer)
-        for source in self.layers[:self.index[layer] + 1]:
-            out = out + codes[source] @ self.clt.decoder(self.index[source], self.index[layer])
-        return out
-
-
-NO_TRANSCODER = "none"  # a partial set's transcoder_list entry for a layer without a transcoder
-
-
-class PartialSet(TranscoderSet):
-    """A per-layer set that does NOT cover every layer, made explicit (`partial(tset, n_layers)`): a layer without a
-    transcoder has no latents, predicts 0, and so its whole MLP output is that layer's error node (exact, but no
-    features there). Results from it are a partial set's and say so (`covered`, `missing`)."""
-
-    def __init__(self, transcoders: dict[int, Dictionary], n_layers: int, model: str | None = None,
-                 paths: dict[int, str] | None = None):
-        super().__init__(transcoders, model, dict(paths or {}))
-        self.n_layers = int(n_layers)
-        extra = [layer for layer in self.transcoders if not 0 <= layer < self.n_layers]
-        if extra:
-            raise FeaturekitError(f"the set has layers {extra} that a {self.n_layers}-layer model does not have")
-        first = next(iter(self.transcoders.values()))
-        self.d_in, self.d_out = int(first.W_enc.shape[1]), int(first.W_dec.shape[1])
-
-    @property
-    def covered(self) -> list[int]:
-        return list(self.transcoders)
-
-    @property
-    def missing(self) -> list[int]:
-        return [layer for layer in range(self.n_layers) if layer not in self.transcoders]
-
-    def check_covers(self, n_layers: int) -> None:
-        if n_layers != self.n_layers:
-            raise FeaturekitError(f"the partial set was made for {self.n_layers} layers but the model has {n_layers}")
-
-    def width(self, layer: int) -> int:
-        return self.transcoders[layer].n_latents if layer in self.transcoders else 0
-
-    def listing(self) -> list[str]:
-        return [self.paths.get(layer, f"layer {layer}") if layer in self.transcoders else NO_TRANSCODER
-                for layer in range(self.n_layers)]
-
-    def to(self, device: str | torch.device) -> PartialSet:
-        return PartialSet({layer: tc.to(device) for layer, tc in self.transcoders.items()}, self.n_layers, self.model, self.paths)
-
-    def folded(self) -> PartialSet:
-        return PartialSet(super().folded().transcoders, self.n_layers, self.model, self.paths)
-
-    def _empty(self, layer: int) -> bool:
-        return layer not in self.transcoders
-
-    def _like(self, m: Tensor, width: int) -> Tensor:
-        return torch.zeros(*m.shape[:-1], width, dtype=torch.float32, device=m.device)
-
-    def _device(self) -> torch.device:
-        return next(iter(self.transcoders.values())).W_enc.device
-
-    def encode(self, layer: int, m: Tensor) -> Tensor:
-        return self._like(m, 0) if self._empty(layer) else super().encode(layer, m)
-
-    def pre_activation(self, layer: int, m: Tensor) -> Tensor:
-        return self._like(m, 0) if self._empty(layer) else super().pre_activation(layer, m)
-
-    def encoder_rows(self, layer: int, latents: Tensor) -> Tensor:
-        return torch.zeros(0, self.d_in, device=self._device()) if self._empty(layer) else super().encoder_rows(layer, latents)
-
-    def encoder_bias(self, layer: int, latents: Tensor) -> Tensor:
-        return torch.zeros(0, device=self._device()) if self._empty(layer) else super().encoder_bias(layer, latents)
-
-    def decoder_rows(self, source: int, target: int, latents: Tensor) -> Tensor:
-        return torch.zeros(0, self.d_out, device=self._device()) if self._empty(source) else super().decoder_rows(source, target, latents)
-
-    def output_bias(self, layer: int) -> Tensor:
-        return torch.zeros(self.d_out, device=self._device()) if self._empty(layer) else super().output_bias(layer)
-
-    def skip(self, layer: int, m: Tensor) -> Tensor | float:
-        return 0.0 if self._empty(layer) else super().skip(layer, m)
-
-    def skip_weight(self, layer: int) -> Tensor | None:
-        return None if self._empty(layer) else super().skip_weight(layer)
-
-    def prediction(self, layer: int, codes: Mapping[int, Tensor], m: Tensor) -> Tensor:
-        return self._like(m, self.d_out) if self._empty(layer) else super().prediction(layer, codes, m)
-
-
-def partial(tset: TranscoderSet, n_layers: int) -> PartialSet:
-    """`tset` as an explicit partial set of an n_layers model (PartialSet): layers without a transcoder become
-    whole-MLP error nodes. Only per-layer sets."""
-    if not isinstance(tset, TranscoderSet):
-        raise FeaturekitError("only a per-layer transcoder set can be partial; a CLT names its own layers")
-    return PartialSet(dict(tset.transcoders), n_layers, tset.model, dict(tset.paths))
-
-
-AnySet = TranscoderSet | CrossLayerSet
-
-
-def _sites(tc: Dictionary) -> tuple[str | None, str | None]:
-    source = (getattr(tc, "metadata", None) or {}).get("source", {}) or {}
-    return source.get("site"), source.get("output_site")
-
-
-def _check_transcoder(layer: int, tc: Dictionary) -> None:
-    if not getattr(tc, "transcodes", False):
-        raise FeaturekitError(f"the {tc.method} dictionary given for layer {layer} is not a transcoder (it reconstructs "
-                              "its own input); a transcoder set needs transcoders trained mlp_in.L → mlp_out.L")
-    site, out = _sites(tc)
-    if site is not None and (site, out) != (f"mlp_in.{layer}", f"mlp_out.{layer}"):
-        raise FeaturekitError(f"the transcoder given for layer {layer} was trained on {site} → {out}; a set needs "
-                              f"mlp_in.{layer} → mlp_out.{layer} there (list each transcoder under its own layer)")
 
 
 def _layer_of(tc: Dictionary, where: Path) -> int:
-    site, out = _sites(tc)
+    site, out = sites_of(tc)
     if site is None:
         raise FeaturekitError(f"{where}: the dictionary's featurekit.json names no source site, so its layer is unknown; "
                               "build the set with TranscoderSet({layer: transcoder}) and save it")
@@ -389,7 +104,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> TranscoderSe
         tc = fileformat.load(_inside(folder, rel, manifest_path, f"layer {layer}"), device=device)
         if _layer_of(tc, folder / rel) != layer:
             raise FeaturekitError(f"{manifest_path} lists {rel} under layer {layer} but it was trained on "
-                                  f"{_sites(tc)[0]}; fix the manifest or re-save the set")
+                                  f"{sites_of(tc)[0]}; fix the manifest or re-save the set")
         transcoders[layer], paths[layer] = tc, str(folder / rel)
     return TranscoderSet(transcoders, manifest.get("model"), paths)
 
@@ -449,3 +164,30 @@ def save(tset: TranscoderSet | CrossLayerSet | Mapping[int, Dictionary], folder:
         meta["source"] = {**meta.get("source", {}), "model": name, "site": f"mlp_in.{layer}", "output_site": f"mlp_out.{layer}"}
         fileformat.save(tc, folder / f"layer_{layer}", metadata=meta)
     return write_manifest(folder, name, {layer: f"layer_{layer}" for layer in tset.transcoders})
+
+
+def layer_folders(folder: str | Path) -> dict[int, Path]:
+    """layer → dictionary folder of a per-layer set folder: those its manifest lists, or, for a set whose training
+    is still going on (no manifest yet), every finished `layer_L` folder (train-set moves a layer there when done)."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        manifest = read_json(folder / MANIFEST)
+        if isinstance(manifest, dict) and manifest.get("kind") == KIND_CLT:
+            raise FeaturekitError(f"{folder} is a cross-layer transcoder set; feature stores are built for per-layer sets only "
+                                  "(a CLT's latents write to several layers)")
+        entries = manifest.get("layers") if isinstance(manifest, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise FeaturekitError(f"{folder / MANIFEST} lists no layers; re-save the set")
+        return {int(e["layer"]): _inside(folder, str(e["path"]), folder / MANIFEST, f"layer {e['layer']}") for e in entries}
+    found = {int(p.name[6:]): p for p in folder.glob("layer_*")
+             if p.name[6:].isdigit() and (p / fileformat.META).is_file() and (p / fileformat.WEIGHTS).is_file()}
+    if not found:
+        raise FeaturekitError(f"{folder} is not a transcoder set: no {MANIFEST} and no finished layer_L folders; pass the "
+                              "folder that `featurekit circuits train-set` writes")
+    return dict(sorted(found.items()))
+
+
+def store_folder(layer_folder: str | Path) -> Path:
+    """The default feature store run of the set's transcoder in `layer_folder`: SET/stores/layer_L."""
+    layer_folder = Path(layer_folder)
+    return layer_folder.parent / STORES / layer_folder.name

@@ -28,6 +28,9 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="embedded name, local directory, .gguf file or Hub id (default: the model the transcoders name)")
     p.add_argument("--targets", nargs="+", metavar="TOKEN",
                    help="explain these next tokens (each must be one token, e.g. ' Paris') instead of the top logits")
+    p.add_argument("--contrast", metavar="TOKEN",
+                   help="explain the logit difference target − TOKEN (one token, e.g. ' London') instead of each target's "
+                        "demeaned logit; needs --targets")
     p.add_argument("--max-logits", type=int, default=10, help="at most this many top logits as targets (default 10)")
     p.add_argument("--logit-prob", type=float, default=0.95, help="top logits until this cumulative probability (default 0.95)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="keep the nodes holding this share of influence (default 0.8)")
@@ -76,7 +79,11 @@ def _trace(args: argparse.Namespace) -> int:
 
     tset, loaded = _load_set_and_model(args)
     targets = target_ids(loaded.tokenizer, args.targets) if args.targets else None
+    if args.contrast is not None and targets is None:
+        raise FeaturekitError("--contrast needs --targets: the graph explains logit(target) - logit(contrast) for the given targets")
+    contrast = target_ids(loaded.tokenizer, [args.contrast])[0] if args.contrast is not None else None
     result = trace(loaded, tset, args.prompt, out=args.out, target_tokens=targets, max_n_logits=args.max_logits,
+                   contrast_token=contrast,
                    desired_logit_prob=args.logit_prob, batch_size=args.batch_size, node_threshold=args.node_threshold,
                    edge_threshold=args.edge_threshold, max_feature_nodes=args.max_feature_nodes)
     meta = result.document["metadata"]["featurekit"]
@@ -89,7 +96,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _circuits_parser(sub: argparse._SubParsersAction) -> None:
-    """`featurekit circuits train-set | quality`: transcoder sets for circuits."""
+    """`featurekit circuits train-set | features | quality | faithfulness`: transcoder sets for circuits."""
     circuits = sub.add_parser("circuits", help="transcoder sets for attribution graphs: train one, measure its replacement "
                                                "quality, test a graph's faithfulness").add_subparsers(dest="circuits", required=True)
     p = circuits.add_parser(
@@ -114,6 +121,24 @@ def _circuits_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="YAML or JSON config file for the data, dictionary and train settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value (repeatable); `featurekit config` lists the keys")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = circuits.add_parser(
+        "features", help="feature stores for a transcoder set's layers from ONE model pass (top contexts, histograms, "
+                         "logit effects), served as runs that the graph viewer links to",
+        description="Run the model once over held-out text (the set's text, held-out split first, as `featurekit features`), "
+                    "capture every chosen layer's MLP input in the same forward, encode it with that layer's transcoder and "
+                    "write one feature store per layer: OUT/layer_L/{config.json, features.sqlite}, OUT = SET_DIR/stores by "
+                    "default, a run folder whose dictionary is SET_DIR/layer_L. `featurekit serve --graphs G.json` serves "
+                    "them for a graph traced through the set; `featurekit serve SET_DIR/stores/layer_*` browses them. A rerun "
+                    "skips layers whose store is complete. Works on a set still training (its finished layer_L folders).",
+        epilog=EPILOG)
+    p.add_argument("set", type=Path, metavar="SET_DIR", help="a per-layer transcoder set folder (train-set's OUT_DIR)")
+    p.add_argument("--layers", default="all", help="all (default: every layer the set has), a list 0,3,5 or a range 2-6")
+    p.add_argument("--tokens", type=int, default=20_000, help="tokens in the pass (features.tokens; default 20000)")
+    p.add_argument("--text", metavar="SOURCE", help="build them from this text source (all its documents) instead")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write the layer_L store runs here instead of SET_DIR/stores")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a features.* value (e.g. features.top_n=10)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = circuits.add_parser(
         "quality", help="replace every MLP of the set's layers by the set at once: CE and KL against the clean model and "
@@ -144,6 +169,8 @@ def _circuits_parser(sub: argparse._SubParsersAction) -> None:
     _set_args(p)
     p.add_argument("--prompt", required=True, help="a prompt the model gets right")
     p.add_argument("--target", help="the target next token, one token (e.g. ' Paris'; default: the model's top token)")
+    p.add_argument("--contrast", metavar="TOKEN", help="measure the logit difference target − TOKEN (one token, e.g. "
+                                                       "' London') instead of the target's demeaned logit")
     p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20], help="feature counts to ablate (default 1 5 10 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control (default 0)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: node influence share (default 0.8)")
@@ -174,8 +201,9 @@ def _faithfulness(args: argparse.Namespace) -> int:
         with torch.no_grad():
             ids = prompt_ids(loaded.tokenizer, args.prompt)
             target = int(unwrap(loaded.model)(input_ids=ids[None]).logits[0, -1].argmax())
+    contrast = target_ids(loaded.tokenizer, [args.contrast])[0] if args.contrast is not None else None
     result = trace(loaded, tset, args.prompt, out=args.graph_out, target_tokens=[target], node_threshold=args.node_threshold,
-                   edge_threshold=args.edge_threshold, max_feature_nodes=args.max_feature_nodes)
+                   edge_threshold=args.edge_threshold, max_feature_nodes=args.max_feature_nodes, contrast_token=contrast)
     rm = result.replacement
     probs = torch.softmax(rm.clean_logits[-1].double(), -1)
     top = int(probs.argmax())
@@ -183,7 +211,8 @@ def _faithfulness(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     head = (f"{args.prompt!r} -> target {tok.decode([target])!r} (p = {float(probs[target]):.3f}; the model's top token "
             f"{tok.decode([top])!r}); {result.graph.n_features} active features, "
-            f"{int(result.pruned.node_mask[:result.graph.n_features].sum())} in the pruned graph; change of the demeaned target logit:")
+            f"{int(result.pruned.node_mask[:result.graph.n_features].sum())} in the pruned graph; change of the "
+            + (f"logit difference target - {tok.decode([contrast])!r}:" if contrast is not None else "demeaned target logit:"))
     print(head)
     print(faithfulness.describe(rows))
     seconds = time.perf_counter() - start
@@ -192,6 +221,7 @@ def _faithfulness(args: argparse.Namespace) -> int:
         partial = result.document["metadata"]["featurekit"].get("partial_set")
         atomic_write_json(args.out, {"prompt": args.prompt, "target": tok.decode([target]), "target_id": target,
                                      "target_probability": float(probs[target]), "top_token": tok.decode([top]),
+                                     "contrast": None if contrast is None else tok.decode([contrast]),
                                      "model": loaded.name, "transcoders": tset.listing(), "partial_set": partial,
                                      "n_features": result.graph.n_features, "scores": result.scores, "seed": args.seed,
                                      "rows": rows, "seconds": round(seconds, 2)})
@@ -199,9 +229,25 @@ def _faithfulness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_features(args: argparse.Namespace, progress: bool) -> int:
+    from ..pipeline.set_features import build_set_stores
+
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("features.")]
+    if bad:
+        raise FeaturekitError(f"featurekit circuits features may change only features.* settings, not {', '.join(bad)}")
+    runs = build_set_stores(args.set, args.layers, tokens=args.tokens, text=args.text, out=args.out,
+                            overrides=args.overrides, progress=progress)
+    first, last = runs[min(runs)], runs[max(runs)]
+    print(f"feature stores of layers {sorted(runs)}: {first}{' ... ' + str(last) if last != first else ''}")
+    print(f"browse them: featurekit serve {first.parent}/layer_* (or serve --graphs G.json for a graph traced through the set)")
+    return 0
+
+
 def _circuits(args: argparse.Namespace, progress: bool) -> int:
     if args.circuits == "faithfulness":
         return _faithfulness(args)
+    if args.circuits == "features":
+        return _set_features(args, progress)
     if args.circuits == "train-set":
         from ..config import load_config
         from ..pipeline.circuit_sets import check_method, train_set

@@ -87,7 +87,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--graphs", type=Path, nargs="+", default=[], metavar="G.json",
                    help="attribution graph files (`featurekit trace --out`) to view at /g/NAME/: layer x position layout, "
                         "hover, pruning, pins, interventions; feature nodes link to the served run whose dictionary is "
-                        "that layer's transcoder (docs/circuits.md, Viewer)")
+                        "that layer's transcoder; the stores `featurekit circuits features` wrote for a set's layers "
+                        "(SET/stores/layer_L) are served with them (docs/circuits.md, Viewer)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port, printed at start)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; another address prints a warning: "

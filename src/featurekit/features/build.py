@@ -14,6 +14,9 @@
    (`effects.py`), token texts, and the store file (`store.py`), written beside the old one and renamed
    over it.
 
+`build_stores` does the same for several dictionaries (e.g. every layer of a transcoder set) from one pass:
+the harvest captures all their sites at once, each batch feeds every dictionary's statistics and spill.
+
 Memory does not grow with the number of tokens (the statistics are bounded, the scratch codes are on
 disk: tokens × L0 × 6 bytes).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,18 @@ class CodeSpill:
         return out
 
 
+@dataclass
+class StoreJob:
+    """One dictionary's store in a pass (`build_stores`): its dictionary, the store file to write, the site its
+    codes are read from, `meta` recorded as is, and `extra(feature)` for a feature's extra JSON."""
+
+    dictionary: Any
+    out: Path
+    site: str
+    meta: dict[str, Any]
+    extra: Callable[[int], dict] | None = None
+
+
 def build_store(model: Any, tokenizer: Any, dictionary: Any, ids: torch.Tensor, mask: torch.Tensor, out: Path, *,
                 site: str, meta: dict[str, Any], max_norm_multiple: float | None = None, batch_contexts: int = 16,
                 top_n: int = 20, band_n: int = 5, cofire_tokens: int = 16_384, progress: bool = True,
@@ -98,41 +114,67 @@ def build_store(model: Any, tokenizer: Any, dictionary: Any, ids: torch.Tensor, 
     `batches`: the pass's `ActivationBatch`es made elsewhere (a vision run's views, one process; `ids` then holds
     each context's token kinds and `model` may be None: no logit effects) instead of the text harvest.
     Returns the store's path (None on ranks other than 0)."""
+    return build_stores(model, tokenizer, [StoreJob(dictionary, out, site, meta, extra)], ids, mask,
+                        max_norm_multiple=max_norm_multiple, batch_contexts=batch_contexts, top_n=top_n, band_n=band_n,
+                        cofire_tokens=cofire_tokens, progress=progress, distributed=distributed, batches=batches)[0]
+
+
+def build_stores(model: Any, tokenizer: Any, jobs: list[StoreJob], ids: torch.Tensor, mask: torch.Tensor, *,
+                 max_norm_multiple: float | None = None, batch_contexts: int = 16, top_n: int = 20, band_n: int = 5,
+                 cofire_tokens: int = 16_384, progress: bool = True, distributed: Any = None,
+                 batches: Iterable[Any] | None = None) -> list[Path | None]:
+    """The stores of several dictionaries from ONE pass of the model (`build_store` is the one-job case): the
+    harvest captures every job's site at once and each batch's activations feed every job's statistics and code
+    spill; then each store is assembled and written in turn. With `max_norm_multiple` a token is dropped when its
+    norm is an outlier at any of the sites (the harvest keeps the same tokens at all sites). Returns the stores'
+    paths in the jobs' order (None on ranks other than 0)."""
     n_ctx, context_len = ids.shape
     world, rank = (distributed.world_size(), distributed.rank()) if distributed and distributed.is_initialized() else (1, 0)
     start, stop = rank * n_ctx // world, (rank + 1) * n_ctx // world
     vocab = max(len(tokenizer), int(ids.max()) + 1)
     total = int(mask.sum())
-    stats = FeatureStatistics(dictionary.n_latents, context_len, vocab, signed=dictionary.signed, top_n=top_n, band_n=band_n,
-                              cofire_rate=cofire_rate_for(total, cofire_tokens))
     scratch = Path(tempfile.mkdtemp(prefix="featurekit-store-"))
     try:
-        spill = CodeSpill(scratch)
+        parts = []
+        for i, job in enumerate(jobs):
+            (scratch / str(i)).mkdir()
+            stats = FeatureStatistics(job.dictionary.n_latents, context_len, vocab, signed=job.dictionary.signed, top_n=top_n,
+                                      band_n=band_n, cofire_rate=cofire_rate_for(total, cofire_tokens))
+            device = next(job.dictionary.parameters(), torch.empty(0)).device
+            parts.append((job, stats, CodeSpill(scratch / str(i)), device))
         if batches is None:
-            batches = harvest(model, ids[start:stop], [site], batch_size=batch_contexts, mask=mask[start:stop],
+            sites = list(dict.fromkeys(job.site for job in jobs))
+            batches = harvest(model, ids[start:stop], sites, batch_size=batch_contexts, mask=mask[start:stop],
                               progress=progress and rank == 0, max_norm_multiple=max_norm_multiple)
         for batch in batches:
             context = batch.context_idx + start
-            rows, lats, vals = sparse_codes(dictionary, batch.acts[site].to(next(dictionary.parameters(), torch.empty(0)).device))
-            stats.update(rows, lats, vals, context, batch.position, batch.token_ids)
-            spill.write(context, batch.position, rows, lats, vals)
-        if world > 1:
-            gathered = distributed.gather_objects(stats)
-            if rank == 0:
-                for other in gathered[1:]:
-                    stats.merge(other)
-        wanted = chosen_examples(stats) if rank == 0 else None
-        if world > 1:
-            wanted = distributed.broadcast_object(wanted)
-        acts = spill.activations(wanted_by_context(wanted))
-        if world > 1:
-            parts = distributed.gather_objects(acts)
-            if rank != 0:
-                return None
-            acts = {k: v for part in parts for k, v in part.items()}
-        return write(out, stats, wanted, acts, ids, tokenizer, dictionary, model, site, meta, extra)
+            for job, stats, spill, device in parts:
+                rows, lats, vals = sparse_codes(job.dictionary, batch.acts[job.site].to(device))
+                stats.update(rows, lats, vals, context, batch.position, batch.token_ids)
+                spill.write(context, batch.position, rows, lats, vals)
+        return [_finish(job, stats, spill, ids, tokenizer, model, distributed, world, rank) for job, stats, spill, _ in parts]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _finish(job: StoreJob, stats: FeatureStatistics, spill: CodeSpill, ids: torch.Tensor, tokenizer: Any, model: Any,
+            distributed: Any, world: int, rank: int) -> Path | None:
+    """Merge the ranks' statistics, cut the examples and write one job's store (rank 0)."""
+    if world > 1:
+        gathered = distributed.gather_objects(stats)
+        if rank == 0:
+            for other in gathered[1:]:
+                stats.merge(other)
+    wanted = chosen_examples(stats) if rank == 0 else None
+    if world > 1:
+        wanted = distributed.broadcast_object(wanted)
+    acts = spill.activations(wanted_by_context(wanted))
+    if world > 1:
+        parts = distributed.gather_objects(acts)
+        if rank != 0:
+            return None
+        acts = {k: v for part in parts for k, v in part.items()}
+    return write(job.out, stats, wanted, acts, ids, tokenizer, job.dictionary, model, job.site, job.meta, job.extra)
 
 
 def chosen_examples(stats: FeatureStatistics) -> dict[int, list[tuple[str, int, int, int, float]]]:
