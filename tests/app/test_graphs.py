@@ -114,3 +114,18 @@ def test_graph_shows_model_name_and_partial_sets(tmp_path, graph_files, server):
     assert graph.partial == {"covered": [0, 2], "missing": [1]} and graph.model_label == "model"
     tset = graph.intervener._transcoders()
     assert isinstance(tset, PartialSet) and tset.missing == [1] and tset.covered == [0, 2]
+
+
+def test_the_page_draws_only_the_strongest_edges_of_a_large_graph(graph_files):
+    """`layout(max_edges=N)` keeps the N edges of largest |weight| (the page's cap, `MAX_DRAWN_EDGES`), every node,
+    and counts what it left out; the scale (`peak`) stays the whole graph's."""
+    from featurekit.app.graphs import Graphs
+
+    graph = Graphs([graph_files["tiny"]]).get("tiny")
+    weights = sorted((abs(float(e["weight"])) for e in graph.links), reverse=True)
+    assert len(weights) > 6
+    full, cut = graph.layout([]), graph.layout([], max_edges=5)
+    assert len(full["edges"]) == len(weights) and full["edges_cut"] == 0
+    assert len(cut["edges"]) == 5 and cut["edges_cut"] == len(weights) - 5
+    assert sorted((abs(e["w"]) for e in cut["edges"]), reverse=True) == weights[:5]
+    assert len(cut["nodes"]) == len(full["nodes"]) and cut["peak"] == full["peak"] == weights[0]

@@ -2,6 +2,9 @@
 `featurekit trace`; circuit-tracer / Neuronpedia schema), laid out layer × position for the viewer page, their
 feature nodes linked to the served runs whose dictionary is that layer's transcoder, and interventions on them.
 
+The page draws at most `MAX_DRAWN_EDGES` edges, the strongest by |weight|, and says how many it left out (every
+node is drawn; the pruning slider works within the drawn edges).
+
 A graph is addressed in URLs by its file's stem (made unique with `-2`, `-3`, …) or its index, never by a path.
 
 Links: a feature node of layer L links to the feature page of the served run whose dictionary folder (`dictionary/`,
@@ -35,6 +38,7 @@ from .runs import Run, Runs
 
 MAX_GRAPH_BYTES = 64 * 1024 * 1024
 MAX_CLAMPS = 4
+MAX_DRAWN_EDGES = 20_000  #: the strongest edges the page draws; a 14-token 30-layer graph keeps ~600k (minutes to open)
 MAX_VALUE = 1e4
 TOP_LOGITS = 10
 KINDS = {"embedding": "emb", "logit": "logit", "mlp reconstruction error": "err"}
@@ -158,7 +162,7 @@ class ServedGraph:
         return out
 
     # -- the page -------------------------------------------------------------------------------------------
-    def layout(self, runs: Runs) -> dict[str, Any]:
+    def layout(self, runs: Runs, max_edges: int = MAX_DRAWN_EDGES) -> dict[str, Any]:
         """What the viewer page draws: nodes with (x, y) and details, edges with width and sign, rows, columns."""
         n_pos = max([len(self.tokens)] + [int(n["ctx_idx"]) + 1 for n in self.nodes if isinstance(n.get("ctx_idx"), int)])
         layers = sorted({int(n["layer"]) for n in self.nodes if node_kind(n) in ("feat", "err") and str(n.get("layer", "")).isdigit()})
@@ -216,7 +220,8 @@ class ServedGraph:
             nodes.append(record)
         peak = max((abs(float(e["weight"])) for e in self.links), default=0.0) or 1.0
         edges = []
-        for e in sorted(self.links, key=lambda e: abs(float(e["weight"]))):
+        drawn = sorted(self.links, key=lambda e: abs(float(e["weight"])))[-max_edges:] if max_edges > 0 else []
+        for e in drawn:
             (x1, y1), (x2, y2), w = place[e["source"]], place[e["target"]], float(e["weight"])
             edges.append({"s": e["source"], "t": e["target"], "w": w, "rel": abs(w) / peak, "x1": x1, "y1": y1, "x2": x2, "y2": y2,
                           "width": round(0.4 + 3.6 * abs(w) / peak, 2), "sign": "pos" if w >= 0 else "neg"})
@@ -226,7 +231,7 @@ class ServedGraph:
         features = sum(1 for n in nodes if n["kind"] == "feat")
         linked = sorted({f"L{layer} → {run.name}" for layer, run in links.items()})
         return {"nodes": nodes, "edges": edges, "rows": rows, "columns": columns, "width": starts[-1] + 16, "height": height,
-                "peak": peak, "n_features": features, "linked": linked, "row_h": ROW_H, "left": LEFT,
+                "peak": peak, "n_features": features, "edges_cut": len(self.links) - len(edges), "linked": linked, "row_h": ROW_H, "left": LEFT,
                 "logit_y": y_of(n_rows - 1), "bottom_y": height - BOTTOM + 14}
 
 
