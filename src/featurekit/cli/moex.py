@@ -94,7 +94,9 @@ def _moex_compare(args: argparse.Namespace, progress: bool) -> int:
     import torch
 
     from ..moex.compare import CompareSettings, compare
+    from ..moex.train import training_device
 
+    training_device(args.device)  # a bad or absent device is refused before the games are generated
     torch.set_num_threads(args.threads)
     names = [n for n in CompareSettings.__dataclass_fields__ if hasattr(args, n)]
     settings = CompareSettings(**{n: getattr(args, n) for n in names})
