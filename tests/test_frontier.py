@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from featurekit.bench.frontier import FrontierConfig, combine, run_frontier
-from featurekit.bench.frontier_calibration import CALIBRATED, Knob, next_trial
+from featurekit.bench.frontier import FrontierConfig, combine, run_config, run_frontier
+from featurekit.bench.frontier_calibration import CALIBRATED, Knob, next_trial, sweep
 from featurekit.bench.frontier_suite import SuiteSettings, matched_points
 from featurekit.errors import FeaturekitError
 
@@ -58,6 +58,19 @@ def test_next_trial_is_a_secant_search_in_log_log_space():
     rate = Knob("r", None, rises=True, high=0.5)
     assert next_trial(rate, [], [16, 32, 64], 0.15, 2304) == (32, 32 / 2304)
     assert next_trial(rate, [(0.3, 1.0), (0.4, 2.0)], [32], 0.15, 2304)[1] < 0.5
+    # and above its lower bound (GBA's freq_high may not fall below freq_low: the real frontier's trial 0.000397 did)
+    floor = Knob("f", 0.05, rises=True, high=0.5, low=0.001)
+    assert next_trial(floor, [(0.006, 23.0), (0.05, 26.0)], [16], 0.15, 2304)[1] >= 0.001
+
+
+def test_a_sweep_of_a_setting_the_method_lacks_is_refused(tiny, tmp_path):
+    """SNMF has no k: the frontier used to set an attribute its fit never read (three identical points); a setting
+    a method lacks is refused, and SNMF sweeps its share of neurons per feature instead."""
+    fc = tiny_config(tiny, ["snmf"])
+    with pytest.raises(FeaturekitError, match="no setting 'k'"):
+        run_config(fc, tmp_path, "p", {"method": "snmf", "k": 16})
+    assert run_config(fc, tmp_path, "p", {"method": "snmf", "sparsity": 0.05}).dictionary.params.sparsity == 0.05
+    assert sweep("snmf", [16, 32, 64])[0] == "sparsity"
 
 
 def test_suite_at_matched_l0_transcoder_frontier_and_combined_table(tiny, tmp_path):

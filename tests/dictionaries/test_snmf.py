@@ -130,6 +130,25 @@ def test_bad_hyperparameters_are_clear_errors():
         fit_snmf(iter([torch.randn(10, 8)]), 4)
 
 
+def test_least_squares_init_survives_a_singular_gram_matrix_with_rounding_below_zero():
+    """More features than dimensions make Q = W Wᵀ singular; computed in float32 its zero eigenvalues can land below
+    −ρ·mean(diag Q) (the frontier's SNMF at 1,152 latents in d = 576 failed so). Here one eigenvalue is −1e-5: the
+    ridge grows until the Cholesky factor exists; a Q holding NaN is still refused as not finite."""
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    q = (basis * torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1e-5], dtype=torch.float64)) @ basis.T
+    codes = least_squares_init(torch.randn(5, 6), q.float())
+    assert codes.shape == (5, 6) and torch.isfinite(codes).all() and (codes >= 0).all()
+    with pytest.raises(FeaturekitError, match="not finite"):
+        least_squares_init(torch.randn(5, 6), torch.full((6, 6), float("nan")))
+
+
+def test_an_overcomplete_streaming_fit_runs_and_reconstructs():
+    """k = 3d (the frontier's SAE-sized dictionaries are overcomplete): the fit neither fails nor loses the data."""
+    x = torch.randn(600, 16, generator=torch.Generator().manual_seed(1)) * 50
+    dictionary = fit_snmf(x, 48, sparsity=0.25, passes=2, chunk_tokens=200, seed=0)
+    assert torch.isfinite(dictionary.W_dec).all() and rel_objective(x, dictionary) < 0.5
+
+
 # -- fitting --------------------------------------------------------------------------------------------
 def test_streaming_fit_recovers_planted_sparse_signed_features():
     """16 planted features of 3 neurons in d = 48, rank 32, features unused for a pass re-seeded. Measured on data

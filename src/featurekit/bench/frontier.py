@@ -98,6 +98,9 @@ def run_config(fc: FrontierConfig, out: Path, name: str, overrides: dict[str, An
     if "method" in overrides:  # the method's own keys start from its defaults
         cfg.dictionary = DictionaryConfig(overrides.pop("method"), fc.latents)
     for key, value in overrides.items():
+        if not hasattr(cfg.dictionary.params, key):
+            raise FeaturekitError(f"{cfg.dictionary.method} has no setting {key!r}: give it a sweep in "
+                                  f"frontier_calibration.FIXED_SWEEPS or a knob in CALIBRATED")
         setattr(cfg.dictionary.params, key, value)
     return pipeline.resolve(cfg)
 

@@ -9,9 +9,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-#: methods whose k is swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token
-#: (k encoder-sized matmuls), so its k stops at 32 on CPU.
-FIXED_SWEEPS: dict[str, tuple[str, list[Any]]] = {"mpsae": ("k", [8, 16, 32])}
+#: methods swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token (k encoder-sized
+#: matmuls), so its k stops at 32 on CPU; SNMF has no sparsity knob on its codes (nonnegative least squares: L0
+#: is what the fit gives), so its points sweep the share of neurons (input dimensions) kept per feature.
+FIXED_SWEEPS: dict[str, tuple[str, list[Any]]] = {"mpsae": ("k", [8, 16, 32]), "snmf": ("sparsity", [0.01, 0.05, 0.2])}
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Knob:
     start: float | None  #: first trial; None: the middle target L0 / latents (a firing rate)
     rises: bool  #: whether L0 rises with the knob (the direction of the second trial only)
     high: float = math.inf  #: trials stay below this (a rate < 1)
-    max_trials: int = 5
+    max_trials: int = 7
+    low: float = 0.0  #: trials stay above this (GBA: the last group's target frequency, freq_low)
 
 
 #: methods whose sparsity is set by a calibrated knob (module docstring). JumpReLU's λ (`l0_coefficient`) moves
@@ -33,8 +35,8 @@ class Knob:
 CALIBRATED: dict[str, Knob] = {
     "relu": Knob("l1_coefficient", 5.0, rises=False),
     "jumprelu": Knob("init_firing_rate", None, rises=True, high=0.5),
-    "gba": Knob("freq_high", 0.05, rises=True, high=0.5),
-    "topafa": Knob("afa_coefficient", 1 / 64, rises=False, max_trials=3),
+    "gba": Knob("freq_high", 0.05, rises=True, high=0.5, low=0.001),
+    "topafa": Knob("afa_coefficient", 1 / 64, rises=False),
 }
 
 
@@ -77,7 +79,7 @@ def next_trial(knob: Knob, measured: list[tuple[float, float]], targets: list[in
         return None  # the knob hardly moves L0 here
     v0, l00 = near[0]
     step = min(max(math.log(target / l00) / slope, -math.log(16)), math.log(16))
-    value = float(f"{min(v0 * math.exp(step), knob.high * 0.999):.3g}")
+    value = float(f"{max(min(v0 * math.exp(step), knob.high * 0.999), knob.low * 1.001):.3g}")
     if any(abs(math.log(value / v)) < 0.01 for v, _ in good):
         return None
     return target, value

@@ -118,12 +118,17 @@ def lipschitz(q: torch.Tensor) -> torch.Tensor:
 
 def least_squares_init(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """max(0, P (Q + ρ·mean(diag Q)·I)⁻¹): the clamped ridge least-squares codes."""
+    if not torch.isfinite(q).all():
+        raise FeaturekitError("the SNMF feature Gram matrix is not finite; the dictionary weights hold NaN/Inf")
     k = q.shape[0]
     ridge = RIDGE * float(q.diagonal().mean().clamp_min(1e-30))
-    chol, info = torch.linalg.cholesky_ex(q.double() + ridge * torch.eye(k, dtype=torch.float64, device=q.device))
-    if int(info) != 0:  # Q is PSD, so only a non-finite Q gets here
-        raise FeaturekitError("the SNMF feature Gram matrix is not finite; the dictionary weights hold NaN/Inf")
-    return torch.cholesky_solve(p.double().T, chol).T.clamp_min(0).to(p.dtype)
+    eye = torch.eye(k, dtype=torch.float64, device=q.device)
+    for _ in range(8):  # more features than dimensions make Q singular: its float32 rounding can put eigenvalues below −ρ
+        chol, info = torch.linalg.cholesky_ex(q.double() + ridge * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(p.double().T, chol).T.clamp_min(0).to(p.dtype)
+        ridge *= 10
+    raise FeaturekitError(f"the SNMF feature Gram matrix is not positive definite even with a ridge of {ridge / 10:.3g}")
 
 
 def nnls(p: torch.Tensor, q: torch.Tensor, iters: int, lip: torch.Tensor | None = None,
