@@ -231,7 +231,8 @@ class ServedGraph:
         features = sum(1 for n in nodes if n["kind"] == "feat")
         linked = sorted({f"L{layer} → {run.name}" for layer, run in links.items()})
         return {"nodes": nodes, "edges": edges, "rows": rows, "columns": columns, "width": starts[-1] + 16, "height": height,
-                "peak": peak, "n_features": features, "edges_cut": len(self.links) - len(edges), "linked": linked, "row_h": ROW_H, "left": LEFT,
+                "peak": peak, "n_features": features, "edges_cut": len(self.links) - len(edges), "linked": linked,
+                "row_h": ROW_H, "left": LEFT,
                 "logit_y": y_of(n_rows - 1), "bottom_y": height - BOTTOM + 14}
 
 
