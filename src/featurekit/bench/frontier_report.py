@@ -91,18 +91,20 @@ def plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for method in sorted({r["method"] for r in rows}):
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.8))
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vP*Xh<>"
+    for i, method in enumerate(sorted({r["method"] for r in rows})):  # 17+ methods: colour and marker tell them apart
         pts = sorted((r["l0"], r["fvu"], r["loss_recovered"]) for r in rows if r["method"] == method)
         l0 = [p[0] for p in pts]
-        axes[0].plot(l0, [p[1] for p in pts], marker="o", label=method)
-        axes[1].plot(l0, [p[2] for p in pts], marker="o", label=method)
+        style = {"color": colours[(2 * i) % 20 + (2 * i) // 20 % 2], "marker": markers[i % len(markers)], "label": method}
+        axes[0].plot(l0, [p[1] for p in pts], **style)
+        axes[1].plot(l0, [p[2] for p in pts], **style)
     for ax, label in zip(axes, ("FVU (lower is better)", "loss recovered (higher is better)")):
         ax.set_xscale("log")
         ax.set_xlabel("L0 (mean active latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     cfg = result["config"]
     fig.suptitle(f"{cfg['model']} {cfg['site']}: {cfg['latents']} latents, {cfg['train_tokens'] * cfg['epochs']:,} tokens per point")
     fig.tight_layout()
