@@ -65,15 +65,21 @@ def norm_outliers(acts: torch.Tensor, keep: torch.Tensor, multiple: float | None
     return keep & (norms > multiple * norms[keep].median())
 
 
+def drop_outliers(keep: torch.Tensor, acts: Sequence[torch.Tensor], max_norm_multiple: float | None) -> torch.Tensor:
+    """`keep` without the norm outliers of each site in turn (`norm_outliers`; each median over the tokens still
+    kept after the sites before it): the one rule of `harvest` and `select_sites`."""
+    for act in acts:
+        keep = keep & ~norm_outliers(act, keep.to(act.device), max_norm_multiple).to(keep.device)
+    return keep
+
+
 def select_sites(batch: ActivationBatch, sites: Sequence[str], max_norm_multiple: float | None) -> ActivationBatch:
     """The part of ``batch`` (harvested without an outlier cut) that a harvest of ``sites`` alone would have
     kept: those sites' activations, tokens dropped by the same rule and order as `harvest` (site by site, each
     median over the rows still kept). One model pass over many sites can so fill several caches, each equal to
     its own harvest."""
     keep = torch.ones(batch.n_tokens, dtype=torch.bool, device=batch.token_ids.device)
-    for site in sites:
-        act = batch.acts[site]
-        keep = keep & ~norm_outliers(act, keep.to(act.device), max_norm_multiple).to(keep.device)
+    keep = drop_outliers(keep, [batch.acts[site] for site in sites], max_norm_multiple)
     return ActivationBatch(acts={site: batch.acts[site][keep.to(batch.acts[site].device)] for site in sites},
                            token_ids=batch.token_ids[keep], context_idx=batch.context_idx[keep], position=batch.position[keep])
 
@@ -123,8 +129,7 @@ def _harvest_batch(model: Any, ids: torch.Tensor, keep: torch.Tensor, sites: lis
         acts, grads = capture_gradients(model, ids, sites)
     else:
         acts, grads = capture_activations(model, ids, sites), {}  # runs under inference_mode
-    for act in acts.values():
-        keep = keep & ~norm_outliers(act, keep.to(act.device), max_norm_multiple).to(keep.device)
+    keep = drop_outliers(keep, list(acts.values()), max_norm_multiple)
     # Selecting outside inference mode yields normal tensors, which consumers may modify in place.
     tensors = {**acts, **{gradient_key(site): g for site, g in grads.items()}}
     selected = {name: t[keep.to(t.device)].to(out_device) for name, t in tensors.items()}
