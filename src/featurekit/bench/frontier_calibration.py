@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..dictionaries.gba import GBAParams
+
 #: methods swept over a fixed list instead of `ks`: MP-SAE runs k full pursuit steps per token (k encoder-sized
 #: matmuls), so its k stops at 32 on CPU; SNMF has no sparsity knob on its codes (nonnegative least squares: L0
 #: is what the fit gives), so its points sweep the share of neurons (input dimensions) kept per feature.
@@ -25,7 +27,7 @@ class Knob:
     rises: bool  #: whether L0 rises with the knob (the direction of the second trial only)
     high: float = math.inf  #: trials stay below this (a rate < 1)
     max_trials: int = 7
-    low: float = 0.0  #: trials stay above this (GBA: the last group's target frequency, freq_low)
+    low: float = 0.0  #: trials stay above this (GBA: its last group's target frequency, freq_low)
 
 
 #: methods whose sparsity is set by a calibrated knob (module docstring). JumpReLU's λ (`l0_coefficient`) moves
@@ -35,7 +37,7 @@ class Knob:
 CALIBRATED: dict[str, Knob] = {
     "relu": Knob("l1_coefficient", 5.0, rises=False),
     "jumprelu": Knob("init_firing_rate", None, rises=True, high=0.5),
-    "gba": Knob("freq_high", 0.05, rises=True, high=0.5, low=0.001),
+    "gba": Knob("freq_high", 0.05, rises=True, high=0.5, low=GBAParams.freq_low),  # the frontier keeps freq_low's default
     "topafa": Knob("afa_coefficient", 1 / 64, rises=False),
 }
 
